@@ -1,0 +1,1 @@
+"""Megatron <-> Hugging Face name and tensor mappings, model bridges, quant-state mappings."""

@@ -1,0 +1,23 @@
+"""The calibration driver: stages over a model, from attaching quantizers to fake quantization."""
+
+from dist_quant.calibrate.pipeline import (
+    ForwardLoop,
+    CalibrationError,
+    attach_quantizers,
+    calibrate,
+    calibrate_weights,
+    collect_statistics,
+    promote,
+    quantizers,
+)
+
+__all__ = [
+    "CalibrationError",
+    "ForwardLoop",
+    "attach_quantizers",
+    "calibrate",
+    "calibrate_weights",
+    "collect_statistics",
+    "promote",
+    "quantizers",
+]

@@ -1,0 +1,1 @@
+"""Hugging Face checkpoint writer (ModelOpt unified format, as vLLM loads it)."""

@@ -1,0 +1,61 @@
+"""Dispatch NVFP4 numerics to Triton kernels on CUDA tensors and to the torch reference elsewhere.
+
+`DIST_QUANT_BACKEND` overrides the choice: `auto` (default), `torch` (always the reference) or `triton` (always
+the kernels; on CPU tensors that needs TRITON_INTERPRET=1, which is how the tests check the kernels).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from dist_quant.numerics import nvfp4 as reference
+from dist_quant.numerics.fp8 import as_amax
+
+BACKEND_ENV = "DIST_QUANT_BACKEND"
+BACKENDS = ("auto", "torch", "triton")
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    choice = os.environ.get(BACKEND_ENV, "auto")
+    if choice not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}={choice!r}: expected one of {', '.join(BACKENDS)}")
+    if choice == "torch":
+        return False
+    if choice == "auto":
+        return x.is_cuda and importlib.util.find_spec("triton") is not None
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"{BACKEND_ENV}=triton on a CPU tensor needs TRITON_INTERPRET=1")
+    return True
+
+
+def _kernels():
+    from dist_quant.kernels import nvfp4_triton
+
+    return nvfp4_triton
+
+
+def nvfp4_fake_quant(
+    x: torch.Tensor, global_amax: torch.Tensor | float, block_amax: torch.Tensor | None = None
+) -> torch.Tensor:
+    if not use_triton(x):
+        return reference.nvfp4_fake_quant(x, global_amax, block_amax)
+    global_amax = as_amax(global_amax, x)
+    reference.check_nvfp4_args(x, global_amax, block_amax)
+    return _kernels().triton_nvfp4_fake_quant(x, global_amax, block_amax)
+
+
+def nvfp4_quantize(
+    x: torch.Tensor, global_amax: torch.Tensor | float, block_amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if not use_triton(x):
+        return reference.nvfp4_quantize(x, global_amax, block_amax)
+    global_amax = as_amax(global_amax, x)
+    reference.check_nvfp4_args(x, global_amax, block_amax)
+    reference.check_no_nan(x)
+    return _kernels().triton_nvfp4_quantize(x, global_amax, block_amax)
+
+
+__all__ = ["BACKEND_ENV", "nvfp4_fake_quant", "nvfp4_quantize", "use_triton"]

@@ -1,0 +1,159 @@
+"""Triton NVFP4 kernels, bit-identical to `dist_quant.numerics.nvfp4`.
+
+The input is viewed as a flat run of 16-element blocks; one program handles `BLOCKS` of them. Rounding is done
+with float32 arithmetic that is exact by construction (no reliance on the backend's FP8 conversion), so results
+match the reference on every GPU and under TRITON_INTERPRET=1:
+- E4M3 rounding of a block scale: mantissa bit rounding for normals, `(s + 2^14) - 2^14` for subnormals (the
+  float32 ulp of 2^14 is 2^-9, the E4M3 subnormal step).
+- E2M1 rounding: `(a + C) - C` with C = 2^22, 2^23, 2^24 in [0, 2), [2, 4), [4, 6]: the float32 ulp of C is the
+  E2M1 step in that range (0.5, 1, 2), and float addition rounds ties to even, which is the even E2M1 code.
+Divisions use `div_rn` because the spec divides (a reciprocal multiply can differ near tie points).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dist_quant.numerics.nvfp4 import BLOCK_SIZE, nvfp4_scale_2
+
+# Blocks per program and warps, tuned on an H100/H200 for bf16 8192x8192 (benchmarks/bench_numerics.py).
+FAKE_QUANT_BLOCKS = 128
+FAKE_QUANT_WARPS = 4
+QUANTIZE_BLOCKS = 128
+
+
+@triton.jit
+def _scale_2(global_amax_ptr):
+    g = tl.load(global_amax_ptr).to(tl.float32)
+    g = tl.where(g == 0.0, 1.0, g)
+    return tl.div_rn(g, 2688.0)
+
+
+@triton.jit
+def _e4m3_block_scale(block_amax, scale_2):
+    """Float32 value of the clamped E4M3 block scale (exactly representable in E4M3)."""
+    s = tl.div_rn(block_amax, 6.0 * scale_2)
+    s = tl.where(s == 0.0, 1.0, s)
+    s = tl.minimum(tl.maximum(s, 0.001953125), 448.0)
+    bits = s.to(tl.int32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
+    subnormal = (s + 16384.0) - 16384.0
+    return tl.where(s < 0.015625, subnormal, normal)
+
+
+@triton.jit
+def _e2m1_magnitude(a):
+    """Nearest E2M1 magnitude of |v| (ties to even code, saturating at 6)."""
+    a = tl.minimum(a, 6.0)
+    c = tl.where(a < 2.0, 4194304.0, tl.where(a < 4.0, 8388608.0, 16777216.0))
+    return (a + c) - c
+
+
+@triton.jit
+def _round_to_bf16_grid(y):
+    """Round float32 to the nearest-even bfloat16 value, so the final cast is exact whatever its rounding mode
+    (the interpreter truncates)."""
+    bits = y.to(tl.int32, bitcast=True)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -0x10000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _block_amax(x):
+    return tl.max(tl.where(x == x, tl.abs(x), 0.0), axis=1)
+
+
+@triton.jit
+def _nvfp4_fake_quant_kernel(
+    x_ptr, y_ptr, global_amax_ptr, block_amax_ptr, n_blocks,
+    STATIC: tl.constexpr, BLOCKS: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
+    row_ok = rows < n_blocks
+    offs = rows[:, None] * 16 + tl.arange(0, 16)[None, :]
+    x_raw = tl.load(x_ptr + offs, mask=row_ok[:, None], other=0.0)
+    x = x_raw.to(tl.float32)
+    scale_2 = _scale_2(global_amax_ptr)
+    if STATIC:
+        amax = tl.load(block_amax_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    else:
+        amax = _block_amax(x)
+    e4m3_scale = _e4m3_block_scale(amax, scale_2)
+    v = tl.div_rn(x, (e4m3_scale * scale_2)[:, None])
+    magnitude = _e2m1_magnitude(tl.abs(v))
+    # value x e4m3 scale is exact; the single rounding happens at scale_2, as in the reference.
+    y = (tl.where(x < 0.0, -magnitude, magnitude) * e4m3_scale[:, None]) * scale_2
+    if x_raw.dtype == tl.bfloat16:
+        y = _round_to_bf16_grid(y)
+    y = tl.where(x == x, y, x)
+    tl.store(y_ptr + offs, y.to(x_raw.dtype), mask=row_ok[:, None])
+
+
+@triton.jit
+def _e2m1_code(x, scale):
+    m = _e2m1_magnitude(tl.abs(tl.div_rn(x, scale)))
+    code = tl.where(m < 2.0, m * 2.0, tl.where(m < 4.0, m + 2.0, m * 0.5 + 4.0)).to(tl.int32)
+    return tl.where(x < 0.0, code | 8, code)
+
+
+@triton.jit
+def _nvfp4_quantize_kernel(
+    x_ptr, packed_ptr, scale_ptr, global_amax_ptr, block_amax_ptr, n_blocks,
+    STATIC: tl.constexpr, BLOCKS: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
+    row_ok = rows < n_blocks
+    pairs = tl.arange(0, 8)[None, :]
+    even_offs = rows[:, None] * 16 + 2 * pairs
+    even = tl.load(x_ptr + even_offs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    odd = tl.load(x_ptr + even_offs + 1, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    scale_2 = _scale_2(global_amax_ptr)
+    if STATIC:
+        amax = tl.load(block_amax_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    else:
+        amax = tl.maximum(_block_amax(even), _block_amax(odd))
+    e4m3_scale = _e4m3_block_scale(amax, scale_2)
+    scale = (e4m3_scale * scale_2)[:, None]
+    packed = _e2m1_code(even, scale) | (_e2m1_code(odd, scale) << 4)
+    tl.store(packed_ptr + rows[:, None] * 8 + pairs, packed.to(tl.uint8), mask=row_ok[:, None])
+    # E4M3 bits of the (exactly representable) scale: biased exponent 7, 3 mantissa bits, subnormal step 2^-9.
+    bits = e4m3_scale.to(tl.int32, bitcast=True)
+    normal_code = (((bits >> 23) - 120) << 3) | ((bits >> 20) & 7)
+    subnormal_code = (e4m3_scale * 512.0).to(tl.int32)
+    code = tl.where(e4m3_scale >= 0.015625, normal_code, subnormal_code)
+    tl.store(scale_ptr + rows, code.to(tl.uint8), mask=row_ok)
+
+
+def _launch_args(x: torch.Tensor, global_amax: torch.Tensor, block_amax: torch.Tensor | None):
+    x = x.contiguous()
+    n_blocks = x.numel() // BLOCK_SIZE
+    static = block_amax is not None
+    block_amax_arg = block_amax.contiguous() if static else global_amax
+    return x, n_blocks, static, block_amax_arg
+
+
+def triton_nvfp4_fake_quant(
+    x: torch.Tensor, global_amax: torch.Tensor, block_amax: torch.Tensor | None = None
+) -> torch.Tensor:
+    x, n_blocks, static, block_amax_arg = _launch_args(x, global_amax, block_amax)
+    y = torch.empty_like(x)
+    grid = (triton.cdiv(n_blocks, FAKE_QUANT_BLOCKS),)
+    _nvfp4_fake_quant_kernel[grid](
+        x, y, global_amax, block_amax_arg, n_blocks,
+        STATIC=static, BLOCKS=FAKE_QUANT_BLOCKS, num_warps=FAKE_QUANT_WARPS,
+    )
+    return y
+
+
+def triton_nvfp4_quantize(
+    x: torch.Tensor, global_amax: torch.Tensor, block_amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x, n_blocks, static, block_amax_arg = _launch_args(x, global_amax, block_amax)
+    packed = torch.empty((*x.shape[:-1], x.shape[-1] // 2), dtype=torch.uint8, device=x.device)
+    scale = torch.empty((*x.shape[:-1], x.shape[-1] // BLOCK_SIZE), dtype=torch.uint8, device=x.device)
+    grid = (triton.cdiv(n_blocks, QUANTIZE_BLOCKS),)
+    _nvfp4_quantize_kernel[grid](
+        x, packed, scale, global_amax, block_amax_arg, n_blocks, STATIC=static, BLOCKS=QUANTIZE_BLOCKS,
+    )
+    return packed, scale.view(torch.float8_e4m3fn), nvfp4_scale_2(global_amax)

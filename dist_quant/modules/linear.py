@@ -1,0 +1,39 @@
+"""nn.Linear (and subclasses) with input, weight and output quantizers, converted in place."""
+
+from __future__ import annotations
+
+from typing import Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dist_quant.modules.base import QuantModule
+from dist_quant.quantizer import QuantFormat, TensorQuantizer
+
+LINEAR_QUANTIZERS = ("input_quantizer", "weight_quantizer", "output_quantizer")
+
+
+class QuantLinear(QuantModule):
+    """Mixed into the module's own Linear class, so isinstance checks and extra methods keep working."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        return self.output_quantizer(y)
+
+    def weight_quantizers(self) -> Iterator[tuple[TensorQuantizer, torch.Tensor]]:
+        yield self.weight_quantizer, self.weight
+
+
+_quant_classes: dict[type, type] = {}
+
+
+def convert_linear(module: nn.Linear, formats: Mapping[str, QuantFormat | None]) -> nn.Linear:
+    """Turn `module` into a quantized linear in place: parameters, hooks and state_dict keys stay."""
+    cls = type(module)
+    if cls not in _quant_classes:
+        _quant_classes[cls] = type(f"Quant{cls.__name__}", (QuantLinear, cls), {})
+    module.__class__ = _quant_classes[cls]
+    for name in LINEAR_QUANTIZERS:
+        module.add_module(name, TensorQuantizer(formats.get(name)))
+    return module

@@ -1,0 +1,224 @@
+"""TensorQuantizer: a quantizer's state (amax buffers, format) plus its mode.
+
+Buffers, all float32:
+- `_amax`: the calibrated amax: a scalar, or [out, 1]-like for FP8 per-channel (`axis`). For NVFP4 this is the
+  quantizer's own per-tensor amax.
+- `_global_amax` (NVFP4): the per-tensor amax behind `scale_2`; the own `_amax` unless a shared quant state
+  (q/k/v, gate/up siblings) set the group's max.
+- `_block_amax` (NVFP4 with static blocks): per-block amax [..., n/16], from max or MSE calibration.
+Buffers are absent until calibrated, and `load_state_dict` adopts whatever shapes the checkpoint holds.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from dist_quant import kernels
+from dist_quant.numerics.fp8 import E4M3_MAX, fp8_fake_quant, nonzero_amax
+from dist_quant.numerics.nvfp4 import BLOCK_SIZE, nvfp4_block_amax
+
+FP8 = "fp8"
+NVFP4 = "nvfp4"
+DYNAMIC = "dynamic"
+STATIC = "static"
+AMAX_BUFFERS = ("_amax", "_global_amax", "_block_amax")
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """What a quantizer produces. `axis` (FP8 only): None = per-tensor, else the kept (per-channel) dim.
+    `block_type` (NVFP4 only): dynamic = block amax from the tensor each time, static = a stored per-block amax."""
+
+    kind: str
+    axis: int | None = None
+    block_type: str | None = None
+    use_constant_amax: bool = False
+
+    def __post_init__(self):
+        if self.kind not in (FP8, NVFP4):
+            raise ValueError(f"unknown quantization format {self.kind!r}")
+        if self.kind == NVFP4 and (self.axis is not None or self.block_type not in (DYNAMIC, STATIC)):
+            raise ValueError("NVFP4 needs block_type dynamic or static and no axis")
+        if self.kind == FP8 and self.block_type is not None:
+            raise ValueError("FP8 quantizers are per-tensor or per-channel, not block-scaled")
+
+    def describe(self) -> str:
+        parts = [self.kind]
+        if self.axis is not None:
+            parts.append(f"axis={self.axis}")
+        if self.kind == NVFP4:
+            parts.append(f"block{BLOCK_SIZE}" + (" static" if self.block_type == STATIC else ""))
+        return " ".join(parts)
+
+
+class QuantizerMode(enum.Enum):
+    DISABLED = "disabled"  # identity, no statistics
+    CALIBRATING = "calibrating"  # identity, statistics collected
+    QUANTIZING = "quantizing"  # fake quantization, straight-through gradient
+
+
+def _running_max(current: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+    return new if current is None else torch.maximum(current, new)
+
+
+class MaxCalibrator:
+    """Running max of |x| at the quantizer's granularities: per tensor (or channel), and per block if static."""
+
+    def __init__(self, fmt: QuantFormat):
+        self.fmt = fmt
+        self.reset()
+
+    def reset(self) -> None:
+        self.amax: torch.Tensor | None = None
+        self.block_amax: torch.Tensor | None = None
+
+    def collect(self, x: torch.Tensor) -> None:
+        x = x.detach()
+        if self.fmt.axis is None:
+            amax = x.abs().amax().float()
+        else:
+            axis = self.fmt.axis % x.dim()
+            amax = x.abs().amax(dim=[d for d in range(x.dim()) if d != axis], keepdim=True).float()
+        self.amax = _running_max(self.amax, amax)
+        if self.fmt.block_type == STATIC:
+            self.block_amax = _running_max(self.block_amax, nvfp4_block_amax(x))
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Fake quant forward; identity gradient where |x| <= bound (inside the clamp range), zero outside."""
+
+    @staticmethod
+    def forward(ctx, x, bound, fake_quant):
+        ctx.save_for_backward(x, bound)
+        return fake_quant(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, bound = ctx.saved_tensors
+        return grad * (x.abs() <= bound), None, None
+
+
+def _short(value: float) -> str:
+    mantissa, exponent = f"{value:.2e}".split("e")
+    return f"{mantissa.rstrip('0')}{'0' if mantissa.endswith('.00') else ''}e{exponent}"
+
+
+def _summarize(t: torch.Tensor | None) -> str:
+    if t is None:
+        return "None"
+    if t.numel() == 1:
+        return _short(t.item())
+    return f"[{_short(t.min().item())}, {_short(t.max().item())}]"
+
+
+class TensorQuantizer(nn.Module):
+    """Fake-quantizes one tensor (a weight, an input, K or V). `fmt` None = disabled by the recipe."""
+
+    def __init__(self, fmt: QuantFormat | None = None):
+        super().__init__()
+        self.fmt = fmt
+        self._mode = QuantizerMode.DISABLED
+        for name in AMAX_BUFFERS:
+            self.register_buffer(name, None)
+        self.calibrator = MaxCalibrator(fmt) if fmt is not None and not fmt.use_constant_amax else None
+        if fmt is not None and fmt.use_constant_amax:
+            self._set_amax(torch.tensor(E4M3_MAX))
+
+    @property
+    def enabled(self) -> bool:
+        return self.fmt is not None
+
+    @property
+    def is_calibrated(self) -> bool:
+        return self._amax is not None and (self.fmt.block_type != STATIC or self._block_amax is not None)
+
+    @property
+    def mode(self) -> QuantizerMode:
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: QuantizerMode) -> None:
+        if mode is not QuantizerMode.DISABLED and not self.enabled:
+            raise ValueError("a quantizer disabled by the recipe can only be in mode DISABLED")
+        if mode is QuantizerMode.QUANTIZING and not self.is_calibrated:
+            raise ValueError("cannot quantize before calibration: this quantizer has no amax")
+        if mode is QuantizerMode.CALIBRATING and self.calibrator is not None:
+            self.calibrator.reset()
+        self._mode = mode
+
+    def _set_amax(self, amax: torch.Tensor, block_amax: torch.Tensor | None = None) -> None:
+        self._amax = amax.float()
+        if self.fmt.kind == NVFP4:
+            self._global_amax = self._amax.clone()
+        if block_amax is not None:
+            self._block_amax = block_amax.float()
+
+    def finish_calibration(self) -> bool:
+        """Turn collected statistics into amax buffers. -> False when this quantizer saw no data.
+
+        Raises ValueError when the statistics are not finite (NaN or Inf in the calibration data)."""
+        if self.calibrator is None:
+            return True
+        amax, block_amax = self.calibrator.amax, self.calibrator.block_amax
+        self.calibrator.reset()
+        if amax is None:
+            return False
+        if not torch.isfinite(amax).all():
+            raise ValueError(f"calibrated amax is not finite ({_summarize(amax)}): the data holds NaN or Inf")
+        self._set_amax(amax, block_amax)
+        return True
+
+    def calibrate_from(self, tensor: torch.Tensor) -> None:
+        """Calibrate from one tensor, e.g. a weight: no forward pass needed."""
+        if self.calibrator is None:
+            return
+        self.calibrator.reset()
+        self.calibrator.collect(tensor)
+        self.finish_calibration()
+
+    def fake_quant_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        if self.fmt.kind == FP8:
+            return lambda x: fp8_fake_quant(x, self._amax)
+        block_amax = self._block_amax if self.fmt.block_type == STATIC else None
+        return lambda x: kernels.nvfp4_fake_quant(x, self._global_amax, block_amax)
+
+    def clamp_bound(self) -> torch.Tensor:
+        return nonzero_amax(self._amax if self.fmt.kind == FP8 else self._global_amax)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._mode is QuantizerMode.DISABLED:
+            return x
+        if self._mode is QuantizerMode.CALIBRATING:
+            if self.calibrator is not None:
+                self.calibrator.collect(x)
+            return x
+        if self._amax.device != x.device:
+            self.to(x.device)  # buffers restored from a checkpoint before the model moved
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _StraightThrough.apply(x, self.clamp_bound(), self.fake_quant_fn())
+        return self.fake_quant_fn()(x)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Adopt the checkpoint's buffers whatever their shape: amax shapes are only known after calibration.
+        for name in AMAX_BUFFERS:
+            saved = state_dict.get(prefix + name)
+            if saved is not None:
+                setattr(self, name, torch.empty_like(saved, dtype=torch.float32))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        if not self.enabled:
+            return "disabled"
+        text = f"{self.fmt.describe()} amax={_summarize(self._amax)}"
+        if self.fmt.use_constant_amax:
+            text += "(const)"
+        if self._global_amax is not None and not torch.equal(self._global_amax, self._amax):
+            text += f" global_amax={_summarize(self._global_amax)}"
+        if self._mode is not QuantizerMode.QUANTIZING:
+            text += f" {self._mode.value}"
+        return text

@@ -1,0 +1,1 @@
+"""Streaming refit: calibrated weights and quantizer state, producer and consumer."""
