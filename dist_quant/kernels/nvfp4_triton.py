@@ -52,11 +52,23 @@ def _e2m1_magnitude(a):
 
 
 @triton.jit
-def _round_to_bf16_grid(y):
-    """Round float32 to the nearest-even bfloat16 value, so the final cast is exact whatever its rounding mode
-    (the interpreter truncates)."""
-    bits = y.to(tl.int32, bitcast=True)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -0x10000).to(tl.float32, bitcast=True)
+def _load_f32(ptr, offs, mask):
+    """bfloat16 is widened by its bits: the interpreter's bf16 conversion mangles subnormals."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        raw = tl.load(ptr.to(tl.pointer_type(tl.int16)) + offs, mask=mask, other=0)
+        return (raw.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_from_f32(ptr, offs, y, mask):
+    """bfloat16 is rounded to nearest-even by its bits (the interpreter truncates and mangles subnormals)."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        bits = y.to(tl.int32, bitcast=True)
+        bits = tl.where(y == y, bits + 0x7FFF + ((bits >> 16) & 1), bits | 0x400000)  # NaN stays NaN
+        tl.store(ptr.to(tl.pointer_type(tl.int16)) + offs, (bits >> 16).to(tl.int16), mask=mask)
+    else:
+        tl.store(ptr + offs, y.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -72,8 +84,7 @@ def _nvfp4_fake_quant_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
     row_ok = rows < n_blocks
     offs = rows[:, None] * 16 + tl.arange(0, 16)[None, :]
-    x_raw = tl.load(x_ptr + offs, mask=row_ok[:, None], other=0.0)
-    x = x_raw.to(tl.float32)
+    x = _load_f32(x_ptr, offs, row_ok[:, None])
     scale_2 = _scale_2(global_amax_ptr)
     if STATIC:
         amax = tl.load(block_amax_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -84,10 +95,7 @@ def _nvfp4_fake_quant_kernel(
     magnitude = _e2m1_magnitude(tl.abs(v))
     # value x e4m3 scale is exact; the single rounding happens at scale_2, as in the reference.
     y = (tl.where(x < 0.0, -magnitude, magnitude) * e4m3_scale[:, None]) * scale_2
-    if x_raw.dtype == tl.bfloat16:
-        y = _round_to_bf16_grid(y)
-    y = tl.where(x == x, y, x)
-    tl.store(y_ptr + offs, y.to(x_raw.dtype), mask=row_ok[:, None])
+    _store_from_f32(y_ptr, offs, tl.where(x == x, y, x), row_ok[:, None])
 
 
 @triton.jit
@@ -106,8 +114,8 @@ def _nvfp4_quantize_kernel(
     row_ok = rows < n_blocks
     pairs = tl.arange(0, 8)[None, :]
     even_offs = rows[:, None] * 16 + 2 * pairs
-    even = tl.load(x_ptr + even_offs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    odd = tl.load(x_ptr + even_offs + 1, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    even = _load_f32(x_ptr, even_offs, row_ok[:, None])
+    odd = _load_f32(x_ptr, even_offs + 1, row_ok[:, None])
     scale_2 = _scale_2(global_amax_ptr)
     if STATIC:
         amax = tl.load(block_amax_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)

@@ -1,0 +1,27 @@
+"""Shared test setup."""
+
+import os
+import random
+
+import pytest
+import torch
+
+# Without a GPU the Triton kernels run under the interpreter; it must be chosen before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    """Fresh random data on every run; the seed is printed, so a failure can be replayed with
+    DIST_QUANT_TEST_SEED=<seed>."""
+    seed = int(os.environ.get("DIST_QUANT_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    print(f"random seed: {seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch) -> str:
+    """Run a test on the torch reference and on the Triton kernels (interpreted on CPU)."""
+    monkeypatch.setenv("DIST_QUANT_BACKEND", request.param)
+    return request.param
