@@ -2,7 +2,8 @@
 """NVFP4 fake-quant throughput on one CUDA GPU: our Triton kernel against a device-to-device copy (the ceiling),
 our torch reference, and ModelOpt 0.47's `fp4_fake_quant_block` (the peer), all in one run.
 
-What one call does (about a minute on an H100; --time-budget caps the sweep):
+What one call does (estimated 1-2 minutes on an H100, ModelOpt's import included; --time-budget caps the
+sweep):
   1. bf16 8192x8192 torch.randn (seeded), global_amax = abs max as a float32 scalar on the GPU; a few such
      tensors are made and the timed calls rotate among them.
   2. Median times (triton.testing.do_bench, warm-up first, L2 cleared before each timed call), taken in a few
@@ -389,7 +390,7 @@ def main(argv=None) -> int:
                     f"{shape_str(s)}: best BLOCKS={best[1]}, WARPS={best[2]}: {best[0]:.4f} ms, "
                     f"{gbps(s_bytes, best[0]):,.0f} GB/s, {pct(s_copy, best[0])} of copy"
                     + ("" if s_copy is None else f" (copy {s_copy:.4f} ms, {gbps(s_bytes, s_copy):,.0f} GB/s)")
-                    + ("" if s_mo is None else f"; ModelOpt {s_mo:.4f} ms, {s_mo / best[0]:.2f}x slower"))
+                    + ("" if s_mo is None else f"; ModelOpt {s_mo:.4f} ms (ModelOpt time / this = {s_mo / best[0]:.2f}x)"))
             log(f"sweep {shape_str(s)} done" + (f": {best_lines[-1]}" if best is not None else ""))
             del s_ref, sx0, sa0, s_inputs
             torch.cuda.empty_cache()
@@ -408,10 +409,10 @@ def main(argv=None) -> int:
         head_copy = f"ours / copy bandwidth: n/a ({errors.get('ours') or errors.get('copy')})"
     if t_ours is not None and t_mo is not None:
         r_mo = t_mo / t_ours
-        head_mo = (f"ours vs ModelOpt: {r_mo:.2f}x faster (ModelOpt {t_mo:.4f} ms / ours {t_ours:.4f} ms; "
+        head_mo = (f"ours / ModelOpt speedup: {r_mo:.2f}x (ModelOpt {t_mo:.4f} ms / ours {t_ours:.4f} ms; "
                    f"target >= {MODELOPT_TARGET}x): {verdict(r_mo >= MODELOPT_TARGET)}")
     else:
-        head_mo = f"ours vs ModelOpt: n/a ({errors.get('modelopt') or peer_missing or errors.get('ours')})"
+        head_mo = f"ours / ModelOpt speedup: n/a ({errors.get('modelopt') or peer_missing or errors.get('ours')})"
 
     def main_row(label, key, note=""):
         ms = t.get(key)

@@ -12,6 +12,7 @@ Buffers are absent until calibrated, and `load_state_dict` adopts whatever shape
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -104,6 +105,8 @@ class _StraightThrough(torch.autograd.Function):
 
 
 def _short(value: float) -> str:
+    if not math.isfinite(value):
+        return str(value)
     mantissa, exponent = f"{value:.2e}".split("e")
     return f"{mantissa.rstrip('0')}{'0' if mantissa.endswith('.00') else ''}e{exponent}"
 

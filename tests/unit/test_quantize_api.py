@@ -1,0 +1,100 @@
+"""quantize() on plain torch models: attach by recipe, calibrate over a forward loop, fake quant, QAT, restore."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dist_quant import load_recipe, quantize
+from dist_quant.calibrate import CalibrationError, attach_quantizers, promote
+from dist_quant.numerics import fp8_fake_quant, nvfp4_fake_quant
+from dist_quant.recipe import RecipeError
+from tests.reference.data import spread
+
+
+class TinyBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up_proj = nn.Linear(32, 64)
+        self.down_proj = nn.Linear(64, 32, bias=False)
+        self.lm_head = nn.Linear(32, 48, bias=False)
+
+    def forward(self, x):
+        return self.lm_head(self.down_proj(torch.relu(self.up_proj(x))))
+
+
+def _model_and_data(gen):
+    torch.manual_seed(gen.initial_seed())
+    return TinyBlock(), [spread(gen, (4, 32)) for _ in range(3)]
+
+
+def _forward_loop(data):
+    return lambda model: [model(x) for x in data]
+
+
+def test_fp8_quantize_matches_the_formula_and_leaves_excluded_layers_alone(gen):
+    model, data = _model_and_data(gen)
+    plain_up = model.up_proj.weight.detach().clone()
+    quantize(model, "fp8_default-fp8_cast_kv", _forward_loop(data))
+    input_amax = max(x.abs().max() for x in data)
+    assert model.up_proj.input_quantizer._amax == input_amax
+    x = data[0]
+    expected_up = F.linear(fp8_fake_quant(x, input_amax), fp8_fake_quant(plain_up, plain_up.abs().max()), model.up_proj.bias)
+    assert torch.equal(model.up_proj(x), expected_up)
+    assert not model.lm_head.weight_quantizer.enabled and not model.lm_head.input_quantizer.enabled
+    assert torch.equal(model.lm_head(x), F.linear(x, model.lm_head.weight))
+
+
+def test_nvfp4_quantize_and_qat_gradients_flow(gen):
+    model, data = _model_and_data(gen)
+    quantize(model, "nvfp4_default-fp8_cast_kv", _forward_loop(data))
+    w = model.down_proj.weight
+    assert torch.equal(model.down_proj.weight_quantizer(w), nvfp4_fake_quant(w, w.abs().max()))
+    loss = model(data[0]).square().mean()
+    loss.backward()
+    assert model.up_proj.weight.grad is not None and model.up_proj.weight.grad.abs().sum() > 0
+
+
+def test_restore_into_a_fresh_model_with_strict_loading(gen):
+    model, data = _model_and_data(gen)
+    quantize(model, "nvfp4_default-fp8_kv", _forward_loop(data))
+    fresh = TinyBlock()
+    attach_quantizers(fresh, load_recipe("nvfp4_default-fp8_kv"))
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    promote(fresh)
+    assert torch.equal(fresh(data[1]), model(data[1]))
+
+
+def test_weight_only_recipe_needs_no_forward_loop(gen):
+    model, data = _model_and_data(gen)
+    recipe = {"quantize": {"quant_cfg": [
+        {"quantizer_name": "*", "enable": False},
+        {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": "e4m3", "axis": 0}},
+    ]}}
+    quantize(model, recipe)
+    assert model.up_proj.weight_quantizer._amax.shape == (64, 1)
+    assert torch.equal(model.up_proj.weight_quantizer._amax, model.up_proj.weight.detach().abs().amax(1, keepdim=True))
+
+
+def test_calibration_errors_name_the_quantizers(gen):
+    model, data = _model_and_data(gen)
+    with pytest.raises(CalibrationError, match="pass forward_loop"):
+        quantize(model, "nvfp4_default-fp8_cast_kv")
+    model, data = _model_and_data(gen)
+    with pytest.raises(CalibrationError, match="1 activation quantizers saw no calibration data: down_proj.input_quantizer"):
+        quantize(model, "nvfp4_default-fp8_cast_kv", lambda m: m.up_proj(data[0]))
+
+
+def test_static_blocks_on_activations_are_rejected(gen):
+    model, _ = _model_and_data(gen)
+    recipe = {"quantize": {"quant_cfg": [
+        {"quantizer_name": "*input_quantizer", "cfg": {"num_bits": "e2m1", "block_sizes": {-1: 16, "type": "static"}}},
+    ]}}
+    with pytest.raises(RecipeError, match="static NVFP4 blocks apply to weights only"):
+        quantize(model, recipe, _forward_loop([]))
+
+
+def test_mse_recipes_are_refused_until_implemented(gen):
+    model, data = _model_and_data(gen)
+    with pytest.raises(NotImplementedError, match="'mse' is not implemented yet"):
+        quantize(model, "nvfp4_mlp_only_mse-fp8_cast_kv", _forward_loop(data))
