@@ -1,0 +1,47 @@
+"""The Triton kernels compiled for a real GPU (run on the device machine; skipped without CUDA), bit for bit
+against the independent reference. The interpreter covers the same kernels on CPU in test_nvfp4.py."""
+
+import pytest
+import torch
+
+from dist_quant.kernels import nvfp4_fake_quant, nvfp4_quantize, use_triton
+from tests.reference import formats as ref
+from tests.reference.data import DTYPES, spread
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _edge_cases() -> torch.Tensor:
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    tie_block = torch.cat([torch.tensor([6.0]), ties, -ties, torch.tensor([100.0])])
+    subnormal_scales = torch.linspace(-1, 1, 16) * 6 * 2.0**-9 * 3.5
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40] + [1.0] * 10)
+    return torch.stack([tie_block, subnormal_scales, special, torch.zeros(16)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(300, 32), (8192, 4096), (3, 7, 64)])
+@pytest.mark.parametrize("blocks", ["dynamic", "static"])
+def test_kernels_on_cuda_match_reference(gen, dtype, shape, blocks):
+    x = spread(gen, shape, dtype)
+    global_amax = x.float().abs().max()
+    block_amax = None
+    if blocks == "static":
+        block_amax = x.float().reshape(*shape[:-1], -1, 16).abs().amax(-1) * (torch.rand(1, generator=gen) + 0.5)
+    expected = ref.nvfp4(x, global_amax, block_amax)
+    cuda = lambda t: None if t is None else t.cuda()  # noqa: E731
+    assert use_triton(x.cuda())
+    ref.assert_same_bits(nvfp4_fake_quant(x.cuda(), global_amax.cuda(), cuda(block_amax)).cpu(), expected["fake_quant"])
+    packed, block_scale, scale_2 = nvfp4_quantize(x.cuda(), global_amax.cuda(), cuda(block_amax))
+    assert torch.equal(packed.cpu(), ref.pack_codes(expected["codes"]))
+    assert torch.equal(block_scale.cpu().view(torch.uint8), expected["scale_codes"].to(torch.uint8))
+    ref.assert_same_bits(scale_2.cpu(), expected["scale_2"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("global_amax", [2688.0, 1e-30, 1e30, 0.0])
+def test_edge_cases_on_cuda_match_reference(dtype, global_amax):
+    x = _edge_cases().to(dtype)
+    g = torch.tensor(global_amax)
+    expected = ref.nvfp4(x, g)["fake_quant"]
+    ref.assert_same_bits(nvfp4_fake_quant(x.cuda(), g.cuda()).cpu(), expected)
