@@ -1,16 +1,23 @@
 """Triton NVFP4 kernels, bit-identical to `dist_quant.numerics.nvfp4`.
 
-The input is viewed as a flat run of 16-element blocks; one program handles `BLOCKS` of them. Rounding is done
-with float32 arithmetic that is exact by construction (no reliance on the backend's FP8 conversion), so results
-match the reference on every GPU and under TRITON_INTERPRET=1:
-- E4M3 rounding of a block scale: mantissa bit rounding for normals, `(s + 2^14) - 2^14` for subnormals (the
-  float32 ulp of 2^14 is 2^-9, the E4M3 subnormal step).
-- E2M1 rounding: `(a + C) - C` with C = 2^22, 2^23, 2^24 in [0, 2), [2, 4), [4, 6]: the float32 ulp of C is the
-  E2M1 step in that range (0.5, 1, 2), and float addition rounds ties to even, which is the even E2M1 code.
-Divisions use `div_rn` because the spec divides (a reciprocal multiply can differ near tie points).
+The input is viewed as a flat run of 16-element blocks; one program handles `BLOCKS` of them. Every rounding
+is float32 arithmetic that is exact by construction, with no reliance on the backend's FP8 conversion:
+- E4M3 block scale: mantissa bit rounding for normals, `(s + 2^14) - 2^14` for subnormals (the float32 ulp of
+  2^14 is 2^-9, the E4M3 subnormal step).
+- x / scale: the spec divides, and a reciprocal multiply can differ near tie points. The per-block reciprocal is
+  correctly rounded, and one FMA residual step (Markstein) turns `x * (1/scale)` into the correctly rounded
+  quotient, far cheaper than a full division per element. Below scale_2 = 2^-90 the residual could underflow,
+  so such (absurdly small) tensors take a plain division instead.
+- E2M1: `(a + C) - C` with C = 2^22, 2^23, 2^24 in [0, 2), [2, 4), [4, 8): the float32 ulp of C is the E2M1
+  step there (0.5, 1, 2), and float addition rounds ties to even, which is the even E2M1 code.
+- Signs multiply (`0 - m` would turn -0.0 into +0.0): a negative x that rounds to 0 gives -0.0, as in the spec.
+Under TRITON_INTERPRET=1, bfloat16 is converted through its bits, because the interpreter truncates and mangles
+bf16 subnormals; on a GPU the hardware conversions are exact and round to nearest-even.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -18,10 +25,28 @@ import triton.language as tl
 
 from dist_quant.numerics.nvfp4 import BLOCK_SIZE, nvfp4_scale_2
 
-# Blocks per program and warps, tuned on an H100/H200 for bf16 8192x8192 (benchmarks/bench_numerics.py).
-FAKE_QUANT_BLOCKS = 128
+# Blocks per program and warps, from the launch sweep of benchmarks/bench_numerics.py on an H200.
+FAKE_QUANT_BLOCKS = 64
 FAKE_QUANT_WARPS = 4
 QUANTIZE_BLOCKS = 128
+
+
+@triton.jit
+def _load_f32(ptr, offs, mask, BF16_BY_BITS: tl.constexpr):
+    if BF16_BY_BITS and ptr.dtype.element_ty == tl.bfloat16:
+        raw = tl.load(ptr.to(tl.pointer_type(tl.int16)) + offs, mask=mask, other=0)
+        return (raw.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_from_f32(ptr, offs, y, mask, BF16_BY_BITS: tl.constexpr):
+    if BF16_BY_BITS and ptr.dtype.element_ty == tl.bfloat16:
+        bits = y.to(tl.int32, bitcast=True)
+        bits = tl.where(y == y, bits + 0x7FFF + ((bits >> 16) & 1), bits | 0x400000)  # NaN stays NaN
+        tl.store(ptr.to(tl.pointer_type(tl.int16)) + offs, (bits >> 16).to(tl.int16), mask=mask)
+    else:
+        tl.store(ptr + offs, y.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -29,6 +54,11 @@ def _scale_2(global_amax_ptr):
     g = tl.load(global_amax_ptr).to(tl.float32)
     g = tl.where(g == 0.0, 1.0, g)
     return tl.div_rn(g, 2688.0)
+
+
+@triton.jit
+def _block_amax(x):
+    return tl.max(tl.where(x == x, tl.abs(x), 0.0), axis=1)
 
 
 @triton.jit
@@ -44,63 +74,52 @@ def _e4m3_block_scale(block_amax, scale_2):
 
 
 @triton.jit
-def _e2m1_magnitude(a):
-    """Nearest E2M1 magnitude of |v| (ties to even code, saturating at 6)."""
-    a = tl.minimum(a, 6.0)
-    c = tl.where(a < 2.0, 4194304.0, tl.where(a < 4.0, 8388608.0, 16777216.0))
-    return (a + c) - c
-
-
-@triton.jit
-def _load_f32(ptr, offs, mask):
-    """bfloat16 is widened by its bits: the interpreter's bf16 conversion mangles subnormals."""
-    if ptr.dtype.element_ty == tl.bfloat16:
-        raw = tl.load(ptr.to(tl.pointer_type(tl.int16)) + offs, mask=mask, other=0)
-        return (raw.to(tl.int32) << 16).to(tl.float32, bitcast=True)
-    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _store_from_f32(ptr, offs, y, mask):
-    """bfloat16 is rounded to nearest-even by its bits (the interpreter truncates and mangles subnormals)."""
-    if ptr.dtype.element_ty == tl.bfloat16:
-        bits = y.to(tl.int32, bitcast=True)
-        bits = tl.where(y == y, bits + 0x7FFF + ((bits >> 16) & 1), bits | 0x400000)  # NaN stays NaN
-        tl.store(ptr.to(tl.pointer_type(tl.int16)) + offs, (bits >> 16).to(tl.int16), mask=mask)
+def _e2m1_magnitude(x, scale, inverse, scale_2):
+    """Nearest E2M1 magnitude of x / scale, ties to the even code, saturating at 6 (also for +-Inf and NaN)."""
+    if scale_2 < 8.077935669463161e-28:  # 2^-90: the FMA residual could underflow; divide (uniform branch)
+        q = tl.div_rn(x, scale)
     else:
-        tl.store(ptr + offs, y.to(ptr.dtype.element_ty), mask=mask)
+        q = x * inverse
+        q = tl.fma(tl.fma(-scale, q, x), inverse, q)
+    a = tl.abs(q)
+    c = tl.where(a < 2.0, 4194304.0, tl.where(a < 4.0, 8388608.0, 16777216.0))
+    m = (a + c) - c
+    return tl.where(m < 6.0, m, 6.0)
 
 
 @triton.jit
-def _block_amax(x):
-    return tl.max(tl.where(x == x, tl.abs(x), 0.0), axis=1)
+def _block_scales(amax, global_amax_ptr):
+    """-> (E4M3 block scale as float32 [B], scale_2, full scale [B, 1], its reciprocal [B, 1])."""
+    scale_2 = _scale_2(global_amax_ptr)
+    e4m3_scale = _e4m3_block_scale(amax, scale_2)
+    scale = (e4m3_scale * scale_2)[:, None]
+    return e4m3_scale, scale_2, scale, tl.div_rn(1.0, scale)
 
 
 @triton.jit
 def _nvfp4_fake_quant_kernel(
     x_ptr, y_ptr, global_amax_ptr, block_amax_ptr, n_blocks,
-    STATIC: tl.constexpr, BLOCKS: tl.constexpr,
+    STATIC: tl.constexpr, BLOCKS: tl.constexpr, BF16_BY_BITS: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
     row_ok = rows < n_blocks
     offs = rows[:, None] * 16 + tl.arange(0, 16)[None, :]
-    x = _load_f32(x_ptr, offs, row_ok[:, None])
-    scale_2 = _scale_2(global_amax_ptr)
+    x = _load_f32(x_ptr, offs, row_ok[:, None], BF16_BY_BITS)
     if STATIC:
         amax = tl.load(block_amax_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     else:
         amax = _block_amax(x)
-    e4m3_scale = _e4m3_block_scale(amax, scale_2)
-    v = tl.div_rn(x, (e4m3_scale * scale_2)[:, None])
-    magnitude = _e2m1_magnitude(tl.abs(v))
+    e4m3_scale, scale_2, scale, inverse = _block_scales(amax, global_amax_ptr)
+    magnitude = _e2m1_magnitude(x, scale, inverse, scale_2)
     # value x e4m3 scale is exact; the single rounding happens at scale_2, as in the reference.
-    y = (tl.where(x < 0.0, -magnitude, magnitude) * e4m3_scale[:, None]) * scale_2
-    _store_from_f32(y_ptr, offs, tl.where(x == x, y, x), row_ok[:, None])
+    signed_scale = tl.where(x < 0.0, -e4m3_scale[:, None], e4m3_scale[:, None])
+    y = (magnitude * signed_scale) * scale_2
+    _store_from_f32(y_ptr, offs, tl.where(x == x, y, x), row_ok[:, None], BF16_BY_BITS)
 
 
 @triton.jit
-def _e2m1_code(x, scale):
-    m = _e2m1_magnitude(tl.abs(tl.div_rn(x, scale)))
+def _e2m1_code(x, scale, inverse, scale_2):
+    m = _e2m1_magnitude(x, scale, inverse, scale_2)
     code = tl.where(m < 2.0, m * 2.0, tl.where(m < 4.0, m + 2.0, m * 0.5 + 4.0)).to(tl.int32)
     return tl.where(x < 0.0, code | 8, code)
 
@@ -108,22 +127,20 @@ def _e2m1_code(x, scale):
 @triton.jit
 def _nvfp4_quantize_kernel(
     x_ptr, packed_ptr, scale_ptr, global_amax_ptr, block_amax_ptr, n_blocks,
-    STATIC: tl.constexpr, BLOCKS: tl.constexpr,
+    STATIC: tl.constexpr, BLOCKS: tl.constexpr, BF16_BY_BITS: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
     row_ok = rows < n_blocks
     pairs = tl.arange(0, 8)[None, :]
     even_offs = rows[:, None] * 16 + 2 * pairs
-    even = _load_f32(x_ptr, even_offs, row_ok[:, None])
-    odd = _load_f32(x_ptr, even_offs + 1, row_ok[:, None])
-    scale_2 = _scale_2(global_amax_ptr)
+    even = _load_f32(x_ptr, even_offs, row_ok[:, None], BF16_BY_BITS)
+    odd = _load_f32(x_ptr, even_offs + 1, row_ok[:, None], BF16_BY_BITS)
     if STATIC:
         amax = tl.load(block_amax_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     else:
         amax = tl.maximum(_block_amax(even), _block_amax(odd))
-    e4m3_scale = _e4m3_block_scale(amax, scale_2)
-    scale = (e4m3_scale * scale_2)[:, None]
-    packed = _e2m1_code(even, scale) | (_e2m1_code(odd, scale) << 4)
+    e4m3_scale, scale_2, scale, inverse = _block_scales(amax, global_amax_ptr)
+    packed = _e2m1_code(even, scale, inverse, scale_2) | (_e2m1_code(odd, scale, inverse, scale_2) << 4)
     tl.store(packed_ptr + rows[:, None] * 8 + pairs, packed.to(tl.uint8), mask=row_ok[:, None])
     # E4M3 bits of the (exactly representable) scale: biased exponent 7, 3 mantissa bits, subnormal step 2^-9.
     bits = e4m3_scale.to(tl.int32, bitcast=True)
@@ -141,6 +158,10 @@ def _launch_args(x: torch.Tensor, global_amax: torch.Tensor, block_amax: torch.T
     return x, n_blocks, static, block_amax_arg
 
 
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def triton_nvfp4_fake_quant(
     x: torch.Tensor, global_amax: torch.Tensor, block_amax: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -149,7 +170,7 @@ def triton_nvfp4_fake_quant(
     grid = (triton.cdiv(n_blocks, FAKE_QUANT_BLOCKS),)
     _nvfp4_fake_quant_kernel[grid](
         x, y, global_amax, block_amax_arg, n_blocks,
-        STATIC=static, BLOCKS=FAKE_QUANT_BLOCKS, num_warps=FAKE_QUANT_WARPS,
+        STATIC=static, BLOCKS=FAKE_QUANT_BLOCKS, BF16_BY_BITS=_interpreted(), num_warps=FAKE_QUANT_WARPS,
     )
     return y
 
@@ -162,6 +183,7 @@ def triton_nvfp4_quantize(
     scale = torch.empty((*x.shape[:-1], x.shape[-1] // BLOCK_SIZE), dtype=torch.uint8, device=x.device)
     grid = (triton.cdiv(n_blocks, QUANTIZE_BLOCKS),)
     _nvfp4_quantize_kernel[grid](
-        x, packed, scale, global_amax, block_amax_arg, n_blocks, STATIC=static, BLOCKS=QUANTIZE_BLOCKS,
+        x, packed, scale, global_amax, block_amax_arg, n_blocks,
+        STATIC=static, BLOCKS=QUANTIZE_BLOCKS, BF16_BY_BITS=_interpreted(),
     )
     return packed, scale.view(torch.float8_e4m3fn), nvfp4_scale_2(global_amax)

@@ -161,3 +161,11 @@ def test_bad_arguments_raise_clear_errors(backend):
         nvfp4_fake_quant(torch.ones(4, 32, dtype=torch.int64), 1.0)
     with pytest.raises(ValueError, match="does not fit"):
         nvfp4_dequantize(torch.zeros(4, 8, dtype=torch.uint8), torch.zeros(4, 2).to(torch.float8_e4m3fn), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("global_amax", [1e-36, 1e-30, 1e-25, 1e-20])
+def test_tiny_global_amax_matches_reference(backend, gen, global_amax):
+    # Below scale_2 = 2^-90 the kernel divides instead of using its reciprocal-and-residual step.
+    x = spread(gen, (16, 64), torch.float32) * global_amax
+    g = x.abs().max()
+    ref.assert_same_bits(nvfp4_fake_quant(x, g), ref.nvfp4(x, g)["fake_quant"])
