@@ -11,8 +11,10 @@ is float32 arithmetic that is exact by construction, with no reliance on the bac
 - E2M1: `(a + C) - C` with C = 2^22, 2^23, 2^24 in [0, 2), [2, 4), [4, 8): the float32 ulp of C is the E2M1
   step there (0.5, 1, 2), and float addition rounds ties to even, which is the even E2M1 code.
 - Signs multiply (`0 - m` would turn -0.0 into +0.0): a negative x that rounds to 0 gives -0.0, as in the spec.
-Under TRITON_INTERPRET=1, bfloat16 is converted through its bits, because the interpreter truncates and mangles
-bf16 subnormals; on a GPU the hardware conversions are exact and round to nearest-even.
+  The sign is that of x / scale, as in the reference: it differs from x's only where the quotient underflows.
+Under TRITON_INTERPRET=1 (the INTERPRETED flag), bfloat16 is converted through its bits, because the interpreter
+truncates and mangles bf16 subnormals, and NaN is masked out of the block max, because the interpreter's max
+propagates it; on a GPU the hardware conversions round to nearest-even and max ignores NaN.
 """
 
 from __future__ import annotations
@@ -26,22 +28,22 @@ import triton.language as tl
 from dist_quant.numerics.nvfp4 import BLOCK_SIZE, nvfp4_scale_2
 
 # Blocks per program and warps, from the launch sweep of benchmarks/bench_numerics.py on an H200.
-FAKE_QUANT_BLOCKS = 64
+FAKE_QUANT_BLOCKS = 128
 FAKE_QUANT_WARPS = 4
 QUANTIZE_BLOCKS = 128
 
 
 @triton.jit
-def _load_f32(ptr, offs, mask, BF16_BY_BITS: tl.constexpr):
-    if BF16_BY_BITS and ptr.dtype.element_ty == tl.bfloat16:
+def _load_f32(ptr, offs, mask, INTERPRETED: tl.constexpr):
+    if INTERPRETED and ptr.dtype.element_ty == tl.bfloat16:
         raw = tl.load(ptr.to(tl.pointer_type(tl.int16)) + offs, mask=mask, other=0)
         return (raw.to(tl.int32) << 16).to(tl.float32, bitcast=True)
     return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _store_from_f32(ptr, offs, y, mask, BF16_BY_BITS: tl.constexpr):
-    if BF16_BY_BITS and ptr.dtype.element_ty == tl.bfloat16:
+def _store_from_f32(ptr, offs, y, mask, INTERPRETED: tl.constexpr):
+    if INTERPRETED and ptr.dtype.element_ty == tl.bfloat16:
         bits = y.to(tl.int32, bitcast=True)
         bits = tl.where(y == y, bits + 0x7FFF + ((bits >> 16) & 1), bits | 0x400000)  # NaN stays NaN
         tl.store(ptr.to(tl.pointer_type(tl.int16)) + offs, (bits >> 16).to(tl.int16), mask=mask)
@@ -57,8 +59,11 @@ def _scale_2(global_amax_ptr):
 
 
 @triton.jit
-def _block_amax(x):
-    return tl.max(tl.where(x == x, tl.abs(x), 0.0), axis=1)
+def _block_amax(x, INTERPRETED: tl.constexpr):
+    """Max |x| per block, NaN ignored (the GPU's max does that by itself; the interpreter's propagates NaN)."""
+    if INTERPRETED:
+        x = tl.where(x == x, x, 0.0)
+    return tl.max(tl.abs(x), axis=1)
 
 
 @triton.jit
@@ -74,17 +79,18 @@ def _e4m3_block_scale(block_amax, scale_2):
 
 
 @triton.jit
-def _e2m1_magnitude(x, scale, inverse, scale_2):
-    """Nearest E2M1 magnitude of x / scale, ties to the even code, saturating at 6 (also for +-Inf and NaN)."""
+def _e2m1_round(x, scale, inverse, scale_2):
+    """-> (nearest E2M1 magnitude of x / scale, ties to the even code, saturating at 6; whether x / scale < 0).
+    NaN gives NaN, +-Inf saturates. Nothing here keeps x alive past the quotient: registers, hence occupancy."""
     if scale_2 < 8.077935669463161e-28:  # 2^-90: the FMA residual could underflow; divide (uniform branch)
         q = tl.div_rn(x, scale)
     else:
         q = x * inverse
-        q = tl.fma(tl.fma(-scale, q, x), inverse, q)
+        residual = tl.fma(-scale, q, x)
+        q = tl.fma(tl.where(residual == residual, residual, 0.0), inverse, q)  # +-Inf: residual NaN, keep q
     a = tl.abs(q)
     c = tl.where(a < 2.0, 4194304.0, tl.where(a < 4.0, 8388608.0, 16777216.0))
-    m = (a + c) - c
-    return tl.where(m < 6.0, m, 6.0)
+    return tl.minimum((a + c) - c, 6.0, propagate_nan=tl.PropagateNan.ALL), q < 0.0
 
 
 @triton.jit
@@ -99,46 +105,45 @@ def _block_scales(amax, global_amax_ptr):
 @triton.jit
 def _nvfp4_fake_quant_kernel(
     x_ptr, y_ptr, global_amax_ptr, block_amax_ptr, n_blocks,
-    STATIC: tl.constexpr, BLOCKS: tl.constexpr, BF16_BY_BITS: tl.constexpr,
+    STATIC: tl.constexpr, BLOCKS: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
     row_ok = rows < n_blocks
     offs = rows[:, None] * 16 + tl.arange(0, 16)[None, :]
-    x = _load_f32(x_ptr, offs, row_ok[:, None], BF16_BY_BITS)
+    x = _load_f32(x_ptr, offs, row_ok[:, None], INTERPRETED)
     if STATIC:
         amax = tl.load(block_amax_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     else:
-        amax = _block_amax(x)
+        amax = _block_amax(x, INTERPRETED)
     e4m3_scale, scale_2, scale, inverse = _block_scales(amax, global_amax_ptr)
-    magnitude = _e2m1_magnitude(x, scale, inverse, scale_2)
+    magnitude, negative = _e2m1_round(x, scale, inverse, scale_2)
     # value x e4m3 scale is exact; the single rounding happens at scale_2, as in the reference.
-    signed_scale = tl.where(x < 0.0, -e4m3_scale[:, None], e4m3_scale[:, None])
-    y = (magnitude * signed_scale) * scale_2
-    _store_from_f32(y_ptr, offs, tl.where(x == x, y, x), row_ok[:, None], BF16_BY_BITS)
+    y = (magnitude * tl.where(negative, -e4m3_scale[:, None], e4m3_scale[:, None])) * scale_2
+    _store_from_f32(y_ptr, offs, y, row_ok[:, None], INTERPRETED)
 
 
 @triton.jit
 def _e2m1_code(x, scale, inverse, scale_2):
-    m = _e2m1_magnitude(x, scale, inverse, scale_2)
+    m, negative = _e2m1_round(x, scale, inverse, scale_2)
     code = tl.where(m < 2.0, m * 2.0, tl.where(m < 4.0, m + 2.0, m * 0.5 + 4.0)).to(tl.int32)
-    return tl.where(x < 0.0, code | 8, code)
+    return tl.where(negative, code | 8, code)
 
 
 @triton.jit
 def _nvfp4_quantize_kernel(
     x_ptr, packed_ptr, scale_ptr, global_amax_ptr, block_amax_ptr, n_blocks,
-    STATIC: tl.constexpr, BLOCKS: tl.constexpr, BF16_BY_BITS: tl.constexpr,
+    STATIC: tl.constexpr, BLOCKS: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
     row_ok = rows < n_blocks
     pairs = tl.arange(0, 8)[None, :]
     even_offs = rows[:, None] * 16 + 2 * pairs
-    even = _load_f32(x_ptr, even_offs, row_ok[:, None], BF16_BY_BITS)
-    odd = _load_f32(x_ptr, even_offs + 1, row_ok[:, None], BF16_BY_BITS)
+    even = _load_f32(x_ptr, even_offs, row_ok[:, None], INTERPRETED)
+    odd = _load_f32(x_ptr, even_offs + 1, row_ok[:, None], INTERPRETED)
     if STATIC:
         amax = tl.load(block_amax_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     else:
-        amax = tl.maximum(_block_amax(even), _block_amax(odd))
+        amax = tl.maximum(_block_amax(even, INTERPRETED), _block_amax(odd, INTERPRETED))
     e4m3_scale, scale_2, scale, inverse = _block_scales(amax, global_amax_ptr)
     packed = _e2m1_code(even, scale, inverse, scale_2) | (_e2m1_code(odd, scale, inverse, scale_2) << 4)
     tl.store(packed_ptr + rows[:, None] * 8 + pairs, packed.to(tl.uint8), mask=row_ok[:, None])
@@ -170,7 +175,7 @@ def triton_nvfp4_fake_quant(
     grid = (triton.cdiv(n_blocks, FAKE_QUANT_BLOCKS),)
     _nvfp4_fake_quant_kernel[grid](
         x, y, global_amax, block_amax_arg, n_blocks,
-        STATIC=static, BLOCKS=FAKE_QUANT_BLOCKS, BF16_BY_BITS=_interpreted(), num_warps=FAKE_QUANT_WARPS,
+        STATIC=static, BLOCKS=FAKE_QUANT_BLOCKS, INTERPRETED=_interpreted(), num_warps=FAKE_QUANT_WARPS,
     )
     return y
 
@@ -184,6 +189,6 @@ def triton_nvfp4_quantize(
     grid = (triton.cdiv(n_blocks, QUANTIZE_BLOCKS),)
     _nvfp4_quantize_kernel[grid](
         x, packed, scale, global_amax, block_amax_arg, n_blocks,
-        STATIC=static, BLOCKS=QUANTIZE_BLOCKS, BF16_BY_BITS=_interpreted(),
+        STATIC=static, BLOCKS=QUANTIZE_BLOCKS, INTERPRETED=_interpreted(),
     )
     return packed, scale.view(torch.float8_e4m3fn), nvfp4_scale_2(global_amax)

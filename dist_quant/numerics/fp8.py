@@ -19,6 +19,12 @@ def nonzero_amax(amax: torch.Tensor) -> torch.Tensor:
     return torch.where(amax == 0, torch.ones_like(amax), amax)
 
 
+def divide(t: torch.Tensor, constant: float) -> torch.Tensor:
+    """Correctly rounded t / constant. (On CUDA, torch divides by a Python scalar through its reciprocal, which
+    can be one ulp off.)"""
+    return t / torch.full((), constant, dtype=t.dtype, device=t.device)
+
+
 def as_amax(amax: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(amax, dtype=torch.float32, device=like.device)
 
@@ -30,7 +36,7 @@ def cast_e4m3(x: torch.Tensor) -> torch.Tensor:
 
 def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
     """The exported `weight_scale` / `input_scale`: amax / 448 in float32 (shape of amax)."""
-    return nonzero_amax(amax) / E4M3_MAX
+    return divide(nonzero_amax(amax), E4M3_MAX)
 
 
 def fp8_quantize(x: torch.Tensor, amax: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:

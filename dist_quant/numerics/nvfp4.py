@@ -15,6 +15,7 @@ from dist_quant.numerics.fp8 import (
     as_amax,
     cast_e4m3,
     check_float_input,
+    divide,
     nonzero_amax,
 )
 
@@ -49,7 +50,7 @@ def check_nvfp4_args(
 
 def nvfp4_scale_2(global_amax: torch.Tensor) -> torch.Tensor:
     """The per-tensor second-level scale (`weight_scale_2`): global_amax / 2688, float32 scalar."""
-    return (nonzero_amax(global_amax) / SCALE_2_DIVISOR).reshape(())
+    return divide(nonzero_amax(global_amax), SCALE_2_DIVISOR).reshape(())
 
 
 def to_blocks(x: torch.Tensor) -> torch.Tensor:

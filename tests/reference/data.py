@@ -9,4 +9,5 @@ def spread(gen: torch.Generator, shape: tuple, dtype: torch.dtype = torch.float3
     """Normal values with log-normal tails and per-row magnitudes over six decades."""
     x = torch.randn(shape, generator=gen) * torch.exp(torch.randn(shape, generator=gen))
     row_scale = 10 ** (torch.rand((*shape[:-1], 1), generator=gen) * 6 - 3)
-    return (x * row_scale).to(dtype)
+    limit = torch.finfo(dtype).max / 2  # stay finite: float16 overflows at 65504
+    return (x * row_scale).clamp(-limit, limit).to(dtype)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from dist_quant.kernels import nvfp4_fake_quant, nvfp4_quantize, use_triton
+from dist_quant.numerics import fp8_fake_quant
 from tests.reference import formats as ref
 from tests.reference.data import DTYPES, spread
 
@@ -45,3 +46,13 @@ def test_edge_cases_on_cuda_match_reference(dtype, global_amax):
     g = torch.tensor(global_amax)
     expected = ref.nvfp4(x, g)["fake_quant"]
     ref.assert_same_bits(nvfp4_fake_quant(x.cuda(), g.cuda()).cpu(), expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fp8_and_torch_reference_on_cuda_match_reference(gen, dtype, monkeypatch):
+    # torch on CUDA divides by a Python scalar through its reciprocal: the numerics must not depend on that.
+    x = spread(gen, (512, 64), dtype)
+    amax = x.float().abs().max() * torch.rand((), generator=gen).add(0.5)
+    ref.assert_same_bits(fp8_fake_quant(x.cuda(), amax.cuda()).cpu(), ref.fp8_fake_quant(x, amax))
+    monkeypatch.setenv("DIST_QUANT_BACKEND", "torch")
+    ref.assert_same_bits(nvfp4_fake_quant(x.cuda(), amax.cuda()).cpu(), ref.nvfp4(x, amax)["fake_quant"])
