@@ -4,10 +4,9 @@ The input is viewed as a flat run of 16-element blocks; one program handles `BLO
 is float32 arithmetic that is exact by construction, with no reliance on the backend's FP8 conversion:
 - E4M3 block scale: mantissa bit rounding for normals, `(s + 2^14) - 2^14` for subnormals (the float32 ulp of
   2^14 is 2^-9, the E4M3 subnormal step).
-- x / scale: the spec divides, and a reciprocal multiply can differ near tie points. The per-block reciprocal is
-  correctly rounded, and one FMA residual step (Markstein) turns `x * (1/scale)` into the correctly rounded
-  quotient, far cheaper than a full division per element. Below scale_2 = 2^-90 the residual could underflow,
-  so such (absurdly small) tensors take a plain division instead.
+- Divisions (x / scale, block amax / (6 scale_2)): the spec divides, and a reciprocal multiply can differ near
+  tie points. A correctly rounded reciprocal (once per block or per program) plus one FMA residual step
+  (Markstein) gives the correctly rounded quotient, far cheaper than a full division per element.
 - E2M1: `(a + C) - C` with C = 2^22, 2^23, 2^24 in [0, 2), [2, 4), [4, 8): the float32 ulp of C is the E2M1
   step there (0.5, 1, 2), and float addition rounds ties to even, which is the even E2M1 code.
 - Signs multiply (`0 - m` would turn -0.0 into +0.0): a negative x that rounds to 0 gives -0.0, as in the spec.
@@ -67,9 +66,24 @@ def _block_amax(x, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
+def _quotient(a, b, b_inverse, scale_2):
+    """a / b, correctly rounded, from b_inverse = RN(1 / b): one FMA residual step (Markstein's theorem). A NaN
+    residual (a = +-Inf) keeps the first product. Below scale_2 = 2^-90 the residual could underflow, so such
+    (absurdly small) tensors divide instead; the branch is uniform over the launch."""
+    if scale_2 < 8.077935669463161e-28:
+        q = tl.div_rn(a, b)
+    else:
+        q = a * b_inverse
+        residual = tl.fma(-b, q, a)
+        q = tl.fma(tl.where(residual == residual, residual, 0.0), b_inverse, q)
+    return q
+
+
+@triton.jit
 def _e4m3_block_scale(block_amax, scale_2):
     """Float32 value of the clamped E4M3 block scale (exactly representable in E4M3)."""
-    s = tl.div_rn(block_amax, 6.0 * scale_2)
+    divisor = 6.0 * scale_2
+    s = _quotient(block_amax, divisor, tl.div_rn(1.0, divisor), scale_2)
     s = tl.where(s == 0.0, 1.0, s)
     s = tl.minimum(tl.maximum(s, 0.001953125), 448.0)
     bits = s.to(tl.int32, bitcast=True)
@@ -82,12 +96,7 @@ def _e4m3_block_scale(block_amax, scale_2):
 def _e2m1_round(x, scale, inverse, scale_2):
     """-> (nearest E2M1 magnitude of x / scale, ties to the even code, saturating at 6; whether x / scale < 0).
     NaN gives NaN, +-Inf saturates. Nothing here keeps x alive past the quotient: registers, hence occupancy."""
-    if scale_2 < 8.077935669463161e-28:  # 2^-90: the FMA residual could underflow; divide (uniform branch)
-        q = tl.div_rn(x, scale)
-    else:
-        q = x * inverse
-        residual = tl.fma(-scale, q, x)
-        q = tl.fma(tl.where(residual == residual, residual, 0.0), inverse, q)  # +-Inf: residual NaN, keep q
+    q = _quotient(x, scale, inverse, scale_2)
     a = tl.abs(q)
     c = tl.where(a < 2.0, 4194304.0, tl.where(a < 4.0, 8388608.0, 16777216.0))
     return tl.minimum((a + c) - c, 6.0, propagate_nan=tl.PropagateNan.ALL), q < 0.0

@@ -7,7 +7,7 @@ import torch
 from dist_quant.kernels import nvfp4_fake_quant, nvfp4_quantize, use_triton
 from dist_quant.numerics import fp8_fake_quant
 from tests.reference import formats as ref
-from tests.reference.data import DTYPES, spread
+from tests.reference.data import DTYPES, near_ties, spread
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -56,3 +56,10 @@ def test_fp8_and_torch_reference_on_cuda_match_reference(gen, dtype, monkeypatch
     ref.assert_same_bits(fp8_fake_quant(x.cuda(), amax.cuda()).cpu(), ref.fp8_fake_quant(x, amax))
     monkeypatch.setenv("DIST_QUANT_BACKEND", "torch")
     ref.assert_same_bits(nvfp4_fake_quant(x.cuda(), amax.cuda()).cpu(), ref.nvfp4(x, amax)["fake_quant"])
+
+
+def test_quotients_beside_tie_points_on_cuda(gen):
+    x, global_amax, block_amax = near_ties(gen, 1 << 16)
+    expected = ref.nvfp4(x, global_amax, block_amax)
+    actual = nvfp4_fake_quant(x.cuda(), global_amax.cuda(), block_amax.cuda()).cpu()
+    ref.assert_same_bits(actual, expected["fake_quant"])

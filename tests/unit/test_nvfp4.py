@@ -7,7 +7,7 @@ import torch
 from dist_quant.kernels import nvfp4_fake_quant, nvfp4_quantize, use_triton
 from dist_quant.numerics import nvfp4_dequantize
 from tests.reference import formats as ref
-from tests.reference.data import DTYPES, spread
+from tests.reference.data import DTYPES, near_ties, spread
 
 SHAPES = [(8, 64), (3, 5, 48), (37, 16), (300, 32)]  # block counts not multiples of the kernel's tile
 NAN_SCALE_BYTES = (0x7F, 0xFF)
@@ -169,3 +169,11 @@ def test_tiny_global_amax_matches_reference(backend, gen, global_amax):
     x = spread(gen, (16, 64), torch.float32) * global_amax
     g = x.abs().max()
     ref.assert_same_bits(nvfp4_fake_quant(x, g), ref.nvfp4(x, g)["fake_quant"])
+
+
+def test_quotients_beside_tie_points_with_random_scales(backend, gen):
+    x, global_amax, block_amax = near_ties(gen, 512)
+    expected = ref.nvfp4(x, global_amax, block_amax)
+    ref.assert_same_bits(nvfp4_fake_quant(x, global_amax, block_amax), expected["fake_quant"])
+    packed, _, _ = nvfp4_quantize(x, global_amax, block_amax)
+    assert torch.equal(packed, ref.pack_codes(expected["codes"]))
