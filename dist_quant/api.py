@@ -7,6 +7,8 @@ import os
 from torch import nn
 
 from dist_quant.calibrate import ForwardLoop, attach_quantizers, calibrate
+from dist_quant.calibrate.pipeline import default_groups
+from dist_quant.parallel.groups import ParallelGroups
 from dist_quant.recipe import Recipe, load_recipe
 
 
@@ -14,12 +16,17 @@ def quantize(
     model: nn.Module,
     recipe: str | os.PathLike | dict | Recipe,
     forward_loop: ForwardLoop | None = None,
+    groups: ParallelGroups | None = None,
+    distributed_sync: bool = True,
 ) -> nn.Module:
     """Attach quantizers by recipe, calibrate (activations over `forward_loop(model)`, weights from the
     weights), and switch the model to fake quantization. The model is changed in place and returned.
 
     `recipe`: a built-in name (see `dist-quant recipes`), a YAML path, parsed YAML data or a Recipe.
+    Sharded megatron-core models: call on every rank; amax are reduced over `groups` (by default those of
+    megatron's parallel_state) so that the result does not depend on the TP/EP layout.
     """
     recipe = load_recipe(recipe)
-    attach_quantizers(model, recipe)
-    return calibrate(model, recipe, forward_loop)
+    groups = groups or default_groups()
+    attach_quantizers(model, recipe, groups)
+    return calibrate(model, recipe, forward_loop, groups, distributed_sync)

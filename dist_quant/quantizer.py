@@ -3,10 +3,12 @@
 Buffers, all float32:
 - `_amax`: the calibrated amax: a scalar, or [out, 1]-like for FP8 per-channel (`axis`). For NVFP4 this is the
   quantizer's own per-tensor amax.
-- `_global_amax` (NVFP4): the per-tensor amax behind `scale_2`; the own `_amax` unless a shared quant state
-  (q/k/v, gate/up siblings) set the group's max.
+- `_global_amax` (NVFP4): set only by a shared quant state (q/k/v, gate/up siblings): the group's max, used for
+  `scale_2` instead of the own `_amax` (see `global_amax`).
 - `_block_amax` (NVFP4 with static blocks): per-block amax [..., n/16], from max or MSE calibration.
-Buffers are absent until calibrated, and `load_state_dict` adopts whatever shapes the checkpoint holds.
+Buffers are absent until calibrated, and `load_state_dict` adopts whatever shapes the checkpoint holds. `_amax`
+may be a view into a flat buffer shared with other quantizers (`bind_amax`), so that a distributed sync is one
+all-reduce; calibration writes into it in place.
 """
 
 from __future__ import annotations
@@ -154,25 +156,34 @@ class TensorQuantizer(nn.Module):
             self.calibrator.reset()
         self._mode = mode
 
+    @property
+    def global_amax(self) -> torch.Tensor | None:
+        """NVFP4's per-tensor amax behind scale_2: the shared state's value if set, else the own amax."""
+        return self._amax if self._global_amax is None else self._global_amax
+
+    def bind_amax(self, view: torch.Tensor) -> None:
+        """Make `_amax` a view into a shared flat buffer (keeping its value), so a sync needs no copies."""
+        if self._amax is not None:
+            view.copy_(self._amax.reshape(view.shape))
+        self._amax = view
+
     def _set_amax(self, amax: torch.Tensor, block_amax: torch.Tensor | None = None) -> None:
-        self._amax = amax.float()
-        if self.fmt.kind == NVFP4:
-            self._global_amax = self._amax.clone()
+        if self._amax is not None and self._amax.shape == amax.shape:
+            self._amax.copy_(amax)  # keeps a bound view bound
+        else:
+            self._amax = amax.float()
         if block_amax is not None:
             self._block_amax = block_amax.float()
 
     def finish_calibration(self) -> bool:
-        """Turn collected statistics into amax buffers. -> False when this quantizer saw no data.
-
-        Raises ValueError when the statistics are not finite (NaN or Inf in the calibration data)."""
+        """Turn collected statistics into amax buffers. -> False when this quantizer saw no data. NaN or Inf in
+        the data lands in the amax; the driver checks (collectively, so no rank waits on one that raised)."""
         if self.calibrator is None:
             return True
         amax, block_amax = self.calibrator.amax, self.calibrator.block_amax
         self.calibrator.reset()
         if amax is None:
             return False
-        if not torch.isfinite(amax).all():
-            raise ValueError(f"calibrated amax is not finite ({_summarize(amax)}): the data holds NaN or Inf")
         self._set_amax(amax, block_amax)
         return True
 
@@ -188,10 +199,10 @@ class TensorQuantizer(nn.Module):
         if self.fmt.kind == FP8:
             return lambda x: fp8_fake_quant(x, self._amax)
         block_amax = self._block_amax if self.fmt.block_type == STATIC else None
-        return lambda x: kernels.nvfp4_fake_quant(x, self._global_amax, block_amax)
+        return lambda x: kernels.nvfp4_fake_quant(x, self.global_amax, block_amax)
 
     def clamp_bound(self) -> torch.Tensor:
-        return nonzero_amax(self._amax if self.fmt.kind == FP8 else self._global_amax)
+        return nonzero_amax(self._amax if self.fmt.kind == FP8 else self.global_amax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._mode is QuantizerMode.DISABLED:
@@ -220,8 +231,8 @@ class TensorQuantizer(nn.Module):
         text = f"{self.fmt.describe()} amax={_summarize(self._amax)}"
         if self.fmt.use_constant_amax:
             text += "(const)"
-        if self._global_amax is not None and not torch.equal(self._global_amax, self._amax):
-            text += f" global_amax={_summarize(self._global_amax)}"
+        if self._global_amax is not None:
+            text += f" global_amax={_summarize(self._global_amax)}(shared)"
         if self._mode is not QuantizerMode.QUANTIZING:
             text += f" {self._mode.value}"
         return text

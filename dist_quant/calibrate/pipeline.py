@@ -1,22 +1,33 @@
 """The calibration driver: fixed stages over a model, listed in `calibrate`.
 
-attach quantizers from the recipe -> collect activation statistics over the user's forward loop -> calibrate
-weights from the weights themselves -> promote every enabled quantizer to fake quantization.
+attach quantizers from the recipe -> bind every amax into per-domain flat buffers -> collect activation
+statistics over the user's forward loop -> calibrate weights from the weights -> reduce across ranks ->
+bootstrap experts that received no tokens -> promote every enabled quantizer to fake quantization.
+
+Everything that can fail on one rank only (NaN data, an unseen quantizer) is decided after a collective, so
+all ranks raise together instead of leaving others waiting.
 """
 
 from __future__ import annotations
 
+import re
+import sys
+import warnings
 from typing import Callable, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from dist_quant.modules import QuantModule, convert_linear
 from dist_quant.modules.linear import LINEAR_QUANTIZERS
+from dist_quant.parallel.groups import ParallelGroups
+from dist_quant.parallel.reduce import AmaxReducer, NonFiniteAmaxError
 from dist_quant.quantizer import STATIC, QuantizerMode, TensorQuantizer
 from dist_quant.recipe import Recipe, RecipeError
 
 ForwardLoop = Callable[[nn.Module], None]
+_EXPERT_INDEX = re.compile(r"\.local_experts\.\d+\.")
 
 
 class CalibrationError(RuntimeError):
@@ -34,41 +45,110 @@ def quantizers(model: nn.Module) -> Iterator[tuple[str, TensorQuantizer]]:
             yield name, module
 
 
-def _weight_quantizer_ids(model: nn.Module) -> set[int]:
-    return {
-        id(quantizer)
-        for module in model.modules()
-        if isinstance(module, QuantModule)
-        for quantizer, _ in module.weight_quantizers()
-    }
+def quant_modules(model: nn.Module) -> Iterator[tuple[str, QuantModule]]:
+    for name, module in model.named_modules():
+        if isinstance(module, QuantModule):
+            yield name, module
 
 
-def attach_quantizers(model: nn.Module, recipe: Recipe) -> int:
-    """Convert every nn.Linear to a quantized linear configured by the recipe. -> number converted."""
-    converted = 0
+def _megatron_loaded() -> bool:
+    """A megatron model exists only if its user imported megatron: never pay for importing it here."""
+    return "megatron.core.parallel_state" in sys.modules
+
+
+def default_groups() -> ParallelGroups:
+    """megatron's groups when its parallel state is initialized; else this process alone."""
+    if _megatron_loaded() and sys.modules["megatron.core.parallel_state"].model_parallel_is_initialized():
+        return ParallelGroups.from_megatron()
+    return ParallelGroups()
+
+
+def _megatron_kinds() -> dict:
+    from dist_quant.modules.megatron import megatron_layer_kinds
+
+    return megatron_layer_kinds() if _megatron_loaded() else {}
+
+
+def _experts_per_rank(model: nn.Module) -> int:
+    counts = {len(m) for n, m in model.named_modules() if n.endswith("local_experts")}
+    if len(counts) > 1:
+        raise ValueError(f"MoE layers with different numbers of local experts: {sorted(counts)}")
+    return counts.pop() if counts else 0
+
+
+def attach_quantizers(model: nn.Module, recipe: Recipe, groups: ParallelGroups | None = None) -> int:
+    """Convert every quantizable layer (megatron parallel linears and core attention, nn.Linear) in place,
+    configured by the recipe. -> number of enabled quantizers."""
+    from dist_quant.modules.megatron import convert_megatron_module, global_layer_names, layout_for, logical_name
+
+    groups = groups or default_groups()
+    kinds = _megatron_kinds()
+    layer_names = global_layer_names(model) if kinds else {}
+    ep_rank, experts_per_rank = groups.rank("ep"), _experts_per_rank(model)
+    enabled = 0
     for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or isinstance(module, QuantModule):
+        if isinstance(module, QuantModule):
+            continue
+        kind = next((k for k in kinds if isinstance(module, k)), None)
+        if kind is None and not isinstance(module, nn.Linear):
             continue
         prefix = f"{name}." if name else ""
-        formats = {q: recipe.format_for(prefix + q) for q in LINEAR_QUANTIZERS}
+        names = kinds[kind][1] if kind else LINEAR_QUANTIZERS
+        formats = {q: recipe.format_for(prefix + q) for q in names}
         for q, fmt in formats.items():
-            if fmt is not None and fmt.block_type == STATIC and q != "weight_quantizer":
+            if fmt is not None and q != "weight_quantizer" and (fmt.block_type == STATIC or fmt.axis is not None):
                 raise RecipeError(
-                    f"recipe {recipe.source}: static NVFP4 blocks apply to weights only, "
-                    f"but {prefix + q} would get them"
+                    f"recipe {recipe.source}: {prefix + q}: static NVFP4 blocks and per-channel axes apply to "
+                    "weights only"
                 )
-        convert_linear(module, formats)
-        converted += 1
-    return converted
+        enabled += sum(fmt is not None for fmt in formats.values())
+        if kind is None:
+            convert_linear(module, formats, name)
+        else:
+            logical = logical_name(name, layer_names, ep_rank, experts_per_rank)
+            convert_megatron_module(module, kinds[kind][0], formats, layout_for(module, logical))
+    if enabled == 0:
+        raise RecipeError(f"recipe {recipe.source} enables no quantizer in this model")
+    return enabled
+
+
+def _reduction_domain(module: QuantModule, is_weight: bool, axis: int | None) -> str | None:
+    """SPEC section 4: activations over data and tensor parallel ranks; a weight amax over the ranks holding
+    its pieces, unless each rank owns its channels whole (per-channel along the sharded dim)."""
+    layout = module.layout
+    if not is_weight:
+        return "edp+etp" if layout.expert else "dp+tp"
+    if layout.shard_dim is None or axis == layout.shard_dim:
+        return None
+    return layout.shard_group
+
+
+def bind_amax(model: nn.Module, groups: ParallelGroups, device: torch.device | str) -> AmaxReducer:
+    """Register every calibrated amax under its logical key and domain; make them views of flat buffers."""
+    reducer = AmaxReducer(groups, device)
+    for _, module in quant_modules(model):
+        weights = {id(q): w for q, w in module.weight_quantizers()}
+        for attr, q in module.named_children():
+            if not isinstance(q, TensorQuantizer) or q.calibrator is None:
+                continue
+            weight = weights.get(id(q))
+            if weight is not None and q.fmt.axis is not None:
+                axis = q.fmt.axis % weight.dim()
+                shape = torch.Size([n if d == axis else 1 for d, n in enumerate(weight.shape)])
+            else:
+                axis, shape = None, torch.Size([])
+            domain = _reduction_domain(module, weight is not None, axis)
+            reducer.register(domain, f"{module.layout.logical_name}.{attr}", shape, q.bind_amax)
+    reducer.allocate()
+    return reducer
 
 
 def collect_statistics(model: nn.Module, forward_loop: ForwardLoop | None) -> None:
     """Run the forward loop with activation quantizers collecting amax; weights are left alone."""
-    weight_ids = _weight_quantizer_ids(model)
-    activations = [
-        (name, q) for name, q in quantizers(model) if q.enabled and id(q) not in weight_ids
+    weight_ids = {id(q) for _, m in quant_modules(model) for q, _ in m.weight_quantizers()}
+    to_calibrate = [
+        (name, q) for name, q in quantizers(model) if q.calibrator is not None and id(q) not in weight_ids
     ]
-    to_calibrate = [(name, q) for name, q in activations if q.calibrator is not None]
     if not to_calibrate:
         return
     if forward_loop is None:
@@ -82,29 +162,73 @@ def collect_statistics(model: nn.Module, forward_loop: ForwardLoop | None) -> No
         q.mode = QuantizerMode.CALIBRATING
     with torch.no_grad():
         forward_loop(model)
-    unseen = []
-    for name, q in to_calibrate:
-        try:
-            if not q.finish_calibration():
-                unseen.append(name)
-        except ValueError as error:
-            raise CalibrationError(f"{name}: {error}") from None
+    for _, q in to_calibrate:
+        q.finish_calibration()
         q.mode = QuantizerMode.DISABLED
-    if unseen:
-        raise CalibrationError(
-            f"{len(unseen)} activation quantizers saw no calibration data: {_name_list(unseen)}; "
-            "does forward_loop run every quantized module?"
-        )
 
 
 def calibrate_weights(model: nn.Module) -> None:
     """Weight amax straight from the weights: no forward pass, so also right after a training step."""
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, QuantModule):
-                for quantizer, weight in module.weight_quantizers():
-                    if quantizer.enabled:
-                        quantizer.calibrate_from(weight)
+        for _, module in quant_modules(model):
+            for quantizer, weight in module.weight_quantizers():
+                quantizer.calibrate_from(weight)
+
+
+def reduce_amax(reducer: AmaxReducer) -> None:
+    try:
+        reducer.sync()
+    except NonFiniteAmaxError as error:
+        raise CalibrationError(str(error)) from None
+
+
+def _activation_quantizers(model: nn.Module) -> Iterator[tuple[QuantModule, str, TensorQuantizer]]:
+    for _, module in quant_modules(model):
+        weight_ids = {id(q) for q, _ in module.weight_quantizers()}
+        for attr, q in module.named_children():
+            if isinstance(q, TensorQuantizer) and q.calibrator is not None and id(q) not in weight_ids:
+                yield module, attr, q
+
+
+def bootstrap_unseen(model: nn.Module, groups: ParallelGroups) -> int:
+    """Activation amax still 0 after the reduction saw no data anywhere. An expert that received no tokens gets
+    the max of its sibling experts (same layer and linear, across EP); anything else is an error.
+    -> number of bootstrapped expert quantizers on this rank."""
+    unseen, dead, siblings = [], [], {}
+    for module, attr, q in _activation_quantizers(model):
+        key = f"{module.layout.logical_name}.{attr}"
+        if module.layout.expert:
+            role = _EXPERT_INDEX.sub(".", key)
+            siblings.setdefault(role, []).append(q)
+        elif not q._amax.item() > 0:
+            unseen.append(key)
+    if unseen:
+        raise CalibrationError(
+            f"{len(unseen)} activation quantizers saw no calibration data on any rank: {_name_list(unseen)}; "
+            "does forward_loop run every quantized module?"
+        )
+    if not siblings:
+        return 0
+    reducer = AmaxReducer(groups, next(iter(siblings.values()))[0]._amax.device)
+    for role, members in siblings.items():
+        reducer.register("ep", role, torch.Size([]), lambda view, m=members: view.copy_(torch.stack([q._amax for q in m]).max()))
+    reducer.allocate()
+    reducer.sync(check_finite=False)
+    layer_max = reducer.values(reducer.arenas["ep"])
+    for role, members in siblings.items():
+        if not layer_max[role].item() > 0:
+            raise CalibrationError(f"no expert of {role} received any calibration token")
+        for q in members:
+            if not q._amax.item() > 0:
+                q._amax.copy_(layer_max[role])
+                dead.append(q)
+    if dead and groups.rank("etp") == 0 and groups.rank("edp") == 0:
+        warnings.warn(
+            f"{len(dead)} expert activation quantizers on this rank received no calibration tokens; their amax "
+            "was bootstrapped from the max of their sibling experts (use more calibration data)",
+            stacklevel=2,
+        )
+    return len(dead)
 
 
 def promote(model: nn.Module) -> None:
@@ -112,14 +236,29 @@ def promote(model: nn.Module) -> None:
         q.mode = QuantizerMode.QUANTIZING if q.enabled else QuantizerMode.DISABLED
 
 
-def calibrate(model: nn.Module, recipe: Recipe, forward_loop: ForwardLoop | None = None) -> nn.Module:
-    """Calibrate a model whose quantizers are attached, then switch it to fake quantization."""
+def _model_device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def calibrate(
+    model: nn.Module,
+    recipe: Recipe,
+    forward_loop: ForwardLoop | None = None,
+    groups: ParallelGroups | None = None,
+    distributed_sync: bool = True,
+) -> nn.Module:
+    """Calibrate a model whose quantizers are attached, then switch it to fake quantization. With
+    `distributed_sync`, amax are reduced over `groups` (megatron's by default); collective: every rank calls."""
     if recipe.algorithm.method != "max":
         raise NotImplementedError(
             f"recipe {recipe.source}: algorithm method {recipe.algorithm.method!r} is not implemented yet "
             "(only 'max')"
         )
+    groups = (groups or default_groups()) if distributed_sync else ParallelGroups()
+    reducer = bind_amax(model, groups, _model_device(model))
     collect_statistics(model, forward_loop)
     calibrate_weights(model)
+    reduce_amax(reducer)
+    bootstrap_unseen(model, groups)
     promote(model)
     return model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -9,9 +10,36 @@ import torch
 from dist_quant.quantizer import TensorQuantizer
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where a module's tensors live. `logical_name`: its name in the unsharded model (global layer and expert
+    numbers). `shard_dim`: the weight dim split over `shard_group` ("tp", or "etp" for experts), None if
+    replicated. `stride` 2: each rank holds [gate_r; up_r] rather than a contiguous slice (gated MLP fc1)."""
+
+    logical_name: str
+    shard_dim: int | None = None
+    shard_group: str = "tp"
+    stride: int = 1
+    expert: bool = False
+
+
 class QuantModule:
     """Mixin for quantized layers. `weight_quantizers` pairs each weight quantizer with the tensor it
-    quantizes, so weights can be calibrated straight from the weights, without a forward pass."""
+    quantizes, so weights can be calibrated straight from the weights, without a forward pass. `layout` says
+    where the module's tensors live."""
+
+    layout: Layout
 
     def weight_quantizers(self) -> Iterator[tuple[TensorQuantizer, torch.Tensor]]:
         raise NotImplementedError
+
+
+_quantized_classes: dict[tuple[type, type], type] = {}
+
+
+def quantized_class(cls: type, mixin: type) -> type:
+    """`mixin` placed before the module's own class, so isinstance checks and its other methods keep working."""
+    key = (cls, mixin)
+    if key not in _quantized_classes:
+        _quantized_classes[key] = type(f"Quant{cls.__name__}", (mixin, cls), {})
+    return _quantized_classes[key]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_quant.modules.base import QuantModule
+from dist_quant.modules.base import Layout, QuantModule, quantized_class
 from dist_quant.quantizer import QuantFormat, TensorQuantizer
 
 LINEAR_QUANTIZERS = ("input_quantizer", "weight_quantizer", "output_quantizer")
@@ -25,15 +25,11 @@ class QuantLinear(QuantModule):
         yield self.weight_quantizer, self.weight
 
 
-_quant_classes: dict[type, type] = {}
-
-
-def convert_linear(module: nn.Linear, formats: Mapping[str, QuantFormat | None]) -> nn.Linear:
-    """Turn `module` into a quantized linear in place: parameters, hooks and state_dict keys stay."""
-    cls = type(module)
-    if cls not in _quant_classes:
-        _quant_classes[cls] = type(f"Quant{cls.__name__}", (QuantLinear, cls), {})
-    module.__class__ = _quant_classes[cls]
+def convert_linear(module: nn.Linear, formats: Mapping[str, QuantFormat | None], name: str) -> nn.Linear:
+    """Turn `module` into a quantized linear in place: parameters, hooks and state_dict keys stay. A plain
+    linear is whole on every rank: its layout is replicated."""
+    module.__class__ = quantized_class(type(module), QuantLinear)
+    module.layout = Layout(name)
     for name in LINEAR_QUANTIZERS:
         module.add_module(name, TensorQuantizer(formats.get(name)))
     return module

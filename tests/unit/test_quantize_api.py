@@ -81,8 +81,18 @@ def test_calibration_errors_name_the_quantizers(gen):
     with pytest.raises(CalibrationError, match="pass forward_loop"):
         quantize(model, "nvfp4_default-fp8_cast_kv")
     model, data = _model_and_data(gen)
-    with pytest.raises(CalibrationError, match="1 activation quantizers saw no calibration data: down_proj.input_quantizer"):
+    with pytest.raises(CalibrationError, match="1 activation quantizers saw no calibration data on any rank: down_proj.input_quantizer"):
         quantize(model, "nvfp4_default-fp8_cast_kv", lambda m: m.up_proj(data[0]))
+    model, data = _model_and_data(gen)
+    data[1][2, 5] = float("nan")
+    with pytest.raises(CalibrationError, match="NaN or Inf: amax of down_proj.input_quantizer, up_proj.input_quantizer is not finite"):
+        quantize(model, "nvfp4_default-fp8_cast_kv", _forward_loop(data))
+
+
+def test_a_recipe_that_quantizes_nothing_here_is_an_error(gen):
+    model, _ = _model_and_data(gen)
+    with pytest.raises(RecipeError, match="enables no quantizer in this model"):
+        quantize(model, "nvfp4_experts_only_mse-fp8_cast_kv")
 
 
 def test_static_blocks_on_activations_are_rejected(gen):
@@ -90,11 +100,14 @@ def test_static_blocks_on_activations_are_rejected(gen):
     recipe = {"quantize": {"quant_cfg": [
         {"quantizer_name": "*input_quantizer", "cfg": {"num_bits": "e2m1", "block_sizes": {-1: 16, "type": "static"}}},
     ]}}
-    with pytest.raises(RecipeError, match="static NVFP4 blocks apply to weights only"):
+    with pytest.raises(RecipeError, match="static NVFP4 blocks and per-channel axes apply to weights only"):
         quantize(model, recipe, _forward_loop([]))
 
 
 def test_mse_recipes_are_refused_until_implemented(gen):
     model, data = _model_and_data(gen)
+    recipe = {"quantize": {"algorithm": {"method": "mse", "fp8_scale_sweep": True}, "quant_cfg": [
+        {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": "e2m1", "block_sizes": {-1: 16, "type": "static"}}},
+    ]}}
     with pytest.raises(NotImplementedError, match="'mse' is not implemented yet"):
-        quantize(model, "nvfp4_mlp_only_mse-fp8_cast_kv", _forward_loop(data))
+        quantize(model, recipe, _forward_loop(data))

@@ -42,7 +42,7 @@ def test_max_calibration_per_block_for_static_nvfp4(gen):
     q = _calibrated(NVFP4_STATIC, batches)
     expected = torch.stack([b.abs().reshape(4, 4, 16).amax(-1) for b in batches]).amax(0)
     assert torch.equal(q._block_amax, expected) and q._block_amax.shape == (4, 4)
-    assert torch.equal(q._global_amax, q._amax)
+    assert q._global_amax is None and q.global_amax is q._amax
     assert torch.equal(q(batches[1]), nvfp4_fake_quant(batches[1], q._amax, expected))
 
 
@@ -52,6 +52,7 @@ def test_dynamic_nvfp4_uses_the_global_amax(gen):
     assert q._block_amax is None
     q._global_amax = q._amax * 2  # as a shared quant state would set it
     assert torch.equal(q(x), nvfp4_fake_quant(x, q._amax * 2))
+    assert torch.equal(q.state_dict()["_global_amax"], q._amax * 2)
 
 
 def test_constant_amax_is_never_calibrated(gen):
@@ -61,7 +62,7 @@ def test_constant_amax_is_never_calibrated(gen):
     q(spread(gen, (4, 16)) * 1e4)
     assert q.finish_calibration() and q._amax == 448.0
     nvfp4_cast = TensorQuantizer(QuantFormat(NVFP4, block_type=DYNAMIC, use_constant_amax=True))
-    assert nvfp4_cast._global_amax == 448.0
+    assert nvfp4_cast.global_amax == 448.0
 
 
 def test_disabled_mode_is_identity_and_collects_nothing(gen):
@@ -77,21 +78,11 @@ def test_mode_errors():
         TensorQuantizer(None).mode = QuantizerMode.CALIBRATING
 
 
-def test_calibration_on_non_finite_data_raises():
-    q = TensorQuantizer(FP8_TENSOR)
-    q.mode = QuantizerMode.CALIBRATING
-    q(torch.tensor([1.0, float("nan")]))
-    with pytest.raises(ValueError, match="not finite"):
-        q.finish_calibration()
-
-
 @pytest.mark.parametrize("fmt", [FP8_TENSOR, FP8_CHANNEL, NVFP4_DYNAMIC])
 def test_straight_through_gradient_is_identity_inside_the_clamp_range(gen, fmt):
     x = spread(gen, (8, 32))
     q = _calibrated(fmt, [x])
     q._amax = q._amax * 0.5  # half the values now fall outside the clamp range
-    if fmt.kind == NVFP4:
-        q._global_amax = q._amax
     x = x.clone().requires_grad_()
     upstream = torch.randn(x.shape, generator=gen)
     (q(x) * upstream).sum().backward()
@@ -105,6 +96,8 @@ def test_repr_is_readable():
     q._set_amax(torch.tensor(2.3))
     q.mode = QuantizerMode.QUANTIZING
     assert q.extra_repr() == "nvfp4 block16 amax=2.3e+00"
+    q._global_amax = torch.tensor(4.0)
+    assert q.extra_repr() == "nvfp4 block16 amax=2.3e+00 global_amax=4.0e+00(shared)"
     assert TensorQuantizer(QuantFormat(FP8, use_constant_amax=True)).extra_repr() == (
         "fp8 amax=4.48e+02(const) disabled"
     )
@@ -125,3 +118,11 @@ def test_state_dict_round_trip_into_a_fresh_quantizer(gen, fmt):
         saved = getattr(q, name)
         assert (saved is None and getattr(fresh, name) is None) or torch.equal(getattr(fresh, name), saved)
     assert torch.equal(fresh(x), q(x))
+
+
+def test_bound_amax_is_written_in_place(gen):
+    arena = torch.zeros(3)
+    q = TensorQuantizer(FP8_TENSOR)
+    q.bind_amax(arena[1])
+    q.calibrate_from(torch.tensor([-2.5, 1.0]))
+    assert arena.tolist() == [0.0, 2.5, 0.0] and q._amax.data_ptr() == arena[1:].data_ptr()

@@ -1,0 +1,120 @@
+"""Quantized wrappers for megatron-core layers: tensor-parallel linears (dense and MoE experts) and the core
+attention (K/V BMM quantizers). Each wrapper declares its layout, from which the sync rules are derived.
+
+megatron-core is imported lazily, so the rest of dist_quant works without it.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from typing import Iterator, Mapping
+
+import torch
+from torch import nn
+
+from dist_quant.modules.base import Layout, QuantModule, quantized_class
+from dist_quant.modules.linear import LINEAR_QUANTIZERS
+from dist_quant.quantizer import QuantFormat, TensorQuantizer
+
+ATTENTION_QUANTIZERS = ("k_bmm_quantizer", "v_bmm_quantizer")
+_LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
+_LAYER = re.compile(r"(^|\.)layers\.(\d+)\.")
+
+
+class QuantMegatronModule(QuantModule):
+    def weight_quantizers(self) -> Iterator[tuple[TensorQuantizer, torch.Tensor]]:
+        if "weight" in self._parameters:
+            yield self.weight_quantizer, self.weight
+
+
+class QuantParallelLinear(QuantMegatronModule):
+    """ColumnParallelLinear / RowParallelLinear: input, weight and output quantizers. The weight is fake-quantized
+    in place of the parameter for the duration of the forward, so megatron's own code path runs unchanged."""
+
+    @contextmanager
+    def _quantized_weight(self):
+        weight = self._parameters["weight"]
+        self._parameters["weight"] = self.weight_quantizer(weight)
+        try:
+            yield
+        finally:
+            self._parameters["weight"] = weight
+
+    def forward(self, input_: torch.Tensor, *args, **kwargs):
+        input_ = self.input_quantizer(input_)
+        explicit = kwargs.get("weight", args[0] if args else None)
+        if explicit is not None:  # output layer sharing the embedding's weight
+            kwargs["weight"] = self.weight_quantizer(explicit)
+            output, bias = super().forward(input_, *args[1:], **kwargs)
+        else:
+            with self._quantized_weight():
+                output, bias = super().forward(input_, *args, **kwargs)
+        return self.output_quantizer(output), bias
+
+
+class QuantDotProductAttention(QuantMegatronModule):
+    """Core attention with quantizers on K and V as they enter the attention products."""
+
+    def forward(self, query, key, value, *args, **kwargs):
+        return super().forward(query, self.k_bmm_quantizer(key), self.v_bmm_quantizer(value), *args, **kwargs)
+
+    def weight_quantizers(self):
+        return iter(())
+
+
+def global_layer_names(model: nn.Module) -> dict[str, str]:
+    """Module-name prefix `...layers.N.` -> the same with N = the layer's global number (pipeline offset)."""
+    names = {}
+    for name, module in model.named_modules():
+        match = _LAYER.search(name + ".")
+        if match and match.end() == len(name) + 1 and hasattr(module, "layer_number"):
+            names[name + "."] = name[: match.start(2)] + f"{module.layer_number - 1}."
+    return names
+
+
+def logical_name(name: str, layer_names: Mapping[str, str], ep_rank: int, experts_per_rank: int) -> str:
+    for local, logical in layer_names.items():
+        if name.startswith(local):
+            name = logical + name[len(local):]
+            break
+    return _LOCAL_EXPERT.sub(lambda m: f".local_experts.{ep_rank * experts_per_rank + int(m.group(1))}.", name)
+
+
+def _linear_layout(module: nn.Module, logical: str) -> Layout:
+    weight = module.weight
+    expert = bool(getattr(module, "is_expert", False))
+    sharded = bool(getattr(weight, "tensor_model_parallel", False))
+    return Layout(
+        logical_name=logical,
+        shard_dim=getattr(weight, "partition_dim", None) if sharded else None,
+        shard_group="etp" if expert else "tp",
+        stride=getattr(weight, "partition_stride", 1),
+        expert=expert,
+    )
+
+
+def megatron_layer_kinds() -> dict[type, tuple[type, tuple[str, ...]]]:
+    """megatron class -> (wrapper mixin, quantizer names)."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    return {
+        ColumnParallelLinear: (QuantParallelLinear, LINEAR_QUANTIZERS),
+        RowParallelLinear: (QuantParallelLinear, LINEAR_QUANTIZERS),
+        DotProductAttention: (QuantDotProductAttention, ATTENTION_QUANTIZERS),
+    }
+
+
+def convert_megatron_module(
+    module: nn.Module, mixin: type, formats: Mapping[str, QuantFormat | None], layout: Layout
+) -> nn.Module:
+    module.__class__ = quantized_class(type(module), mixin)
+    module.layout = layout
+    for name, fmt in formats.items():
+        module.add_module(name, TensorQuantizer(fmt))
+    return module
+
+
+def layout_for(module: nn.Module, logical: str) -> Layout:
+    return _linear_layout(module, logical) if "weight" in module._parameters else Layout(logical)

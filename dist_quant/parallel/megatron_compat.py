@@ -1,0 +1,32 @@
+"""What megatron-core (0.16 on CPU, 0.19 on GPU, no Transformer Engine) needs to run here (SPEC.md section 3).
+
+`apply()` is idempotent and changes only what is missing: without Transformer Engine, the MoE router calls
+`moe_utils.te_general_gemm`, which exists only when TE imports ("NameError: te_general_gemm"); without CUDA,
+megatron allocates on `torch.cuda.current_device()` ("Torch not compiled with CUDA enabled").
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def apply() -> None:
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    if not torch.cuda.is_available():
+        torch.cuda.current_device = lambda: "cpu"
+
+
+def seed(value: int) -> None:
+    """Seed torch and megatron's model-parallel RNG trackers (the plain call needs CUDA RNG state)."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    torch.manual_seed(value)
+    model_parallel_cuda_manual_seed(value, inference_rng_tracker=not torch.cuda.is_available())
+
+
+def causal_attention_mask(seq_len: int, device: torch.device | str) -> torch.Tensor:
+    """Megatron's boolean mask (True = masked), [1, 1, s, s]; with None it would build one on "cuda"."""
+    return torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu(1)[None, None]
