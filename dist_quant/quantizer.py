@@ -81,6 +81,8 @@ class MaxCalibrator:
         self.block_amax: torch.Tensor | None = None
 
     def collect(self, x: torch.Tensor) -> None:
+        if x.numel() == 0:  # e.g. an expert that received no tokens: no data, not a zero amax
+            return
         x = x.detach()
         if self.fmt.axis is None:
             amax = x.abs().amax().float()
@@ -205,7 +207,7 @@ class TensorQuantizer(nn.Module):
         return nonzero_amax(self._amax if self.fmt.kind == FP8 else self.global_amax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._mode is QuantizerMode.DISABLED:
+        if self._mode is QuantizerMode.DISABLED or x.numel() == 0:
             return x
         if self._mode is QuantizerMode.CALIBRATING:
             if self.calibrator is not None:

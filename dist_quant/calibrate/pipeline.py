@@ -231,6 +231,15 @@ def bootstrap_unseen(model: nn.Module, groups: ParallelGroups) -> int:
     return len(dead)
 
 
+def amax_reducer(model: nn.Module) -> AmaxReducer:
+    """The flat amax buffers of a calibrated model: `amax_reducer(model).sync()` re-reduces them, e.g. after
+    recalibrating weights during QAT."""
+    reducer = getattr(model, "_dist_quant_reducer", None)
+    if reducer is None:
+        raise ValueError("this model was not calibrated by dist_quant")
+    return reducer
+
+
 def promote(model: nn.Module) -> None:
     for _, q in quantizers(model):
         q.mode = QuantizerMode.QUANTIZING if q.enabled else QuantizerMode.DISABLED
@@ -256,6 +265,7 @@ def calibrate(
         )
     groups = (groups or default_groups()) if distributed_sync else ParallelGroups()
     reducer = bind_amax(model, groups, _model_device(model))
+    model._dist_quant_reducer = reducer
     collect_statistics(model, forward_loop)
     calibrate_weights(model)
     reduce_amax(reducer)

@@ -30,3 +30,22 @@ def seed(value: int) -> None:
 def causal_attention_mask(seq_len: int, device: torch.device | str) -> torch.Tensor:
     """Megatron's boolean mask (True = masked), [1, 1, s, s]; with None it would build one on "cuda"."""
     return torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu(1)[None, None]
+
+
+def initialize(tp: int = 1, ep: int = 1, etp: int | None = None) -> None:
+    """Check that the world holds the layout, apply the shims, and initialize megatron's parallel state.
+    Needs torch.distributed initialized; ETP defaults to TP."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    etp = tp if etp is None else etp
+    world = dist.get_world_size()
+    if min(tp, ep, etp) < 1 or world % tp or world % (ep * etp):
+        raise ValueError(
+            f"world size {world} cannot hold TP={tp}, EP={ep}, ETP={etp}: it must be a multiple of TP and of "
+            "EP x ETP"
+        )
+    apply()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, expert_model_parallel_size=ep, expert_tensor_parallel_size=etp
+    )

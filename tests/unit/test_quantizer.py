@@ -71,6 +71,16 @@ def test_disabled_mode_is_identity_and_collects_nothing(gen):
     assert q(x) is x and not q.finish_calibration() and q._amax is None
 
 
+def test_empty_input_is_no_data(gen):
+    q = TensorQuantizer(NVFP4_DYNAMIC)
+    q.mode = QuantizerMode.CALIBRATING
+    q(torch.empty(0, 32))
+    assert not q.finish_calibration()
+    q._set_amax(torch.tensor(1.0))
+    q.mode = QuantizerMode.QUANTIZING
+    assert q(torch.empty(0, 32)).shape == (0, 32)
+
+
 def test_mode_errors():
     with pytest.raises(ValueError, match="no amax"):
         TensorQuantizer(FP8_TENSOR).mode = QuantizerMode.QUANTIZING

@@ -1,0 +1,250 @@
+"""What each spawned rank runs: a tiny megatron-core GPT (dense or MoE, GQA, local spec) built at some TP/EP
+layout from one set of full weights, calibrated with dist_quant, and reported in logical (unsharded) terms."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from dist_quant import quantize
+from dist_quant.calibrate.pipeline import CalibrationError, amax_reducer, quant_modules
+from dist_quant.parallel import megatron_compat
+from dist_quant.parallel.groups import ParallelGroups
+from dist_quant.parallel.layout import shard, unshard
+from dist_quant.quantizer import TensorQuantizer
+
+VOCAB, SEQ, BATCH, EXPERTS = 128, 16, 4, 4
+DEAD_EXPERTS = (1, 3)
+
+# Every amax granularity at once: per-channel FP8 attention weights, static-block NVFP4 MLP and expert weights
+# (per-block and per-tensor amax), NVFP4 activations, calibrated FP8 K/V.
+RECIPE = {
+    "quantize": {
+        "quant_cfg": [
+            {"quantizer_name": "*", "enable": False},
+            {"quantizer_name": "*input_quantizer", "cfg": {"num_bits": "e2m1", "block_sizes": {-1: 16}}},
+            {"quantizer_name": "*self_attention*weight_quantizer", "cfg": {"num_bits": "e4m3", "axis": 0}},
+            {"quantizer_name": "*mlp*weight_quantizer", "cfg": {"num_bits": "e2m1", "block_sizes": {-1: 16, "type": "static"}}},
+            {"quantizer_name": "*[kv]_bmm_quantizer", "cfg": {"num_bits": "e4m3"}},
+            {"quantizer_name": "*output_layer*", "enable": False},
+        ]
+    }
+}
+
+
+def build_model(moe: bool, expert_bias: bool = False, num_layers: int = 2):
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    megatron_compat.seed(1234)
+    config = TransformerConfig(
+        num_layers=num_layers, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2,
+        kv_channels=16, gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
+        qk_layernorm=True, normalization="LayerNorm", use_cpu_initialization=True, params_dtype=torch.float32,
+        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        expert_model_parallel_size=ps.get_expert_model_parallel_world_size() if moe else 1,
+        expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size() if moe else None,
+        num_moe_experts=EXPERTS if moe else None, moe_router_topk=2, moe_ffn_hidden_size=64 if moe else None,
+        moe_token_dispatcher_type="allgather", moe_aux_loss_coeff=0.0,
+        moe_router_score_function="sigmoid" if expert_bias else "softmax", moe_router_enable_expert_bias=expert_bias,
+    )
+    spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False, qk_layernorm=True)
+    model = GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=64, position_embedding_type="rope").eval()
+    if expert_bias:  # a router that never picks the dead experts
+        for layer in model.decoder.layers:
+            layer.mlp.router.expert_bias[list(DEAD_EXPERTS)] = -1e4
+    return model
+
+
+def batches(seed: int = 0, count: int = 3) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen) for _ in range(count)]
+
+
+def _forward(model, tokens):
+    positions = torch.arange(SEQ)[None].expand(tokens.shape[0], SEQ)
+    return model(tokens, positions, megatron_compat.causal_attention_mask(SEQ, "cpu"))
+
+
+def _logical_names(model, groups: ParallelGroups):
+    from dist_quant.modules.megatron import global_layer_names, logical_name
+
+    experts = max((len(m) for n, m in model.named_modules() if n.endswith("local_experts")), default=0)
+    layer_names = global_layer_names(model)
+    return lambda name: logical_name(name, layer_names, groups.rank("ep"), experts)
+
+
+def _param_shard(param, groups: ParallelGroups):
+    """(dim, stride, rank, size) of a megatron parameter from its own attributes; None if replicated."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return None
+    group = "tp" if getattr(param, "allreduce", True) else "etp"
+    return param.partition_dim, param.partition_stride, groups.rank(group), groups.size(group)
+
+
+def full_state(model) -> dict[str, torch.Tensor]:
+    """Weights and buffers of an unsharded (TP1/EP1) model."""
+    return {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def load_full_state(model, full: dict[str, torch.Tensor], groups: ParallelGroups) -> None:
+    """Give a sharded model this rank's pieces of the full weights."""
+    logical = _logical_names(model, groups)
+    params = dict(model.named_parameters())
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        piece = full[logical(name)]
+        layout = _param_shard(params[name], groups) if name in params else None
+        if layout is not None:
+            dim, stride, rank, size = layout
+            piece = shard(piece, dim, rank, size, stride)
+        with torch.no_grad():
+            tensor.copy_(piece)
+
+
+def logits(model, tokens, groups: ParallelGroups) -> torch.Tensor:
+    """Full-vocabulary logits (megatron's are vocab-sharded over TP)."""
+    with torch.no_grad():
+        local = _forward(model, tokens)
+    pieces = [torch.empty_like(local) for _ in range(groups.size("tp"))]
+    if groups.tp is None:
+        return local
+    dist.all_gather(pieces, local.contiguous(), group=groups.tp)
+    return torch.cat(pieces, -1)
+
+
+def logical_quant_state(model, groups: ParallelGroups) -> dict[str, torch.Tensor]:
+    """Every amax buffer under its logical name, assembled from all ranks (replicas must agree bit for bit)."""
+    local = {}
+    for _, module in quant_modules(model):
+        layout = module.layout
+        for attr, q in module.named_children():
+            if not isinstance(q, TensorQuantizer) or not q.enabled:
+                continue
+            for buffer in ("_amax", "_block_amax"):
+                value = getattr(q, buffer)
+                if value is None:
+                    continue
+                # Per-block amax split like the weight; per-channel amax split where the channels are.
+                split = layout.shard_dim is not None and attr == "weight_quantizer" and (
+                    buffer == "_block_amax" or q.fmt.axis == layout.shard_dim
+                )
+                group = layout.shard_group
+                local[f"{layout.logical_name}.{attr}.{buffer}"] = (
+                    value.clone(), layout.shard_dim if split else None, layout.stride,
+                    groups.rank(group) if split else 0,
+                )
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, local)
+    pieces: dict[str, dict[int, torch.Tensor]] = {}
+    splits = {}
+    for rank_state in everyone:
+        for key, (value, dim, stride, shard_rank) in rank_state.items():
+            seen = pieces.setdefault(key, {})
+            if shard_rank in seen:
+                assert torch.equal(seen[shard_rank], value), f"replicas of {key} differ"
+            seen[shard_rank] = value
+            splits[key] = (dim, stride)
+    return {
+        key: (by_rank[0] if splits[key][0] is None else unshard([by_rank[r] for r in sorted(by_rank)], *splits[key]))
+        for key, by_rank in pieces.items()
+    }
+
+
+def _calibrate_models(full: dict, groups: ParallelGroups, data: list[torch.Tensor]) -> dict:
+    """Build the dense and the MoE model from the full weights, calibrate on `data`. -> per model: logical quant
+    state, unquantized and quantized logits on held-out tokens."""
+    report = {}
+    eval_tokens = batches(seed=7, count=1)[0]
+    for kind in ("dense", "moe"):
+        model = build_model(moe=kind == "moe")
+        load_full_state(model, full[kind], groups)
+        plain = logits(model, eval_tokens, groups)
+        quantize(model, RECIPE, lambda m: [_forward(m, t) for t in data])
+        report[kind] = {
+            "state": logical_quant_state(model, groups),
+            "logits": plain,
+            "quantized_logits": logits(model, eval_tokens, groups),
+        }
+    return report
+
+
+def reference(full_path: str) -> dict:
+    """TP1/EP1 on one rank: writes the full weights every layout is built from, and calibrates on all data."""
+    megatron_compat.initialize(1, 1)
+    full = {kind: full_state(build_model(moe=kind == "moe")) for kind in ("dense", "moe")}
+    torch.save(full, full_path)
+    return _calibrate_models(full, ParallelGroups.from_megatron(), batches())
+
+
+def run_layout(tp: int, ep: int, etp: int | None, full_path: str, data_split: bool = False, extra: bool = False) -> dict:
+    """Calibrate at one layout. data_split: each data-parallel rank gets its own share of the batches."""
+    megatron_compat.initialize(tp, ep, etp)
+    groups = ParallelGroups.from_megatron()
+    data = batches()
+    if data_split:
+        data = data[groups.rank("dp") :: groups.size("dp")]
+    report = _calibrate_models(torch.load(full_path), groups, data)
+    if extra:
+        report["sync"] = sync_collectives(groups)
+        report["dead_experts"] = dead_expert_report(groups)
+    return report
+
+
+def sync_collectives(groups: ParallelGroups) -> dict:
+    """All-reduces issued by one amax sync, for models of different sizes."""
+    counts = {}
+    for layers in (1, 4):
+        model = build_model(moe=True, num_layers=layers)
+        quantize(model, RECIPE, lambda m: _forward(m, batches(count=1)[0]))
+        reducer = amax_reducer(model)
+        before = reducer.collectives
+        reducer.sync()
+        quantizer_count = sum(1 for m in model.modules() if isinstance(m, TensorQuantizer) and m.enabled)
+        domains = sum(1 for arena in reducer.arenas.values() if arena.group is not None)
+        counts[layers] = {"collectives": reducer.collectives - before, "quantizers": quantizer_count, "domains": domains}
+    return counts
+
+
+def dead_expert_report(groups: ParallelGroups) -> dict:
+    """Calibrate an MoE whose router never picks DEAD_EXPERTS. -> logical state and the warnings raised."""
+    import warnings
+
+    model = build_model(moe=True, expert_bias=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quantize(model, RECIPE, lambda m: [_forward(m, t) for t in batches()])
+    return {
+        "state": logical_quant_state(model, groups),
+        "warnings": [str(w.message) for w in caught if "bootstrapped" in str(w.message)],
+    }
+
+
+def error_cases() -> dict:
+    """Bad input on two ranks: each must raise a clear error on every rank, never hang."""
+    messages = {}
+    try:
+        megatron_compat.initialize(tp=2, ep=2)
+    except ValueError as error:
+        messages["world"] = str(error)
+    megatron_compat.initialize(tp=2, ep=1)
+    rank = dist.get_rank()
+    model = build_model(moe=False)
+    if rank == 1:  # bad activations on one rank only
+        qkv = model.decoder.layers[1].self_attention.linear_qkv
+        qkv.register_forward_hook(lambda mod, inp, out: (out[0].index_fill(-1, torch.tensor([3]), float("nan")), out[1]))
+    try:
+        quantize(model, RECIPE, lambda m: [_forward(m, t) for t in batches()])
+    except CalibrationError as error:
+        messages["nan"] = str(error)
+    from dist_quant.recipe import RecipeError
+
+    nothing = {"quantize": {"quant_cfg": [{"quantizer_name": "*no_such_layer*", "cfg": {"num_bits": "e4m3"}}]}}
+    try:
+        quantize(build_model(moe=False), nothing, lambda m: None)
+    except RecipeError as error:
+        messages["recipe"] = str(error)
+    return messages
