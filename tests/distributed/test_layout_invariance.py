@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.distributed import workers
-from tests.distributed.harness import run_ranks
+from dist_quant.parallel.spawn import run_ranks
 
 pytestmark = pytest.mark.xdist_group("megatron")
 

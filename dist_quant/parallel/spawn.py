@@ -1,4 +1,5 @@
-"""Spawn real gloo process groups on this machine and collect what each rank returns."""
+"""Run a function on a local process group (gloo on CPU, NCCL on one GPU per rank) and collect what each rank
+returns: for tests, benchmarks, and trying dist_quant without torchrun."""
 
 from __future__ import annotations
 
@@ -19,10 +20,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, out_dir: str, fn, args) -> None:
+def _entry(rank: int, world: int, port: int, out_dir: str, backend: str, fn, args) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=90))
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=90))
     try:
         torch.save(fn(*args), os.path.join(out_dir, f"rank{rank}.pt"))
     except BaseException:
@@ -33,12 +36,13 @@ def _entry(rank: int, world: int, port: int, out_dir: str, fn, args) -> None:
         dist.destroy_process_group()
 
 
-def run_ranks(world: int, fn, *args, timeout: float = 240.0) -> list:
-    """Run fn(*args) on `world` gloo ranks; -> each rank's return value. A hang is a failure, not a wait."""
+def run_ranks(world: int, fn, *args, timeout: float = 240.0, backend: str = "gloo") -> list:
+    """Run fn(*args) on `world` ranks; -> each rank's return value (fn must be importable by name). A hang is a
+    failure, not a wait."""
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as out_dir:
         port = _free_port()
-        procs = [ctx.Process(target=_entry, args=(r, world, port, out_dir, fn, args)) for r in range(world)]
+        procs = [ctx.Process(target=_entry, args=(r, world, port, out_dir, backend, fn, args)) for r in range(world)]
         for p in procs:
             p.start()
         for p in procs:
