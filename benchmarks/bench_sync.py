@@ -51,8 +51,9 @@ def _per_rank(count: int, repeats: int, peer_repeats: int) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     gen = torch.Generator().manual_seed(rank)
     values = torch.rand(count, generator=gen)
-    expected = values.clone()
+    expected = values.to(device)
     dist.all_reduce(expected, op=dist.ReduceOp.MAX)  # the answer every method must reach
+    expected = expected.cpu()
     quantizers = [TensorQuantizer(QuantFormat(FP8)) for _ in range(count)]
     groups = ParallelGroups(dp=dist.group.WORLD)
 

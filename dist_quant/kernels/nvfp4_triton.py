@@ -67,15 +67,16 @@ def _block_amax(x, INTERPRETED: tl.constexpr):
 
 @triton.jit
 def _quotient(a, b, b_inverse, scale_2):
-    """a / b, correctly rounded, from b_inverse = RN(1 / b): one FMA residual step (Markstein's theorem). A NaN
-    residual (a = +-Inf) keeps the first product. Below scale_2 = 2^-90 the residual could underflow, so such
-    (absurdly small) tensors divide instead; the branch is uniform over the launch."""
+    """a / b, correctly rounded, from b_inverse = RN(1 / b): one FMA residual step (Markstein's theorem). Where
+    the first product is already infinite (a = +-Inf, or a quotient past float32) or NaN, it is kept: the
+    residual would be NaN or Inf. Below scale_2 = 2^-90 the residual could underflow, so such (absurdly small)
+    tensors divide instead; the branch is uniform over the launch."""
     if scale_2 < 8.077935669463161e-28:
         q = tl.div_rn(a, b)
     else:
         q = a * b_inverse
         residual = tl.fma(-b, q, a)
-        q = tl.fma(tl.where(residual == residual, residual, 0.0), b_inverse, q)
+        q = tl.fma(tl.where(tl.abs(q) < float("inf"), residual, 0.0), b_inverse, q)
     return q
 
 

@@ -17,7 +17,8 @@ def _edge_cases() -> torch.Tensor:
     tie_block = torch.cat([torch.tensor([6.0]), ties, -ties, torch.tensor([100.0])])
     subnormal_scales = torch.linspace(-1, 1, 16) * 6 * 2.0**-9 * 3.5
     special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40] + [1.0] * 10)
-    return torch.stack([tie_block, subnormal_scales, special, torch.zeros(16)])
+    past_float32 = torch.tensor([3e38, -3e38, 1e30, 1.0] * 4)  # x / scale overflows for small global amax
+    return torch.stack([tie_block, subnormal_scales, special, torch.zeros(16), past_float32])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -40,7 +41,7 @@ def test_kernels_on_cuda_match_reference(gen, dtype, shape, blocks):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("global_amax", [2688.0, 1e-30, 1e30, 0.0])
+@pytest.mark.parametrize("global_amax", [2688.0, 1e-30, 1e-6, 1e30, 0.0])
 def test_edge_cases_on_cuda_match_reference(dtype, global_amax):
     x = _edge_cases().to(dtype)
     g = torch.tensor(global_amax)

@@ -109,6 +109,18 @@ def test_no_scale_byte_is_ever_nan(backend, gen, global_amax):
         scale_bytes = block_scale.view(torch.uint8)
         assert not any((scale_bytes == b).any() for b in NAN_SCALE_BYTES)
         assert (block_scale.float() > 0).all()
+        expected = ref.nvfp4(x, torch.tensor(global_amax), block_amax)["scale_codes"]
+        assert torch.equal(scale_bytes, expected.to(torch.uint8))
+
+
+def test_values_far_past_the_global_amax_saturate(backend):
+    # x / scale overflows float32: still the largest E2M1 value, never NaN.
+    x = torch.tensor([3e38, -3e38, 1e30, 1.0] * 4).reshape(1, 16)
+    for global_amax in (1e-6, 1.0):
+        g = torch.tensor(global_amax)
+        y = nvfp4_fake_quant(x, g, torch.full((1, 1), global_amax))
+        ref.assert_same_bits(y, ref.nvfp4(x, g, torch.full((1, 1), global_amax))["fake_quant"])
+        assert y.isfinite().all() and y[0, 0] > 0 and y[0, 1] < 0
 
 
 def test_block_scales_in_the_e4m3_subnormal_range(backend):
