@@ -40,7 +40,7 @@ def _join(partitions: list[list[tuple[int, ...]]]) -> list[tuple[int, ...]]:
 
     for partition in partitions:
         for ranks in partition:
-            for r in ranks[1:]:
+            for r in ranks:
                 parent[find(r)] = find(ranks[0])
     components: dict[int, list[int]] = {}
     for r in parent:
