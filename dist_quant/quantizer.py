@@ -130,6 +130,7 @@ class TensorQuantizer(nn.Module):
         super().__init__()
         self.fmt = fmt
         self._mode = QuantizerMode.DISABLED
+        self.__dict__["shared_state"] = None  # the SharedQuantState of its siblings, if any; not a submodule
         for name in AMAX_BUFFERS:
             self.register_buffer(name, None)
         self.calibrator = MaxCalibrator(fmt) if fmt is not None and not fmt.use_constant_amax else None

@@ -2,7 +2,8 @@
 
 attach quantizers from the recipe -> bind every amax into per-domain flat buffers -> collect activation
 statistics over the user's forward loop -> calibrate weights from the weights -> reduce across ranks ->
-bootstrap experts that received no tokens -> promote every enabled quantizer to fake quantization.
+bootstrap experts that received no tokens -> one global amax per group of siblings (shared states) -> promote
+every enabled quantizer to fake quantization.
 
 Everything that can fail on one rank only (NaN data, an unseen quantizer) is decided after a collective, so
 all ranks raise together instead of leaving others waiting.
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dist_quant.calibrate.shared import form_shared_states
 from dist_quant.modules import QuantModule, convert_linear
 from dist_quant.modules.linear import LINEAR_QUANTIZERS
 from dist_quant.parallel.groups import ParallelGroups
@@ -270,5 +272,6 @@ def calibrate(
     calibrate_weights(model)
     reduce_amax(reducer)
     bootstrap_unseen(model, groups)
+    form_shared_states(model, recipe.algorithm, groups)
     promote(model)
     return model

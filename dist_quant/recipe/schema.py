@@ -20,12 +20,29 @@ class RecipeError(ValueError):
     """A recipe that cannot be used; the message names the file, the entry and the problem."""
 
 
+# Sibling quantizers that must share one NVFP4 global amax, because vLLM / TensorRT-LLM fuse them and keep one
+# weight_scale_2 / input_scale. The first group of each regex names the group (full match on logical quantizer
+# names). Megatron already fuses q/k/v (linear_qkv) and gate/up (linear_fc1), so one quantizer covers them.
+DEFAULT_SHARED_PATTERNS = {
+    role: (
+        rf"(.*\.self_attn)\.[qkv]_proj\.{role}_quantizer",  # attention q/k/v
+        rf"(.*)\.(?:gate|up)_proj\.{role}_quantizer",  # gated MLP: dense, each expert, the shared expert
+        rf"(.*\.experts\.\d+)\.w[13]\.{role}_quantizer",  # Mixtral-style experts: w1 / w3
+    )
+    for role in SHARED_PATTERN_KEYS
+}
+
+
 @dataclass(frozen=True)
 class Algorithm:
     method: str = "max"
     fp8_scale_sweep: bool = False
-    # None: the built-in sibling patterns; a key present with [] turns that grouping off.
+    # Per role, replaces DEFAULT_SHARED_PATTERNS; [] turns that role's grouping off.
     shared_patterns: Mapping[str, tuple[str, ...]] | None = None
+
+    def sibling_patterns(self, role: str) -> tuple[str, ...]:
+        """The regexes grouping `role` ("weight" or "input") quantizers: the recipe's, else the built-ins."""
+        return tuple({**DEFAULT_SHARED_PATTERNS, **(self.shared_patterns or {})}[role])
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,17 @@ def test_quantized_logits_match_the_unsharded_model(reference, layout_reports, l
     assert not torch.equal(expected["quantized_logits"], expected["logits"])  # quantization did something
 
 
+@pytest.mark.parametrize("layout", [None, *LAYOUTS])
+def test_experts_fc1_share_one_global_amax_across_ep_ranks(reference, layout_reports, layout):
+    state = (reference if layout is None else layout_reports[layout])["moe"]["state"]
+    for layer in (0, 1):
+        prefix = f"decoder.layers.{layer}.mlp.experts.local_experts"
+        own = [state[f"{prefix}.{e}.linear_fc1.weight_quantizer._amax"] for e in range(workers.EXPERTS)]
+        shared = [state[f"{prefix}.{e}.linear_fc1.weight_quantizer._global_amax"] for e in range(workers.EXPERTS)]
+        assert all(torch.equal(s, max(own)) for s in shared) and min(own) < max(own)
+        assert f"{prefix}.0.linear_fc2.weight_quantizer._global_amax" not in state
+
+
 def test_one_sync_is_one_all_reduce_per_process_group(layout_reports):
     counts = layout_reports["tp2xep2"]["sync"]
     small, large = counts[1], counts[4]

@@ -17,9 +17,12 @@ VOCAB, SEQ, BATCH, EXPERTS = 128, 16, 4, 4
 DEAD_EXPERTS = (1, 3)
 
 # Every amax granularity at once: per-channel FP8 attention weights, static-block NVFP4 MLP and expert weights
-# (per-block and per-tensor amax), NVFP4 activations, calibrated FP8 K/V.
+# (per-block and per-tensor amax), NVFP4 activations, calibrated FP8 K/V; and one shared global amax for all
+# experts' fc1 weights of a layer, a group that spans the expert-parallel ranks.
+EXPERTS_FC1 = r"(.*\.mlp\.experts)\.local_experts\.\d+\.linear_fc1\.weight_quantizer"
 RECIPE = {
     "quantize": {
+        "algorithm": {"method": "max", "shared_patterns": {"weight": [EXPERTS_FC1]}},
         "quant_cfg": [
             {"quantizer_name": "*", "enable": False},
             {"quantizer_name": "*input_quantizer", "cfg": {"num_bits": "e2m1", "block_sizes": {-1: 16}}},
@@ -124,7 +127,7 @@ def logical_quant_state(model, groups: ParallelGroups) -> dict[str, torch.Tensor
         for attr, q in module.named_children():
             if not isinstance(q, TensorQuantizer) or not q.enabled:
                 continue
-            for buffer in ("_amax", "_block_amax"):
+            for buffer in ("_amax", "_block_amax", "_global_amax"):
                 value = getattr(q, buffer)
                 if value is None:
                     continue
