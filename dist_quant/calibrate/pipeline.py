@@ -2,8 +2,8 @@
 
 attach quantizers from the recipe -> bind every amax into per-domain flat buffers -> collect activation
 statistics over the user's forward loop -> calibrate weights from the weights -> reduce across ranks ->
-bootstrap experts that received no tokens -> one global amax per group of siblings (shared states) -> promote
-every enabled quantizer to fake quantization.
+bootstrap experts that received no tokens -> one global amax per group of siblings (shared states) -> MSE
+sweep of static NVFP4 block scales (method mse) -> promote every enabled quantizer to fake quantization.
 
 Everything that can fail on one rank only (NaN data, an unseen quantizer) is decided after a collective, so
 all ranks raise together instead of leaving others waiting.
@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dist_quant.calibrate.shared import form_shared_states
+from dist_quant.kernels import nvfp4_mse_block_amax
 from dist_quant.modules import QuantModule, convert_linear
 from dist_quant.modules.linear import LINEAR_QUANTIZERS
 from dist_quant.parallel.groups import ParallelGroups
@@ -233,6 +234,20 @@ def bootstrap_unseen(model: nn.Module, groups: ParallelGroups) -> int:
     return len(dead)
 
 
+def sweep_block_scales(model: nn.Module) -> int:
+    """MSE stage: every static NVFP4 weight quantizer (dead experts' too) gets the per-block amax of the FP8
+    scale sweep under its final, possibly shared, global amax. Weight by weight, no model-sized buffers.
+    -> number of weights swept."""
+    swept = 0
+    with torch.no_grad():
+        for _, module in quant_modules(model):
+            for quantizer, weight in module.weight_quantizers():
+                if quantizer.enabled and quantizer.fmt.block_type == STATIC:
+                    quantizer._block_amax = nvfp4_mse_block_amax(weight, quantizer.global_amax)
+                    swept += 1
+    return swept
+
+
 def amax_reducer(model: nn.Module) -> AmaxReducer:
     """The flat amax buffers of a calibrated model: `amax_reducer(model).sync()` re-reduces them, e.g. after
     recalibrating weights during QAT."""
@@ -260,11 +275,6 @@ def calibrate(
 ) -> nn.Module:
     """Calibrate a model whose quantizers are attached, then switch it to fake quantization. With
     `distributed_sync`, amax are reduced over `groups` (megatron's by default); collective: every rank calls."""
-    if recipe.algorithm.method != "max":
-        raise NotImplementedError(
-            f"recipe {recipe.source}: algorithm method {recipe.algorithm.method!r} is not implemented yet "
-            "(only 'max')"
-        )
     groups = (groups or default_groups()) if distributed_sync else ParallelGroups()
     reducer = bind_amax(model, groups, _model_device(model))
     model._dist_quant_reducer = reducer
@@ -273,5 +283,7 @@ def calibrate(
     reduce_amax(reducer)
     bootstrap_unseen(model, groups)
     form_shared_states(model, recipe.algorithm, groups)
+    if recipe.algorithm.method == "mse":
+        sweep_block_scales(model)
     promote(model)
     return model

@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from dist_quant.numerics import mse
 from dist_quant.numerics import nvfp4 as reference
 from dist_quant.numerics.fp8 import as_amax
 
@@ -58,4 +59,14 @@ def nvfp4_quantize(
     return _kernels().triton_nvfp4_quantize(x, global_amax, block_amax)
 
 
-__all__ = ["BACKEND_ENV", "nvfp4_fake_quant", "nvfp4_quantize", "use_triton"]
+def nvfp4_mse_block_amax(w: torch.Tensor, global_amax: torch.Tensor | float) -> torch.Tensor:
+    if not use_triton(w):
+        return mse.nvfp4_mse_block_amax(w, global_amax)
+    global_amax = as_amax(global_amax, w)
+    mse.check_mse_args(w, global_amax)
+    from dist_quant.kernels.nvfp4_mse_triton import triton_nvfp4_mse_block_amax
+
+    return triton_nvfp4_mse_block_amax(w, global_amax)
+
+
+__all__ = ["BACKEND_ENV", "nvfp4_fake_quant", "nvfp4_mse_block_amax", "nvfp4_quantize", "use_triton"]

@@ -1,6 +1,7 @@
 """Pure torch reference numerics: no modules, no distributed. `dist_quant.kernels` dispatches to Triton."""
 
 from dist_quant.numerics.fp8 import E4M3_MAX, cast_e4m3, fp8_fake_quant, fp8_quantize, fp8_scale
+from dist_quant.numerics.mse import fp8_scale_candidates, nvfp4_mse_block_amax
 from dist_quant.numerics.nvfp4 import (
     BLOCK_SIZE,
     nvfp4_block_amax,
@@ -17,9 +18,11 @@ __all__ = [
     "fp8_fake_quant",
     "fp8_quantize",
     "fp8_scale",
+    "fp8_scale_candidates",
     "nvfp4_block_amax",
     "nvfp4_dequantize",
     "nvfp4_fake_quant",
+    "nvfp4_mse_block_amax",
     "nvfp4_quantize",
     "nvfp4_scale_2",
 ]

@@ -171,6 +171,8 @@ def _parse_algorithm(r: _Reader, raw: Any) -> Algorithm:
     sweep = r.typed(raw.get("fp8_scale_sweep", False), bool, "algorithm.fp8_scale_sweep", "true or false")
     if sweep and method != "mse":
         raise r.fail("algorithm.fp8_scale_sweep", "needs method mse")
+    if method == "mse" and not sweep:
+        raise r.fail("algorithm", "method mse needs fp8_scale_sweep: true (the FP8 scale sweep is the MSE search)")
     shared = _parse_shared_patterns(r, raw["shared_patterns"]) if "shared_patterns" in raw else None
     return Algorithm(method, sweep, shared)
 

@@ -81,10 +81,14 @@ def test_activation_and_kv_amax_agree_to_1e_6(reference, layout_reports, layout,
 def test_quantized_logits_match_the_unsharded_model(reference, layout_reports, layout, kind):
     expected, actual = reference[kind], layout_reports[layout][kind]
     plain_error = (actual["logits"] - expected["logits"]).abs().max().item()
-    quantized_error = (actual["quantized_logits"] - expected["quantized_logits"]).abs().max().item()
-    # The sharded forward sums in another order; quantization must not amplify that beyond a few ulps of logits.
-    assert quantized_error <= max(4 * plain_error, 1e-6), (quantized_error, plain_error)
-    assert not torch.equal(expected["quantized_logits"], expected["logits"])  # quantization did something
+    # Weight fake quant is bit-identical across layouts: the sharded forward only sums in another order.
+    weights_error = (actual["weight_quantized_logits"] - expected["weight_quantized_logits"]).abs().max().item()
+    assert weights_error <= max(4 * plain_error, 1e-6), (weights_error, plain_error)
+    assert not torch.equal(expected["weight_quantized_logits"], expected["logits"])  # quantization did something
+    # NVFP4 activations round at discontinuities: a last-bit difference of the sharded sums (and of the activation
+    # amax, equal to 1e-6 only) can flip a rounding, so whole logits agree to within a few quantization steps.
+    full_error = (actual["quantized_logits"] - expected["quantized_logits"]).abs().max().item()
+    assert full_error <= 0.05 * expected["quantized_logits"].abs().max().item(), full_error
 
 
 @pytest.mark.parametrize("layout", [None, *LAYOUTS])
@@ -111,6 +115,9 @@ def test_experts_that_get_no_tokens_are_bootstrapped_from_their_siblings(layout_
     report = layout_reports["tp2xep2"]["dead_experts"]
     state = report["state"]
     assert all(torch.isfinite(v).all() and (v > 0).all() for v in state.values())
+    for e in range(workers.EXPERTS):  # dead or alive, every expert's weights were swept
+        for linear in ("linear_fc1", "linear_fc2"):
+            assert f"decoder.layers.0.mlp.experts.local_experts.{e}.{linear}.weight_quantizer._block_amax" in state
     for layer in (0, 1):
         for linear in ("linear_fc1", "linear_fc2"):
             amax = {

@@ -11,18 +11,18 @@ from dist_quant.calibrate.pipeline import CalibrationError, amax_reducer, quant_
 from dist_quant.parallel import megatron_compat
 from dist_quant.parallel.groups import ParallelGroups
 from dist_quant.parallel.layout import shard, unshard
-from dist_quant.quantizer import TensorQuantizer
+from dist_quant.quantizer import QuantizerMode, TensorQuantizer
 
 VOCAB, SEQ, BATCH, EXPERTS = 128, 16, 4, 4
 DEAD_EXPERTS = (1, 3)
 
 # Every amax granularity at once: per-channel FP8 attention weights, static-block NVFP4 MLP and expert weights
-# (per-block and per-tensor amax), NVFP4 activations, calibrated FP8 K/V; and one shared global amax for all
-# experts' fc1 weights of a layer, a group that spans the expert-parallel ranks.
+# (per-tensor amax, per-block amax from the MSE sweep), NVFP4 activations, calibrated FP8 K/V; and one shared
+# global amax for all experts' fc1 weights of a layer, a group that spans the expert-parallel ranks.
 EXPERTS_FC1 = r"(.*\.mlp\.experts)\.local_experts\.\d+\.linear_fc1\.weight_quantizer"
 RECIPE = {
     "quantize": {
-        "algorithm": {"method": "max", "shared_patterns": {"weight": [EXPERTS_FC1]}},
+        "algorithm": {"method": "mse", "fp8_scale_sweep": True, "shared_patterns": {"weight": [EXPERTS_FC1]}},
         "quant_cfg": [
             {"quantizer_name": "*", "enable": False},
             {"quantizer_name": "*input_quantizer", "cfg": {"num_bits": "e2m1", "block_sizes": {-1: 16}}},
@@ -171,8 +171,21 @@ def _calibrate_models(full: dict, groups: ParallelGroups, data: list[torch.Tenso
             "state": logical_quant_state(model, groups),
             "logits": plain,
             "quantized_logits": logits(model, eval_tokens, groups),
+            "weight_quantized_logits": _weights_only(model, lambda: logits(model, eval_tokens, groups)),
         }
     return report
+
+
+def _weights_only(model, run):
+    """run() with activation and K/V quantizers off: weight fake quant alone is identical across layouts."""
+    activations = [q for n, q in model.named_modules() if isinstance(q, TensorQuantizer) and q.enabled and not n.endswith("weight_quantizer")]
+    for q in activations:
+        q.mode = QuantizerMode.DISABLED
+    try:
+        return run()
+    finally:
+        for q in activations:
+            q.mode = QuantizerMode.QUANTIZING
 
 
 def reference(full_path: str) -> dict:

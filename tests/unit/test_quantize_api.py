@@ -102,12 +102,3 @@ def test_static_blocks_on_activations_are_rejected(gen):
     ]}}
     with pytest.raises(RecipeError, match="static NVFP4 blocks and per-channel axes apply to weights only"):
         quantize(model, recipe, _forward_loop([]))
-
-
-def test_mse_recipes_are_refused_until_implemented(gen):
-    model, data = _model_and_data(gen)
-    recipe = {"quantize": {"algorithm": {"method": "mse", "fp8_scale_sweep": True}, "quant_cfg": [
-        {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": "e2m1", "block_sizes": {-1: 16, "type": "static"}}},
-    ]}}
-    with pytest.raises(NotImplementedError, match="'mse' is not implemented yet"):
-        quantize(model, recipe, _forward_loop(data))

@@ -95,6 +95,7 @@ BAD_RECIPES = [
     ('  - {enable: false}', "max", ["quant_cfg[0]", "missing key 'quantizer_name'"]),
     ('  - {quantizer_name: "*", enable: false}', "{method: gptq}", ["algorithm.method", "'gptq' is not one of max, mse"]),
     ('  - {quantizer_name: "*", enable: false}', "{method: max, fp8_scale_sweep: true}", ["fp8_scale_sweep", "needs method mse"]),
+    ('  - {quantizer_name: "*", enable: false}', "{method: mse}", ["method mse needs fp8_scale_sweep: true"]),
     ('  - {quantizer_name: "*", enable: false}', "{shared_patterns: {output: ['x']}}", ["algorithm.shared_patterns", "unknown key 'output'"]),
     ('  - {quantizer_name: "*", enable: false}', "{shared_patterns: {weight: ['(q|k']}}", ["shared_patterns.weight", "'(q|k' does not compile"]),
     ('  - {quantizer_name: "*", enable: false}', "{shared_patterns: {weight: 'q_proj'}}", ["expected a list of regular expressions"]),
