@@ -64,3 +64,13 @@ def test_quotients_beside_tie_points_on_cuda(gen):
     expected = ref.nvfp4(x, global_amax, block_amax)
     actual = nvfp4_fake_quant(x.cuda(), global_amax.cuda(), block_amax.cuda()).cpu()
     ref.assert_same_bits(actual, expected["fake_quant"])
+
+
+@pytest.mark.parametrize("shape, dtype", [((300, 64), torch.bfloat16), ((7, 3, 160), torch.float32)])
+def test_mse_sweep_on_cuda_matches_reference(gen, shape, dtype):
+    from dist_quant.kernels import nvfp4_mse_block_amax
+    from dist_quant.numerics.mse import nvfp4_mse_block_amax as reference_sweep
+
+    w = spread(gen, shape, dtype)
+    g = w.float().abs().max()
+    assert torch.equal(nvfp4_mse_block_amax(w.cuda(), g.cuda()).cpu(), reference_sweep(w, g))
