@@ -90,3 +90,20 @@ def test_mse_recipe_sweeps_static_weights_with_the_shared_global_amax(gen):
     assert torch.equal(mlp.gate_proj.weight_quantizer.global_amax, mlp.up_proj.weight_quantizer.global_amax)
     assert mlp.gate_proj.input_quantizer._block_amax is None  # dynamic activations are not swept
     assert not attn.q_proj.weight_quantizer.enabled
+
+
+def test_experts_only_recipe_sweeps_every_expert_and_nothing_else(gen):
+    from tests.unit.test_shared_states import Model
+
+    torch.manual_seed(gen.initial_seed())
+    model = Model()
+    layer = model.model.layers[0]
+    data = [torch.randn(4, 32, generator=gen)]
+    quantize(model, "nvfp4_experts_only_mse-fp8_cast_kv", lambda m: [m(x) for x in data])
+    for expert in layer.mlp.experts:
+        gate, up = expert.gate_proj.weight_quantizer, expert.up_proj.weight_quantizer
+        assert torch.equal(gate.global_amax, up.global_amax)
+        for linear in (expert.gate_proj, expert.up_proj, expert.down_proj):
+            q = linear.weight_quantizer
+            assert torch.equal(q._block_amax, nvfp4_mse_block_amax(linear.weight, q.global_amax))
+    assert not layer.mlp.gate_proj.weight_quantizer.enabled and not layer.self_attn.q_proj.weight_quantizer.enabled
