@@ -1,1 +1,7 @@
-"""Megatron <-> Hugging Face name and tensor mappings, model bridges, quant-state mappings."""
+"""Megatron <-> Hugging Face: name and tensor mappings, model bridges, quantizer-state mappings, checkpoint I/O."""
+
+from dist_quant.bridge.mappings import BridgeError
+from dist_quant.bridge.models import ModelBridge
+from dist_quant.bridge.registry import MappingRegistry
+
+__all__ = ["BridgeError", "MappingRegistry", "ModelBridge"]

@@ -1,0 +1,187 @@
+"""Moving weights across the bridge: Hugging Face checkpoint -> this rank's Megatron shards (lazy reads), and the
+sharded Megatron model -> a stream of full Hugging Face tensors on one rank (gathered piece by piece)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dist_quant.bridge.mappings import BridgeError, ShardInfo
+from dist_quant.bridge.models import ModelBridge
+from dist_quant.modules.megatron import global_layer_names, logical_name
+from dist_quant.parallel.groups import ParallelGroups
+from dist_quant.parallel.layout import unshard
+
+
+class SafetensorsReader:
+    """A Hugging Face checkpoint directory (single file or sharded with an index), read lazily by slice."""
+
+    def __init__(self, directory: str | Path):
+        from safetensors import safe_open
+
+        directory = Path(directory)
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (directory / "model.safetensors").is_file():
+            with safe_open(directory / "model.safetensors", "pt") as f:
+                weight_map = {name: "model.safetensors" for name in f.keys()}
+        else:
+            raise BridgeError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+        self._files = {name: directory / file for name, file in weight_map.items()}
+        self._open = {}
+        self._safe_open = safe_open
+
+    def names(self) -> list[str]:
+        return list(self._files)
+
+    def _slice(self, name: str):
+        if name not in self._files:
+            raise BridgeError(f"the checkpoint has no tensor {name!r}")
+        path = self._files[name]
+        if path not in self._open:
+            self._open[path] = self._safe_open(path, "pt")
+        return self._open[path].get_slice(name)
+
+    def shape(self, name: str) -> torch.Size:
+        return torch.Size(self._slice(name).get_shape())
+
+    def read(self, name: str, dim: int | None = None, start: int = 0, stop: int = 0) -> torch.Tensor:
+        piece = self._slice(name)
+        if dim is None:
+            return piece[:]
+        return piece[start:stop] if dim == 0 else piece[:, start:stop]
+
+
+class StateDictReader:
+    """In-memory Hugging Face tensors (e.g. a transformers model's state_dict, as checkpoint names)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def shape(self, name: str) -> torch.Size:
+        if name not in self.tensors:
+            raise BridgeError(f"no tensor {name!r}")
+        return self.tensors[name].shape
+
+    def read(self, name: str, dim: int | None = None, start: int = 0, stop: int = 0) -> torch.Tensor:
+        tensor = self.tensors[name]
+        return tensor if dim is None else tensor.narrow(dim, start, stop - start)
+
+
+def _experts_per_rank(model: nn.Module) -> int:
+    return max((len(m) for n, m in model.named_modules() if n.endswith("local_experts")), default=0)
+
+
+def shard_info(model: nn.Module, groups: ParallelGroups) -> ShardInfo:
+    return ShardInfo(
+        tp_rank=groups.rank("tp"), tp_size=groups.size("tp"), etp_rank=groups.rank("etp"),
+        etp_size=groups.size("etp"), ep_rank=groups.rank("ep"), experts_per_rank=_experts_per_rank(model),
+    )
+
+
+def _weights(model: nn.Module, ep_rank: int) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers under their logical names; quantizer state excluded."""
+    names = global_layer_names(model)
+    experts = _experts_per_rank(model)
+    return {
+        logical_name(name, names, ep_rank, experts): tensor
+        for name, tensor in model.state_dict(keep_vars=True).items()
+        if isinstance(tensor, torch.Tensor) and "_quantizer." not in name and not name.endswith("_extra_state")
+    }
+
+
+def load_hf_weights(model: nn.Module, bridge: ModelBridge, reader, groups: ParallelGroups) -> None:
+    """Fill a sharded megatron model from an HF checkpoint; each rank reads only the slices it holds.
+    Raises BridgeError naming every unmapped name and any shape mismatch."""
+    registry = bridge.registry()
+    weights = _weights(model, groups.rank("ep"))
+    registry.check(megatron_names=weights, hf_names=reader.names())
+    info = shard_info(model, groups)
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            mapping, _, hf_names = registry.megatron_to_hf(name)
+            piece = mapping.load(reader, hf_names, info)
+            if piece.shape != tensor.shape:
+                raise BridgeError(
+                    f"{name}: {', '.join(hf_names)} give shape {tuple(piece.shape)} on this rank, the model has "
+                    f"{tuple(tensor.shape)}"
+                )
+            tensor.copy_(piece)
+
+
+def _coordinates(groups: ParallelGroups) -> list[dict[str, int]]:
+    mine = {n: groups.rank(n) for n in ("tp", "dp", "ep", "etp", "edp")}
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [mine]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def export_hf_stream(
+    model: nn.Module, bridge: ModelBridge, groups: ParallelGroups, dst: int = 0
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, full tensor) on rank `dst`, one logical tensor at a time, gathered from the ranks that
+    hold its pieces (model replica 0 only). Collective: every rank must exhaust the generator."""
+    registry = bridge.registry()
+    weights = _weights(model, groups.rank("ep"))
+    coords = _coordinates(groups)
+    me = dist.get_rank() if dist.is_initialized() else 0
+    per_rank = _experts_per_rank(model)
+    plan = sorted(_all_logical_names(weights, bridge.num_experts), key=_natural)
+    for name in plan:
+        mapping, wildcards, hf_names = registry.megatron_to_hf(name)
+        expert = int(wildcards[-1]) if mapping.expert else None
+        local_name = name if expert is None else _with_expert(name, expert % per_rank + coords[dst]["ep"] * per_rank)
+        template = weights[local_name] if expert is None or local_name in weights else None
+        sources = _holders(coords, expert, per_rank, mapping.shard_dim is not None)
+        pieces = []
+        for source in sources:
+            if source == me and me == dst:
+                pieces.append(weights[name].detach())
+            elif source == me:
+                dist.send(weights[name].detach().contiguous(), dst)
+            elif me == dst:
+                buffer = torch.empty_like(template)
+                dist.recv(buffer, source)
+                pieces.append(buffer)
+        if me == dst:
+            full = pieces[0] if mapping.shard_dim is None else unshard(pieces, mapping.shard_dim, mapping.stride)
+            yield from zip(hf_names, mapping.to_hf(full))
+
+
+def _holders(coords: list[dict[str, int]], expert: int | None, per_rank: int, sharded: bool) -> list[int]:
+    """Global ranks holding the pieces of one tensor in replica 0, in piece order."""
+    if expert is None:
+        owners = {c["tp"]: r for r, c in enumerate(coords) if c["dp"] == 0}
+    else:
+        owners = {c["etp"]: r for r, c in enumerate(coords) if c["edp"] == 0 and c["ep"] == expert // per_rank}
+    return [owners[k] for k in sorted(owners)] if sharded else [owners[0]]
+
+
+def _with_expert(name: str, index: int) -> str:
+    head, _, tail = name.partition(".local_experts.")
+    return f"{head}.local_experts.{index}.{tail.split('.', 1)[1]}"
+
+
+def _all_logical_names(weights: dict[str, torch.Tensor], num_experts: int) -> set[str]:
+    names = set()
+    for name in weights:
+        if ".local_experts." in name:
+            names.update(_with_expert(name, e) for e in range(num_experts))
+        else:
+            names.add(name)
+    return names
+
+
+def _natural(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in name.split(".")]
