@@ -19,6 +19,7 @@ from dist_quant.bridge.mappings import (
     RowParallelMapping,
 )
 from dist_quant.bridge.registry import MappingRegistry
+from dist_quant.quantizer import TensorQuantizer
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
 
@@ -186,3 +187,7 @@ class ModelBridge:
 
     def registry(self, quant_state: bool = False) -> MappingRegistry:
         return MappingRegistry(self.mappings(), quant_state=quant_state)
+
+    def registry_for(self, model: torch.nn.Module) -> MappingRegistry:
+        """The registry, with quantizer-state mappings exactly when the model carries quantizers."""
+        return self.registry(quant_state=any(isinstance(m, TensorQuantizer) for m in model.modules()))

@@ -1,0 +1,104 @@
+"""Checkpoints and per-rank work for the bridge tests."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from dist_quant.bridge import BridgeError, ModelBridge
+from dist_quant.bridge.io import SafetensorsReader, export_hf_stream, load_hf_weights
+from dist_quant.parallel import megatron_compat
+from dist_quant.parallel.groups import ParallelGroups
+
+ARCHS = ("llama", "qwen3", "qwen3_moe")
+SEQ = 8
+
+
+def hf_config(arch: str):
+    import transformers
+
+    common = dict(
+        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, max_position_embeddings=64, tie_word_embeddings=False, attn_implementation="eager",
+    )
+    if arch == "llama":
+        return transformers.LlamaConfig(intermediate_size=128, **common), transformers.LlamaForCausalLM
+    if arch == "qwen3":
+        return transformers.Qwen3Config(intermediate_size=128, **common), transformers.Qwen3ForCausalLM
+    config = transformers.Qwen3MoeConfig(
+        intermediate_size=128, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, **common
+    )
+    return config, transformers.Qwen3MoeForCausalLM
+
+
+def probe_tokens() -> torch.Tensor:
+    return torch.randint(0, 128, (2, SEQ), generator=torch.Generator().manual_seed(3))
+
+
+def write_checkpoints(root: Path) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for i, arch in enumerate(ARCHS):
+        config, cls = hf_config(arch)
+        torch.manual_seed(100 + i)
+        model = cls(config).eval()
+        path = root / arch
+        model.save_pretrained(path)
+        with torch.no_grad():
+            logits = model(probe_tokens()).logits
+        out[arch] = (path, load_file(path / "model.safetensors"), logits)
+    return out
+
+
+def _logits(model, groups: ParallelGroups) -> torch.Tensor:
+    tokens = probe_tokens()
+    positions = torch.arange(SEQ)[None].expand(tokens.shape[0], SEQ)
+    with torch.no_grad():
+        local = model(tokens, positions, megatron_compat.causal_attention_mask(SEQ, "cpu"))
+    if groups.tp is None:
+        return local
+    pieces = [torch.empty_like(local) for _ in range(groups.size("tp"))]
+    dist.all_gather(pieces, local.contiguous(), group=groups.tp)
+    return torch.cat(pieces, -1)
+
+
+def round_trip(paths: dict[str, str], tp: int, ep: int) -> dict:
+    """Per architecture: load the checkpoint into a sharded model, stream it back to rank 0, and run it."""
+    megatron_compat.initialize(tp, ep)
+    groups = ParallelGroups.from_megatron()
+    report = {}
+    for arch, path in paths.items():
+        bridge = ModelBridge.from_hf(path)
+        megatron_compat.seed(0)  # random init, overwritten by the checkpoint
+        model = bridge.build(tp, ep).eval()
+        load_hf_weights(model, bridge, SafetensorsReader(path), groups)
+        report[arch] = {"tensors": dict(export_hf_stream(model, bridge, groups)), "logits": _logits(model, groups)}
+    return report
+
+
+def load_errors(path: str, scratch: str) -> dict:
+    """Checkpoints with an unknown tensor and with a wrong shape: what load_hf_weights says."""
+    from safetensors.torch import load_file, save_file
+
+    megatron_compat.initialize(1, 1)
+    groups = ParallelGroups.from_megatron()
+    bridge = ModelBridge.from_hf(path)
+    tensors = load_file(Path(path) / "model.safetensors")
+    cases = {
+        "extra": {**tensors, "model.layers.0.mlp.extra.weight": torch.zeros(2)},
+        "shape": {**tensors, "model.layers.1.self_attn.o_proj.weight": torch.zeros(64, 32)},
+    }
+    messages = {}
+    for case, broken in cases.items():
+        directory = Path(scratch) / case
+        shutil.copytree(path, directory)
+        save_file(broken, directory / "model.safetensors")
+        try:
+            load_hf_weights(bridge.build(), bridge, SafetensorsReader(directory), groups)
+        except BridgeError as error:
+            messages[case] = str(error)
+    return messages
