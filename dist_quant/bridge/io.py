@@ -88,14 +88,16 @@ def shard_info(model: nn.Module, groups: ParallelGroups) -> ShardInfo:
     )
 
 
-def _weights(model: nn.Module, ep_rank: int) -> dict[str, torch.Tensor]:
-    """Parameters and persistent buffers under their logical names; quantizer state excluded."""
+def _state(model: nn.Module, ep_rank: int, quant_state: bool = False) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers under their logical names; quantizer buffers only with quant_state."""
     names = global_layer_names(model)
     experts = _experts_per_rank(model)
     return {
         logical_name(name, names, ep_rank, experts): tensor
         for name, tensor in model.state_dict(keep_vars=True).items()
-        if isinstance(tensor, torch.Tensor) and "_quantizer." not in name and not name.endswith("_extra_state")
+        if isinstance(tensor, torch.Tensor)
+        and not name.endswith("_extra_state")
+        and (quant_state or "_quantizer." not in name)
     }
 
 
@@ -103,7 +105,7 @@ def load_hf_weights(model: nn.Module, bridge: ModelBridge, reader, groups: Paral
     """Fill a sharded megatron model from an HF checkpoint; each rank reads only the slices it holds.
     Raises BridgeError naming every unmapped name and any shape mismatch."""
     registry = bridge.registry()
-    weights = _weights(model, groups.rank("ep"))
+    weights = _state(model, groups.rank("ep"))
     registry.check(megatron_names=weights, hf_names=reader.names())
     info = shard_info(model, groups)
     with torch.no_grad():
@@ -118,8 +120,12 @@ def load_hf_weights(model: nn.Module, bridge: ModelBridge, reader, groups: Paral
             tensor.copy_(piece)
 
 
-def _coordinates(groups: ParallelGroups) -> list[dict[str, int]]:
-    mine = {n: groups.rank(n) for n in ("tp", "dp", "ep", "etp", "edp")}
+def _inventory(groups: ParallelGroups, state: dict[str, torch.Tensor]) -> list[dict]:
+    """Every rank's coordinates and (logical name -> piece shape, dtype): one collective."""
+    mine = {
+        "coords": {n: groups.rank(n) for n in ("tp", "dp", "ep", "etp", "edp")},
+        "tensors": {name: (tuple(t.shape), t.dtype) for name, t in state.items()},
+    }
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [mine]
     everyone = [None] * dist.get_world_size()
@@ -127,60 +133,53 @@ def _coordinates(groups: ParallelGroups) -> list[dict[str, int]]:
     return everyone
 
 
-def export_hf_stream(
-    model: nn.Module, bridge: ModelBridge, groups: ParallelGroups, dst: int = 0
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, full tensor) on rank `dst`, one logical tensor at a time, gathered from the ranks that
-    hold its pieces (model replica 0 only). Collective: every rank must exhaust the generator."""
-    registry = bridge.registry()
-    weights = _weights(model, groups.rank("ep"))
-    coords = _coordinates(groups)
+def export_hf_bundles(
+    model: nn.Module, bridge: ModelBridge, groups: ParallelGroups, dst: int = 0, quant_state: bool = False
+) -> Iterator[tuple[str, list[tuple[str, torch.Tensor]]]]:
+    """Yield, on rank `dst`, (logical Megatron name, [(HF name, full tensor), ...]) one tensor at a time, in an
+    order where each module's weight and quantizer buffers come together. Pieces are sent to `dst` by the ranks
+    of model replica 0 that hold them. Collective: every rank must exhaust the generator."""
+    registry = bridge.registry(quant_state=quant_state)
+    state = _state(model, groups.rank("ep"), quant_state)
+    inventory = _inventory(groups, state)
     me = dist.get_rank() if dist.is_initialized() else 0
-    per_rank = _experts_per_rank(model)
-    plan = sorted(_all_logical_names(weights, bridge.num_experts), key=_natural)
+    plan = sorted({name for rank in inventory for name in rank["tensors"]}, key=_natural)
     for name in plan:
-        mapping, wildcards, hf_names = registry.megatron_to_hf(name)
-        expert = int(wildcards[-1]) if mapping.expert else None
-        local_name = name if expert is None else _with_expert(name, expert % per_rank + coords[dst]["ep"] * per_rank)
-        template = weights[local_name] if expert is None or local_name in weights else None
-        sources = _holders(coords, expert, per_rank, mapping.shard_dim is not None)
+        mapping, _, hf_names = registry.megatron_to_hf(name)
+        sources = _holders(inventory, name, mapping.expert, mapping.shard_dim is not None)
         pieces = []
         for source in sources:
             if source == me and me == dst:
-                pieces.append(weights[name].detach())
+                pieces.append(state[name].detach())
             elif source == me:
-                dist.send(weights[name].detach().contiguous(), dst)
+                dist.send(state[name].detach().contiguous(), dst)
             elif me == dst:
-                buffer = torch.empty_like(template)
+                shape, dtype = inventory[source]["tensors"][name]
+                buffer = torch.empty(shape, dtype=dtype, device=state[next(iter(state))].device)
                 dist.recv(buffer, source)
                 pieces.append(buffer)
         if me == dst:
             full = pieces[0] if mapping.shard_dim is None else unshard(pieces, mapping.shard_dim, mapping.stride)
-            yield from zip(hf_names, mapping.to_hf(full))
+            yield name, list(zip(hf_names, mapping.to_hf(full)))
 
 
-def _holders(coords: list[dict[str, int]], expert: int | None, per_rank: int, sharded: bool) -> list[int]:
-    """Global ranks holding the pieces of one tensor in replica 0, in piece order."""
-    if expert is None:
-        owners = {c["tp"]: r for r, c in enumerate(coords) if c["dp"] == 0}
-    else:
-        owners = {c["etp"]: r for r, c in enumerate(coords) if c["edp"] == 0 and c["ep"] == expert // per_rank}
-    return [owners[k] for k in sorted(owners)] if sharded else [owners[0]]
+def export_hf_stream(
+    model: nn.Module, bridge: ModelBridge, groups: ParallelGroups, dst: int = 0, quant_state: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, full tensor) pairs on rank `dst`; see export_hf_bundles."""
+    for _, tensors in export_hf_bundles(model, bridge, groups, dst, quant_state):
+        yield from tensors
 
 
-def _with_expert(name: str, index: int) -> str:
-    head, _, tail = name.partition(".local_experts.")
-    return f"{head}.local_experts.{index}.{tail.split('.', 1)[1]}"
-
-
-def _all_logical_names(weights: dict[str, torch.Tensor], num_experts: int) -> set[str]:
-    names = set()
-    for name in weights:
-        if ".local_experts." in name:
-            names.update(_with_expert(name, e) for e in range(num_experts))
-        else:
-            names.add(name)
-    return names
+def _holders(inventory: list[dict], name: str, expert: bool, sharded: bool) -> list[int]:
+    """Global ranks of model replica 0 holding pieces of `name`, in piece order (one if not sharded)."""
+    replica, piece = ("edp", "etp") if expert else ("dp", "tp")
+    owners = {
+        rank["coords"][piece]: r
+        for r, rank in enumerate(inventory)
+        if name in rank["tensors"] and rank["coords"][replica] == 0
+    }
+    return [owners[k] for k in sorted(owners)] if sharded else [owners[min(owners)]]
 
 
 def _natural(name: str) -> list:

@@ -8,6 +8,7 @@ slices of the HF tensors one rank needs, so a checkpoint can be read lazily.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
@@ -225,8 +226,8 @@ _QKV_SUFFIX = ".self_attention.linear_qkv.weight"
 _HF_QKV = (".q_proj.weight", ".k_proj.weight", ".v_proj.weight")
 
 
-def _amax_name(weight_name: str, quantizer: str) -> str:
-    return weight_name[: -len(_LINEAR_WEIGHT)] + f".{quantizer}._amax"
+def _amax_name(weight_name: str, quantizer: str, buffer: str = "_amax") -> str:
+    return weight_name[: -len(_LINEAR_WEIGHT)] + f".{quantizer}.{buffer}"
 
 
 def _is_draft(name: str) -> bool:
@@ -259,11 +260,18 @@ def quant_state_mappings(mapping: Mapping) -> list[Mapping]:
         return []
     derived = [
         AmaxMapping(
-            _amax_name(mapping.megatron, quantizer),
-            tuple(_amax_name(h, quantizer) for h in mapping.hf),
+            _amax_name(mapping.megatron, quantizer, buffer),
+            tuple(_amax_name(h, quantizer, buffer) for h in mapping.hf),
             expert=mapping.expert,
             allow_missing_hf=mapping.allow_missing_hf,
         )
         for quantizer in ("weight_quantizer", "input_quantizer")
+        for buffer in ("_amax", "_global_amax")
     ]
-    return derived + kv_bmm_mappings(mapping)
+    # Static NVFP4 block amax [out, in / 16] are laid out like the weight's rows and blocks: same mapping.
+    block = dataclasses.replace(
+        mapping,
+        megatron=_amax_name(mapping.megatron, "weight_quantizer", "_block_amax"),
+        hf=tuple(_amax_name(h, "weight_quantizer", "_block_amax") for h in mapping.hf),
+    )
+    return derived + [block] + kv_bmm_mappings(mapping)
