@@ -7,8 +7,7 @@ import os
 from torch import nn
 
 from dist_quant.calibrate import ForwardLoop, attach_quantizers, calibrate
-from dist_quant.calibrate.pipeline import default_groups
-from dist_quant.parallel.groups import ParallelGroups
+from dist_quant.parallel.groups import ParallelGroups, default_groups
 from dist_quant.recipe import Recipe, load_recipe
 
 

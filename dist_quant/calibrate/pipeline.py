@@ -12,7 +12,6 @@ all ranks raise together instead of leaving others waiting.
 from __future__ import annotations
 
 import re
-import sys
 import warnings
 from typing import Callable, Iterator
 
@@ -24,7 +23,7 @@ from dist_quant.calibrate.shared import form_shared_states
 from dist_quant.kernels import nvfp4_mse_block_amax
 from dist_quant.modules import QuantModule, convert_linear
 from dist_quant.modules.linear import LINEAR_QUANTIZERS
-from dist_quant.parallel.groups import ParallelGroups
+from dist_quant.parallel.groups import ParallelGroups, default_groups, megatron_loaded
 from dist_quant.parallel.reduce import AmaxReducer, NonFiniteAmaxError
 from dist_quant.quantizer import STATIC, QuantizerMode, TensorQuantizer
 from dist_quant.recipe import Recipe, RecipeError
@@ -54,22 +53,10 @@ def quant_modules(model: nn.Module) -> Iterator[tuple[str, QuantModule]]:
             yield name, module
 
 
-def _megatron_loaded() -> bool:
-    """A megatron model exists only if its user imported megatron: never pay for importing it here."""
-    return "megatron.core.parallel_state" in sys.modules
-
-
-def default_groups() -> ParallelGroups:
-    """megatron's groups when its parallel state is initialized; else this process alone."""
-    if _megatron_loaded() and sys.modules["megatron.core.parallel_state"].model_parallel_is_initialized():
-        return ParallelGroups.from_megatron()
-    return ParallelGroups()
-
-
 def _megatron_kinds() -> dict:
     from dist_quant.modules.megatron import megatron_layer_kinds
 
-    return megatron_layer_kinds() if _megatron_loaded() else {}
+    return megatron_layer_kinds() if megatron_loaded() else {}
 
 
 def _experts_per_rank(model: nn.Module) -> int:

@@ -7,6 +7,7 @@ Each domain is one process group, so a sync costs one collective per domain, wha
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch.distributed as dist
@@ -106,3 +107,15 @@ class ParallelGroups:
 
     def describe(self) -> str:
         return " ".join(f"{n}={self.size(n)}" for n in GROUP_NAMES)
+
+
+def megatron_loaded() -> bool:
+    """A megatron model exists only if its user imported megatron: never pay for importing it here."""
+    return "megatron.core.parallel_state" in sys.modules
+
+
+def default_groups() -> ParallelGroups:
+    """megatron's groups when its parallel state is initialized; else this process alone."""
+    if megatron_loaded() and sys.modules["megatron.core.parallel_state"].model_parallel_is_initialized():
+        return ParallelGroups.from_megatron()
+    return ParallelGroups()

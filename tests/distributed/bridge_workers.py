@@ -102,3 +102,43 @@ def load_errors(path: str, scratch: str) -> dict:
         except BridgeError as error:
             messages[case] = str(error)
     return messages
+
+
+def _probe_forward(model):
+    tokens = probe_tokens()
+    positions = torch.arange(SEQ)[None].expand(tokens.shape[0], SEQ)
+    return model(tokens, positions, megatron_compat.causal_attention_mask(SEQ, "cpu"))
+
+
+def calibrate_and_export(path: str, out: str, tp: int, ep: int, recipe: str, fail_after: int | None = None) -> dict:
+    """Calibrate the checkpoint's model at a layout and export it. -> weight-only fake-quant logits on rank 0.
+    fail_after: raise from the progress callback after that many tensors (an interrupted export)."""
+    from dist_quant import quantize
+    from dist_quant.export import export_hf
+    from dist_quant.quantizer import QuantizerMode, TensorQuantizer
+
+    megatron_compat.initialize(tp, ep)
+    groups = ParallelGroups.from_megatron()
+    bridge = ModelBridge.from_hf(path)
+    megatron_compat.seed(0)
+    model = bridge.build(tp, ep).eval()
+    load_hf_weights(model, bridge, SafetensorsReader(path), groups)
+    gen = torch.Generator().manual_seed(11)
+    data = [torch.randint(0, 128, (4, SEQ), generator=gen) for _ in range(3)]
+    positions = torch.arange(SEQ)[None].expand(4, SEQ)
+    quantize(model, recipe, lambda m: [m(t, positions, megatron_compat.causal_attention_mask(SEQ, "cpu")) for t in data])
+    written = []
+
+    def progress(name):
+        written.append(name)
+        if fail_after is not None and len(written) >= fail_after:
+            raise RuntimeError("simulated failure in the middle of the export")
+
+    try:
+        export_hf(model, bridge, out, groups, source_dir=path, max_shard_bytes=64 << 10, on_tensor=progress)
+    except RuntimeError as error:
+        return {"error": str(error), "written": len(written)}
+    activations = [q for n, q in model.named_modules() if isinstance(q, TensorQuantizer) and q.enabled and not n.endswith("weight_quantizer")]
+    for q in activations:
+        q.mode = QuantizerMode.DISABLED
+    return {"weight_only_logits": _logits(model, groups), "written": len(written)}

@@ -1,0 +1,268 @@
+"""Writing a calibrated sharded model as a Hugging Face checkpoint in the ModelOpt unified format (SPEC.md
+section 2), the format vLLM, SGLang and TensorRT-LLM load.
+
+The bridge streams one logical Megatron tensor at a time, with its quantizer buffers, to one rank, which
+quantizes it per Hugging Face module and writes size-bounded safetensors shards into a temporary directory; the
+directory is verified and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import dist_quant
+from dist_quant.bridge.io import export_hf_bundles
+from dist_quant.bridge.models import ModelBridge
+from dist_quant.export.verify import verify
+from dist_quant.modules import QuantModule
+from dist_quant.numerics import fp8_quantize, fp8_scale, nvfp4_dequantize, nvfp4_fake_quant, nvfp4_quantize
+from dist_quant.numerics.fp8 import divide, fp8_fake_quant
+from dist_quant.numerics.nvfp4 import SCALE_2_DIVISOR
+from dist_quant.parallel.groups import ParallelGroups, default_groups
+from dist_quant.quantizer import FP8, NVFP4, QuantFormat, TensorQuantizer
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "vocab.json",
+    "merges.txt", "generation_config.json", "chat_template.jinja",
+)
+_QUANTIZER = re.compile(r"^(.*)\.(weight|input|k_bmm|v_bmm)_quantizer\.(_amax|_global_amax|_block_amax)$")
+_LOCAL_EXPERT = re.compile(r"\.local_experts\.\d+\.")
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported as asked (raised on every rank)."""
+
+
+def _agree(error: str | None) -> None:
+    """Raise the first rank's error on every rank, so none is left waiting in a collective."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e), None)
+    if error:
+        raise ExportError(error)
+
+
+def _formats(model: nn.Module) -> dict[str, QuantFormat]:
+    """Quantizer formats by logical name; experts by a name without their number (recipes treat them alike)."""
+    formats = {}
+    for _, module in model.named_modules():
+        if isinstance(module, QuantModule):
+            for attr, q in module.named_children():
+                if isinstance(q, TensorQuantizer) and q.enabled:
+                    formats[_LOCAL_EXPERT.sub(".local_experts.*.", f"{module.layout.logical_name}.{attr}")] = q.fmt
+    return formats
+
+
+def _check_activations(model: nn.Module) -> str | None:
+    for name, q in model.named_modules():
+        if isinstance(q, TensorQuantizer) and q.enabled and not name.endswith("weight_quantizer"):
+            if q._amax is None or not q._amax.item() > 0:
+                return f"{name} has no calibrated amax (it saw no data): calibrate before exporting"
+    return None
+
+
+def _group_by_module(bundles) -> Iterator[tuple[str, list[tuple[str, torch.Tensor]]]]:
+    """Consecutive bundles of one Megatron module (its weight and quantizer buffers) as one group."""
+    current, items = None, []
+    for name, tensors in bundles:
+        match = _QUANTIZER.match(name)
+        module = match.group(1) if match else name.rsplit(".", 1)[0]
+        if module != current and items:
+            yield current, items
+            items = []
+        current = module
+        items += tensors
+    if items:
+        yield current, items
+
+
+class _ShardWriter:
+    def __init__(self, directory: Path, max_shard_bytes: int):
+        from safetensors.torch import save_file
+
+        self.directory, self.max_bytes, self.save = directory, max_shard_bytes, save_file
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes, self.files, self.weight_map, self.total = 0, [], {}, 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self._flush()
+        self.pending[name] = tensor.detach().contiguous().cpu()
+        self.pending_bytes += size
+        self.total += size
+
+    def _flush(self) -> None:
+        file = f"shard-{len(self.files):05d}.safetensors"
+        self.save(self.pending, self.directory / file, metadata={"format": "pt"})
+        self.files.append((file, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> None:
+        if self.pending:
+            self._flush()
+        count = len(self.files)
+        for i, (file, names) in enumerate(self.files):
+            final = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            (self.directory / file).rename(self.directory / final)
+            self.weight_map.update({name: final for name in names})
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+class _ModuleQuantizer:
+    """Turns one group of HF tensors (weights and quantizer buffers) into checkpoint tensors."""
+
+    def __init__(self, formats: dict[str, QuantFormat]):
+        self.formats = formats
+        self.quantized: dict[str, str] = {}  # HF module -> "NVFP4" | "FP8"
+        self.excluded: list[str] = []
+        self.kv_algos: set[str] = set()
+
+    def __call__(self, megatron_module: str, items: list[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        buffers: dict[str, dict[str, torch.Tensor]] = {}
+        weights = []
+        for name, tensor in items:
+            match = _QUANTIZER.match(name)
+            if match:
+                buffers.setdefault(f"{match.group(1)}.{match.group(2)}", {})[match.group(3)] = tensor
+            else:
+                weights.append((name, tensor))
+        key = _LOCAL_EXPERT.sub(".local_experts.*.", megatron_module)
+        for kind in ("k", "v"):
+            amax = next((b["_amax"] for n, b in buffers.items() if n.endswith(f".{kind}_bmm")), None)
+            fmt = self.formats.get(f"{key}.{kind}_bmm_quantizer")
+            if fmt is not None and amax is not None:
+                parent = next(n for n in buffers if n.endswith(f".{kind}_bmm"))[: -len(f".{kind}_bmm")]
+                self.kv_algos.add("FP8" if fmt.kind == FP8 else "NVFP4")
+                yield f"{parent}.{kind}_proj.{kind}_scale", fp8_scale(amax).reshape(())
+        for name, weight in weights:
+            yield from self._weight(name, weight, buffers, key)
+
+    def _weight(self, name, weight, buffers, key):
+        module = name[: -len(".weight")] if name.endswith(".weight") else None
+        fmt = self.formats.get(f"{key}.weight_quantizer") if module else None
+        if fmt is None:
+            if module and weight.dim() == 2 and not module.endswith("embed_tokens"):
+                self.excluded.append(module)
+            yield name, weight
+            return
+        if fmt.axis is not None:
+            raise ExportError(f"{module}: per-channel weight scales are not part of the checkpoint format")
+        state = buffers.get(f"{module}.weight", {})
+        amax = state.get("_global_amax", state.get("_amax"))
+        if amax is None:
+            warnings.warn(f"{module}: weight quantizer has no amax; taken from the weight (calibrate first)", stacklevel=2)
+            amax = weight.float().abs().max()
+        if fmt.kind == NVFP4:
+            block = state.get("_block_amax") if fmt.block_type == "static" else None
+            packed, block_scale, scale_2 = nvfp4_quantize(weight, amax, block)
+            if not torch.equal(nvfp4_dequantize(packed, block_scale, scale_2, weight.dtype), nvfp4_fake_quant(weight, amax, block)):
+                raise ExportError(f"{module}: the exported weight does not dequantize to the fake-quant weight")
+            yield f"{module}.weight", packed
+            yield f"{module}.weight_scale", block_scale
+            yield f"{module}.weight_scale_2", scale_2.reshape(())
+        else:
+            q, scale = fp8_quantize(weight, amax)
+            if not torch.equal((q.float() * scale).to(weight.dtype), fp8_fake_quant(weight, amax)):
+                raise ExportError(f"{module}: the exported weight does not dequantize to the fake-quant weight")
+            yield f"{module}.weight", q
+            yield f"{module}.weight_scale", scale.reshape(())
+        self.quantized[module] = "NVFP4" if fmt.kind == NVFP4 else "FP8"
+        input_fmt = self.formats.get(f"{key}.input_quantizer")
+        if input_fmt is not None:
+            state = buffers.get(f"{module}.input", {})
+            input_amax = state.get("_global_amax", state.get("_amax"))
+            divisor = SCALE_2_DIVISOR if input_fmt.kind == NVFP4 else 448.0
+            yield f"{module}.input_scale", divide(input_amax.float(), divisor).reshape(())
+
+
+def _quant_config(quantizer: _ModuleQuantizer) -> dict:
+    algos = set(quantizer.quantized.values())
+    if len(quantizer.kv_algos) > 1:
+        raise ExportError(f"K and V caches in different formats: {sorted(quantizer.kv_algos)}")
+    algo = algos.pop() if len(algos) == 1 else "MIXED_PRECISION"
+    quantization = {
+        "quant_algo": algo,
+        "kv_cache_quant_algo": next(iter(quantizer.kv_algos), None),
+        "group_size": 16,
+        "exclude_modules": sorted(quantizer.excluded),
+    }
+    if algo == "MIXED_PRECISION":
+        quantization["quantized_layers"] = {m: {"quant_algo": a} for m, a in sorted(quantizer.quantized.items())}
+    return {"producer": {"name": "dist_quant", "version": dist_quant.__version__}, "quantization": quantization}
+
+
+def _kv_scheme(algo: str | None) -> dict | None:
+    return None if algo is None else {"type": "float", "num_bits": 8 if algo == "FP8" else 4}
+
+
+def export_hf(
+    model: nn.Module,
+    bridge: ModelBridge,
+    out_dir: str | os.PathLike,
+    groups: ParallelGroups | None = None,
+    *,
+    source_dir: str | os.PathLike | None = None,
+    max_shard_bytes: int = 4 << 30,
+    overwrite: bool = False,
+    dst: int = 0,
+    on_tensor: Callable[[str], None] | None = None,
+) -> Path | None:
+    """Write the calibrated model as a quantized HF checkpoint on rank `dst` (collective: every rank calls).
+    `source_dir`: the HF checkpoint it came from, for tokenizer files. `on_tensor(name)` is called for every
+    tensor written (progress). -> the directory on `dst`, None elsewhere."""
+    groups = groups or default_groups()
+    me = dist.get_rank() if dist.is_initialized() else 0
+    out = Path(out_dir)
+    problem = None
+    if me == dst and out.exists() and not overwrite:
+        problem = f"{out} exists: pass overwrite=True (--overwrite) to replace it"
+    _agree(problem or _check_activations(model))
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    try:
+        if me == dst:
+            partial.mkdir(parents=True)
+        quantizer = _ModuleQuantizer(_formats(model))
+        writer = _ShardWriter(partial, max_shard_bytes) if me == dst else None
+        for megatron_module, items in _group_by_module(export_hf_bundles(model, bridge, groups, dst, quant_state=True)):
+            for name, tensor in quantizer(megatron_module, items):
+                writer.add(name, tensor)
+                if on_tensor is not None:
+                    on_tensor(name)
+        if me != dst:
+            return None
+        writer.finish()
+        hf_quant_config = _quant_config(quantizer)
+        config = dict(bridge.hf_config)
+        q = hf_quant_config["quantization"]
+        config["quantization_config"] = {
+            "quant_method": "modelopt",
+            "quant_algo": q["quant_algo"],
+            "kv_cache_scheme": _kv_scheme(q["kv_cache_quant_algo"]),
+            "ignore": q["exclude_modules"],
+        }
+        (partial / "hf_quant_config.json").write_text(json.dumps(hf_quant_config, indent=2))
+        (partial / "config.json").write_text(json.dumps(config, indent=2))
+        for file in TOKENIZER_FILES:
+            if source_dir is not None and (Path(source_dir) / file).is_file():
+                shutil.copy2(Path(source_dir) / file, partial / file)
+        verify(partial)
+        if out.exists():
+            shutil.rmtree(out)
+        partial.rename(out)
+        return out
+    finally:
+        if partial.exists():
+            shutil.rmtree(partial)
