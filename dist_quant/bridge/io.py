@@ -150,7 +150,7 @@ def export_hf_bundles(
         pieces = []
         for source in sources:
             if source == me and me == dst:
-                pieces.append(state[name].detach())
+                pieces.append(state[name].detach().clone())  # the stream's tensors never alias the model
             elif source == me:
                 dist.send(state[name].detach().contiguous(), dst)
             elif me == dst:

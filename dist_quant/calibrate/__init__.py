@@ -9,6 +9,7 @@ from dist_quant.calibrate.pipeline import (
     collect_statistics,
     promote,
     quantizers,
+    recalibrate_weights,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "collect_statistics",
     "promote",
     "quantizers",
+    "recalibrate_weights",
 ]

@@ -235,13 +235,16 @@ def sweep_block_scales(model: nn.Module) -> int:
     return swept
 
 
-def amax_reducer(model: nn.Module) -> AmaxReducer:
-    """The flat amax buffers of a calibrated model: `amax_reducer(model).sync()` re-reduces them, e.g. after
-    recalibrating weights during QAT."""
-    reducer = getattr(model, "_dist_quant_reducer", None)
-    if reducer is None:
+def _calibration(model: nn.Module) -> tuple[AmaxReducer, Recipe, ParallelGroups]:
+    calibration = getattr(model, "_dist_quant_calibration", None)
+    if calibration is None:
         raise ValueError("this model was not calibrated by dist_quant")
-    return reducer
+    return calibration
+
+
+def amax_reducer(model: nn.Module) -> AmaxReducer:
+    """The flat amax buffers of a calibrated model: `amax_reducer(model).sync()` re-reduces them."""
+    return _calibration(model)[0]
 
 
 def promote(model: nn.Module) -> None:
@@ -264,13 +267,26 @@ def calibrate(
     `distributed_sync`, amax are reduced over `groups` (megatron's by default); collective: every rank calls."""
     groups = (groups or default_groups()) if distributed_sync else ParallelGroups()
     reducer = bind_amax(model, groups, _model_device(model))
-    model._dist_quant_reducer = reducer
+    model._dist_quant_calibration = (reducer, recipe, groups)
     collect_statistics(model, forward_loop)
     calibrate_weights(model)
     reduce_amax(reducer)
     bootstrap_unseen(model, groups)
+    _finish_weights(model, recipe, groups)
+    promote(model)
+    return model
+
+
+def _finish_weights(model: nn.Module, recipe: Recipe, groups: ParallelGroups) -> None:
     form_shared_states(model, recipe.algorithm, groups)
     if recipe.algorithm.method == "mse":
         sweep_block_scales(model)
-    promote(model)
-    return model
+
+
+def recalibrate_weights(model: nn.Module) -> None:
+    """After a training step changed the weights: weight amax from the weights again, reduced across ranks,
+    shared states and MSE block scales redone; activation amax stay. No forward pass. Collective."""
+    reducer, recipe, groups = _calibration(model)
+    calibrate_weights(model)
+    reduce_amax(reducer)
+    _finish_weights(model, recipe, groups)

@@ -188,6 +188,15 @@ class _ModuleQuantizer:
             yield f"{module}.input_scale", divide(input_amax.float(), divisor).reshape(())
 
 
+def checkpoint_tensors(
+    model: nn.Module, bridge: ModelBridge, groups: ParallelGroups, dst: int = 0, quantizer: _ModuleQuantizer | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) as the checkpoint holds them, on rank `dst`, one module at a time (collective)."""
+    quantizer = quantizer or _ModuleQuantizer(_formats(model))
+    for megatron_module, items in _group_by_module(export_hf_bundles(model, bridge, groups, dst, quant_state=True)):
+        yield from quantizer(megatron_module, items)
+
+
 def _quant_config(quantizer: _ModuleQuantizer) -> dict:
     algos = set(quantizer.quantized.values())
     if len(quantizer.kv_algos) > 1:
@@ -234,13 +243,12 @@ def export_hf(
     try:
         if me == dst:
             partial.mkdir(parents=True)
-        quantizer = _ModuleQuantizer(_formats(model))
         writer = _ShardWriter(partial, max_shard_bytes) if me == dst else None
-        for megatron_module, items in _group_by_module(export_hf_bundles(model, bridge, groups, dst, quant_state=True)):
-            for name, tensor in quantizer(megatron_module, items):
-                writer.add(name, tensor)
-                if on_tensor is not None:
-                    on_tensor(name)
+        quantizer = _ModuleQuantizer(_formats(model))
+        for name, tensor in checkpoint_tensors(model, bridge, groups, dst, quantizer):
+            writer.add(name, tensor)
+            if on_tensor is not None:
+                on_tensor(name)
         if me != dst:
             return None
         writer.finish()

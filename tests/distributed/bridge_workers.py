@@ -142,3 +142,59 @@ def calibrate_and_export(path: str, out: str, tp: int, ep: int, recipe: str, fai
     for q in activations:
         q.mode = QuantizerMode.DISABLED
     return {"weight_only_logits": _logits(model, groups), "written": len(written)}
+
+
+def weight_only_recipe(scope: tuple[str, ...] = ("*",)) -> dict:
+    """Static NVFP4 weights with MSE block scales in `scope` (fnmatch patterns), nothing else."""
+    static = {"num_bits": "e2m1", "block_sizes": {-1: 16, "type": "static"}}
+    return {"quantize": {"algorithm": {"method": "mse", "fp8_scale_sweep": True}, "quant_cfg": [
+        {"quantizer_name": "*", "enable": False},
+        *({"quantizer_name": f"{s}weight_quantizer", "cfg": static} for s in scope),
+        {"quantizer_name": "*output_layer*", "enable": False},
+        {"quantizer_name": "*lm_head*", "enable": False},
+    ]}}
+
+
+def refit_run(path: str, tp: int, ep: int, scope: tuple[str, ...], state_dir: str) -> dict:
+    """Calibrate weights only, stream a refit; take a training step, recalibrate, stream again. Also saves the
+    quantizer state of the first calibration."""
+    from dist_quant import quantize
+    from dist_quant.calibrate import recalibrate_weights
+    from dist_quant.calibrate.state import save_quant_state
+    from dist_quant.refit import refit_stream
+
+    megatron_compat.initialize(tp, ep)
+    groups = ParallelGroups.from_megatron()
+    bridge = ModelBridge.from_hf(path)
+    megatron_compat.seed(0)
+    model = bridge.build(tp, ep).eval()
+    load_hf_weights(model, bridge, SafetensorsReader(path), groups)
+    quantize(model, weight_only_recipe(scope))
+    save_quant_state(model, state_dir, groups)
+    report = {"logits": _logits(model, groups), "stream": list(refit_stream(model, bridge, groups))}
+    report["quantized_names"] = [name for name, _ in refit_stream(model, bridge, groups, quantized=True)]
+    gen = torch.Generator().manual_seed(5)  # the same on every rank: replicated weights stay replicated
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * param.abs().mean() * torch.randn(param.shape, generator=gen))
+    recalibrate_weights(model)
+    report["stepped_logits"] = _logits(model, groups)
+    report["stepped_stream"] = list(refit_stream(model, bridge, groups))
+    return report
+
+
+def restore_run(path: str, tp: int, ep: int, scope: tuple[str, ...], state_dir: str) -> torch.Tensor:
+    """A fresh model at another layout, quantizers attached, state restored from `state_dir`. -> logits."""
+    from dist_quant import load_recipe
+    from dist_quant.calibrate import attach_quantizers
+    from dist_quant.calibrate.state import restore_quant_state
+
+    megatron_compat.initialize(tp, ep)
+    groups = ParallelGroups.from_megatron()
+    bridge = ModelBridge.from_hf(path)
+    megatron_compat.seed(0)
+    model = bridge.build(tp, ep).eval()
+    load_hf_weights(model, bridge, SafetensorsReader(path), groups)
+    attach_quantizers(model, load_recipe(weight_only_recipe(scope)), groups)
+    restore_quant_state(model, state_dir, groups)
+    return _logits(model, groups)

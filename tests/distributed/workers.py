@@ -7,10 +7,11 @@ import torch
 import torch.distributed as dist
 
 from dist_quant import quantize
-from dist_quant.calibrate.pipeline import CalibrationError, amax_reducer, quant_modules
+from dist_quant.calibrate.pipeline import CalibrationError, amax_reducer
+from dist_quant.calibrate.state import assemble, quantizer_buffers
 from dist_quant.parallel import megatron_compat
 from dist_quant.parallel.groups import ParallelGroups
-from dist_quant.parallel.layout import shard, unshard
+from dist_quant.parallel.layout import shard
 from dist_quant.quantizer import QuantizerMode, TensorQuantizer
 
 VOCAB, SEQ, BATCH, EXPERTS = 128, 16, 4, 4
@@ -121,40 +122,14 @@ def logits(model, tokens, groups: ParallelGroups) -> torch.Tensor:
 
 def logical_quant_state(model, groups: ParallelGroups) -> dict[str, torch.Tensor]:
     """Every amax buffer under its logical name, assembled from all ranks (replicas must agree bit for bit)."""
-    local = {}
-    for _, module in quant_modules(model):
-        layout = module.layout
-        for attr, q in module.named_children():
-            if not isinstance(q, TensorQuantizer) or not q.enabled:
-                continue
-            for buffer in ("_amax", "_block_amax", "_global_amax"):
-                value = getattr(q, buffer)
-                if value is None:
-                    continue
-                # Per-block amax split like the weight; per-channel amax split where the channels are.
-                split = layout.shard_dim is not None and attr == "weight_quantizer" and (
-                    buffer == "_block_amax" or q.fmt.axis == layout.shard_dim
-                )
-                group = layout.shard_group
-                local[f"{layout.logical_name}.{attr}.{buffer}"] = (
-                    value.clone(), layout.shard_dim if split else None, layout.stride,
-                    groups.rank(group) if split else 0,
-                )
+    local = [
+        (key, getattr(q, buffer).clone(), split and split[:2], groups.rank(split[2]) if split else 0)
+        for key, q, buffer, split in quantizer_buffers(model)
+        if getattr(q, buffer) is not None
+    ]
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, local)
-    pieces: dict[str, dict[int, torch.Tensor]] = {}
-    splits = {}
-    for rank_state in everyone:
-        for key, (value, dim, stride, shard_rank) in rank_state.items():
-            seen = pieces.setdefault(key, {})
-            if shard_rank in seen:
-                assert torch.equal(seen[shard_rank], value), f"replicas of {key} differ"
-            seen[shard_rank] = value
-            splits[key] = (dim, stride)
-    return {
-        key: (by_rank[0] if splits[key][0] is None else unshard([by_rank[r] for r in sorted(by_rank)], *splits[key]))
-        for key, by_rank in pieces.items()
-    }
+    return assemble(entry for rank_entries in everyone for entry in rank_entries)
 
 
 def _calibrate_models(full: dict, groups: ParallelGroups, data: list[torch.Tensor]) -> dict:

@@ -1,0 +1,73 @@
+"""Refit: a sharded Megatron model's weights and quantizer state streamed into a transformers model carrying
+dist_quant quantizers, before and after a training step; and quantizer state restored at another layout."""
+
+import pytest
+import torch
+
+from dist_quant import load_recipe
+from dist_quant.calibrate import attach_quantizers
+from dist_quant.parallel.spawn import run_ranks
+from dist_quant.refit import apply_refit
+from tests.distributed import bridge_workers as workers
+
+pytestmark = pytest.mark.xdist_group("megatron")
+# Weight-only fake quant: both sides hold bit-identical quantized weights, so their logits differ by float
+# arithmetic alone (the bridge test measures ~2e-7). Fake-quantized activations would not: a last-bit difference
+# between two implementations can flip an NVFP4 rounding.
+TOLERANCE = 1e-5
+CASES = {
+    "qwen3-tp2": ("qwen3", 2, 1, ("*",)),
+    # transformers keeps MoE experts fused in memory: the stream's per-expert tensors land in gate_up_proj /
+    # down_proj slices. Experts there are not nn.Linear, so only attention is quantized in this case.
+    "qwen3_moe-tp2xep2": ("qwen3_moe", 4, 2, ("*self_attention*", "*self_attn*")),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("refit")
+    checkpoints = workers.write_checkpoints(root)
+    out = {}
+    for case, (arch, world, tp_ep, scope) in CASES.items():
+        path, state_dir = str(checkpoints[arch][0]), str(root / f"{case}-state")
+        out[case] = (path, scope, state_dir, run_ranks(world, workers.refit_run, path, tp_ep, tp_ep, scope, state_dir)[0])
+    return out
+
+
+def _hf_model(path, scope):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    attach_quantizers(model, load_recipe(workers.weight_only_recipe(scope)))
+    return model
+
+
+def _hf_logits(model):
+    with torch.no_grad():
+        return model(workers.probe_tokens()).logits
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_refit_reproduces_megatron_fake_quant_also_after_a_training_step(runs, case):
+    path, scope, _, report = runs[case]
+    hf = _hf_model(path, scope)
+    counts = apply_refit(hf, report["stream"])
+    assert counts["loaded"] > 0 and hf.model.layers[0].self_attn.q_proj.weight_quantizer._block_amax is not None
+    torch.testing.assert_close(_hf_logits(hf), report["logits"], rtol=0, atol=TOLERANCE)
+    apply_refit(hf, report["stepped_stream"])
+    torch.testing.assert_close(_hf_logits(hf), report["stepped_logits"], rtol=0, atol=TOLERANCE)
+    assert (report["stepped_logits"] - report["logits"]).abs().max() > 100 * TOLERANCE
+
+
+def test_quantized_refit_streams_checkpoint_tensors(runs):
+    names = set(runs["qwen3-tp2"][3]["quantized_names"])
+    assert {"model.layers.1.mlp.up_proj.weight_scale", "model.layers.1.mlp.up_proj.weight_scale_2", "lm_head.weight"} <= names
+    assert not any("_quantizer" in n for n in names)
+
+
+@pytest.mark.parametrize("case, layout", [("qwen3-tp2", (1, 1, 1)), ("qwen3_moe-tp2xep2", (2, 1, 2))])
+def test_quant_state_restores_into_another_layout(runs, case, layout):
+    path, scope, state_dir, report = runs[case]
+    world, tp, ep = layout
+    logits = run_ranks(world, workers.restore_run, path, tp, ep, scope, state_dir)[0]
+    torch.testing.assert_close(logits, report["logits"], rtol=0, atol=TOLERANCE)
