@@ -46,6 +46,16 @@ def _recipes(args: argparse.Namespace) -> None:
         print(f"{name:<38} {load_recipe(name).description}")
 
 
+def _inspect(args: argparse.Namespace) -> None:
+    from dist_quant.export import verify
+
+    summary = verify(args.directory)
+    print(f"{args.directory}: {summary['quant_algo']} weights, KV cache {summary['kv_cache_quant_algo'] or 'not quantized'}")
+    print(f"  {summary['quantized_modules']} quantized modules, {summary['tensors']} tensors")
+    print(f"  not quantized: {', '.join(summary['excluded']) or 'none'}")
+    print("  verify: OK (keys, dtypes, shapes, config fields, finite scales, every expert, shared sibling scales)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dist-quant",
@@ -60,14 +70,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     recipes.add_argument("recipe", nargs="?", help="a built-in recipe name or a path to a YAML recipe")
     recipes.set_defaults(run=_recipes)
+    inspect = commands.add_parser(
+        "inspect",
+        help="summarize an exported checkpoint and verify it against the format rules",
+        description="Print what a dist_quant / ModelOpt unified checkpoint holds and run verify() on it: exits "
+        "non-zero with every problem listed if the checkpoint breaks the format.",
+    )
+    inspect.add_argument("directory", help="the exported checkpoint directory")
+    inspect.set_defaults(run=_inspect)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from dist_quant.export import VerificationError
+
     try:
         args.run(args)
-    except RecipeError as error:
+    except (RecipeError, VerificationError, FileNotFoundError) as error:
         print(f"dist-quant: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -69,6 +69,8 @@ def verify(directory: str | Path) -> dict:
     """Check keys, dtypes, shapes, config fields, NaN-free scales, every expert's tensors and fused siblings'
     shared scales. -> a summary; raises VerificationError listing every problem."""
     directory = Path(directory)
+    if not directory.is_dir():
+        raise VerificationError(f"{directory} is not a directory")
     problems: list[str] = []
     for file in ("config.json", "hf_quant_config.json"):
         if not (directory / file).is_file():

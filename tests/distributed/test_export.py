@@ -146,3 +146,15 @@ def test_an_interrupted_export_leaves_nothing_that_looks_complete(exports, tmp_p
     report = run_ranks(2, workers.calibrate_and_export, str(checkpoint), str(out), 2, 1, RECIPE, 20)[0]
     assert "simulated failure" in report["error"] and report["written"] == 20
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_inspect_summarizes_and_verifies(exports, tmp_path):
+    import subprocess
+    import sys
+
+    _, runs = exports
+    run = lambda d: subprocess.run([sys.executable, "-m", "dist_quant.cli", "inspect", str(d)], capture_output=True, text=True)  # noqa: E731
+    good = run(runs["tp1"][0])
+    assert good.returncode == 0 and "NVFP4 weights, KV cache FP8" in good.stdout and "32 quantized modules" in good.stdout
+    bad = run(_corrupt(runs["tp1"][0], tmp_path / "broken", _missing_expert))
+    assert bad.returncode == 2 and "experts.3 lacks down_proj.weight_scale" in bad.stderr and "Traceback" not in bad.stderr
