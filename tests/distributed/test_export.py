@@ -21,10 +21,20 @@ def exports(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     checkpoint = workers.write_checkpoints(root)["qwen3_moe"][0]
     runs = {}
-    for name, (world, tp, ep) in {"tp1": (1, 1, 1), "tp2xep2": (4, 2, 2)}.items():
+    layouts = {"tp1": (1, 1, 1, RECIPE), "tp2xep2": (4, 2, 2, RECIPE), "fp8-tp2": (2, 2, 1, "fp8_default-fp8_cast_kv")}
+    for name, (world, tp, ep, recipe) in layouts.items():
         out = root / name
-        runs[name] = (out, run_ranks(world, workers.calibrate_and_export, str(checkpoint), str(out), tp, ep, RECIPE)[0])
+        runs[name] = (out, run_ranks(world, workers.calibrate_and_export, str(checkpoint), str(out), tp, ep, recipe)[0])
     return checkpoint, runs
+
+
+def test_fp8_export_with_cast_kv(exports):
+    out = exports[1]["fp8-tp2"][0]
+    assert verify(out)["quant_algo"] == "FP8"
+    tensors = load_tensors(out)
+    assert tensors["model.layers.0.mlp.experts.1.gate_proj.weight"].dtype == torch.float8_e4m3fn
+    assert tensors["model.layers.0.mlp.experts.1.gate_proj.weight_scale"].shape == ()
+    assert tensors["model.layers.1.self_attn.k_proj.k_scale"] == 1.0 == tensors["model.layers.1.self_attn.v_proj.v_scale"]
 
 
 def test_sharded_export_matches_the_unsharded_one(exports):
