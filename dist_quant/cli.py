@@ -56,12 +56,49 @@ def _inspect(args: argparse.Namespace) -> None:
     print("  verify: OK (keys, dtypes, shapes, config fields, finite scales, every expert, shared sibling scales)")
 
 
+def _calibrate(args: argparse.Namespace) -> None:
+    from dist_quant import job
+
+    job.validate(args)
+    job.run(args)
+
+
+def _add_calibrate(commands) -> None:
+    from dist_quant.job import builtin_models
+
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="calibrate a TP/EP-sharded model and export a quantized HF checkpoint (run under torchrun)",
+        description="Load a model (a Hugging Face checkpoint, or a built-in tiny config with random weights), "
+        "shard it with megatron-core over the ranks torchrun started (gloo on CPU, NCCL on GPUs), calibrate it "
+        "with a recipe on calibration text, and export a checkpoint vLLM loads. Example: torchrun "
+        "--nproc-per-node 4 -m dist_quant.cli calibrate --model tiny-qwen3-moe --recipe "
+        "nvfp4_default-fp8_cast_kv --tp 2 --ep 2 --out out/tiny",
+    )
+    source = calibrate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf-model", metavar="DIR", help="a local Hugging Face checkpoint (Llama, Qwen3, Qwen3-MoE)")
+    source.add_argument("--model", metavar="NAME", help=f"a built-in tiny config: {', '.join(builtin_models())}")
+    calibrate.add_argument("--recipe", required=True, help="built-in recipe name (see `dist-quant recipes`) or YAML path")
+    calibrate.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
+    calibrate.add_argument("--ep", type=int, default=1, help="expert-parallel size (default 1)")
+    calibrate.add_argument("--etp", type=int, default=None, help="expert tensor-parallel size (default: --tp)")
+    calibrate.add_argument("--calib-data", metavar="FILE", help="text, or .jsonl with a 'text' field (default: built-in text)")
+    calibrate.add_argument("--calib-samples", type=int, default=32, help="calibration sequences (default 32)")
+    calibrate.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (default 64)")
+    calibrate.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    calibrate.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory to write")
+    calibrate.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    calibrate.add_argument("--seed", type=int, default=0, help="seed of the built-in models' random weights (default 0)")
+    calibrate.set_defaults(run=_calibrate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dist-quant",
         description="Calibrate and export FP8 / NVFP4 quantized models sharded with tensor and expert parallelism.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_calibrate(commands)
     recipes = commands.add_parser(
         "recipes",
         help="list the built-in recipes, or validate one recipe and show what it quantizes",
@@ -83,12 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from dist_quant.export import VerificationError
+    from dist_quant.bridge import BridgeError
+    from dist_quant.calibrate import CalibrationError
+    from dist_quant.export import ExportError, VerificationError
+    from dist_quant.job import JobError, rank
 
     try:
         args.run(args)
-    except (RecipeError, VerificationError, FileNotFoundError) as error:
-        print(f"dist-quant: error: {error}", file=sys.stderr)
+    except (RecipeError, VerificationError, FileNotFoundError, JobError, BridgeError, CalibrationError, ExportError) as error:
+        if rank() == 0:
+            print(f"dist-quant: error: {str(error).splitlines()[0]}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,0 +1,1 @@
+"""Built-in data: a small calibration text."""

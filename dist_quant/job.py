@@ -1,0 +1,257 @@
+"""The calibrate job behind `dist-quant calibrate`: model from an HF checkpoint or a built-in tiny config,
+calibration text, TP/EP-sharded calibration, export, and a summary a person can read. Run on every rank."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import socket
+import tempfile
+import time
+import warnings
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "models"
+_LAYER_TYPES = (
+    (r"\.linear_qkv$", "attention qkv"),
+    (r"\.linear_proj$", "attention out"),
+    (r"\.experts\..*\.linear_fc1$", "experts fc1"),
+    (r"\.experts\..*\.linear_fc2$", "experts fc2"),
+    (r"\.linear_fc1$", "mlp fc1"),
+    (r"\.linear_fc2$", "mlp fc2"),
+)
+
+
+class JobError(ValueError):
+    """Bad input to the job: printed as one line, exit status 2."""
+
+
+def builtin_models() -> list[str]:
+    return sorted(p.stem for p in CONFIGS.glob("*.json")) if CONFIGS.is_dir() else []
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Everything checkable before any rank starts heavy work; the same verdict on every rank."""
+    from dist_quant.recipe import load_recipe
+
+    etp = args.etp or args.tp
+    world = world_size()
+    if min(args.tp, args.ep, etp) < 1:
+        raise JobError("--tp, --ep and --etp must be at least 1")
+    if world % args.tp or world % (args.ep * etp):
+        raise JobError(
+            f"world size {world} cannot hold --tp {args.tp} --ep {args.ep} (ETP {etp}): run torchrun with "
+            f"--nproc-per-node a multiple of TP and of EP x ETP, e.g. {args.tp * args.ep}"
+        )
+    if args.hf_model is not None and not (Path(args.hf_model) / "config.json").is_file():
+        raise JobError(f"--hf-model {args.hf_model}: no config.json there")
+    if args.model is not None and args.model not in builtin_models():
+        raise JobError(f"--model {args.model}: unknown; built-in models: {', '.join(builtin_models()) or 'none found'}")
+    if args.calib_data is not None and not Path(args.calib_data).is_file():
+        raise JobError(f"--calib-data {args.calib_data}: no such file")
+    for name in ("calib_samples", "seq_len", "batch_size"):
+        if getattr(args, name) < 1:
+            raise JobError(f"--{name.replace('_', '-')} must be at least 1")
+    if Path(args.out).exists() and not args.overwrite:
+        raise JobError(f"--out {args.out} exists: pass --overwrite to replace it")
+    load_recipe(args.recipe)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> torch.device:
+    """NCCL with one GPU per rank where CUDA exists, gloo on CPU; a lone process without torchrun works too."""
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=10))
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _builtin_checkpoint(name: str, seed: int) -> Path:
+    """Random weights for a built-in config, written once by rank 0 as an HF checkpoint (a fixed seed makes
+    them the same for every layout), then read through the bridge like any checkpoint."""
+    directory = Path(tempfile.gettempdir()) / f"dist_quant-{name}-seed{seed}"
+    if rank() == 0 and not (directory / "model.safetensors").is_file():
+        import transformers
+
+        config = transformers.AutoConfig.for_model(**json.loads((CONFIGS / f"{name}.json").read_text()))
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        partial = Path(tempfile.mkdtemp(dir=directory.parent))
+        model.save_pretrained(partial)
+        if directory.exists():
+            import shutil
+
+            shutil.rmtree(directory)
+        partial.rename(directory)
+    dist.barrier()
+    return directory
+
+
+def _texts(path: str | None) -> list[str]:
+    if path is None:
+        return [resources.files("dist_quant.data").joinpath("calibration.txt").read_text()]
+    text = Path(path).read_text()
+    if path.endswith(".jsonl"):
+        texts = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                record = json.loads(line)
+                if "text" not in record:
+                    raise JobError(f"--calib-data {path}: line {number} has no 'text' field")
+                texts.append(record["text"])
+        return texts
+    return [text]
+
+
+def calibration_batches(args, checkpoint: Path, vocab_size: int, dp_rank: int, dp_size: int) -> list[torch.Tensor]:
+    """Token batches [batch, seq_len] of this data-parallel rank's share: the checkpoint's tokenizer if it has
+    one, else bytes (the built-in models' vocabularies hold every byte)."""
+    texts = _texts(args.calib_data)
+    if (checkpoint / "tokenizer_config.json").is_file():
+        import transformers
+
+        tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
+        stream = [t for text in texts for t in tokenizer(text)["input_ids"]]
+    else:
+        stream = [b % vocab_size for text in texts for b in text.encode()]
+    need = args.calib_samples * args.seq_len
+    if not stream:
+        raise JobError("the calibration data is empty")
+    stream = (stream * (need // len(stream) + 1))[:need]
+    samples = torch.tensor(stream).reshape(args.calib_samples, args.seq_len)[dp_rank::dp_size]
+    return list(samples.split(args.batch_size))
+
+
+class Timer:
+    def __init__(self):
+        self.stages: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - start
+
+
+def weight_error_by_type(model) -> dict[str, float]:
+    """Relative MSE ||fq(w) - w||^2 / ||w||^2 of every quantized weight, per layer type, over all ranks."""
+    from dist_quant.calibrate.pipeline import quant_modules
+
+    types = [t for _, t in _LAYER_TYPES]
+    sums = torch.zeros(2, len(types), dtype=torch.float64)
+    with torch.no_grad():
+        for _, module in quant_modules(model):
+            for quantizer, weight in module.weight_quantizers():
+                if quantizer.enabled:
+                    kind = next((t for p, t in _LAYER_TYPES if re.search(p, module.layout.logical_name)), None)
+                    if kind is not None:
+                        error = (quantizer(weight).double() - weight.double()).square().sum()
+                        sums[:, types.index(kind)] += torch.stack([error, weight.double().square().sum()]).cpu()
+    dist.all_reduce(sums)  # every replica adds the whole model: the ratio is unchanged
+    return {t: (sums[0, i] / sums[1, i]).item() for i, t in enumerate(types) if sums[1, i] > 0}
+
+
+def _count(value: int) -> int:
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return int(tensor.item())
+
+
+def run(args: argparse.Namespace) -> Path | None:
+    """The whole job on this rank. -> the checkpoint directory on rank 0."""
+    from tqdm import tqdm
+
+    from dist_quant import quantize
+    from dist_quant.bridge import ModelBridge
+    from dist_quant.bridge.io import SafetensorsReader, load_hf_weights
+    from dist_quant.calibrate.pipeline import amax_reducer
+    from dist_quant.export import export_hf
+    from dist_quant.parallel import megatron_compat
+    from dist_quant.parallel.groups import ParallelGroups
+    from dist_quant.quantizer import TensorQuantizer
+
+    # megatron-core warns about every optional accelerator it lacks (Apex, Transformer Engine) on every rank.
+    warnings.filterwarnings("ignore", module=r"megatron(\.|$)")
+    timer = Timer()
+    started = time.perf_counter()
+    device = init_distributed()
+    lead = rank() == 0
+    with timer.stage("setup"):
+        megatron_compat.initialize(args.tp, args.ep, args.etp)
+        groups = ParallelGroups.from_megatron()
+        checkpoint = Path(args.hf_model) if args.hf_model else _builtin_checkpoint(args.model, args.seed)
+        bridge = ModelBridge.from_hf(checkpoint)
+        megatron_compat.seed(args.seed)
+        model = bridge.build(args.tp, args.ep, args.etp).to(device).eval()
+        load_hf_weights(model, bridge, SafetensorsReader(checkpoint), groups)
+        batches = calibration_batches(args, checkpoint, bridge.hf_config["vocab_size"], groups.rank("dp"), groups.size("dp"))
+    mask = megatron_compat.causal_attention_mask(args.seq_len, device)
+
+    def forward_loop(m):
+        for tokens in tqdm(batches, desc="calibrating", unit="batch", disable=not lead):
+            tokens = tokens.to(device)
+            positions = torch.arange(tokens.shape[1], device=device)[None].expand_as(tokens)
+            m(tokens, positions, mask[..., : tokens.shape[1], : tokens.shape[1]])
+
+    with timer.stage("calibrate"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            quantize(model, args.recipe, forward_loop, groups)
+    bootstrapped = _count(sum(int(str(w.message).split()[0]) for w in caught if "bootstrapped" in str(w.message)))
+    collectives = amax_reducer(model).collectives
+    with timer.stage("export"):
+        progress = tqdm(desc="exporting", unit="tensor", disable=not lead)
+        out = export_hf(model, bridge, args.out, groups, source_dir=checkpoint, overwrite=args.overwrite, on_tensor=lambda _: progress.update())
+        progress.close()
+    errors = weight_error_by_type(model)
+    kinds: dict[str, int] = {}
+    for name, q in model.named_modules():
+        if isinstance(q, TensorQuantizer) and q.enabled:
+            role = name.rsplit(".", 1)[-1].replace("_quantizer", "")
+            key = f"{role} {q.fmt.describe()}" + (" (constant amax)" if q.fmt.use_constant_amax else "")
+            kinds[key] = kinds.get(key, 0) + 1
+    if lead:
+        _print_summary(args, out, kinds, bootstrapped, collectives, timer, errors, time.perf_counter() - started)
+    return out
+
+
+def _print_summary(args, out, kinds, bootstrapped, collectives, timer, errors, total) -> None:
+    lines = [
+        "",
+        f"dist-quant calibrate: {args.model or args.hf_model}, recipe {args.recipe}, TP {args.tp} x EP {args.ep}"
+        f" on {world_size()} ranks",
+        "  quantizers on rank 0 by kind and format:",
+        *[f"    {count:6d}  {kind}" for kind, count in sorted(kinds.items())],
+        f"  experts' activation quantizers bootstrapped (no calibration tokens): {bootstrapped}",
+        f"  amax all-reduces issued by the calibration syncs on rank 0: {collectives}",
+        "  weight quantization error (relative MSE) by layer type:",
+        *[f"    {kind:14s} {value:.3e}" for kind, value in errors.items()],
+        "  time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in timer.stages.items()) + f"; total {total:.1f} s",
+        f"  checkpoint: {out}  (check it with: dist-quant inspect {out})",
+    ]
+    print("\n".join(lines), flush=True)

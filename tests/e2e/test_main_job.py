@@ -1,0 +1,69 @@
+"""The README's main job, run as a user would: torchrun, the CLI, a checkpoint that verifies; bad invocations."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dist_quant.export import verify
+
+pytestmark = pytest.mark.xdist_group("e2e")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(*args, timeout=300):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def _torchrun(ranks, *args):
+    return _run("-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "-m", "dist_quant.cli", "calibrate", *args)
+
+
+def test_readme_main_job_at_small_size(tmp_path):
+    out = tmp_path / "tiny-qwen3-moe-nvfp4"
+    result = _torchrun(4, "--model", "tiny-qwen3-moe", "--recipe", "nvfp4_default-fp8_cast_kv", "--tp", "2", "--ep", "2",
+                       "--calib-samples", "8", "--seq-len", "32", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = verify(out)
+    assert summary["quant_algo"] == "NVFP4" and summary["kv_cache_quant_algo"] == "FP8"
+    for line in ("TP 2 x EP 2 on 4 ranks", "weight quantization error", "experts fc1", "time per stage", f"checkpoint: {out}"):
+        assert line in result.stdout, line
+    assert "UserWarning" not in result.stderr  # megatron's optional-dependency warnings stay quiet
+
+
+def test_hf_style_data_file_and_fp8_on_two_ranks(tmp_path):
+    data = tmp_path / "calib.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"sample {i}: the quick brown fox {i * i}"}) for i in range(20)))
+    out = tmp_path / "fp8"
+    result = _torchrun(2, "--model", "tiny-qwen3", "--recipe", "fp8_default-fp8_cast_kv", "--tp", "2",
+                       "--calib-data", str(data), "--calib-samples", "4", "--seq-len", "16", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert verify(out)["quant_algo"] == "FP8" and "mlp fc1" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--recipe", "nvfp4_defualt"], "no built-in recipe of that name"),
+        (["--tp", "2", "--ep", "2"], "world size 1 cannot hold --tp 2 --ep 2"),
+        (["--calib-data", "no/such/file.txt"], "--calib-data no/such/file.txt: no such file"),
+        (["--out", "."], "--out . exists: pass --overwrite"),
+        (["--model", "tiny-gpt5"], "--model tiny-gpt5: unknown; built-in models: tiny-qwen3, tiny-qwen3-moe"),
+    ],
+    ids=["unknown-recipe", "world-size", "missing-data", "output-exists", "unknown-model"],
+)
+def test_bad_invocations_fail_with_one_line(tmp_path, args, message):
+    base = {"--model": "tiny-qwen3-moe", "--recipe": "nvfp4_default-fp8_cast_kv", "--out": str(tmp_path / "x")}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    result = _run("-m", "dist_quant.cli", "calibrate", *[item for pair in base.items() for item in pair])
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("dist-quant: error:") and message in result.stderr
+
+
+def test_qat_refit_example_runs_and_agrees():
+    result = _run("launch/qat_refit_example.py", "--steps", "3", "--recalibrate", "1", "--refit", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 3" in result.stdout and "refit: HF vs Megatron logits differ by" in result.stdout
