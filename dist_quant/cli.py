@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         args.run(args)
     except (RecipeError, VerificationError, FileNotFoundError, JobError, BridgeError, CalibrationError, ExportError) as error:
         if rank() == 0:
-            print(f"dist-quant: error: {str(error).splitlines()[0]}", file=sys.stderr)
+            print(f"dist-quant: error: {error}", file=sys.stderr)
         return 2
     return 0
 
