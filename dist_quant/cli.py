@@ -89,6 +89,9 @@ def _add_calibrate(commands) -> None:
     calibrate.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory to write")
     calibrate.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     calibrate.add_argument("--seed", type=int, default=0, help="seed of the built-in models' random weights (default 0)")
+    calibrate.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="float32", help="model dtype on the ranks (default float32)"
+    )
     calibrate.set_defaults(run=_calibrate)
 
 

@@ -38,6 +38,11 @@ def builtin_models() -> list[str]:
     return sorted(p.stem for p in CONFIGS.glob("*.json")) if CONFIGS.is_dir() else []
 
 
+def config_dtype(name: str) -> str:
+    """The dtype a built-in config asks for (`torch_dtype`), float32 by default."""
+    return json.loads((CONFIGS / f"{name}.json").read_text()).get("torch_dtype", "float32")
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -100,7 +105,7 @@ def _builtin_checkpoint(name: str, seed: int) -> Path:
 
         config = transformers.AutoConfig.for_model(**json.loads((CONFIGS / f"{name}.json").read_text()))
         torch.manual_seed(seed)
-        model = transformers.AutoModelForCausalLM.from_config(config)
+        model = transformers.AutoModelForCausalLM.from_config(config).to(getattr(torch, config_dtype(name)))
         partial = Path(tempfile.mkdtemp(dir=directory.parent))
         model.save_pretrained(partial)
         if directory.exists():
@@ -207,7 +212,9 @@ def run(args: argparse.Namespace) -> Path | None:
         checkpoint = Path(args.hf_model) if args.hf_model else _builtin_checkpoint(args.model, args.seed)
         bridge = ModelBridge.from_hf(checkpoint)
         megatron_compat.seed(args.seed)
-        model = bridge.build(args.tp, args.ep, args.etp).to(device).eval()
+        dtype = getattr(torch, args.dtype)
+        # megatron's local spec builds norms in float32 whatever params_dtype says: cast the whole model after.
+        model = bridge.build(args.tp, args.ep, args.etp, dtype).to(device=device, dtype=dtype).eval()
         load_hf_weights(model, bridge, SafetensorsReader(checkpoint), groups)
         batches = calibration_batches(args, checkpoint, bridge.hf_config["vocab_size"], groups.rank("dp"), groups.size("dp"))
     mask = megatron_compat.causal_attention_mask(args.seq_len, device)

@@ -247,6 +247,16 @@ def amax_reducer(model: nn.Module) -> AmaxReducer:
     return _calibration(model)[0]
 
 
+def cache_fake_quant_weights(model: nn.Module, enabled: bool = True) -> None:
+    """Inference with fake quantization: keep each fake-quantized weight until the weight or its amax change,
+    instead of recomputing it every forward. Costs one more copy of the quantized weights in memory; training
+    (grad enabled) always recomputes."""
+    for _, module in quant_modules(model):
+        for quantizer, _ in module.weight_quantizers():
+            quantizer.cache_output = enabled
+            quantizer._cache = None
+
+
 def promote(model: nn.Module) -> None:
     for _, q in quantizers(model):
         q.mode = QuantizerMode.QUANTIZING if q.enabled else QuantizerMode.DISABLED

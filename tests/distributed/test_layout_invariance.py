@@ -4,6 +4,7 @@ Every layout is built from one set of full weights, written by the TP1/EP1 refer
 same data; results are compared in logical (unsharded) names.
 """
 
+import os
 import re
 
 import pytest
@@ -13,6 +14,8 @@ from tests.distributed import workers
 from dist_quant.parallel.spawn import run_ranks
 
 pytestmark = pytest.mark.xdist_group("megatron")
+# gloo on CPU here and in CI; DIST_QUANT_TEST_BACKEND=nccl runs the same tests on one GPU per rank.
+BACKEND = os.environ.get("DIST_QUANT_TEST_BACKEND", "gloo")
 
 # name -> (world size, TP, EP, ETP, each DP rank gets its own share of the data)
 LAYOUTS = {
@@ -28,7 +31,7 @@ MODELS = ("dense", "moe")
 @pytest.fixture(scope="module")
 def full_weights(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("weights") / "full.pt")
-    return path, run_ranks(1, workers.reference, path)[0]
+    return path, run_ranks(1, workers.reference, path, backend=BACKEND)[0]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +44,7 @@ def layout_reports(full_weights):
     path, _ = full_weights
     reports = {}
     for name, (world, tp, ep, etp, split) in LAYOUTS.items():
-        ranks = run_ranks(world, workers.run_layout, tp, ep, etp, path, split, name == "tp2xep2")
+        ranks = run_ranks(world, workers.run_layout, tp, ep, etp, path, split, name == "tp2xep2", backend=BACKEND)
         reports[name] = ranks[0]
         for other in ranks[1:]:  # every rank assembled the same logical state
             for kind in MODELS:
@@ -131,7 +134,7 @@ def test_experts_that_get_no_tokens_are_bootstrapped_from_their_siblings(layout_
 
 
 def test_bad_input_fails_on_every_rank_with_a_clear_error():
-    messages = run_ranks(2, workers.error_cases)
+    messages = run_ranks(2, workers.error_cases, backend=BACKEND)
     for rank_messages in messages:
         assert "world size 2 cannot hold TP=2, EP=2, ETP=2" in rank_messages["world"]
         assert "calibration data held NaN or Inf" in rank_messages["nan"]

@@ -36,6 +36,11 @@ RECIPE = {
 }
 
 
+def device() -> torch.device:
+    """The GPU of this rank under NCCL, else the CPU (gloo)."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def build_model(moe: bool, expert_bias: bool = False, num_layers: int = 2):
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
@@ -55,7 +60,8 @@ def build_model(moe: bool, expert_bias: bool = False, num_layers: int = 2):
         moe_router_score_function="sigmoid" if expert_bias else "softmax", moe_router_enable_expert_bias=expert_bias,
     )
     spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False, qk_layernorm=True)
-    model = GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=64, position_embedding_type="rope").eval()
+    model = GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=64, position_embedding_type="rope")
+    model = model.to(device()).eval()
     if expert_bias:  # a router that never picks the dead experts
         for layer in model.decoder.layers:
             layer.mlp.router.expert_bias[list(DEAD_EXPERTS)] = -1e4
@@ -68,8 +74,9 @@ def batches(seed: int = 0, count: int = 3) -> list[torch.Tensor]:
 
 
 def _forward(model, tokens):
-    positions = torch.arange(SEQ)[None].expand(tokens.shape[0], SEQ)
-    return model(tokens, positions, megatron_compat.causal_attention_mask(SEQ, "cpu"))
+    tokens = tokens.to(device())
+    positions = torch.arange(SEQ, device=tokens.device)[None].expand(tokens.shape[0], SEQ)
+    return model(tokens, positions, megatron_compat.causal_attention_mask(SEQ, tokens.device))
 
 
 def _logical_names(model, groups: ParallelGroups):
@@ -90,7 +97,7 @@ def _param_shard(param, groups: ParallelGroups):
 
 def full_state(model) -> dict[str, torch.Tensor]:
     """Weights and buffers of an unsharded (TP1/EP1) model."""
-    return {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    return {k: v.cpu().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
 
 
 def load_full_state(model, full: dict[str, torch.Tensor], groups: ParallelGroups) -> None:
@@ -115,15 +122,15 @@ def logits(model, tokens, groups: ParallelGroups) -> torch.Tensor:
         local = _forward(model, tokens)
     pieces = [torch.empty_like(local) for _ in range(groups.size("tp"))]
     if groups.tp is None:
-        return local
+        return local.cpu()
     dist.all_gather(pieces, local.contiguous(), group=groups.tp)
-    return torch.cat(pieces, -1)
+    return torch.cat(pieces, -1).cpu()
 
 
 def logical_quant_state(model, groups: ParallelGroups) -> dict[str, torch.Tensor]:
     """Every amax buffer under its logical name, assembled from all ranks (replicas must agree bit for bit)."""
     local = [
-        (key, getattr(q, buffer).clone(), split and split[:2], groups.rank(split[2]) if split else 0)
+        (key, getattr(q, buffer).cpu().clone(), split and split[:2], groups.rank(split[2]) if split else 0)
         for key, q, buffer, split in quantizer_buffers(model)
         if getattr(q, buffer) is not None
     ]
@@ -226,7 +233,9 @@ def error_cases() -> dict:
     model = build_model(moe=False)
     if rank == 1:  # bad activations on one rank only
         qkv = model.decoder.layers[1].self_attention.linear_qkv
-        qkv.register_forward_hook(lambda mod, inp, out: (out[0].index_fill(-1, torch.tensor([3]), float("nan")), out[1]))
+        qkv.register_forward_hook(
+            lambda mod, inp, out: (out[0].index_fill(-1, torch.tensor([3], device=out[0].device), float("nan")), out[1])
+        )
     try:
         quantize(model, RECIPE, lambda m: [_forward(m, t) for t in batches()])
     except CalibrationError as error:

@@ -136,3 +136,18 @@ def test_bound_amax_is_written_in_place(gen):
     q.bind_amax(arena[1])
     q.calibrate_from(torch.tensor([-2.5, 1.0]))
     assert arena.tolist() == [0.0, 2.5, 0.0] and q._amax.data_ptr() == arena[1:].data_ptr()
+
+
+def test_cached_output_follows_the_input_and_the_amax(gen):
+    w = spread(gen, (8, 32))
+    q = _calibrated(NVFP4_DYNAMIC, [w])
+    q.cache_output = True
+    with torch.no_grad():
+        first = q(w)
+        assert q(w) is first  # unchanged: served from the cache
+        w.mul_(2.0)  # in place: the version counter moves
+        assert torch.equal(q(w), nvfp4_fake_quant(w, q._amax))
+        q._amax.mul_(2.0)
+        assert torch.equal(q(w), nvfp4_fake_quant(w, q._amax))
+    x = w.clone().requires_grad_()
+    assert q(x) is not q._cache[1]  # training never reads the cache
