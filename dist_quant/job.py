@@ -163,7 +163,14 @@ class Timer:
         self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - start
 
 
-def weight_error_by_type(model) -> dict[str, float]:
+def _sum_over_ranks(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Summed over every rank (on the collective backend's device: NCCL needs CUDA tensors)."""
+    values = values.to(device)
+    dist.all_reduce(values)
+    return values.cpu()
+
+
+def weight_error_by_type(model, device: torch.device) -> dict[str, float]:
     """Relative MSE ||fq(w) - w||^2 / ||w||^2 of every quantized weight, per layer type, over all ranks."""
     from dist_quant.calibrate.pipeline import quant_modules
 
@@ -177,14 +184,8 @@ def weight_error_by_type(model) -> dict[str, float]:
                     if kind is not None:
                         error = (quantizer(weight).double() - weight.double()).square().sum()
                         sums[:, types.index(kind)] += torch.stack([error, weight.double().square().sum()]).cpu()
-    dist.all_reduce(sums)  # every replica adds the whole model: the ratio is unchanged
+    sums = _sum_over_ranks(sums, device)  # every replica adds the whole model: the ratio is unchanged
     return {t: (sums[0, i] / sums[1, i]).item() for i, t in enumerate(types) if sums[1, i] > 0}
-
-
-def _count(value: int) -> int:
-    tensor = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(tensor)
-    return int(tensor.item())
 
 
 def run(args: argparse.Namespace) -> Path | None:
@@ -229,13 +230,14 @@ def run(args: argparse.Namespace) -> Path | None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             quantize(model, args.recipe, forward_loop, groups)
-    bootstrapped = _count(sum(int(str(w.message).split()[0]) for w in caught if "bootstrapped" in str(w.message)))
+    local = sum(int(str(w.message).split()[0]) for w in caught if "bootstrapped" in str(w.message))
+    bootstrapped = int(_sum_over_ranks(torch.tensor([float(local)]), device).item())
     collectives = amax_reducer(model).collectives
     with timer.stage("export"):
         progress = tqdm(desc="exporting", unit="tensor", disable=not lead)
         out = export_hf(model, bridge, args.out, groups, source_dir=checkpoint, overwrite=args.overwrite, on_tensor=lambda _: progress.update())
         progress.close()
-    errors = weight_error_by_type(model)
+    errors = weight_error_by_type(model, device)
     kinds: dict[str, int] = {}
     for name, q in model.named_modules():
         if isinstance(q, TensorQuantizer) and q.enabled:

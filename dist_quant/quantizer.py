@@ -66,7 +66,7 @@ class QuantizerMode(enum.Enum):
 
 
 def _running_max(current: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
-    return new if current is None else torch.maximum(current, new)
+    return new if current is None else torch.maximum(current, new, out=current)
 
 
 class MaxCalibrator:
@@ -85,7 +85,7 @@ class MaxCalibrator:
             return
         x = x.detach()
         if self.fmt.axis is None:
-            amax = x.abs().amax().float()
+            amax = torch.linalg.vector_norm(x, float("inf"), dtype=torch.float32)  # max |x| in one kernel
         else:
             axis = self.fmt.axis % x.dim()
             amax = x.abs().amax(dim=[d for d in range(x.dim()) if d != axis], keepdim=True).float()
