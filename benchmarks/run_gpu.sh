@@ -43,8 +43,8 @@ step moe_1b_inspect python3 -m dist_quant.cli inspect "$OUT_1B"
   echo "- command: \`${E2E[*]}\`"
   echo
   echo '```'
-  sed -n '/^dist-quant calibrate:/,/checkpoint:/p' "$LOG"
-  sed -n '/^.*: NVFP4 weights/,/verify:/p' "$LOG"
+  tr '\r' '\n' < "$LOG" | sed -n '/dist-quant calibrate: moe-1b/,/checkpoint:/p'  # tqdm's \r share lines
+  tr '\r' '\n' < "$LOG" | sed -n '/: NVFP4 weights/,/verify:/p'
   echo '```'
 } >> "$RESULTS"
 step bench_sync python3 benchmarks/bench_sync.py --backend nccl --peer-repeats 3 --results "$RESULTS"
