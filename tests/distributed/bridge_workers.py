@@ -66,6 +66,17 @@ def _logits(model, groups: ParallelGroups) -> torch.Tensor:
     return torch.cat(pieces, -1)
 
 
+def loaded_model(path: str, tp: int, ep: int):
+    """megatron's parallel state for the layout, and the checkpoint's model loaded through the bridge."""
+    megatron_compat.initialize(tp, ep)
+    groups = ParallelGroups.from_megatron()
+    bridge = ModelBridge.from_hf(path)
+    megatron_compat.seed(0)  # random init, overwritten by the checkpoint
+    model = bridge.build(tp, ep).eval()
+    load_hf_weights(model, bridge, SafetensorsReader(path), groups)
+    return groups, bridge, model
+
+
 def round_trip(paths: dict[str, str], tp: int, ep: int) -> dict:
     """Per architecture: load the checkpoint into a sharded model, stream it back to rank 0, and run it."""
     megatron_compat.initialize(tp, ep)
@@ -117,12 +128,7 @@ def calibrate_and_export(path: str, out: str, tp: int, ep: int, recipe: str, fai
     from dist_quant.export import export_hf
     from dist_quant.quantizer import QuantizerMode, TensorQuantizer
 
-    megatron_compat.initialize(tp, ep)
-    groups = ParallelGroups.from_megatron()
-    bridge = ModelBridge.from_hf(path)
-    megatron_compat.seed(0)
-    model = bridge.build(tp, ep).eval()
-    load_hf_weights(model, bridge, SafetensorsReader(path), groups)
+    groups, bridge, model = loaded_model(path, tp, ep)
     gen = torch.Generator().manual_seed(11)
     data = [torch.randint(0, 128, (4, SEQ), generator=gen) for _ in range(3)]
     positions = torch.arange(SEQ)[None].expand(4, SEQ)
@@ -163,12 +169,7 @@ def refit_run(path: str, tp: int, ep: int, scope: tuple[str, ...], state_dir: st
     from dist_quant.calibrate.state import save_quant_state
     from dist_quant.refit import refit_stream
 
-    megatron_compat.initialize(tp, ep)
-    groups = ParallelGroups.from_megatron()
-    bridge = ModelBridge.from_hf(path)
-    megatron_compat.seed(0)
-    model = bridge.build(tp, ep).eval()
-    load_hf_weights(model, bridge, SafetensorsReader(path), groups)
+    groups, bridge, model = loaded_model(path, tp, ep)
     quantize(model, weight_only_recipe(scope))
     save_quant_state(model, state_dir, groups)
     report = {"logits": _logits(model, groups), "stream": list(refit_stream(model, bridge, groups))}
@@ -189,12 +190,7 @@ def restore_run(path: str, tp: int, ep: int, scope: tuple[str, ...], state_dir: 
     from dist_quant.calibrate import attach_quantizers
     from dist_quant.calibrate.state import restore_quant_state
 
-    megatron_compat.initialize(tp, ep)
-    groups = ParallelGroups.from_megatron()
-    bridge = ModelBridge.from_hf(path)
-    megatron_compat.seed(0)
-    model = bridge.build(tp, ep).eval()
-    load_hf_weights(model, bridge, SafetensorsReader(path), groups)
+    groups, bridge, model = loaded_model(path, tp, ep)
     attach_quantizers(model, load_recipe(weight_only_recipe(scope)), groups)
     restore_quant_state(model, state_dir, groups)
     return _logits(model, groups)

@@ -10,6 +10,7 @@ from dist_quant.kernels import nvfp4_mse_block_amax as dispatched_sweep
 from dist_quant.numerics import fp8_scale_candidates, nvfp4_fake_quant, nvfp4_mse_block_amax
 from dist_quant.numerics.mse import pairwise_block_sum
 from tests.reference.data import spread
+from tests.reference.hf import tiny_qwen3
 
 interpreted = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="interpreted kernels run where there is no GPU"
@@ -75,13 +76,7 @@ def test_bad_weights_raise_clear_errors():
 
 
 def test_mse_recipe_sweeps_static_weights_with_the_shared_global_amax(gen):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.Qwen3Config(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16,
-    )
-    torch.manual_seed(gen.initial_seed())
-    model = transformers.Qwen3ForCausalLM(config).eval()
+    model = tiny_qwen3(gen)
     quantize(model, "nvfp4_mlp_only_mse-fp8_cast_kv", lambda m: m(torch.randint(0, 128, (2, 8), generator=gen)))
     mlp, attn = model.model.layers[0].mlp, model.model.layers[0].self_attn
     for linear in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):

@@ -13,6 +13,7 @@ from dist_quant.modules.shared import SharedQuantState
 from dist_quant.numerics import nvfp4_fake_quant
 from dist_quant.parallel.groups import ParallelGroups
 from dist_quant.recipe import RecipeError
+from tests.reference.hf import tiny_qwen3
 
 NVFP4 = {"num_bits": "e2m1", "block_sizes": {-1: 16}}
 H = 32
@@ -155,13 +156,7 @@ def test_a_state_from_another_model_is_not_trusted(gen):
 
 
 def test_real_qwen3_attention_and_mlp_siblings(gen):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.Qwen3Config(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16,
-    )
-    torch.manual_seed(gen.initial_seed())
-    model = transformers.Qwen3ForCausalLM(config).eval()
+    model = tiny_qwen3(gen)
     tokens = torch.randint(0, 128, (2, 8), generator=gen)
     quantize(model, "nvfp4_default-fp8_cast_kv", lambda m: m(tokens))
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
