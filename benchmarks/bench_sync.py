@@ -11,25 +11,21 @@ table and appends it to benchmarks/RESULTS.md (or --results).
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import platform
 import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _common import DEFAULT_RESULTS, append_results, command_line, md_table, utc_now
 
-import torch  # noqa: E402
+import torch  # noqa: E402  (after _common put the repository on sys.path)
 import torch.distributed as dist  # noqa: E402
 
 from dist_quant.parallel.groups import ParallelGroups  # noqa: E402
 from dist_quant.parallel.reduce import AmaxReducer  # noqa: E402
 from dist_quant.parallel.spawn import run_ranks  # noqa: E402
 from dist_quant.quantizer import FP8, QuantFormat, TensorQuantizer  # noqa: E402
-
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-
 
 def _timed(fn, device: torch.device, repeats: int) -> float:
     """Median seconds of fn over repeats, every rank starting together."""
@@ -103,7 +99,7 @@ def main() -> None:
     parser.add_argument("--quantizers", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=20, help="timed repeats of the fast methods (median)")
     parser.add_argument("--peer-repeats", type=int, default=1, help="timed repeats of the per-quantizer loop")
-    parser.add_argument("--results", default=RESULTS, help="markdown file the results are appended to")
+    parser.add_argument("--results", default=str(DEFAULT_RESULTS), help="markdown file the results are appended to")
     args = parser.parse_args()
     if args.backend == "nccl" and torch.cuda.device_count() < args.ranks:
         sys.exit(f"bench_sync: --backend nccl needs {args.ranks} GPUs, found {torch.cuda.device_count()}")
@@ -115,27 +111,23 @@ def main() -> None:
     ours = results["dist_quant flat buffer: AmaxReducer.sync()"][0]
     machine = torch.cuda.get_device_name() if args.backend == "nccl" else f"{platform.processor() or 'CPU'}, {os.cpu_count()} cores"
     rows = [
-        f"| {name} | {seconds * 1e3:,.3f} | {collectives} | {peer / seconds:,.0f}x |"
+        [name, f"{seconds * 1e3:,.3f}", collectives, f"{peer / seconds:,.0f}x"]
         for name, (seconds, collectives) in results.items()
     ]
     target = 1000
     section = "\n".join([
-        f"\n## bench_sync: one amax sync, {args.quantizers:,} quantizers, {args.ranks} ranks, {args.backend} "
-        f"({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)\n",
+        f"## bench_sync: one amax sync, {args.quantizers:,} quantizers, {args.ranks} ranks, {args.backend} ({utc_now()})",
+        "",
         f"- machine: {machine}; torch {torch.__version__}, python {platform.python_version()}",
-        f"- command: `{' '.join([os.path.basename(sys.executable)] + sys.argv)}`",
+        f"- command: `{command_line()}`",
         f"- headline: flat buffer {peer / ours:,.0f}x faster than one all-reduce per quantizer "
         f"(target >= {target:,}x): {'PASS' if peer / ours >= target else 'MISS'}; every method checked to give the "
         "max over ranks",
         "",
-        "| method | ms (median) | all-reduces | speedup vs per-quantizer |",
-        "|---|---|---|---|",
-        *rows,
-        "",
+        md_table(["method", "ms (median)", "all-reduces", "speedup vs per-quantizer"], rows),
     ])
     print(section)
-    with open(args.results, "a") as f:
-        f.write(section)
+    append_results(args.results, section)
 
 
 if __name__ == "__main__":

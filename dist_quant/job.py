@@ -8,7 +8,6 @@ import datetime
 import json
 import os
 import re
-import socket
 import tempfile
 import time
 import warnings
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from dist_quant.parallel.spawn import free_port
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "models"
 _LAYER_TYPES = (
@@ -78,17 +79,11 @@ def validate(args: argparse.Namespace) -> None:
     load_recipe(args.recipe)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed() -> torch.device:
     """NCCL with one GPU per rank where CUDA exists, gloo on CPU; a lone process without torchrun works too."""
     if not dist.is_initialized():
         if "RANK" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -13,7 +13,7 @@ from torch import nn
 
 from dist_quant.bridge.mappings import BridgeError, ShardInfo
 from dist_quant.bridge.models import ModelBridge
-from dist_quant.modules.megatron import global_layer_names, logical_name
+from dist_quant.modules.megatron import experts_per_rank, logical_namer
 from dist_quant.parallel.groups import ParallelGroups
 from dist_quant.parallel.layout import unshard
 
@@ -77,23 +77,18 @@ class StateDictReader:
         return tensor if dim is None else tensor.narrow(dim, start, stop - start)
 
 
-def _experts_per_rank(model: nn.Module) -> int:
-    return max((len(m) for n, m in model.named_modules() if n.endswith("local_experts")), default=0)
-
-
 def shard_info(model: nn.Module, groups: ParallelGroups) -> ShardInfo:
     return ShardInfo(
         tp_rank=groups.rank("tp"), tp_size=groups.size("tp"), etp_rank=groups.rank("etp"),
-        etp_size=groups.size("etp"), ep_rank=groups.rank("ep"), experts_per_rank=_experts_per_rank(model),
+        etp_size=groups.size("etp"), ep_rank=groups.rank("ep"), experts_per_rank=experts_per_rank(model),
     )
 
 
 def _state(model: nn.Module, ep_rank: int, quant_state: bool = False) -> dict[str, torch.Tensor]:
     """Parameters and persistent buffers under their logical names; quantizer buffers only with quant_state."""
-    names = global_layer_names(model)
-    experts = _experts_per_rank(model)
+    logical_name = logical_namer(model, ep_rank)
     return {
-        logical_name(name, names, ep_rank, experts): tensor
+        logical_name(name): tensor
         for name, tensor in model.state_dict(keep_vars=True).items()
         if isinstance(tensor, torch.Tensor)
         and not name.endswith("_extra_state")

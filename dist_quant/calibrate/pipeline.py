@@ -16,7 +16,6 @@ import warnings
 from typing import Callable, Iterator
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from dist_quant.calibrate.shared import form_shared_states
@@ -59,22 +58,14 @@ def _megatron_kinds() -> dict:
     return megatron_layer_kinds() if megatron_loaded() else {}
 
 
-def _experts_per_rank(model: nn.Module) -> int:
-    counts = {len(m) for n, m in model.named_modules() if n.endswith("local_experts")}
-    if len(counts) > 1:
-        raise ValueError(f"MoE layers with different numbers of local experts: {sorted(counts)}")
-    return counts.pop() if counts else 0
-
-
 def attach_quantizers(model: nn.Module, recipe: Recipe, groups: ParallelGroups | None = None) -> int:
     """Convert every quantizable layer (megatron parallel linears and core attention, nn.Linear) in place,
     configured by the recipe. -> number of enabled quantizers."""
-    from dist_quant.modules.megatron import convert_megatron_module, global_layer_names, layout_for, logical_name
+    from dist_quant.modules.megatron import convert_megatron_module, layout_for, logical_namer
 
     groups = groups or default_groups()
     kinds = _megatron_kinds()
-    layer_names = global_layer_names(model) if kinds else {}
-    ep_rank, experts_per_rank = groups.rank("ep"), _experts_per_rank(model)
+    logical_name = logical_namer(model, groups.rank("ep"))
     enabled = 0
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantModule):
@@ -95,8 +86,7 @@ def attach_quantizers(model: nn.Module, recipe: Recipe, groups: ParallelGroups |
         if kind is None:
             convert_linear(module, formats, name)
         else:
-            logical = logical_name(name, layer_names, ep_rank, experts_per_rank)
-            convert_megatron_module(module, kinds[kind][0], formats, layout_for(module, logical))
+            convert_megatron_module(module, kinds[kind][0], formats, layout_for(module, logical_name(name)))
     if enabled == 0:
         raise RecipeError(f"recipe {recipe.source} enables no quantizer in this model")
     return enabled

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from contextlib import contextmanager
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -63,22 +63,32 @@ class QuantDotProductAttention(QuantMegatronModule):
         return iter(())
 
 
-def global_layer_names(model: nn.Module) -> dict[str, str]:
-    """Module-name prefix `...layers.N.` -> the same with N = the layer's global number (pipeline offset)."""
-    names = {}
+def experts_per_rank(model: nn.Module) -> int:
+    """Local experts of each MoE layer on this rank (0 without MoE)."""
+    counts = {len(m) for n, m in model.named_modules() if n.endswith("local_experts")}
+    if len(counts) > 1:
+        raise ValueError(f"MoE layers with different numbers of local experts: {sorted(counts)}")
+    return counts.pop() if counts else 0
+
+
+def logical_namer(model: nn.Module, ep_rank: int) -> Callable[[str], str]:
+    """Local module / parameter name -> its name in the unsharded model: global layer number (pipeline offset,
+    from `layer_number`) and global expert number (EP rank x local experts + local index)."""
+    layers = {}
     for name, module in model.named_modules():
         match = _LAYER.search(name + ".")
         if match and match.end() == len(name) + 1 and hasattr(module, "layer_number"):
-            names[name + "."] = name[: match.start(2)] + f"{module.layer_number - 1}."
-    return names
+            layers[name + "."] = name[: match.start(2)] + f"{module.layer_number - 1}."
+    first_expert = ep_rank * experts_per_rank(model)
 
+    def logical(name: str) -> str:
+        for local, global_ in layers.items():
+            if name.startswith(local):
+                name = global_ + name[len(local):]
+                break
+        return _LOCAL_EXPERT.sub(lambda m: f".local_experts.{first_expert + int(m.group(1))}.", name)
 
-def logical_name(name: str, layer_names: Mapping[str, str], ep_rank: int, experts_per_rank: int) -> str:
-    for local, logical in layer_names.items():
-        if name.startswith(local):
-            name = logical + name[len(local):]
-            break
-    return _LOCAL_EXPERT.sub(lambda m: f".local_experts.{ep_rank * experts_per_rank + int(m.group(1))}.", name)
+    return logical
 
 
 def _linear_layout(module: nn.Module, logical: str) -> Layout:

@@ -6,12 +6,12 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from dist_quant.bridge import BridgeError, ModelBridge
 from dist_quant.bridge.io import SafetensorsReader, export_hf_stream, load_hf_weights
 from dist_quant.parallel import megatron_compat
 from dist_quant.parallel.groups import ParallelGroups
+from tests.distributed.workers import logits
 
 ARCHS = ("llama", "qwen3", "qwen3_moe")
 SEQ = 8
@@ -55,15 +55,7 @@ def write_checkpoints(root: Path) -> dict:
 
 
 def _logits(model, groups: ParallelGroups) -> torch.Tensor:
-    tokens = probe_tokens()
-    positions = torch.arange(SEQ)[None].expand(tokens.shape[0], SEQ)
-    with torch.no_grad():
-        local = model(tokens, positions, megatron_compat.causal_attention_mask(SEQ, "cpu"))
-    if groups.tp is None:
-        return local
-    pieces = [torch.empty_like(local) for _ in range(groups.size("tp"))]
-    dist.all_gather(pieces, local.contiguous(), group=groups.tp)
-    return torch.cat(pieces, -1)
+    return logits(model, probe_tokens(), groups)
 
 
 def loaded_model(path: str, tp: int, ep: int):
@@ -113,12 +105,6 @@ def load_errors(path: str, scratch: str) -> dict:
         except BridgeError as error:
             messages[case] = str(error)
     return messages
-
-
-def _probe_forward(model):
-    tokens = probe_tokens()
-    positions = torch.arange(SEQ)[None].expand(tokens.shape[0], SEQ)
-    return model(tokens, positions, megatron_compat.causal_attention_mask(SEQ, "cpu"))
 
 
 def calibrate_and_export(path: str, out: str, tp: int, ep: int, recipe: str, fail_after: int | None = None) -> dict:

@@ -9,6 +9,7 @@ import torch.distributed as dist
 from dist_quant import quantize
 from dist_quant.calibrate.pipeline import CalibrationError, amax_reducer
 from dist_quant.calibrate.state import assemble, quantizer_buffers
+from dist_quant.modules.megatron import logical_namer
 from dist_quant.parallel import megatron_compat
 from dist_quant.parallel.groups import ParallelGroups
 from dist_quant.parallel.layout import shard
@@ -75,16 +76,9 @@ def batches(seed: int = 0, count: int = 3) -> list[torch.Tensor]:
 
 def _forward(model, tokens):
     tokens = tokens.to(device())
-    positions = torch.arange(SEQ, device=tokens.device)[None].expand(tokens.shape[0], SEQ)
-    return model(tokens, positions, megatron_compat.causal_attention_mask(SEQ, tokens.device))
-
-
-def _logical_names(model, groups: ParallelGroups):
-    from dist_quant.modules.megatron import global_layer_names, logical_name
-
-    experts = max((len(m) for n, m in model.named_modules() if n.endswith("local_experts")), default=0)
-    layer_names = global_layer_names(model)
-    return lambda name: logical_name(name, layer_names, groups.rank("ep"), experts)
+    batch, seq = tokens.shape
+    positions = torch.arange(seq, device=tokens.device)[None].expand(batch, seq)
+    return model(tokens, positions, megatron_compat.causal_attention_mask(seq, tokens.device))
 
 
 def _param_shard(param, groups: ParallelGroups):
@@ -102,7 +96,7 @@ def full_state(model) -> dict[str, torch.Tensor]:
 
 def load_full_state(model, full: dict[str, torch.Tensor], groups: ParallelGroups) -> None:
     """Give a sharded model this rank's pieces of the full weights."""
-    logical = _logical_names(model, groups)
+    logical = logical_namer(model, groups.rank("ep"))
     params = dict(model.named_parameters())
     for name, tensor in model.state_dict(keep_vars=True).items():
         if not isinstance(tensor, torch.Tensor):

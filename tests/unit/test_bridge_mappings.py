@@ -34,7 +34,8 @@ def test_fused_qkv_rows_follow_the_spec_formula(gen):
     fused = QKV.to_megatron([q, k, v])
     hpg = NP // NG
     for r in range(fused.shape[0]):  # SPEC.md section 3, written out
-        b, g, s = r // D, (r // D) // (hpg + 2), (r // D) % (hpg + 2)
+        b = r // D
+        g, s = b // (hpg + 2), b % (hpg + 2)
         expected = q[(g * hpg + s) * D + r % D] if s < hpg else (k if s == hpg else v)[g * D + r % D]
         assert torch.equal(fused[r], expected), r
     assert all(torch.equal(a, b) for a, b in zip(QKV.to_hf(fused), (q, k, v)))
