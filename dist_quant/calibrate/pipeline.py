@@ -174,32 +174,36 @@ def bootstrap_unseen(model: nn.Module, groups: ParallelGroups) -> int:
     """Activation amax still 0 after the reduction saw no data anywhere. An expert that received no tokens gets
     the max of its sibling experts (same layer and linear, across EP); anything else is an error.
     -> number of bootstrapped expert quantizers on this rank."""
-    unseen, dead, siblings = [], [], {}
-    for module, attr, q in _activation_quantizers(model):
-        key = f"{module.layout.logical_name}.{attr}"
-        if module.layout.expert:
-            role = _EXPERT_INDEX.sub(".", key)
-            siblings.setdefault(role, []).append(q)
-        elif not q._amax.item() > 0:
-            unseen.append(key)
+    entries = [(f"{m.layout.logical_name}.{attr}", m.layout.expert, q) for m, attr, q in _activation_quantizers(model)]
+    if not entries:
+        return 0
+    seen = (torch.stack([q._amax.reshape(()) for _, _, q in entries]) > 0).tolist()  # one device sync
+    unseen = [key for (key, expert, _), ok in zip(entries, seen) if not expert and not ok]
     if unseen:
         raise CalibrationError(
             f"{len(unseen)} activation quantizers saw no calibration data on any rank: {_name_list(unseen)}; "
             "does forward_loop run every quantized module?"
         )
+    siblings: dict[str, list[tuple[TensorQuantizer, bool]]] = {}
+    for (key, expert, q), ok in zip(entries, seen):
+        if expert:
+            siblings.setdefault(_EXPERT_INDEX.sub(".", key), []).append((q, ok))
     if not siblings:
         return 0
-    reducer = AmaxReducer(groups, next(iter(siblings.values()))[0]._amax.device)
+    reducer = AmaxReducer(groups, entries[0][2]._amax.device)
     for role, members in siblings.items():
-        reducer.register("ep", role, torch.Size([]), lambda view, m=members: view.copy_(torch.stack([q._amax for q in m]).max()))
+        reducer.register("ep", role, torch.Size([]), lambda view, m=members: view.copy_(torch.stack([q._amax for q, _ in m]).max()))
     reducer.allocate()
     reducer.sync(check_finite=False)
     layer_max = reducer.values(reducer.arenas["ep"])
+    positive = dict(zip(layer_max, (torch.stack(list(layer_max.values())) > 0).tolist()))
+    empty = [role for role in siblings if not positive[role]]
+    if empty:
+        raise CalibrationError(f"no expert of {empty[0]} received any calibration token")
+    dead = []
     for role, members in siblings.items():
-        if not layer_max[role].item() > 0:
-            raise CalibrationError(f"no expert of {role} received any calibration token")
-        for q in members:
-            if not q._amax.item() > 0:
+        for q, ok in members:
+            if not ok:
                 q._amax.copy_(layer_max[role])
                 dead.append(q)
     if dead and groups.rank("etp") == 0 and groups.rank("edp") == 0:

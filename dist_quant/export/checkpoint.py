@@ -65,11 +65,15 @@ def _formats(model: nn.Module) -> dict[str, QuantFormat]:
 
 
 def _check_activations(model: nn.Module) -> str | None:
-    for name, q in model.named_modules():
-        if isinstance(q, TensorQuantizer) and q.enabled and not name.endswith("weight_quantizer"):
-            if q._amax is None or not q._amax.item() > 0:
-                return f"{name} has no calibrated amax (it saw no data): calibrate before exporting"
-    return None
+    activations = [
+        (name, q) for name, q in model.named_modules()
+        if isinstance(q, TensorQuantizer) and q.enabled and not name.endswith("weight_quantizer")
+    ]
+    missing = next((name for name, q in activations if q._amax is None), None)
+    if missing is None and activations:
+        seen = (torch.stack([q._amax.reshape(()) for _, q in activations]) > 0).tolist()  # one device sync
+        missing = next((name for (name, _), ok in zip(activations, seen) if not ok), None)
+    return None if missing is None else f"{missing} has no calibrated amax (it saw no data): calibrate before exporting"
 
 
 def _group_by_module(bundles) -> Iterator[tuple[str, list[tuple[str, torch.Tensor]]]]:
