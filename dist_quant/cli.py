@@ -90,7 +90,9 @@ def _add_calibrate(commands) -> None:
     calibrate.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     calibrate.add_argument("--seed", type=int, default=0, help="seed of the built-in models' random weights (default 0)")
     calibrate.add_argument(
-        "--dtype", choices=("float32", "bfloat16"), default="float32", help="model dtype on the ranks (default float32)"
+        "--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+        help="compute dtype on the ranks (default: the checkpoint's, from dtype / torch_dtype in config.json, float32 "
+        "where it names none); unquantized tensors are exported in the checkpoint's own dtypes either way",
     )
     calibrate.set_defaults(run=_calibrate)
 

@@ -39,11 +39,6 @@ def builtin_models() -> list[str]:
     return sorted(p.stem for p in CONFIGS.glob("*.json")) if CONFIGS.is_dir() else []
 
 
-def config_dtype(name: str) -> str:
-    """The dtype a built-in config asks for (`torch_dtype`), float32 by default."""
-    return json.loads((CONFIGS / f"{name}.json").read_text()).get("torch_dtype", "float32")
-
-
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -53,7 +48,8 @@ def rank() -> int:
 
 
 def validate(args: argparse.Namespace) -> None:
-    """Everything checkable before any rank starts heavy work; the same verdict on every rank."""
+    """Everything checkable before any rank starts heavy work, the model's config.json included; the same verdict
+    on every rank. Resolves the default --dtype (the checkpoint's)."""
     from dist_quant.recipe import load_recipe
 
     etp = args.etp or args.tp
@@ -77,6 +73,21 @@ def validate(args: argparse.Namespace) -> None:
     if Path(args.out).exists() and not args.overwrite:
         raise JobError(f"--out {args.out} exists: pass --overwrite to replace it")
     load_recipe(args.recipe)
+    bridge = model_bridge(args)
+    bridge.check_layout(args.tp, args.ep)
+    args.dtype = args.dtype or _dtype_name(bridge.dtype)
+
+
+def model_bridge(args: argparse.Namespace):
+    """The bridge of the model to calibrate, its config.json checked key by key for the calibration length."""
+    from dist_quant.bridge import ModelBridge
+
+    config = Path(args.hf_model) if args.hf_model else CONFIGS / f"{args.model}.json"
+    return ModelBridge.from_hf(config, seq_len=args.seq_len)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def init_distributed() -> torch.device:
@@ -98,9 +109,12 @@ def _builtin_checkpoint(name: str, seed: int) -> Path:
     if rank() == 0 and not (directory / "model.safetensors").is_file():
         import transformers
 
-        config = transformers.AutoConfig.for_model(**json.loads((CONFIGS / f"{name}.json").read_text()))
+        from dist_quant.bridge import ModelBridge
+
+        raw = json.loads((CONFIGS / f"{name}.json").read_text())
+        config = transformers.AutoConfig.for_model(**raw)
         torch.manual_seed(seed)
-        model = transformers.AutoModelForCausalLM.from_config(config).to(getattr(torch, config_dtype(name)))
+        model = transformers.AutoModelForCausalLM.from_config(config).to(ModelBridge.from_hf(raw).dtype)
         partial = Path(tempfile.mkdtemp(dir=directory.parent))
         model.save_pretrained(partial)
         if directory.exists():
@@ -206,7 +220,7 @@ def run(args: argparse.Namespace) -> Path | None:
         megatron_compat.initialize(args.tp, args.ep, args.etp)
         groups = ParallelGroups.from_megatron()
         checkpoint = Path(args.hf_model) if args.hf_model else _builtin_checkpoint(args.model, args.seed)
-        bridge = ModelBridge.from_hf(checkpoint)
+        bridge = ModelBridge.from_hf(checkpoint, seq_len=args.seq_len)
         megatron_compat.seed(args.seed)
         dtype = getattr(torch, args.dtype)
         # megatron's local spec builds norms in float32 whatever params_dtype says: cast the whole model after.

@@ -18,6 +18,18 @@ from dist_quant.parallel.groups import ParallelGroups
 from dist_quant.parallel.layout import unshard
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+    "F8_E4M3": torch.float8_e4m3fn, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+    "I64": torch.int64, "BOOL": torch.bool,
+}
+INDEX_FILE, SINGLE_FILE = "model.safetensors.index.json", "model.safetensors"
+
+
+def has_safetensors(directory: str | Path) -> bool:
+    return (Path(directory) / INDEX_FILE).is_file() or (Path(directory) / SINGLE_FILE).is_file()
+
+
 class SafetensorsReader:
     """A Hugging Face checkpoint directory (single file or sharded with an index), read lazily by slice."""
 
@@ -25,12 +37,12 @@ class SafetensorsReader:
         from safetensors import safe_open
 
         directory = Path(directory)
-        index = directory / "model.safetensors.index.json"
+        index = directory / INDEX_FILE
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
-        elif (directory / "model.safetensors").is_file():
-            with safe_open(directory / "model.safetensors", "pt") as f:
-                weight_map = {name: "model.safetensors" for name in f.keys()}
+        elif (directory / SINGLE_FILE).is_file():
+            with safe_open(directory / SINGLE_FILE, "pt") as f:
+                weight_map = {name: SINGLE_FILE for name in f.keys()}
         else:
             raise BridgeError(f"{directory}: no model.safetensors or model.safetensors.index.json")
         self._files = {name: directory / file for name, file in weight_map.items()}
@@ -50,6 +62,9 @@ class SafetensorsReader:
 
     def shape(self, name: str) -> torch.Size:
         return torch.Size(self._slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        return _SAFETENSORS_DTYPES[self._slice(name).get_dtype()]
 
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int = 0) -> torch.Tensor:
         piece = self._slice(name)

@@ -175,18 +175,18 @@ class QKVMapping(ColumnParallelMapping):
 
     def _per_group(self, q, k, v) -> torch.Tensor:
         hpg, d = self.num_heads // self.num_groups, self.head_dim
-        groups = q.shape[0] // (hpg * d)
-        parts = [q.reshape(groups, hpg * d, -1), k.reshape(groups, d, -1), v.reshape(groups, d, -1)]
-        return torch.cat(parts, 1).reshape(groups * (hpg + 2) * d, -1)
+        groups, tail = q.shape[0] // (hpg * d), q.shape[1:]  # tail: [in] for weights, [] for biases
+        parts = [q.reshape(groups, hpg * d, *tail), k.reshape(groups, d, *tail), v.reshape(groups, d, *tail)]
+        return torch.cat(parts, 1).reshape(groups * (hpg + 2) * d, *tail)
 
     def to_megatron(self, hf):
         return self._per_group(*hf)
 
     def to_hf(self, full):
         hpg, d = self.num_heads // self.num_groups, self.head_dim
-        grouped = full.reshape(self.num_groups, (hpg + 2) * d, -1)
+        grouped = full.reshape(self.num_groups, (hpg + 2) * d, *full.shape[1:])
         q, k, v = grouped.split([hpg * d, d, d], 1)
-        return [t.reshape(-1, full.shape[-1]) for t in (q, k, v)]
+        return [t.reshape(-1, *full.shape[1:]) for t in (q, k, v)]
 
     def load(self, reader, hf_names, info):
         rank, size = info.split(self.expert)

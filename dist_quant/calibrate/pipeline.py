@@ -60,12 +60,16 @@ def _megatron_kinds() -> dict:
 
 def attach_quantizers(model: nn.Module, recipe: Recipe, groups: ParallelGroups | None = None) -> int:
     """Convert every quantizable layer (megatron parallel linears and core attention, nn.Linear) in place,
-    configured by the recipe. -> number of enabled quantizers."""
-    from dist_quant.modules.megatron import convert_megatron_module, layout_for, logical_namer
+    configured by the recipe, with its quantizers on the model's device; routed megatron experts apply their
+    routing weight after linear_fc2 from here on (see RoutedExpertMLP). -> number of enabled quantizers."""
+    from dist_quant.modules.megatron import convert_megatron_module, layout_for, logical_namer, route_after_fc2
 
     groups = groups or default_groups()
     kinds = _megatron_kinds()
+    if kinds:
+        route_after_fc2(model)
     logical_name = logical_namer(model, groups.rank("ep"))
+    device = model_device(model)
     enabled = 0
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantModule):
@@ -82,11 +86,17 @@ def attach_quantizers(model: nn.Module, recipe: Recipe, groups: ParallelGroups |
                     f"recipe {recipe.source}: {prefix + q}: static NVFP4 blocks and per-channel axes apply to "
                     "weights only"
                 )
+        if kind is not None and "weight_quantizer" in kinds[kind][1] and "weight" not in module._parameters:
+            if any(fmt is not None for fmt in formats.values()):
+                raise RecipeError(
+                    f"recipe {recipe.source}: {prefix}*: this layer shares the embedding's weight (tied "
+                    "embeddings), which a checkpoint cannot hold quantized; disable its quantizers"
+                )
         enabled += sum(fmt is not None for fmt in formats.values())
         if kind is None:
             convert_linear(module, formats, name)
         else:
-            convert_megatron_module(module, kinds[kind][0], formats, layout_for(module, logical_name(name)))
+            convert_megatron_module(module, kinds[kind][0], formats, layout_for(module, logical_name(name)), device)
     if enabled == 0:
         raise RecipeError(f"recipe {recipe.source} enables no quantizer in this model")
     return enabled
@@ -256,7 +266,8 @@ def promote(model: nn.Module) -> None:
         q.mode = QuantizerMode.QUANTIZING if q.enabled else QuantizerMode.DISABLED
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters live: every tensor the driver creates goes there."""
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
@@ -270,7 +281,7 @@ def calibrate(
     """Calibrate a model whose quantizers are attached, then switch it to fake quantization. With
     `distributed_sync`, amax are reduced over `groups` (megatron's by default); collective: every rank calls."""
     groups = (groups or default_groups()) if distributed_sync else ParallelGroups()
-    reducer = bind_amax(model, groups, _model_device(model))
+    reducer = bind_amax(model, groups, model_device(model))
     model._dist_quant_calibration = (reducer, recipe, groups)
     collect_statistics(model, forward_loop)
     calibrate_weights(model)

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dist_quant.calibrate.pipeline import model_device
 from dist_quant.modules import QuantModule
 from dist_quant.parallel.groups import ParallelGroups, default_groups
 from dist_quant.parallel.layout import shard, unshard
@@ -93,6 +94,7 @@ def restore_quant_state(model: nn.Module, directory: str | os.PathLike, groups: 
     attached (in this rank's layout), and switch them to fake quantization. -> buffers restored."""
     groups = groups or default_groups()
     full = assemble(_read_files(Path(directory)))
+    device = model_device(model)
     restored = 0
     for key, q, buffer, split in quantizer_buffers(model):
         if key not in full:
@@ -101,6 +103,7 @@ def restore_quant_state(model: nn.Module, directory: str | os.PathLike, groups: 
         if split:
             value = shard(value, split[0], groups.rank(split[2]), groups.size(split[2]), split[1])
         q.load_state_dict({buffer: value}, strict=False)
+        q.to(device)
         restored += 1
     missing = [key for key, q, buffer, _ in quantizer_buffers(model) if buffer == "_amax" and q._amax is None]
     if missing:

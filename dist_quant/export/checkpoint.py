@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 import dist_quant
-from dist_quant.bridge.io import export_hf_bundles
+from dist_quant.bridge.io import SafetensorsReader, export_hf_bundles, has_safetensors
 from dist_quant.bridge.models import ModelBridge
 from dist_quant.export.verify import verify
 from dist_quant.modules import QuantModule
@@ -128,8 +128,9 @@ class _ShardWriter:
 class _ModuleQuantizer:
     """Turns one group of HF tensors (weights and quantizer buffers) into checkpoint tensors."""
 
-    def __init__(self, formats: dict[str, QuantFormat]):
+    def __init__(self, formats: dict[str, QuantFormat], dtype_for: Callable[[str], torch.dtype]):
         self.formats = formats
+        self.dtype_for = dtype_for  # HF name -> the dtype an unquantized tensor is written in
         self.quantized: dict[str, str] = {}  # HF module -> "NVFP4" | "FP8"
         self.excluded: list[str] = []
         self.kv_algos: set[str] = set()
@@ -160,7 +161,7 @@ class _ModuleQuantizer:
         if fmt is None:
             if module and weight.dim() == 2 and not module.endswith("embed_tokens"):
                 self.excluded.append(module)
-            yield name, weight
+            yield name, weight.to(self.dtype_for(name))
             return
         if fmt.axis is not None:
             raise ExportError(f"{module}: per-channel weight scales are not part of the checkpoint format")
@@ -192,11 +193,25 @@ class _ModuleQuantizer:
             yield f"{module}.input_scale", divide(input_amax.float(), divisor).reshape(())
 
 
+def source_dtypes(bridge: ModelBridge, source_dir: str | os.PathLike | None) -> Callable[[str], torch.dtype]:
+    """HF name -> the dtype its tensor has in the source checkpoint; the config's dtype for tensors (or whole
+    checkpoints) not found there."""
+    reader = SafetensorsReader(source_dir) if source_dir is not None and has_safetensors(source_dir) else None
+    stored = set(reader.names()) if reader is not None else set()
+    return lambda name: reader.dtype(name) if name in stored else bridge.dtype
+
+
 def checkpoint_tensors(
-    model: nn.Module, bridge: ModelBridge, groups: ParallelGroups, dst: int = 0, quantizer: _ModuleQuantizer | None = None
+    model: nn.Module,
+    bridge: ModelBridge,
+    groups: ParallelGroups,
+    dst: int = 0,
+    quantizer: _ModuleQuantizer | None = None,
+    source_dir: str | os.PathLike | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) as the checkpoint holds them, on rank `dst`, one module at a time (collective)."""
-    quantizer = quantizer or _ModuleQuantizer(_formats(model))
+    """(name, tensor) as the checkpoint holds them, on rank `dst`, one module at a time (collective).
+    Unquantized tensors keep the dtype they have in `source_dir` (else the config's dtype)."""
+    quantizer = quantizer or _ModuleQuantizer(_formats(model), source_dtypes(bridge, source_dir))
     for megatron_module, items in _group_by_module(export_hf_bundles(model, bridge, groups, dst, quant_state=True)):
         yield from quantizer(megatron_module, items)
 
@@ -234,7 +249,7 @@ def export_hf(
     on_tensor: Callable[[str], None] | None = None,
 ) -> Path | None:
     """Write the calibrated model as a quantized HF checkpoint on rank `dst` (collective: every rank calls).
-    `source_dir`: the HF checkpoint it came from, for tokenizer files. `on_tensor(name)` is called for every
+    `source_dir`: the HF checkpoint it came from, for tokenizer files and the dtypes of unquantized tensors. `on_tensor(name)` is called for every
     tensor written (progress). -> the directory on `dst`, None elsewhere."""
     groups = groups or default_groups()
     me = dist.get_rank() if dist.is_initialized() else 0
@@ -248,7 +263,7 @@ def export_hf(
         if me == dst:
             partial.mkdir(parents=True)
         writer = _ShardWriter(partial, max_shard_bytes) if me == dst else None
-        quantizer = _ModuleQuantizer(_formats(model))
+        quantizer = _ModuleQuantizer(_formats(model), source_dtypes(bridge, source_dir))
         for name, tensor in checkpoint_tensors(model, bridge, groups, dst, quantizer):
             writer.add(name, tensor)
             if on_tensor is not None:

@@ -26,10 +26,10 @@ class QuantLinear(QuantModule):
 
 
 def convert_linear(module: nn.Linear, formats: Mapping[str, QuantFormat | None], name: str) -> nn.Linear:
-    """Turn `module` into a quantized linear in place: parameters, hooks and state_dict keys stay. A plain
-    linear is whole on every rank: its layout is replicated."""
+    """Turn `module` into a quantized linear in place: parameters, hooks and state_dict keys stay; quantizers
+    live on the weight's device. A plain linear is whole on every rank: its layout is replicated."""
     module.__class__ = quantized_class(type(module), QuantLinear)
     module.layout = Layout(name)
     for name in LINEAR_QUANTIZERS:
-        module.add_module(name, TensorQuantizer(formats.get(name)))
+        module.add_module(name, TensorQuantizer(formats.get(name)).to(module.weight.device))
     return module

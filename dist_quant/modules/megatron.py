@@ -63,6 +63,34 @@ class QuantDotProductAttention(QuantMegatronModule):
         return iter(())
 
 
+class RoutedExpertMLP:
+    """An expert MLP that multiplies its routing weight into the output of linear_fc2, as transformers, vLLM,
+    SGLang and TensorRT-LLM do, instead of into its input, as megatron-core does. The fc2 input quantizer then
+    sees the activation the serving engine quantizes; without quantization both orders give the same output."""
+
+    def forward(self, hidden_states, per_token_scale=None, **kwargs):
+        output, bias = super().forward(hidden_states, None, **kwargs)
+        if per_token_scale is None:
+            return output, bias
+        if bias is not None:  # megatron too adds a routed expert's bias before the weighting
+            output, bias = output + bias, None
+        return (output * per_token_scale.unsqueeze(-1)).to(output.dtype), bias
+
+
+def route_after_fc2(model: nn.Module) -> int:
+    """Give every routed expert MLP (megatron `MLP` whose linears are expert linears) the routing weight after
+    linear_fc2. Idempotent. -> number of expert MLPs."""
+    from megatron.core.transformer.mlp import MLP
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, MLP) and getattr(module.linear_fc1, "is_expert", False):
+            if not isinstance(module, RoutedExpertMLP):
+                module.__class__ = quantized_class(type(module), RoutedExpertMLP)
+            count += 1
+    return count
+
+
 def experts_per_rank(model: nn.Module) -> int:
     """Local experts of each MoE layer on this rank (0 without MoE)."""
     counts = {len(m) for n, m in model.named_modules() if n.endswith("local_experts")}
@@ -117,12 +145,12 @@ def megatron_layer_kinds() -> dict[type, tuple[type, tuple[str, ...]]]:
 
 
 def convert_megatron_module(
-    module: nn.Module, mixin: type, formats: Mapping[str, QuantFormat | None], layout: Layout
+    module: nn.Module, mixin: type, formats: Mapping[str, QuantFormat | None], layout: Layout, device: torch.device
 ) -> nn.Module:
     module.__class__ = quantized_class(type(module), mixin)
     module.layout = layout
     for name, fmt in formats.items():
-        module.add_module(name, TensorQuantizer(fmt))
+        module.add_module(name, TensorQuantizer(fmt).to(device))
     return module
 
 

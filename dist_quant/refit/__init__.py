@@ -11,7 +11,7 @@ from torch import nn
 
 from dist_quant.bridge.io import export_hf_stream
 from dist_quant.bridge.models import ModelBridge
-from dist_quant.calibrate.pipeline import promote
+from dist_quant.calibrate.pipeline import model_device, promote
 from dist_quant.export.checkpoint import checkpoint_tensors
 from dist_quant.parallel.groups import ParallelGroups, default_groups
 from dist_quant.quantizer import TensorQuantizer
@@ -60,6 +60,7 @@ def apply_refit(hf_model: nn.Module, stream: Iterable[tuple[str, torch.Tensor]])
     K/V BMM on plain attention) is skipped and counted. -> {"loaded": n, "skipped": n}."""
     state = dict(hf_model.state_dict(keep_vars=True))
     modules = dict(hf_model.named_modules())
+    device = model_device(hf_model)
     loaded = skipped = 0
     with torch.no_grad():
         for name, tensor in stream:
@@ -80,6 +81,7 @@ def apply_refit(hf_model: nn.Module, stream: Iterable[tuple[str, torch.Tensor]])
                 skipped += 1
                 continue
             quantizer.load_state_dict({match.group(2): tensor}, strict=False)
+            quantizer.to(device)
             loaded += 1
     promote(hf_model)
     return {"loaded": loaded, "skipped": skipped}

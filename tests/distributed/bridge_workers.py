@@ -58,15 +58,20 @@ def _logits(model, groups: ParallelGroups) -> torch.Tensor:
     return logits(model, probe_tokens(), groups)
 
 
-def loaded_model(path: str, tp: int, ep: int):
-    """megatron's parallel state for the layout, and the checkpoint's model loaded through the bridge."""
-    megatron_compat.initialize(tp, ep)
-    groups = ParallelGroups.from_megatron()
+def load_checkpoint(path: str, tp: int, ep: int, groups: ParallelGroups):
+    """The checkpoint's model loaded through the bridge, in megatron's (initialized) layout."""
     bridge = ModelBridge.from_hf(path)
     megatron_compat.seed(0)  # random init, overwritten by the checkpoint
     model = bridge.build(tp, ep).eval()
     load_hf_weights(model, bridge, SafetensorsReader(path), groups)
-    return groups, bridge, model
+    return bridge, model
+
+
+def loaded_model(path: str, tp: int, ep: int):
+    """megatron's parallel state for the layout, and the checkpoint's model loaded through the bridge."""
+    megatron_compat.initialize(tp, ep)
+    groups = ParallelGroups.from_megatron()
+    return (groups, *load_checkpoint(path, tp, ep, groups))
 
 
 def round_trip(paths: dict[str, str], tp: int, ep: int) -> dict:
@@ -75,10 +80,7 @@ def round_trip(paths: dict[str, str], tp: int, ep: int) -> dict:
     groups = ParallelGroups.from_megatron()
     report = {}
     for arch, path in paths.items():
-        bridge = ModelBridge.from_hf(path)
-        megatron_compat.seed(0)  # random init, overwritten by the checkpoint
-        model = bridge.build(tp, ep).eval()
-        load_hf_weights(model, bridge, SafetensorsReader(path), groups)
+        bridge, model = load_checkpoint(path, tp, ep, groups)
         report[arch] = {"tensors": dict(export_hf_stream(model, bridge, groups)), "logits": _logits(model, groups)}
     return report
 

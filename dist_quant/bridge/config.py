@@ -1,0 +1,161 @@
+"""Reading a Hugging Face config.json through one explicit table of the keys an architecture understands.
+
+Every key of the file is looked up in the table: a key the bridge reads is checked for a usable value, a key that
+changes nothing in the forward is accepted as such, a key whose value the bridge cannot compute exactly is refused,
+and a key the table does not know is refused too, since nothing vouches that it leaves the forward alone. Each
+refusal is one line naming the key and its value, raised before any rank builds a model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from dist_quant.bridge.mappings import BridgeError
+from dist_quant.bridge.rope import RopeSpec
+
+ROPE_KEYS = ("rope_scaling", "rope_parameters")  # transformers' priority
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What the bridge does with one config key. `check(value, config, seq_len)` -> why the value cannot be
+    honoured, or None. `note` says it in words (docs, error messages)."""
+
+    note: str
+    check: Callable[..., str | None] | None = None
+
+    def problem(self, value, config: "HFConfig", seq_len: int | None) -> str | None:
+        return self.check(value, config, seq_len) if self.check else None
+
+
+def inert(why: str) -> Rule:
+    return Rule(f"changes nothing in the forward: {why}")
+
+
+def used(kind: type | tuple, what: str, positive: bool = False) -> Rule:
+    """A value the bridge reads into the model."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+
+    def check(value, config, seq_len):
+        if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
+            return f"expected {what}"
+        if positive and not value > 0:
+            return f"expected {what} above 0"
+        return None
+
+    return Rule(f"read: {what}", check)
+
+
+def only(allowed: tuple, why: str) -> Rule:
+    """Implemented for these values only."""
+
+    def check(value, config, seq_len):
+        return None if value in allowed else why
+
+    return Rule(f"implemented for {', '.join(map(repr, allowed))} only", check)
+
+
+def refused(why: str) -> Rule:
+    return Rule(f"refused: {why}", lambda value, config, seq_len: why)
+
+
+def _dtype(value, config, seq_len):
+    return None if value in DTYPES else f"expected one of {', '.join(DTYPES)}"
+
+
+def _rope(key: str) -> Callable:
+    """The rope's problem, reported once, under the key that defines it."""
+
+    def check(value, config, seq_len):
+        owner = next((k for k in ROPE_KEYS if config.raw.get(k) is not None), "rope_theta")
+        return config.rope.problem() if key == owner else None
+
+    return check
+
+
+# Keys every architecture accepts: identity, bookkeeping, tokens, output flags, training-only settings.
+COMMON = {
+    "architectures": Rule("read: picks the bridge"),
+    "model_type": inert("the bridge is chosen by architectures"),
+    "transformers_version": inert("bookkeeping"),
+    "_name_or_path": inert("bookkeeping"),
+    "bos_token_id": inert("token ids matter to tokenizers and generation only"),
+    "eos_token_id": inert("token ids matter to tokenizers and generation only"),
+    "pad_token_id": inert("token ids matter to tokenizers and generation only"),
+    "use_cache": inert("KV caching during generation"),
+    "initializer_range": inert("random initialization only"),
+    "attention_dropout": inert("dropout is off in evaluation"),
+    "output_attentions": inert("what transformers returns, not what it computes"),
+    "output_hidden_states": inert("what transformers returns, not what it computes"),
+    "return_dict": inert("what transformers returns, not what it computes"),
+    "dtype": Rule("read: the compute dtype by default, and the dtype of unquantized exported tensors", _dtype),
+    "torch_dtype": Rule("read: as dtype (transformers 4 name)", _dtype),
+    "vocab_size": used(int, "an integer", positive=True),
+    "hidden_size": used(int, "an integer", positive=True),
+    "num_hidden_layers": used(int, "an integer", positive=True),
+    "num_attention_heads": used(int, "an integer", positive=True),
+    "num_key_value_heads": used((int, type(None)), "an integer (query groups)"),
+    "head_dim": used((int, type(None)), "an integer (per-head size)"),
+    "max_position_embeddings": used(int, "an integer", positive=True),
+    "rms_norm_eps": used((float, int), "a number", positive=True),
+    "tie_word_embeddings": used(bool, "true or false"),
+    "attention_bias": used(bool, "true or false (q/k/v/o biases)"),
+    "hidden_act": only(("silu",), "only the SiLU-gated MLP is implemented"),
+    "rope_scaling": Rule("read: rope type and parameters (transformers 4 name; wins, as in transformers)", _rope("rope_scaling")),
+    "rope_parameters": Rule("read: rope type and parameters", _rope("rope_parameters")),
+    "rope_theta": Rule("read: the rope base, unless the rope parameters give one", _rope("rope_theta")),
+    "quantization_config": refused("the checkpoint is already quantized; calibrate its unquantized source"),
+    "auto_map": refused("the checkpoint ships its own modeling code, which dist_quant does not run"),
+}
+
+
+class HFConfig:
+    """A config.json read through an architecture's key table."""
+
+    def __init__(self, raw: dict, table: dict[str, Rule], architecture: str):
+        self.raw = raw
+        self.table = table
+        self.architecture = architecture
+        self.rope = RopeSpec.from_config(raw)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.raw
+
+    def get(self, key: str, default=None):
+        value = self.raw.get(key)
+        return default if value is None else value
+
+    def require(self, key: str):
+        value = self.raw.get(key)
+        if value is None:
+            raise BridgeError(f"config.json lacks {key!r}, which {self.architecture} needs")
+        return value
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The checkpoint's dtype (`dtype`, or `torch_dtype` as transformers 4 wrote it); float32 where absent."""
+        return DTYPES[self.raw.get("dtype") or self.raw.get("torch_dtype") or "float32"]
+
+    def validate(self, seq_len: int | None = None) -> None:
+        """Raise BridgeError, one line, at the first key that is unknown or whose value cannot be honoured.
+        `seq_len`: the longest sequence that will be run, for keys that act only beyond some length."""
+        for key, value in self.raw.items():
+            rule = self.table.get(key)
+            if rule is None:
+                raise BridgeError(
+                    f"config.json: {key} = {_short(value)}: not a key the {self.architecture} bridge knows, so "
+                    "dist_quant cannot vouch that the forward ignores it"
+                )
+            problem = rule.problem(value, self, seq_len)
+            if problem:
+                raise BridgeError(f"config.json: {key} = {_short(value)}: {problem}")
+
+
+def _short(value) -> str:
+    text = json.dumps(value) if isinstance(value, (dict, list)) else repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."

@@ -1,0 +1,132 @@
+"""The outside oracle: checkpoints made by transformers (random weights, float32, scaled so that activations vary)
+with the config features dist_quant claims, and the max |activation| that transformers' own forward feeds each
+quantizer, under the Hugging Face quantizer names the bridge exports amax as."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+VOCAB, SEQ, BATCH, BATCHES = 128, 64, 2, 2
+_COMMON = dict(
+    vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    intermediate_size=128, rms_norm_eps=1e-6,
+)
+_MOE = dict(moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2)
+LLAMA3_ROPE = {  # Llama 3.2's real values
+    "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+# name -> (transformers config class name, config keys). Together they cover every feature the bridge implements:
+# each rope type (llama3, linear, yarn with and without mscale), tied embeddings, head_dim != hidden / heads,
+# attention biases, q/k norms, MoE top-k with norm_topk_prob true and false.
+CASES = {
+    "llama3-rope-tied": ("LlamaConfig", dict(
+        _COMMON, head_dim=32, max_position_embeddings=131072, rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True,
+    )),
+    "llama-linear-rope-bias": ("LlamaConfig", dict(
+        _COMMON, head_dim=16, max_position_embeddings=256, attention_bias=True, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    )),
+    "qwen3-yarn": ("Qwen3Config", dict(
+        _COMMON, head_dim=32, max_position_embeddings=128, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0, "original_max_position_embeddings": 32},
+    )),
+    "qwen3moe-norm-topk": ("Qwen3MoeConfig", dict(
+        _COMMON, **_MOE, head_dim=32, max_position_embeddings=256, norm_topk_prob=True, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    )),
+    "qwen3moe-raw-topk-bias-tied-yarn": ("Qwen3MoeConfig", dict(
+        _COMMON, **_MOE, head_dim=16, max_position_embeddings=128, norm_topk_prob=False, attention_bias=True,
+        tie_word_embeddings=True,
+        rope_parameters={
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
+            "mscale": 1.0, "mscale_all_dim": 0.5, "beta_fast": 16, "truncate": False,
+        },
+    )),
+}
+MOE_CASES = tuple(name for name, (cls, _) in CASES.items() if cls == "Qwen3MoeConfig")
+
+
+def batches() -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(2026)
+    return [torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen) for _ in range(BATCHES)]
+
+
+def _randomize(model: nn.Module, gen: torch.Generator) -> None:
+    """Weights with unit-scale outputs, norms around 1, small biases: attention that is not uniform, so that
+    positions (rope) matter, and a router that spreads tokens."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1 + 0.3 * torch.randn(param.shape, generator=gen))
+            elif name.endswith("bias"):
+                param.copy_(0.3 * torch.randn(param.shape, generator=gen))
+            elif "embed" in name:
+                param.copy_(torch.randn(param.shape, generator=gen))
+            else:
+                param.copy_(1.5 * torch.randn(param.shape, generator=gen) / param.shape[-1] ** 0.5)
+
+
+def write_checkpoint(name: str, root: Path) -> Path:
+    import transformers
+
+    class_name, keys = CASES[name]
+    config = getattr(transformers, class_name)(**keys)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    _randomize(model, torch.Generator().manual_seed(sum(map(ord, name))))
+    path = root / name
+    model.save_pretrained(path)
+    return path
+
+
+def _fused_experts(experts: nn.Module, name: str, args: tuple, output: torch.Tensor, record) -> None:
+    """transformers 5 holds experts as fused 3-D weights (no nn.Linear per expert): rebuild each expert's
+    inputs from the module's own inputs and weights, and check that the rebuilt output is the module's."""
+    hidden, index, weights = args[:3]
+    rebuilt = torch.zeros_like(hidden)
+    for expert in range(experts.gate_up_proj.shape[0]):
+        token, slot = torch.where(index == expert)
+        if token.numel() == 0:
+            continue
+        x = hidden[token]
+        gate, up = F.linear(x, experts.gate_up_proj[expert]).chunk(2, dim=-1)
+        h = experts.act_fn(gate) * up
+        for projection, value in (("gate_proj", x), ("up_proj", x), ("down_proj", h)):
+            record(f"{name}.{expert}.{projection}.input_quantizer._amax", value)
+        rebuilt.index_add_(0, token, F.linear(h, experts.down_proj[expert]) * weights[token, slot, None])
+    torch.testing.assert_close(rebuilt, output, rtol=1e-5, atol=1e-6)
+
+
+def activation_amax(path: Path) -> tuple[dict[str, float], torch.Tensor]:
+    """transformers' forward of the checkpoint on `batches()`: max |input| of every linear (per expert), and of
+    K and V as they enter attention (after q/k norm and rope). -> (amax by HF quantizer name, logits)."""
+    import transformers
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    amax: dict[str, float] = {}
+
+    def record(name: str, tensor: torch.Tensor) -> None:
+        amax[name] = max(amax.get(name, 0.0), tensor.detach().abs().max().item())
+
+    def attention(module, query, key, value, *args, **kwargs):
+        prefix = f"model.layers.{module.layer_idx}.self_attn"
+        record(f"{prefix}.k_bmm_quantizer._amax", key)
+        record(f"{prefix}.v_bmm_quantizer._amax", value)
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, *args, **kwargs)
+
+    AttentionInterface.register("dist_quant_oracle", attention)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="dist_quant_oracle").eval()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            module.register_forward_pre_hook(lambda m, args, name=name: record(f"{name}.input_quantizer._amax", args[0]))
+        elif hasattr(module, "gate_up_proj") and hasattr(module, "down_proj"):
+            module.register_forward_hook(lambda m, args, out, name=name: _fused_experts(m, name, args, out, record))
+    with torch.no_grad():
+        logits = torch.cat([model(tokens).logits for tokens in batches()])
+    return amax, logits

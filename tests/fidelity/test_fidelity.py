@@ -1,0 +1,65 @@
+"""Fidelity against transformers: checkpoints made by transformers, calibrated through the bridge at TP1 and at a
+sharded layout (TP2 x DP2 for dense models, TP2 x EP2 for MoE, on 4 gloo ranks), must see exactly the activations
+transformers computes: every activation amax (the input of every quantized linear, per expert; K and V after q/k
+norm and rope) equals the max |activation| of transformers' forward on the same tokens. Layout invariance alone
+would not catch a rope or routing semantics both layouts get wrong."""
+
+import pytest
+import torch
+
+from dist_quant.parallel.spawn import run_ranks
+from tests.fidelity import oracle
+from tests.fidelity import workers
+
+pytestmark = pytest.mark.xdist_group("fidelity")
+
+LAYOUTS = {"tp1": (1, 1, 1), "tp2-ep2": (4, 2, 2)}
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """case -> (checkpoint path, transformers' activation amax by HF quantizer name, transformers' logits)."""
+    root = tmp_path_factory.mktemp("fidelity")
+    out = {}
+    for case in oracle.CASES:
+        path = oracle.write_checkpoint(case, root)
+        out[case] = (path, *oracle.activation_amax(path))
+    return out
+
+
+@pytest.fixture(scope="module")
+def calibrated(references):
+    paths = {case: str(path) for case, (path, _, _) in references.items()}
+    return {layout: run_ranks(world, workers.calibrate_cases, paths, tp, ep)[0] for layout, (world, tp, ep) in LAYOUTS.items()}
+
+
+def _tied(case: str) -> bool:
+    return oracle.CASES[case][1]["tie_word_embeddings"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", oracle.CASES)
+def test_every_activation_amax_equals_transformers(references, calibrated, case, layout):
+    _, expected, _ = references[case]
+    if _tied(case):  # a head tied to the embedding is not quantized (the recipe must leave it alone)
+        expected = {k: v for k, v in expected.items() if not k.startswith("lm_head.")}
+    got = calibrated[layout][case]["amax"]
+    assert got.keys() == expected.keys(), (sorted(got.keys() - expected.keys())[:5], sorted(expected.keys() - got.keys())[:5])
+    off = {k: (got[k], expected[k]) for k in expected if abs(got[k] - expected[k]) > 1e-5 * abs(expected[k])}
+    assert not off, f"{len(off)} of {len(expected)} differ, e.g. {dict(list(off.items())[:4])}"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", oracle.CASES)
+def test_megatron_forward_equals_transformers(references, calibrated, case, layout):
+    _, _, expected = references[case]
+    torch.testing.assert_close(calibrated[layout][case]["plain_logits"], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", oracle.MOE_CASES)
+def test_routing_weight_after_fc2_leaves_the_moe_output_alone(calibrated, case, layout):
+    """Quantizers attached (routing weight moved after linear_fc2) but disabled: megatron's own output, to
+    float rounding."""
+    run = calibrated[layout][case]
+    torch.testing.assert_close(run["disabled_logits"], run["plain_logits"], rtol=1e-5, atol=1e-5)

@@ -1,0 +1,55 @@
+"""What each spawned rank runs for the fidelity tests: a transformers checkpoint loaded through the bridge at a
+layout, calibrated on the oracle's tokens, its activation amax streamed out under Hugging Face names."""
+
+from __future__ import annotations
+
+import torch
+
+from dist_quant import quantize
+from dist_quant.bridge.io import export_hf_stream
+from dist_quant.calibrate import quantizers
+from dist_quant.quantizer import QuantizerMode
+from dist_quant.parallel import megatron_compat
+from dist_quant.parallel.groups import ParallelGroups
+from tests.distributed.bridge_workers import load_checkpoint
+from tests.distributed.workers import logits
+from tests.fidelity.oracle import batches
+
+ACTIVATIONS = ("input_quantizer._amax", "k_bmm_quantizer._amax", "v_bmm_quantizer._amax")
+
+
+def recipe(tied: bool) -> dict:
+    """Every activation calibrated (max), nothing else; a head tied to the embedding cannot be quantized."""
+    return {"quantize": {"algorithm": "max", "quant_cfg": [
+        {"quantizer_name": "*", "enable": False},
+        {"quantizer_name": "*input_quantizer", "cfg": {"num_bits": "e4m3"}},
+        {"quantizer_name": "*[kv]_bmm_quantizer", "cfg": {"num_bits": "e4m3"}},
+        *([{"quantizer_name": "*output_layer*", "enable": False}] if tied else []),
+    ]}}
+
+
+def _logits(model, groups) -> torch.Tensor:
+    return torch.cat([logits(model, tokens, groups) for tokens in batches()])
+
+
+def calibrate_cases(paths: dict[str, str], tp: int, ep: int) -> dict:
+    """Per checkpoint: megatron's logits before quantization, with every quantizer attached but disabled, and
+    the calibrated activation amax by HF name (rank 0). Data-parallel ranks calibrate on their own share of the
+    batches."""
+    megatron_compat.initialize(tp, ep)
+    groups = ParallelGroups.from_megatron()
+    report = {}
+    for name, path in paths.items():
+        bridge, model = load_checkpoint(path, tp, ep, groups)
+        plain = _logits(model, groups)
+        share = batches()[groups.rank("dp") :: groups.size("dp")]
+        quantize(model, recipe(bridge.tied), lambda m: [logits(m, tokens, groups) for tokens in share], groups)
+        amax = {
+            hf: tensor.item()
+            for hf, tensor in export_hf_stream(model, bridge, groups, quant_state=True)
+            if hf.endswith(ACTIVATIONS)
+        }
+        for _, q in quantizers(model):
+            q.mode = QuantizerMode.DISABLED
+        report[name] = {"plain_logits": plain, "disabled_logits": _logits(model, groups), "amax": amax}
+    return report
