@@ -67,3 +67,60 @@ def test_qat_refit_example_runs_and_agrees():
     result = _run("launch/qat_refit_example.py", "--steps", "3", "--recalibrate", "1", "--refit", "3")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 3" in result.stdout and "refit: HF vs Megatron logits differ by" in result.stdout
+
+
+def _tiny_qwen3_moe(path: Path, dtype, **config) -> Path:
+    import torch
+    import transformers
+
+    keys = dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**keys, **config)).to(dtype).save_pretrained(path)
+    return path
+
+
+def test_unquantized_tensors_keep_the_source_dtype(tmp_path):
+    """A bfloat16 checkpoint calibrated in float32 (EP2): embeddings, norms, router stay bfloat16, and config.json
+    keeps its dtype."""
+    import torch
+    from safetensors import safe_open
+
+    source = _tiny_qwen3_moe(tmp_path / "bf16", torch.bfloat16)
+    out = tmp_path / "out"
+    result = _torchrun(2, "--hf-model", str(source), "--recipe", "nvfp4_default-fp8_cast_kv", "--ep", "2", "--dtype",
+                       "float32", "--calib-samples", "4", "--seq-len", "16", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    verify(out)
+    exported = {}
+    for file in out.glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            exported.update({name: f.get_slice(name).get_dtype() for name in f.keys()})
+    unquantized = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
+                   "model.layers.1.mlp.gate.weight", "model.layers.0.input_layernorm.weight",
+                   "model.layers.0.self_attn.k_norm.weight"]
+    assert {name: exported[name] for name in unquantized} == dict.fromkeys(unquantized, "BF16")
+    assert exported["model.layers.0.mlp.experts.3.down_proj.weight"] == "U8"
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_the_compute_dtype_defaults_to_the_checkpoints(tmp_path):
+    import torch
+
+    from dist_quant.cli import build_parser
+    from dist_quant.job import validate
+
+    for dtype, name in ((torch.bfloat16, "bfloat16"), (torch.float32, "float32")):
+        source = _tiny_qwen3_moe(tmp_path / name, dtype)
+        args = build_parser().parse_args(["calibrate", "--hf-model", str(source), "--recipe", "fp8_default-fp8_cast_kv",
+                                          "--out", str(tmp_path / f"out-{name}")])
+        validate(args)
+        assert args.dtype == name
+
+
+def test_a_config_key_that_cannot_be_honoured_fails_before_any_rank_starts(tmp_path):
+    source = _tiny_qwen3_moe(tmp_path / "window", __import__("torch").float32, use_sliding_window=True, sliding_window=8)
+    result = _run("-m", "dist_quant.cli", "calibrate", "--hf-model", str(source), "--recipe", "fp8_default-fp8_cast_kv",
+                  "--seq-len", "16", "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and result.stdout == "" and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("dist-quant: error: config.json: use_sliding_window = True: a 8-token sliding window")

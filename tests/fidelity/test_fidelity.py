@@ -63,3 +63,10 @@ def test_routing_weight_after_fc2_leaves_the_moe_output_alone(calibrated, case, 
     float rounding."""
     run = calibrated[layout][case]
     torch.testing.assert_close(run["disabled_logits"], run["plain_logits"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", [case for case in oracle.CASES if _tied(case)])
+def test_a_head_tied_to_the_embedding_is_not_quantized_silently(calibrated, case, layout):
+    message = calibrated[layout][case]["tied_head_error"]
+    assert message is not None and "output_layer.*: this layer shares the embedding's weight" in message

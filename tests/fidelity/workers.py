@@ -9,6 +9,7 @@ from dist_quant import quantize
 from dist_quant.bridge.io import export_hf_stream
 from dist_quant.calibrate import quantizers
 from dist_quant.quantizer import QuantizerMode
+from dist_quant.recipe import RecipeError
 from dist_quant.parallel import megatron_compat
 from dist_quant.parallel.groups import ParallelGroups
 from tests.distributed.bridge_workers import load_checkpoint
@@ -52,4 +53,15 @@ def calibrate_cases(paths: dict[str, str], tp: int, ep: int) -> dict:
         for _, q in quantizers(model):
             q.mode = QuantizerMode.DISABLED
         report[name] = {"plain_logits": plain, "disabled_logits": _logits(model, groups), "amax": amax}
+        if bridge.tied:
+            report[name]["tied_head_error"] = _quantize_tied_head(path, tp, ep, groups)
     return report
+
+
+def _quantize_tied_head(path: str, tp: int, ep: int, groups) -> str | None:
+    _, model = load_checkpoint(path, tp, ep, groups)
+    try:
+        quantize(model, recipe(tied=False), lambda m: None, groups)
+    except RecipeError as error:
+        return str(error)
+    return None

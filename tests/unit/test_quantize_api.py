@@ -102,3 +102,14 @@ def test_static_blocks_on_activations_are_rejected(gen):
     ]}}
     with pytest.raises(RecipeError, match="static NVFP4 blocks and per-channel axes apply to weights only"):
         quantize(model, recipe, _forward_loop([]))
+
+
+def test_quantizers_are_made_on_the_models_device():
+    """A constant amax is set when the quantizer is made: it must not land on the CPU beside a GPU model (the
+    meta device stands in for one here)."""
+    model = TinyBlock().to("meta")
+    constant = {"num_bits": "e4m3", "use_constant_amax": True}
+    attach_quantizers(model, load_recipe({"quantize": {"quant_cfg": [{"quantizer_name": "*input_quantizer", "cfg": constant}]}}))
+    buffers = [(n, b) for n, b in model.named_buffers() if b is not None]
+    assert [n for n, _ in buffers] == [f"{m}.input_quantizer._amax" for m in ("up_proj", "down_proj", "lm_head")]
+    assert all(b.device.type == "meta" for _, b in buffers)
