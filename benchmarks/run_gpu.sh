@@ -1,22 +1,29 @@
 #!/usr/bin/env bash
-# Every GPU measurement in one call, on a machine with 4 GPUs (the device tool's nvidia-h200-x4):
-#   1. the layout-invariance tests on NCCL, one GPU per rank (TP1 vs TP2, EP2, TP2xEP2, ETP1, split DP data)
-#   2. forward overhead of calibrating / quantizing mode (bench_forward.py, one GPU)
-#   3. TP2 x EP2 calibration + export of the built-in ~1.1B-parameter MoE (moe-1b, random weights) on 4 GPUs
-#   4. one amax sync of 10,000 quantizers on 4 ranks over NCCL (bench_sync.py)
-#   5. the kernels: NVFP4 fake quant vs copy bandwidth and ModelOpt; MSE sweep vs reference, floor, ModelOpt
-# Results are appended to $RESULTS (default benchmarks/RESULTS.md); everything printed goes to $LOGS/run_gpu.log.
+# Every GPU measurement in one call, on the GPUs the machine has (2 or 4; one GPU per rank):
+#   tests    the layout-invariance and fidelity tests on NCCL, the layouts that fit the GPUs
+#   forward  forward overhead of calibrating / quantizing mode (bench_forward.py, one GPU)
+#   main     the main job on the built-in ~1.1B MoE (moe-1b, random weights, bf16) at TP2 and at EP2 (and TP2 x EP2
+#            with 4 GPUs), each exported and verified; the exports compared (weight-derived tensors bitwise)
+#   hf       --hf-model on a bfloat16 Qwen3-MoE checkpoint made by transformers, EP over the GPUs, default dtype
+#   sync     one amax sync of 10,000 quantizers over NCCL (bench_sync.py)
+#   kernels  NVFP4 fake quant vs copy bandwidth and ModelOpt; MSE sweep vs reference, floor, ModelOpt
+# Usage: benchmarks/run_gpu.sh [PART ...]  (default: all). A table of the steps, and the main-job summaries, are
+# appended to $RESULTS (default benchmarks/RESULTS.md); everything printed goes to $LOGS/run_gpu.log.
 # ModelOpt and megatron-core 0.19 come as wheels (benchmarks/fetch_wheels.sh) installed into PYTHONPATH first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${RESULTS:-benchmarks/RESULTS.md}
 LOGS=${LOGS:-/tmp/dist_quant_gpu}
-mkdir -p "$LOGS"
+WORK=${WORK:-/tmp/dist_quant_work}
+PARTS=${*:-tests forward main hf sync kernels}
+mkdir -p "$LOGS" "$WORK"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+GPUS=$(nvidia-smi -L | wc -l)
 LOG="$LOGS/run_gpu.log"
 TABLE="$LOGS/table.md"
 printf '| step | exit | seconds |\n|---|---|---|\n' > "$TABLE"
 status=0
+want() { [[ " $PARTS " == *" $1 "* ]]; }
 step() {
   local name=$1 start rc
   shift
@@ -27,28 +34,58 @@ step() {
   echo "| $name | $rc | $(( $(date +%s) - start )) |" | tee -a "$TABLE"
   [ "$rc" -eq 0 ] || status=1
 }
+calibrate() {  # calibrate RANKS OUT ARGS...: the main job under torchrun, then inspect
+  local ranks=$1 out=$2
+  shift 2
+  python3 -m torch.distributed.run --nproc-per-node "$ranks" -m dist_quant.cli calibrate --recipe nvfp4_default-fp8_cast_kv \
+    --calib-samples 64 --seq-len 256 --out "$out" --overwrite "$@" && python3 -m dist_quant.cli inspect "$out"
+}
 nvidia-smi -L >> "$LOG" 2>&1
-step nccl_layout_invariance env DIST_QUANT_TEST_BACKEND=nccl python3 -m pytest -q -p no:cacheprovider tests/distributed/test_layout_invariance.py
-step bench_forward python3 benchmarks/bench_forward.py --results "$RESULTS"
-OUT_1B=${OUT_1B:-/tmp/moe-1b-nvfp4}
-E2E=(python3 -m torch.distributed.run --nproc-per-node 4 -m dist_quant.cli calibrate --model moe-1b --dtype bfloat16
-     --recipe nvfp4_default-fp8_cast_kv --tp 2 --ep 2 --calib-samples 64 --seq-len 256 --out "$OUT_1B" --overwrite)
-step moe_1b_tp2xep2 "${E2E[@]}"
-step moe_1b_inspect python3 -m dist_quant.cli inspect "$OUT_1B"
+echo "===== $GPUS GPUs, parts: $PARTS" >> "$LOG"
+
+if want tests; then
+  export DIST_QUANT_TEST_BACKEND=nccl DIST_QUANT_TEST_MAX_RANKS=$GPUS
+  step nccl_layout_invariance python3 -m pytest -q -p no:cacheprovider tests/distributed/test_layout_invariance.py
+  step nccl_fidelity python3 -m pytest -q -p no:cacheprovider tests/fidelity/test_fidelity.py
+  unset DIST_QUANT_TEST_BACKEND DIST_QUANT_TEST_MAX_RANKS
+fi
+want forward && step bench_forward python3 benchmarks/bench_forward.py --results "$RESULTS"
+if want main; then
+  LAYOUTS=("tp2:--tp 2" "ep2:--ep 2")
+  [ "$GPUS" -ge 4 ] && LAYOUTS+=("tp2xep2:--tp 2 --ep 2")
+  for entry in "${LAYOUTS[@]}"; do
+    name=${entry%%:*}
+    ranks=2; [ "$name" = tp2xep2 ] && ranks=4
+    # shellcheck disable=SC2086
+    step "moe_1b_$name" calibrate "$ranks" "$WORK/moe-1b-$name" --model moe-1b ${entry#*:}
+  done
+  step compare_tp2_ep2 python3 benchmarks/compare_exports.py "$WORK/moe-1b-tp2" "$WORK/moe-1b-ep2"
+  [ "$GPUS" -ge 4 ] && step compare_tp2_tp2xep2 python3 benchmarks/compare_exports.py "$WORK/moe-1b-tp2" "$WORK/moe-1b-tp2xep2"
+fi
+if want hf; then
+  step hf_checkpoint python3 benchmarks/make_hf_checkpoint.py --out "$WORK/qwen3-moe-bf16" --dtype bfloat16
+  step hf_qwen3_moe_bf16 calibrate "$GPUS" "$WORK/qwen3-moe-bf16-nvfp4" --hf-model "$WORK/qwen3-moe-bf16" --ep "$GPUS"
+fi
+want sync && step bench_sync python3 benchmarks/bench_sync.py --backend nccl --ranks "$GPUS" --peer-repeats 3 --results "$RESULTS"
+if want kernels; then
+  step bench_numerics python3 benchmarks/bench_numerics.py --no-sweep --results "$RESULTS"
+  step bench_mse python3 benchmarks/bench_mse.py --no-sweep --results "$RESULTS"
+fi
 {
   echo
-  echo "## main job on 4 GPUs: moe-1b (random weights), TP2 x EP2, NCCL ($(date -u '+%Y-%m-%d %H:%M UTC'))"
+  echo "## run_gpu.sh on $GPUS GPUs ($(date -u '+%Y-%m-%d %H:%M UTC')): $PARTS"
   echo
   echo "- GPUs: $(nvidia-smi --query-gpu=name --format=csv,noheader | sort | uniq -c | xargs)"
-  echo "- command: \`${E2E[*]}\`"
+  echo "- command: \`benchmarks/run_gpu.sh $*\`"
+  echo
+  cat "$TABLE"
   echo
   echo '```'
-  tr '\r' '\n' < "$LOG" | sed -n '/dist-quant calibrate: moe-1b/,/checkpoint:/p'  # tqdm's \r share lines
-  tr '\r' '\n' < "$LOG" | sed -n '/: NVFP4 weights/,/verify:/p'
+  # the job summaries, the inspections and the export comparisons (tqdm's \r share lines)
+  tr '\r' '\n' < "$LOG" | grep -E -A 16 '^dist-quant calibrate:' | grep -v '^--$' | sed -n '1,200p'
+  tr '\r' '\n' < "$LOG" | grep -E -A 1 ' vs .*weight-derived tensors'
+  tr '\r' '\n' < "$LOG" | grep -E 'passed|failed' | grep -E '^[0-9]+ (passed|failed)|=+ .*(passed|failed)'
   echo '```'
 } >> "$RESULTS"
-step bench_sync python3 benchmarks/bench_sync.py --backend nccl --peer-repeats 3 --results "$RESULTS"
-step bench_numerics python3 benchmarks/bench_numerics.py --no-sweep --results "$RESULTS"
-step bench_mse python3 benchmarks/bench_mse.py --no-sweep --results "$RESULTS"
 cat "$TABLE"
 exit $status

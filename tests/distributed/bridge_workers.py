@@ -11,7 +11,7 @@ from dist_quant.bridge import BridgeError, ModelBridge
 from dist_quant.bridge.io import SafetensorsReader, export_hf_stream, load_hf_weights
 from dist_quant.parallel import megatron_compat
 from dist_quant.parallel.groups import ParallelGroups
-from tests.distributed.workers import logits
+from tests.distributed.workers import device, logits
 
 ARCHS = ("llama", "qwen3", "qwen3_moe")
 SEQ = 8
@@ -62,7 +62,7 @@ def load_checkpoint(path: str, tp: int, ep: int, groups: ParallelGroups):
     """The checkpoint's model loaded through the bridge, in megatron's (initialized) layout."""
     bridge = ModelBridge.from_hf(path)
     megatron_compat.seed(0)  # random init, overwritten by the checkpoint
-    model = bridge.build(tp, ep).eval()
+    model = bridge.build(tp, ep).to(device()).eval()
     load_hf_weights(model, bridge, SafetensorsReader(path), groups)
     return bridge, model
 

@@ -4,27 +4,27 @@ Every layout is built from one set of full weights, written by the TP1/EP1 refer
 same data; results are compared in logical (unsharded) names.
 """
 
-import os
 import re
 
 import pytest
 import torch
 
 from tests.distributed import workers
+from tests.distributed.workers import BACKEND
 from dist_quant.parallel.spawn import run_ranks
 
 pytestmark = pytest.mark.xdist_group("megatron")
-# gloo on CPU here and in CI; DIST_QUANT_TEST_BACKEND=nccl runs the same tests on one GPU per rank.
-BACKEND = os.environ.get("DIST_QUANT_TEST_BACKEND", "gloo")
 
 # name -> (world size, TP, EP, ETP, each DP rank gets its own share of the data)
-LAYOUTS = {
+LAYOUTS = workers.fitting({
     "tp2": (2, 2, 1, None, False),
     "ep2": (2, 1, 2, None, False),
     "tp2xep2": (4, 2, 2, None, False),
     "tp2xep2-etp1": (4, 2, 2, 1, False),
     "dp2-split-data": (2, 1, 1, None, True),
-}
+})
+# The layout that also counts sync collectives and bootstraps dead experts: the widest one that fits.
+WIDEST = "tp2xep2" if "tp2xep2" in LAYOUTS else "ep2"
 MODELS = ("dense", "moe")
 
 
@@ -44,7 +44,7 @@ def layout_reports(full_weights):
     path, _ = full_weights
     reports = {}
     for name, (world, tp, ep, etp, split) in LAYOUTS.items():
-        ranks = run_ranks(world, workers.run_layout, tp, ep, etp, path, split, name == "tp2xep2", backend=BACKEND)
+        ranks = run_ranks(world, workers.run_layout, tp, ep, etp, path, split, name == WIDEST, backend=BACKEND)
         reports[name] = ranks[0]
         for other in ranks[1:]:  # every rank assembled the same logical state
             for kind in MODELS:
@@ -106,16 +106,16 @@ def test_experts_fc1_share_one_global_amax_across_ep_ranks(reference, layout_rep
 
 
 def test_one_sync_is_one_all_reduce_per_process_group(layout_reports):
-    counts = layout_reports["tp2xep2"]["sync"]
+    counts = layout_reports[WIDEST]["sync"]
     small, large = counts[1], counts[4]
     assert large["quantizers"] > 3 * small["quantizers"]
     # One MAX all-reduce per reduction domain, plus one world-wide flag that makes errors collective.
     assert small["collectives"] == large["collectives"] == small["domains"] + 1
-    assert small["domains"] >= 3
+    assert small["domains"] >= (3 if WIDEST == "tp2xep2" else 2)
 
 
 def test_experts_that_get_no_tokens_are_bootstrapped_from_their_siblings(layout_reports):
-    report = layout_reports["tp2xep2"]["dead_experts"]
+    report = layout_reports[WIDEST]["dead_experts"]
     state = report["state"]
     assert all(torch.isfinite(v).all() and (v > 0).all() for v in state.values())
     for e in range(workers.EXPERTS):  # dead or alive, every expert's weights were swept

@@ -3,6 +3,8 @@ layout from one set of full weights, calibrated with dist_quant, and reported in
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -14,6 +16,17 @@ from dist_quant.parallel import megatron_compat
 from dist_quant.parallel.groups import ParallelGroups
 from dist_quant.parallel.layout import shard
 from dist_quant.quantizer import QuantizerMode, TensorQuantizer
+
+# gloo on CPU here and in CI; DIST_QUANT_TEST_BACKEND=nccl runs the distributed tests on one GPU per rank, and
+# DIST_QUANT_TEST_MAX_RANKS keeps the layouts that fit the GPUs there.
+BACKEND = os.environ.get("DIST_QUANT_TEST_BACKEND", "gloo")
+MAX_RANKS = int(os.environ.get("DIST_QUANT_TEST_MAX_RANKS", "0")) or None
+
+
+def fitting(layouts: dict) -> dict:
+    """The layouts (name -> (world size, ...)) whose world fits DIST_QUANT_TEST_MAX_RANKS."""
+    return {name: layout for name, layout in layouts.items() if MAX_RANKS is None or layout[0] <= MAX_RANKS}
+
 
 VOCAB, SEQ, BATCH, EXPERTS = 128, 16, 4, 4
 DEAD_EXPERTS = (1, 3)

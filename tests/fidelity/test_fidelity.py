@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from dist_quant.parallel.spawn import run_ranks
+from tests.distributed.workers import BACKEND, fitting
 from tests.fidelity import oracle
 from tests.fidelity import workers
 
 pytestmark = pytest.mark.xdist_group("fidelity")
 
-LAYOUTS = {"tp1": (1, 1, 1), "tp2-ep2": (4, 2, 2)}
+LAYOUTS = fitting({"tp1": (1, 1, 1), "tp2-ep2": (4, 2, 2)})
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,10 @@ def references(tmp_path_factory):
 @pytest.fixture(scope="module")
 def calibrated(references):
     paths = {case: str(path) for case, (path, _, _) in references.items()}
-    return {layout: run_ranks(world, workers.calibrate_cases, paths, tp, ep)[0] for layout, (world, tp, ep) in LAYOUTS.items()}
+    return {
+        layout: run_ranks(world, workers.calibrate_cases, paths, tp, ep, backend=BACKEND)[0]
+        for layout, (world, tp, ep) in LAYOUTS.items()
+    }
 
 
 def _tied(case: str) -> bool:
