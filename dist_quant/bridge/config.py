@@ -151,7 +151,7 @@ class HFConfig:
                     f"config.json: {key} = {_short(value)}: not a key the {self.architecture} bridge knows, so "
                     "dist_quant cannot vouch that the forward ignores it"
                 )
-            problem = rule.problem(value, self, seq_len)
+            problem = None if value is None else rule.problem(value, self, seq_len)  # null: as if absent
             if problem:
                 raise BridgeError(f"config.json: {key} = {_short(value)}: {problem}")
 
