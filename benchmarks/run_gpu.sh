@@ -81,10 +81,10 @@ fi
   cat "$TABLE"
   echo
   echo '```'
-  # the job summaries, the inspections and the export comparisons (tqdm's \r share lines)
-  tr '\r' '\n' < "$LOG" | grep -E -A 16 '^dist-quant calibrate:' | grep -v '^--$' | sed -n '1,200p'
-  tr '\r' '\n' < "$LOG" | grep -E -A 1 ' vs .*weight-derived tensors'
-  tr '\r' '\n' < "$LOG" | grep -E 'passed|failed' | grep -E '^[0-9]+ (passed|failed)|=+ .*(passed|failed)'
+  # the job summaries, the inspections, the export comparisons and the test tallies (tqdm's \r share lines)
+  tr '\r' '\n' < "$LOG" | sed -n -e '/^dist-quant calibrate:/,/^  checkpoint:/p' -e '/: \(NVFP4\|FP8\|MIXED_PRECISION\) weights/,/verify:/p'
+  tr '\r' '\n' < "$LOG" | sed -n '/ vs .*weight-derived tensors/,/identical\|differences/p'
+  tr '\r' '\n' < "$LOG" | grep -E '^(=+ )?[0-9]+ (passed|failed)'
   echo '```'
 } >> "$RESULTS"
 cat "$TABLE"

@@ -255,6 +255,7 @@ def run(args: argparse.Namespace) -> Path | None:
             kinds[key] = kinds.get(key, 0) + 1
     if lead:
         _print_summary(args, out, kinds, bootstrapped, collectives, timer, errors, time.perf_counter() - started)
+    dist.destroy_process_group()
     return out
 
 
@@ -262,7 +263,7 @@ def _print_summary(args, out, kinds, bootstrapped, collectives, timer, errors, t
     lines = [
         "",
         f"dist-quant calibrate: {args.model or args.hf_model}, recipe {args.recipe}, TP {args.tp} x EP {args.ep}"
-        f" on {world_size()} ranks",
+        f" on {world_size()} ranks, {args.dtype}",
         "  quantizers on rank 0 by kind and format:",
         *[f"    {count:6d}  {kind}" for kind, count in sorted(kinds.items())],
         f"  experts' activation quantizers bootstrapped (no calibration tokens): {bootstrapped}",

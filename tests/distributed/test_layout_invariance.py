@@ -111,7 +111,7 @@ def test_one_sync_is_one_all_reduce_per_process_group(layout_reports):
     assert large["quantizers"] > 3 * small["quantizers"]
     # One MAX all-reduce per reduction domain, plus one world-wide flag that makes errors collective.
     assert small["collectives"] == large["collectives"] == small["domains"] + 1
-    assert small["domains"] >= (3 if WIDEST == "tp2xep2" else 2)
+    assert small["domains"] >= (3 if WIDEST == "tp2xep2" else 1)  # at EP2 only activations of dense parts reduce
 
 
 def test_experts_that_get_no_tokens_are_bootstrapped_from_their_siblings(layout_reports):

@@ -91,6 +91,7 @@ def test_unquantized_tensors_keep_the_source_dtype(tmp_path):
     result = _torchrun(2, "--hf-model", str(source), "--recipe", "nvfp4_default-fp8_cast_kv", "--ep", "2", "--dtype",
                        "float32", "--calib-samples", "4", "--seq-len", "16", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "TP 1 x EP 2 on 2 ranks, float32" in result.stdout
     verify(out)
     exported = {}
     for file in out.glob("*.safetensors"):
