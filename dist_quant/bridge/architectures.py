@@ -174,3 +174,37 @@ def model_mappings(architecture: Architecture, config: HFConfig, head_dim: int) 
     if not config.get("tie_word_embeddings", False):
         table.append(ColumnParallelMapping("output_layer.weight", "lm_head.weight"))
     return table
+
+
+def megatron_shapes(architecture: Architecture, config: HFConfig, head_dim: int) -> dict[str, tuple[int, ...]]:
+    """The full (unsharded) Megatron shape of every tensor the mapping table names, by its pattern."""
+    hidden, vocab = config.require("hidden_size"), config.require("vocab_size")
+    heads = config.require("num_attention_heads")
+    groups = config.get("num_key_value_heads", heads)
+    qkv = (heads + 2 * groups) * head_dim
+    attention = f"{LAYER}.self_attention"
+    shapes = {
+        "embedding.word_embeddings.weight": (vocab, hidden),
+        f"{LAYER}.input_layernorm.weight": (hidden,),
+        f"{attention}.linear_qkv.weight": (qkv, hidden),
+        f"{attention}.linear_qkv.bias": (qkv,),
+        f"{attention}.linear_proj.weight": (hidden, heads * head_dim),
+        f"{attention}.linear_proj.bias": (hidden,),
+        f"{attention}.q_layernorm.weight": (head_dim,),
+        f"{attention}.k_layernorm.weight": (head_dim,),
+        f"{LAYER}.pre_mlp_layernorm.weight": (hidden,),
+        "decoder.final_layernorm.weight": (hidden,),
+        "output_layer.weight": (vocab, hidden),
+    }
+    if architecture.moe:
+        experts, width = f"{LAYER}.mlp.experts.local_experts.*", config.require("moe_intermediate_size")
+        count = config.get("num_experts") or config.require("num_local_experts")
+        shapes |= {
+            f"{LAYER}.mlp.router.weight": (count, hidden),
+            f"{experts}.linear_fc1.weight": (2 * width, hidden),
+            f"{experts}.linear_fc2.weight": (hidden, width),
+        }
+    else:
+        width = config.require("intermediate_size")
+        shapes |= {f"{LAYER}.mlp.linear_fc1.weight": (2 * width, hidden), f"{LAYER}.mlp.linear_fc2.weight": (hidden, width)}
+    return shapes

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
-from dist_quant.bridge.architectures import ARCHITECTURES, Architecture, model_mappings
+import itertools
+
+from dist_quant.bridge.architectures import ARCHITECTURES, Architecture, megatron_shapes, model_mappings
 from dist_quant.bridge.config import HFConfig
 from dist_quant.bridge.mappings import BridgeError, Mapping
 from dist_quant.bridge.registry import MappingRegistry
@@ -181,6 +183,19 @@ class ModelBridge:
     # -- names -------------------------------------------------------------------------------------------
     def mappings(self) -> list[Mapping]:
         return model_mappings(self.spec, self.config, self.head_dim)
+
+    def hf_tensor_shapes(self) -> dict[str, torch.Size]:
+        """Every tensor of the unquantized Hugging Face checkpoint this config describes, with its shape."""
+        shapes = megatron_shapes(self.spec, self.config, self.head_dim)
+        layers, experts = range(self.config.require("num_hidden_layers")), range(self.num_experts)
+        out = {}
+        for mapping in self.mappings():
+            full = torch.empty(shapes[mapping.megatron], device="meta")
+            ranges = (layers, experts)[: mapping.megatron.count("*")]
+            for wildcards in itertools.product(*ranges):
+                names = mapping.hf_names([str(w) for w in wildcards])
+                out.update({name: tensor.shape for name, tensor in zip(names, mapping.to_hf(full))})
+        return out
 
     def registry(self, quant_state: bool = False) -> MappingRegistry:
         return MappingRegistry(self.mappings(), quant_state=quant_state)

@@ -74,3 +74,15 @@ def test_routing_weight_after_fc2_leaves_the_moe_output_alone(calibrated, case, 
 def test_a_head_tied_to_the_embedding_is_not_quantized_silently(calibrated, case, layout):
     message = calibrated[layout][case]["tied_head_error"]
     assert message is not None and "output_layer.*: this layer shares the embedding's weight" in message
+
+
+@pytest.mark.parametrize("case", oracle.CASES)
+def test_the_bridge_knows_every_tensor_of_the_checkpoint_and_its_shape(references, case):
+    from safetensors import safe_open
+
+    from dist_quant.bridge import ModelBridge
+
+    path = references[case][0]
+    with safe_open(path / "model.safetensors", "pt") as f:
+        stored = {name: torch.Size(f.get_slice(name).get_shape()) for name in f.keys()}
+    assert ModelBridge.from_hf(path, seq_len=oracle.SEQ).hf_tensor_shapes() == stored
