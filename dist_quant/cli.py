@@ -86,8 +86,17 @@ def _add_calibrate(commands) -> None:
     calibrate.add_argument("--calib-samples", type=int, default=32, help="calibration sequences (default 32)")
     calibrate.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (default 64)")
     calibrate.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
-    calibrate.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory to write")
-    calibrate.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    calibrate.add_argument(
+        "--out", required=True, metavar="DIR",
+        help="checkpoint directory to write: a new path, or with --overwrite an earlier dist_quant checkpoint (never "
+        "the current directory, a mount point or the source); it appears only complete and verified",
+    )
+    calibrate.add_argument("--overwrite", action="store_true", help="replace --out, a dist_quant checkpoint, in one step")
+    calibrate.add_argument(
+        "--timeout", type=float, default=10.0, metavar="MINUTES",
+        help="how long a collective waits for the other ranks before the job fails (default 10; torch's and "
+        "megatron's default is 30)",
+    )
     calibrate.add_argument("--seed", type=int, default=0, help="seed of the built-in models' random weights (default 0)")
     calibrate.add_argument(
         "--dtype", choices=("float32", "bfloat16", "float16"), default=None,
@@ -125,15 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from dist_quant.bridge import BridgeError
-    from dist_quant.calibrate import CalibrationError
-    from dist_quant.export import ExportError, VerificationError
-    from dist_quant.job import JobError, rank
+    from dist_quant.job import rank, user_errors
 
     try:
         args.run(args)
-    except (RecipeError, VerificationError, FileNotFoundError, JobError, BridgeError, CalibrationError, ExportError) as error:
-        if rank() == 0:
+    except (*user_errors(), FileNotFoundError) as error:
+        if rank() == 0:  # every rank raises the same first error: print it once
             print(f"dist-quant: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 import warnings
@@ -47,15 +49,30 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The errors that are the user's input, not a bug: one line, exit status 2."""
+    from dist_quant.bridge import BridgeError
+    from dist_quant.calibrate import CalibrationError
+    from dist_quant.export import ExportError, OutputError, VerificationError
+    from dist_quant.parallel.agree import RankError
+    from dist_quant.recipe import RecipeError
+
+    return (JobError, BridgeError, CalibrationError, ExportError, OutputError, VerificationError, RecipeError, RankError)
+
+
 def validate(args: argparse.Namespace) -> None:
-    """Everything checkable before any rank starts heavy work, the model's config.json included; the same verdict
-    on every rank. Resolves the default --dtype (the checkpoint's)."""
+    """Everything checkable before any rank starts heavy work: layout, files, calibration data, output path, the
+    model's config.json; the same verdict on every rank. Resolves the default --dtype (the checkpoint's) and
+    reads the calibration texts into `args.texts`."""
     from dist_quant.recipe import load_recipe
 
-    etp = args.etp or args.tp
     world = world_size()
-    if min(args.tp, args.ep, etp) < 1:
-        raise JobError("--tp, --ep and --etp must be at least 1")
+    for name in ("tp", "ep", "etp", "calib_samples", "seq_len", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise JobError(f"--{name.replace('_', '-')} must be at least 1")
+    if not args.timeout > 0:
+        raise JobError("--timeout must be a positive number of minutes")
+    etp = args.etp or args.tp
     if world % args.tp or world % (args.ep * etp):
         raise JobError(
             f"world size {world} cannot hold --tp {args.tp} --ep {args.ep} (ETP {etp}): run torchrun with "
@@ -67,15 +84,20 @@ def validate(args: argparse.Namespace) -> None:
         raise JobError(f"--model {args.model}: unknown; built-in models: {', '.join(builtin_models()) or 'none found'}")
     if args.calib_data is not None and not Path(args.calib_data).is_file():
         raise JobError(f"--calib-data {args.calib_data}: no such file")
-    for name in ("calib_samples", "seq_len", "batch_size"):
-        if getattr(args, name) < 1:
-            raise JobError(f"--{name.replace('_', '-')} must be at least 1")
-    if Path(args.out).exists() and not args.overwrite:
-        raise JobError(f"--out {args.out} exists: pass --overwrite to replace it")
+    problem = output_target(args).problem()
+    if problem:
+        raise JobError(f"--out {problem}")
     load_recipe(args.recipe)
     bridge = model_bridge(args)
     bridge.check_layout(args.tp, args.ep)
     args.dtype = args.dtype or _dtype_name(bridge.dtype)
+    args.texts = _texts(args.calib_data)
+
+
+def output_target(args: argparse.Namespace):
+    from dist_quant.export import OutputTarget
+
+    return OutputTarget(args.out, args.overwrite, protected=[args.hf_model])
 
 
 def model_bridge(args: argparse.Namespace):
@@ -90,7 +112,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def init_distributed() -> torch.device:
+def init_distributed(timeout: datetime.timedelta) -> torch.device:
     """NCCL with one GPU per rank where CUDA exists, gloo on CPU; a lone process without torchrun works too."""
     if not dist.is_initialized():
         if "RANK" not in os.environ:
@@ -98,54 +120,98 @@ def init_distributed() -> torch.device:
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=10))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def cache_root() -> Path:
+    """Where built-in models' random weights are kept: $DIST_QUANT_CACHE, else $XDG_CACHE_HOME/dist_quant (or
+    ~/.cache/dist_quant). It must be the user's own and writable by no one else: what is there is trusted."""
+    root = os.environ.get("DIST_QUANT_CACHE")
+    root = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dist_quant"
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = root.lstat()
+    if root.is_symlink() or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise JobError(
+            f"{root}: the cache of built-in models must be a directory of your own that no one else can write "
+            f"(it is {'a link' if root.is_symlink() else oct(info.st_mode & 0o777)}, owner uid {info.st_uid}); "
+            "fix it or set DIST_QUANT_CACHE"
+        )
+    return root
+
+
+def builtin_config(name: str) -> dict:
+    return json.loads((CONFIGS / f"{name}.json").read_text())
+
+
+def builtin_checkpoint_dir(name: str, seed: int) -> Path:
+    """Named by the config's and the seed's hash: a changed config never reuses old weights."""
+    digest = hashlib.sha256(json.dumps([builtin_config(name), seed], sort_keys=True).encode()).hexdigest()[:16]
+    return cache_root() / f"{name}-seed{seed}-{digest}"
+
+
 def _builtin_checkpoint(name: str, seed: int) -> Path:
-    """Random weights for a built-in config, written once by rank 0 as an HF checkpoint (a fixed seed makes
-    them the same for every layout), then read through the bridge like any checkpoint."""
-    directory = Path(tempfile.gettempdir()) / f"dist_quant-{name}-seed{seed}"
-    if rank() == 0 and not (directory / "model.safetensors").is_file():
-        import transformers
+    """Random weights for a built-in config, written once (rank 0) as an HF checkpoint into the user's cache (a
+    fixed seed makes them the same for every layout), then read through the bridge like any checkpoint. The
+    directory appears whole or not at all. Collective."""
+    from dist_quant.parallel.agree import raised_together
 
-        from dist_quant.bridge import ModelBridge
+    with raised_together(user_errors()):
+        directory = builtin_checkpoint_dir(name, seed)
+        if rank() == 0 and not directory.is_dir():
+            import transformers
 
-        raw = json.loads((CONFIGS / f"{name}.json").read_text())
-        config = transformers.AutoConfig.for_model(**raw)
-        torch.manual_seed(seed)
-        model = transformers.AutoModelForCausalLM.from_config(config).to(ModelBridge.from_hf(raw).dtype)
-        partial = Path(tempfile.mkdtemp(dir=directory.parent))
-        model.save_pretrained(partial)
-        if directory.exists():
-            import shutil
+            from dist_quant.bridge import ModelBridge
 
-            shutil.rmtree(directory)
-        partial.rename(directory)
-    dist.barrier()
+            raw = builtin_config(name)
+            config = transformers.AutoConfig.for_model(**raw)
+            torch.manual_seed(seed)
+            model = transformers.AutoModelForCausalLM.from_config(config).to(ModelBridge.from_hf(raw).dtype)
+            partial = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+            model.save_pretrained(partial)
+            try:
+                partial.rename(directory)
+            except OSError:  # another job wrote it meanwhile: same seed and config, same weights
+                shutil.rmtree(partial)
     return directory
 
 
 def _texts(path: str | None) -> list[str]:
+    """The calibration texts: a text file whole, or the `text` field of each line of a .jsonl file."""
     if path is None:
         return [resources.files("dist_quant.data").joinpath("calibration.txt").read_text()]
-    text = Path(path).read_text()
-    if path.endswith(".jsonl"):
-        texts = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                record = json.loads(line)
-                if "text" not in record:
-                    raise JobError(f"--calib-data {path}: line {number} has no 'text' field")
-                texts.append(record["text"])
-        return texts
-    return [text]
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise JobError(f"--calib-data {path}: not UTF-8 text (byte {error.start}): give a text or .jsonl file") from None
+    if not path.endswith(".jsonl"):
+        return [text]
+    texts = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise JobError(f"--calib-data {path}: line {number} is not JSON ({error.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise JobError(f"--calib-data {path}: line {number} needs a string 'text' field")
+        texts.append(record["text"])
+    return texts
+
+
+def replica_samples(count: int, replica: int, replicas: int) -> list[int]:
+    """Indices of the samples one data-parallel replica calibrates on: its strided share, wrapped around so that
+    every replica gets the same number, ceil(count / replicas). Every replica then runs the same number of
+    forward steps (MoE token exchanges span replicas: one step more on one side would wait forever), and a
+    repeated sample changes no maximum."""
+    return [(replica + k * replicas) % count for k in range(-(-count // replicas))]
 
 
 def calibration_batches(args, checkpoint: Path, vocab_size: int, dp_rank: int, dp_size: int) -> list[torch.Tensor]:
-    """Token batches [batch, seq_len] of this data-parallel rank's share: the checkpoint's tokenizer if it has
-    one, else bytes (the built-in models' vocabularies hold every byte)."""
-    texts = _texts(args.calib_data)
+    """Token batches [<= batch, seq_len] of this data-parallel rank's share, as many on every rank: the
+    checkpoint's tokenizer if it has one, else bytes (the built-in models' vocabularies hold every byte)."""
+    texts = args.texts
     if (checkpoint / "tokenizer_config.json").is_file():
         import transformers
 
@@ -157,8 +223,8 @@ def calibration_batches(args, checkpoint: Path, vocab_size: int, dp_rank: int, d
     if not stream:
         raise JobError("the calibration data is empty")
     stream = (stream * (need // len(stream) + 1))[:need]
-    samples = torch.tensor(stream).reshape(args.calib_samples, args.seq_len)[dp_rank::dp_size]
-    return list(samples.split(args.batch_size))
+    samples = torch.tensor(stream).reshape(args.calib_samples, args.seq_len)
+    return list(samples[replica_samples(args.calib_samples, dp_rank, dp_size)].split(args.batch_size))
 
 
 class Timer:
@@ -198,54 +264,72 @@ def weight_error_by_type(model, device: torch.device) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> Path | None:
-    """The whole job on this rank. -> the checkpoint directory on rank 0."""
+    """The whole job on this rank (after `validate`). -> the checkpoint directory on rank 0. Steps that hold no
+    collective end in an agreement over the world, so an error on any rank stops every rank with it."""
     from tqdm import tqdm
 
-    from dist_quant import quantize
     from dist_quant.bridge import ModelBridge
     from dist_quant.bridge.io import SafetensorsReader, load_hf_weights
+    from dist_quant.calibrate import attach_quantizers, calibrate
     from dist_quant.calibrate.pipeline import amax_reducer
-    from dist_quant.export import export_hf
+    from dist_quant.export import estimated_bytes, export_hf
     from dist_quant.parallel import megatron_compat
+    from dist_quant.parallel.agree import raised_together
     from dist_quant.parallel.groups import ParallelGroups
     from dist_quant.quantizer import TensorQuantizer
+    from dist_quant.recipe import load_recipe
 
     # megatron-core warns about every optional accelerator it lacks (Apex, Transformer Engine) on every rank.
     warnings.filterwarnings("ignore", module=r"megatron(\.|$)")
     timer = Timer()
     started = time.perf_counter()
-    device = init_distributed()
+    timeout = datetime.timedelta(minutes=args.timeout)
+    device = init_distributed(timeout)
     lead = rank() == 0
-    with timer.stage("setup"):
-        megatron_compat.initialize(args.tp, args.ep, args.etp)
-        groups = ParallelGroups.from_megatron()
-        checkpoint = Path(args.hf_model) if args.hf_model else _builtin_checkpoint(args.model, args.seed)
-        bridge = ModelBridge.from_hf(checkpoint, seq_len=args.seq_len)
-        megatron_compat.seed(args.seed)
-        dtype = getattr(torch, args.dtype)
-        # megatron's local spec builds norms in float32 whatever params_dtype says: cast the whole model after.
-        model = bridge.build(args.tp, args.ep, args.etp, dtype).to(device=device, dtype=dtype).eval()
-        load_hf_weights(model, bridge, SafetensorsReader(checkpoint), groups)
-        batches = calibration_batches(args, checkpoint, bridge.hf_config["vocab_size"], groups.rank("dp"), groups.size("dp"))
-    mask = megatron_compat.causal_attention_mask(args.seq_len, device)
+    target = output_target(args)
+    try:
+        with timer.stage("setup"):
+            megatron_compat.initialize(args.tp, args.ep, args.etp, timeout)
+            groups = ParallelGroups.from_megatron(timeout)
+            checkpoint = Path(args.hf_model) if args.hf_model else _builtin_checkpoint(args.model, args.seed)
+            if not args.hf_model:
+                target.protected.append(checkpoint.resolve())
+            with raised_together(user_errors()):
+                bridge = ModelBridge.from_hf(checkpoint, seq_len=args.seq_len)
+                megatron_compat.seed(args.seed)
+                dtype = getattr(torch, args.dtype)
+                # megatron's local spec builds norms in float32 whatever params_dtype says: cast the whole model
+                model = bridge.build(args.tp, args.ep, args.etp, dtype).to(device=device, dtype=dtype).eval()
+                load_hf_weights(model, bridge, SafetensorsReader(checkpoint), groups)
+                vocab = bridge.hf_config["vocab_size"]
+                batches = calibration_batches(args, checkpoint, vocab, groups.rank("dp"), groups.size("dp"))
+                recipe = load_recipe(args.recipe)
+                attach_quantizers(model, recipe, groups)
+            needed = estimated_bytes(model, bridge, groups)
+            with raised_together(user_errors()):
+                if lead:  # before any calibration: the output can be written, has room, and is ours alone
+                    target.claim(needed)
+        mask = megatron_compat.causal_attention_mask(args.seq_len, device)
 
-    def forward_loop(m):
-        for tokens in tqdm(batches, desc="calibrating", unit="batch", disable=not lead):
-            tokens = tokens.to(device)
-            positions = torch.arange(tokens.shape[1], device=device)[None].expand_as(tokens)
-            m(tokens, positions, mask[..., : tokens.shape[1], : tokens.shape[1]])
+        def forward_loop(m):
+            for tokens in tqdm(batches, desc="calibrating", unit="batch", disable=not lead):
+                tokens = tokens.to(device)
+                positions = torch.arange(tokens.shape[1], device=device)[None].expand_as(tokens)
+                m(tokens, positions, mask[..., : tokens.shape[1], : tokens.shape[1]])
 
-    with timer.stage("calibrate"):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            quantize(model, args.recipe, forward_loop, groups)
-    local = sum(int(str(w.message).split()[0]) for w in caught if "bootstrapped" in str(w.message))
-    bootstrapped = int(_sum_over_ranks(torch.tensor([float(local)]), device).item())
-    collectives = amax_reducer(model).collectives
-    with timer.stage("export"):
-        progress = tqdm(desc="exporting", unit="tensor", disable=not lead)
-        out = export_hf(model, bridge, args.out, groups, source_dir=checkpoint, overwrite=args.overwrite, on_tensor=lambda _: progress.update())
-        progress.close()
+        with timer.stage("calibrate"):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                calibrate(model, recipe, forward_loop, groups)
+        local = sum(int(str(w.message).split()[0]) for w in caught if "bootstrapped" in str(w.message))
+        bootstrapped = int(_sum_over_ranks(torch.tensor([float(local)]), device).item())
+        collectives = amax_reducer(model).collectives
+        with timer.stage("export"):
+            progress = tqdm(desc="exporting", unit="tensor", disable=not lead)
+            out = export_hf(model, bridge, target, groups, source_dir=checkpoint, on_tensor=lambda _: progress.update())
+            progress.close()
+    finally:
+        target.release()
     errors = weight_error_by_type(model, device)
     kinds: dict[str, int] = {}
     for name, q in model.named_modules():

@@ -30,24 +30,51 @@ def has_safetensors(directory: str | Path) -> bool:
     return (Path(directory) / INDEX_FILE).is_file() or (Path(directory) / SINGLE_FILE).is_file()
 
 
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
 class SafetensorsReader:
-    """A Hugging Face checkpoint directory (single file or sharded with an index), read lazily by slice."""
+    """A Hugging Face checkpoint directory (single file or sharded with an index), read lazily by slice. Index
+    entries must name files inside the directory; unreadable files and entries are BridgeErrors naming them."""
 
     def __init__(self, directory: str | Path):
-        from safetensors import safe_open
-
         directory = Path(directory)
         index = directory / INDEX_FILE
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            self._files = self._index(index)
         elif (directory / SINGLE_FILE).is_file():
-            with safe_open(directory / SINGLE_FILE, "pt") as f:
-                weight_map = {name: SINGLE_FILE for name in f.keys()}
+            self._files = dict.fromkeys(self._opened(directory / SINGLE_FILE).keys(), directory / SINGLE_FILE)
         else:
             raise BridgeError(f"{directory}: no model.safetensors or model.safetensors.index.json")
-        self._files = {name: directory / file for name, file in weight_map.items()}
         self._open = {}
-        self._safe_open = safe_open
+
+    @staticmethod
+    def _index(index: Path) -> dict[str, Path]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+            raise BridgeError(f"{index}: not a safetensors index ({type(error).__name__}: {error})") from None
+        if not isinstance(weight_map, dict):
+            raise BridgeError(f"{index}: weight_map is not an object")
+        root, files = index.parent.resolve(), {}
+        for name, file in weight_map.items():
+            path = index.parent / str(file)
+            if not isinstance(file, str) or Path(file).is_absolute() or not _inside(path.resolve(), root):
+                raise BridgeError(f"{index}: {name} points outside the checkpoint directory ({file!r})")
+            if not path.is_file():
+                raise BridgeError(f"{index}: {name} is in {file}, which does not exist")
+            files[name] = path
+        return files
+
+    @staticmethod
+    def _opened(path: Path):
+        from safetensors import safe_open
+
+        try:
+            return safe_open(path, "pt")
+        except Exception as error:  # safetensors raises its own error types for broken files
+            raise BridgeError(f"{path}: not a readable safetensors file ({error})") from None
 
     def names(self) -> list[str]:
         return list(self._files)
@@ -57,8 +84,11 @@ class SafetensorsReader:
             raise BridgeError(f"the checkpoint has no tensor {name!r}")
         path = self._files[name]
         if path not in self._open:
-            self._open[path] = self._safe_open(path, "pt")
-        return self._open[path].get_slice(name)
+            self._open[path] = self._opened(path)
+        try:
+            return self._open[path].get_slice(name)
+        except Exception:  # noqa: BLE001 - the index says the file holds it; it does not
+            raise BridgeError(f"{path}: holds no tensor {name!r}, though the index says it does") from None
 
     def shape(self, name: str) -> torch.Size:
         return torch.Size(self._slice(name).get_shape())
@@ -68,9 +98,12 @@ class SafetensorsReader:
 
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int = 0) -> torch.Tensor:
         piece = self._slice(name)
-        if dim is None:
-            return piece[:]
-        return piece[start:stop] if dim == 0 else piece[:, start:stop]
+        try:
+            if dim is None:
+                return piece[:]
+            return piece[start:stop] if dim == 0 else piece[:, start:stop]
+        except Exception as error:  # noqa: BLE001 - e.g. a file cut short
+            raise BridgeError(f"{self._files[name]}: cannot read {name} ({error})") from None
 
 
 class StateDictReader:
@@ -86,6 +119,9 @@ class StateDictReader:
         if name not in self.tensors:
             raise BridgeError(f"no tensor {name!r}")
         return self.tensors[name].shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.tensors[name].dtype if name in self.tensors else self.shape(name)
 
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int = 0) -> torch.Tensor:
         tensor = self.tensors[name]
@@ -111,12 +147,30 @@ def _state(model: nn.Module, ep_rank: int, quant_state: bool = False) -> dict[st
     }
 
 
+def check_checkpoint(bridge: ModelBridge, reader) -> None:
+    """The checkpoint holds exactly the tensors its config.json describes, with their shapes, in a floating-point
+    dtype: BridgeError naming the first that is missing, extra, of another shape or dtype (headers only)."""
+    expected = bridge.hf_tensor_shapes()
+    stored = set(reader.names())
+    missing, extra = sorted(expected.keys() - stored), sorted(stored - expected.keys())
+    if missing:
+        raise BridgeError(f"the checkpoint lacks {missing[0]}" + (f" and {len(missing) - 1} more tensors" if len(missing) > 1 else "") + ", which config.json describes")
+    if extra:
+        raise BridgeError(f"the checkpoint holds {extra[0]}" + (f" and {len(extra) - 1} more tensors" if len(extra) > 1 else "") + ", which config.json does not describe")
+    for name, shape in expected.items():
+        if reader.shape(name) != shape:
+            raise BridgeError(f"{name}: shape {tuple(reader.shape(name))}, config.json describes {tuple(shape)}")
+        if not reader.dtype(name).is_floating_point:
+            raise BridgeError(f"{name}: {reader.dtype(name)}, expected a floating-point tensor")
+
+
 def load_hf_weights(model: nn.Module, bridge: ModelBridge, reader, groups: ParallelGroups) -> None:
     """Fill a sharded megatron model from an HF checkpoint; each rank reads only the slices it holds.
     Raises BridgeError naming every unmapped name and any shape mismatch."""
     registry = bridge.registry()
     weights = _state(model, groups.rank("ep"))
     registry.check(megatron_names=weights, hf_names=reader.names())
+    check_checkpoint(bridge, reader)
     info = shard_info(model, groups)
     with torch.no_grad():
         for name, tensor in weights.items():

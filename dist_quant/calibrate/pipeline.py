@@ -21,6 +21,7 @@ from torch import nn
 from dist_quant.calibrate.shared import form_shared_states
 from dist_quant.kernels import nvfp4_mse_block_amax
 from dist_quant.modules import QuantModule, convert_linear
+from dist_quant.modules.base import model_device
 from dist_quant.modules.linear import LINEAR_QUANTIZERS
 from dist_quant.parallel.groups import ParallelGroups, default_groups, megatron_loaded
 from dist_quant.parallel.reduce import AmaxReducer, NonFiniteAmaxError
@@ -264,11 +265,6 @@ def cache_fake_quant_weights(model: nn.Module, enabled: bool = True) -> None:
 def promote(model: nn.Module) -> None:
     for _, q in quantizers(model):
         q.mode = QuantizerMode.QUANTIZING if q.enabled else QuantizerMode.DISABLED
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Where the model's parameters live: every tensor the driver creates goes there."""
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def calibrate(

@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dist_quant.calibrate.pipeline import model_device
 from dist_quant.modules import QuantModule
+from dist_quant.modules.base import model_device
 from dist_quant.parallel.groups import ParallelGroups, default_groups
 from dist_quant.parallel.layout import shard, unshard
 from dist_quant.quantizer import AMAX_BUFFERS, QuantizerMode, TensorQuantizer

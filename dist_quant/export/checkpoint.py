@@ -23,11 +23,14 @@ from torch import nn
 import dist_quant
 from dist_quant.bridge.io import SafetensorsReader, export_hf_bundles, has_safetensors
 from dist_quant.bridge.models import ModelBridge
-from dist_quant.export.verify import verify
+from dist_quant.export.output import OutputError, OutputTarget
+from dist_quant.export.verify import VerificationError, verify
 from dist_quant.modules import QuantModule
+from dist_quant.modules.base import model_device
 from dist_quant.numerics import fp8_quantize, fp8_scale, nvfp4_dequantize, nvfp4_fake_quant, nvfp4_quantize
 from dist_quant.numerics.fp8 import divide, fp8_fake_quant
 from dist_quant.numerics.nvfp4 import SCALE_2_DIVISOR
+from dist_quant.parallel.agree import first_error, with_rank
 from dist_quant.parallel.groups import ParallelGroups, default_groups
 from dist_quant.quantizer import FP8, NVFP4, QuantFormat, TensorQuantizer
 
@@ -45,12 +48,9 @@ class ExportError(RuntimeError):
 
 def _agree(error: str | None) -> None:
     """Raise the first rank's error on every rank, so none is left waiting in a collective."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        errors = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-        error = next((e for e in errors if e), None)
-    if error:
-        raise ExportError(error)
+    first = first_error(error)
+    if first:
+        raise ExportError(with_rank(first))
 
 
 def _formats(model: nn.Module) -> dict[str, QuantFormat]:
@@ -110,6 +110,7 @@ class _ShardWriter:
     def _flush(self) -> None:
         file = f"shard-{len(self.files):05d}.safetensors"
         self.save(self.pending, self.directory / file, metadata={"format": "pt"})
+        (self.directory / file).chmod(0o644)  # safetensors writes 0600; a checkpoint is for others to read
         self.files.append((file, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 
@@ -236,10 +237,48 @@ def _kv_scheme(algo: str | None) -> dict | None:
     return None if algo is None else {"type": "float", "num_bits": 8 if algo == "FP8" else 4}
 
 
+def estimated_bytes(model: nn.Module, bridge: ModelBridge, groups: ParallelGroups) -> int:
+    """About how many bytes the checkpoint of this calibrated (or quantizer-attached) model takes: each parameter
+    once (replicas skipped), quantized weights at their format's size, the rest at the checkpoint's dtype.
+    Collective over the world."""
+    sizes = {}
+    for _, module in model.named_modules():
+        if isinstance(module, QuantModule):
+            for quantizer, weight in module.weight_quantizers():
+                if quantizer.enabled:
+                    sizes[id(weight)] = 0.5 + 1 / 16 if quantizer.fmt.kind == NVFP4 else 1.0  # packed + block scales
+    local = 0.0
+    for param in model.parameters():
+        expert = not getattr(param, "allreduce", True)  # megatron marks expert-parallel parameters so
+        if groups.rank("edp" if expert else "dp") == 0:
+            local += param.numel() * sizes.get(id(param), bridge.dtype.itemsize)
+    total = torch.tensor([local], dtype=torch.float64, device=model_device(model))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total)
+    return int(total.item())
+
+
+def _write_configs(directory: Path, bridge: ModelBridge, quantizer: _ModuleQuantizer, source_dir) -> None:
+    hf_quant_config = _quant_config(quantizer)
+    config = dict(bridge.hf_config)
+    q = hf_quant_config["quantization"]
+    config["quantization_config"] = {
+        "quant_method": "modelopt",
+        "quant_algo": q["quant_algo"],
+        "kv_cache_scheme": _kv_scheme(q["kv_cache_quant_algo"]),
+        "ignore": q["exclude_modules"],
+    }
+    (directory / "hf_quant_config.json").write_text(json.dumps(hf_quant_config, indent=2))
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    for file in TOKENIZER_FILES:
+        if source_dir is not None and (Path(source_dir) / file).is_file():
+            shutil.copy2(Path(source_dir) / file, directory / file)
+
+
 def export_hf(
     model: nn.Module,
     bridge: ModelBridge,
-    out_dir: str | os.PathLike,
+    out_dir: str | os.PathLike | OutputTarget,
     groups: ParallelGroups | None = None,
     *,
     source_dir: str | os.PathLike | None = None,
@@ -249,47 +288,40 @@ def export_hf(
     on_tensor: Callable[[str], None] | None = None,
 ) -> Path | None:
     """Write the calibrated model as a quantized HF checkpoint on rank `dst` (collective: every rank calls).
-    `source_dir`: the HF checkpoint it came from, for tokenizer files and the dtypes of unquantized tensors. `on_tensor(name)` is called for every
-    tensor written (progress). -> the directory on `dst`, None elsewhere."""
+    `out_dir`: a new directory or a dist_quant checkpoint to replace (`overwrite`), or an OutputTarget the caller
+    has claimed already. `source_dir`: the HF checkpoint it came from, for tokenizer files and the dtypes of
+    unquantized tensors; the output may neither be it nor hold it. `on_tensor(name)` is called for every tensor
+    written (progress). The directory appears only complete and verified. -> the directory on `dst`, else None."""
     groups = groups or default_groups()
     me = dist.get_rank() if dist.is_initialized() else 0
-    out = Path(out_dir)
+    target = out_dir if isinstance(out_dir, OutputTarget) else OutputTarget(out_dir, overwrite, [source_dir])
+    owned = target.partial is None
+    needed = estimated_bytes(model, bridge, groups)
     problem = None
-    if me == dst and out.exists() and not overwrite:
-        problem = f"{out} exists: pass overwrite=True (--overwrite) to replace it"
-    _agree(problem or _check_activations(model))
-    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if me == dst and owned:
+        try:
+            target.claim(needed)
+        except OutputError as error:
+            problem = str(error)
     try:
-        if me == dst:
-            partial.mkdir(parents=True)
-        writer = _ShardWriter(partial, max_shard_bytes) if me == dst else None
+        _agree(problem or _check_activations(model))
+        writer = _ShardWriter(target.partial, max_shard_bytes) if me == dst else None
         quantizer = _ModuleQuantizer(_formats(model), source_dtypes(bridge, source_dir))
         for name, tensor in checkpoint_tensors(model, bridge, groups, dst, quantizer):
             writer.add(name, tensor)
             if on_tensor is not None:
                 on_tensor(name)
-        if me != dst:
-            return None
-        writer.finish()
-        hf_quant_config = _quant_config(quantizer)
-        config = dict(bridge.hf_config)
-        q = hf_quant_config["quantization"]
-        config["quantization_config"] = {
-            "quant_method": "modelopt",
-            "quant_algo": q["quant_algo"],
-            "kv_cache_scheme": _kv_scheme(q["kv_cache_quant_algo"]),
-            "ignore": q["exclude_modules"],
-        }
-        (partial / "hf_quant_config.json").write_text(json.dumps(hf_quant_config, indent=2))
-        (partial / "config.json").write_text(json.dumps(config, indent=2))
-        for file in TOKENIZER_FILES:
-            if source_dir is not None and (Path(source_dir) / file).is_file():
-                shutil.copy2(Path(source_dir) / file, partial / file)
-        verify(partial)
-        if out.exists():
-            shutil.rmtree(out)
-        partial.rename(out)
+        problem, out = None, None
+        if me == dst:
+            try:
+                writer.finish()
+                _write_configs(target.partial, bridge, quantizer, source_dir)
+                verify(target.partial)
+                out = target.commit()
+            except (VerificationError, OSError) as error:
+                problem = str(error)
+        _agree(problem)
         return out
     finally:
-        if partial.exists():
-            shutil.rmtree(partial)
+        if owned and me == dst:
+            target.release()

@@ -43,3 +43,8 @@ def quantized_class(cls: type, mixin: type) -> type:
     if key not in _quantized_classes:
         _quantized_classes[key] = type(f"Quant{cls.__name__}", (mixin, cls), {})
     return _quantized_classes[key]
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's parameters live: every tensor dist_quant makes for it goes there."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))

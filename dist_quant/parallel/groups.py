@@ -7,6 +7,7 @@ Each domain is one process group, so a sync costs one collective per domain, wha
 
 from __future__ import annotations
 
+import datetime
 import sys
 from dataclasses import dataclass, field
 
@@ -60,14 +61,17 @@ class ParallelGroups:
     etp: dist.ProcessGroup | None = None
     edp: dist.ProcessGroup | None = None
     domains: dict[str, dist.ProcessGroup | None] = field(default_factory=dict)
+    # for the domain groups made here; None: torch's default (30 minutes on gloo)
+    timeout: datetime.timedelta | None = None
 
     def __post_init__(self):
         if not self.domains:
             self.domains = self._build_domains()
 
     @classmethod
-    def from_megatron(cls) -> "ParallelGroups":
-        """The groups `megatron.core.parallel_state.initialize_model_parallel` made. Collective: every rank calls."""
+    def from_megatron(cls, timeout: datetime.timedelta | None = None) -> "ParallelGroups":
+        """The groups `megatron.core.parallel_state.initialize_model_parallel` made. Collective: every rank calls.
+        `timeout`: of the collectives on the reduction domains' groups."""
         from megatron.core import parallel_state as ps
 
         def sized(group):
@@ -79,6 +83,7 @@ class ParallelGroups:
             ep=sized(ps.get_expert_model_parallel_group()),
             etp=sized(ps.get_expert_tensor_parallel_group()),
             edp=sized(ps.get_expert_data_parallel_group()),
+            timeout=timeout,
         )
 
     def size(self, name: str) -> int:
@@ -101,7 +106,7 @@ class ParallelGroups:
             if all(len(c) == 1 for c in components):
                 domains[name] = None
                 continue
-            mine_group, _ = dist.new_subgroups_by_enumeration([list(c) for c in components])
+            mine_group, _ = dist.new_subgroups_by_enumeration([list(c) for c in components], timeout=self.timeout)
             domains[name] = mine_group if dist.get_world_size(mine_group) > 1 else None
         return domains
 

@@ -7,6 +7,8 @@ megatron allocates on `torch.cuda.current_device()` ("Torch not compiled with CU
 
 from __future__ import annotations
 
+import datetime
+
 import torch
 
 
@@ -32,9 +34,10 @@ def causal_attention_mask(seq_len: int, device: torch.device | str) -> torch.Ten
     return torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu(1)[None, None]
 
 
-def initialize(tp: int = 1, ep: int = 1, etp: int | None = None) -> None:
+def initialize(tp: int = 1, ep: int = 1, etp: int | None = None, timeout: datetime.timedelta | None = None) -> None:
     """Check that the world holds the layout, apply the shims, and initialize megatron's parallel state.
-    Needs torch.distributed initialized; ETP defaults to TP."""
+    Needs torch.distributed initialized; ETP defaults to TP. `timeout`: of megatron's groups' collectives
+    (megatron's default is 30 minutes)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -46,6 +49,7 @@ def initialize(tp: int = 1, ep: int = 1, etp: int | None = None) -> None:
             "EP x ETP"
         )
     apply()
+    minutes = {} if timeout is None else {"distributed_timeout_minutes": timeout.total_seconds() / 60}
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, expert_model_parallel_size=ep, expert_tensor_parallel_size=etp
+        tensor_model_parallel_size=tp, expert_model_parallel_size=ep, expert_tensor_parallel_size=etp, **minutes
     )

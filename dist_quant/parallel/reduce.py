@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from dist_quant.parallel.agree import first_error
 from dist_quant.parallel.groups import ParallelGroups
 
 
@@ -86,16 +87,14 @@ class AmaxReducer:
 
     def _raise_if_non_finite(self) -> None:
         bad = [key for arena in self.arenas.values() for key in self._non_finite_keys(arena)]
+        where = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "") if bad else None
         if dist.is_initialized() and dist.get_world_size() > 1:
             flag = torch.tensor([float(bool(bad))], device=self.device)
             self._all_reduce(flag, dist.group.WORLD)
-            failed = flag.item() > 0
-        else:
-            failed = bool(bad)
-        if failed:
-            where = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "") if bad else (
-                "quantizers of another rank (see its error)"
-            )
+            if flag.item() > 0:  # only then: the names, from the first rank that has some
+                rank, where = first_error(where)
+                where = f"{where} (on rank {rank})"
+        if where:
             raise NonFiniteAmaxError(f"calibration data held NaN or Inf: amax of {where} is not finite")
 
     def _non_finite_keys(self, arena: _Arena) -> list[str]:

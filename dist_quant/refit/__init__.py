@@ -11,7 +11,8 @@ from torch import nn
 
 from dist_quant.bridge.io import export_hf_stream
 from dist_quant.bridge.models import ModelBridge
-from dist_quant.calibrate.pipeline import model_device, promote
+from dist_quant.calibrate.pipeline import promote
+from dist_quant.modules.base import model_device
 from dist_quant.export.checkpoint import checkpoint_tensors
 from dist_quant.parallel.groups import ParallelGroups, default_groups
 from dist_quant.quantizer import TensorQuantizer

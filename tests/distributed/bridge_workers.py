@@ -86,22 +86,34 @@ def round_trip(paths: dict[str, str], tp: int, ep: int) -> dict:
 
 
 def load_errors(path: str, scratch: str) -> dict:
-    """Checkpoints with an unknown tensor and with a wrong shape: what load_hf_weights says."""
+    """Broken copies of a checkpoint: what load_hf_weights (and the reader) say about each."""
+    import json
+
     from safetensors.torch import load_file, save_file
 
     megatron_compat.initialize(1, 1)
     groups = ParallelGroups.from_megatron()
     bridge = ModelBridge.from_hf(path)
     tensors = load_file(Path(path) / "model.safetensors")
+    norm = "model.layers.0.input_layernorm.weight"
     cases = {
         "extra": {**tensors, "model.layers.0.mlp.extra.weight": torch.zeros(2)},
         "shape": {**tensors, "model.layers.1.self_attn.o_proj.weight": torch.zeros(64, 32)},
+        "missing": {k: v for k, v in tensors.items() if k != "model.norm.weight"},
+        "int32": {**tensors, norm: tensors[norm].to(torch.int32)},
+        "outside-index": tensors,
+        "garbage-file": tensors,
     }
     messages = {}
     for case, broken in cases.items():
         directory = Path(scratch) / case
         shutil.copytree(path, directory)
         save_file(broken, directory / "model.safetensors")
+        if case == "outside-index":
+            index = {"weight_map": {name: "../outside.safetensors" for name in broken}}
+            (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+        if case == "garbage-file":
+            (directory / "model.safetensors").write_bytes(b"\x13garbage, not a safetensors header" * 10)
         try:
             load_hf_weights(bridge.build(), bridge, SafetensorsReader(directory), groups)
         except BridgeError as error:

@@ -41,8 +41,17 @@ def test_megatron_logits_equal_the_transformers_model(checkpoints, exported, lay
     torch.testing.assert_close(exported[layout][arch]["logits"], expected, rtol=0, atol=1e-5)
 
 
-def test_unmapped_names_and_wrong_shapes_are_clear_errors(checkpoints, tmp_path):
+def test_broken_checkpoints_are_one_line_errors_naming_the_tensor_or_file(checkpoints, tmp_path):
     path, saved, _ = checkpoints["llama"]
     messages = run_ranks(1, workers.load_errors, str(path), str(tmp_path))[0]
-    assert "Hugging Face names without a mapping: model.layers.0.mlp.extra.weight" in messages["extra"]
-    assert "model.layers.1.self_attn.o_proj.weight give shape (64, 32) on this rank, the model has (64, 64)" in messages["shape"]
+    expected = {
+        "extra": "Hugging Face names without a mapping: model.layers.0.mlp.extra.weight",
+        "shape": "model.layers.1.self_attn.o_proj.weight: shape (64, 32), config.json describes (64, 64)",
+        "missing": "the checkpoint lacks model.norm.weight, which config.json describes",
+        "int32": "model.layers.0.input_layernorm.weight: torch.int32, expected a floating-point tensor",
+        "outside-index": "points outside the checkpoint directory ('../outside.safetensors')",
+        "garbage-file": "model.safetensors: not a readable safetensors file",
+    }
+    assert messages.keys() == expected.keys()
+    for case, text in expected.items():
+        assert text in messages[case] and "\n" not in messages[case], (case, messages[case])

@@ -140,3 +140,8 @@ def test_bad_input_fails_on_every_rank_with_a_clear_error():
         assert "calibration data held NaN or Inf" in rank_messages["nan"]
         assert "decoder.layers.1.self_attention.linear_proj.input_quantizer" in rank_messages["nan"]  # NaN made on rank 1 only
         assert "enables no quantizer in this model" in rank_messages["recipe"]
+
+
+def test_nan_in_an_expert_of_one_rank_is_named_on_every_rank():
+    for message in run_ranks(2, workers.expert_nan_case, backend=BACKEND):
+        assert message.endswith("amax of decoder.layers.1.mlp.experts.local_experts.2.linear_fc2.input_quantizer (on rank 1) is not finite"), message

@@ -255,3 +255,17 @@ def error_cases() -> dict:
     except RecipeError as error:
         messages["recipe"] = str(error)
     return messages
+
+
+def expert_nan_case() -> str:
+    """EP2: NaN in the activations of an expert that only rank 1 holds. -> the error every rank raises."""
+    megatron_compat.initialize(tp=1, ep=2)
+    model = build_model(moe=True)
+    if dist.get_rank() == 1:
+        fc1 = model.decoder.layers[1].mlp.experts.local_experts[0].linear_fc1  # the last layer: NaN stays there
+        fc1.register_forward_hook(lambda mod, inp, out: (out[0] * float("nan"), out[1]))
+    try:
+        quantize(model, RECIPE, lambda m: [_forward(m, t) for t in batches()])
+    except CalibrationError as error:
+        return str(error)
+    return "no error"
