@@ -132,6 +132,7 @@ class TensorQuantizer(nn.Module):
         self._mode = QuantizerMode.DISABLED
         self.__dict__["shared_state"] = None  # the SharedQuantState of its siblings, if any; not a submodule
         self.cache_output = False  # see `cache_fake_quant_weights`
+        self.saw_data = False  # whether the last calibration got any element (an amax of 0 may mean all zeros)
         self._cache: tuple | None = None
         for name in AMAX_BUFFERS:
             self.register_buffer(name, None)
@@ -187,6 +188,7 @@ class TensorQuantizer(nn.Module):
             return True
         amax, block_amax = self.calibrator.amax, self.calibrator.block_amax
         self.calibrator.reset()
+        self.saw_data = amax is not None
         if amax is None:
             return False
         self._set_amax(amax, block_amax)

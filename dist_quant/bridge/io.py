@@ -165,8 +165,9 @@ def check_checkpoint(bridge: ModelBridge, reader) -> None:
 
 
 def load_hf_weights(model: nn.Module, bridge: ModelBridge, reader, groups: ParallelGroups) -> None:
-    """Fill a sharded megatron model from an HF checkpoint; each rank reads only the slices it holds.
-    Raises BridgeError naming every unmapped name and any shape mismatch."""
+    """Fill a sharded megatron model from an HF checkpoint; each rank reads only the slices it holds, after
+    checking the whole checkpoint against config.json. BridgeError names what is unmapped, missing, extra, of
+    another shape or dtype, or not finite."""
     registry = bridge.registry()
     weights = _state(model, groups.rank("ep"))
     registry.check(megatron_names=weights, hf_names=reader.names())
@@ -176,6 +177,8 @@ def load_hf_weights(model: nn.Module, bridge: ModelBridge, reader, groups: Paral
         for name, tensor in weights.items():
             mapping, _, hf_names = registry.megatron_to_hf(name)
             piece = mapping.load(reader, hf_names, info)
+            if not torch.isfinite(piece).all():
+                raise BridgeError(f"{', '.join(hf_names)}: NaN or Inf in the checkpoint's weights")
             if piece.shape != tensor.shape:
                 raise BridgeError(
                     f"{name}: {', '.join(hf_names)} give shape {tuple(piece.shape)} on this rank, the model has "

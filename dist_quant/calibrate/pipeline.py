@@ -16,6 +16,7 @@ import warnings
 from typing import Callable, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from dist_quant.calibrate.shared import form_shared_states
@@ -25,7 +26,8 @@ from dist_quant.modules.base import model_device
 from dist_quant.modules.linear import LINEAR_QUANTIZERS
 from dist_quant.parallel.groups import ParallelGroups, default_groups, megatron_loaded
 from dist_quant.parallel.reduce import AmaxReducer, NonFiniteAmaxError
-from dist_quant.quantizer import STATIC, QuantizerMode, TensorQuantizer
+from dist_quant.numerics.nvfp4 import BLOCK_SIZE
+from dist_quant.quantizer import NVFP4, STATIC, QuantFormat, QuantizerMode, TensorQuantizer
 from dist_quant.recipe import Recipe, RecipeError
 
 ForwardLoop = Callable[[nn.Module], None]
@@ -81,18 +83,9 @@ def attach_quantizers(model: nn.Module, recipe: Recipe, groups: ParallelGroups |
         prefix = f"{name}." if name else ""
         names = kinds[kind][1] if kind else LINEAR_QUANTIZERS
         formats = {q: recipe.format_for(prefix + q) for q in names}
-        for q, fmt in formats.items():
-            if fmt is not None and q != "weight_quantizer" and (fmt.block_type == STATIC or fmt.axis is not None):
-                raise RecipeError(
-                    f"recipe {recipe.source}: {prefix + q}: static NVFP4 blocks and per-channel axes apply to "
-                    "weights only"
-                )
-        if kind is not None and "weight_quantizer" in kinds[kind][1] and "weight" not in module._parameters:
-            if any(fmt is not None for fmt in formats.values()):
-                raise RecipeError(
-                    f"recipe {recipe.source}: {prefix}*: this layer shares the embedding's weight (tied "
-                    "embeddings), which a checkpoint cannot hold quantized; disable its quantizers"
-                )
+        problem = _format_problem(module, formats)
+        if problem:
+            raise RecipeError(f"recipe {recipe.source}: {prefix}{problem}")
         enabled += sum(fmt is not None for fmt in formats.values())
         if kind is None:
             convert_linear(module, formats, name)
@@ -101,6 +94,26 @@ def attach_quantizers(model: nn.Module, recipe: Recipe, groups: ParallelGroups |
     if enabled == 0:
         raise RecipeError(f"recipe {recipe.source} enables no quantizer in this model")
     return enabled
+
+
+def _format_problem(module: nn.Module, formats: dict[str, QuantFormat | None]) -> str | None:
+    """Why a layer cannot take these formats (`<quantizer>: reason`); None when it can."""
+    weight = module._parameters.get("weight")
+    if "weight_quantizer" in formats and weight is None and any(formats.values()):
+        return "*: this layer shares the embedding's weight (tied embeddings), which a checkpoint cannot hold quantized; disable its quantizers"
+    # the length of the last dimension each quantizer sees: NVFP4 blocks of 16 run along it
+    if weight is not None:
+        lengths = {"weight_quantizer": weight.shape[-1], "input_quantizer": weight.shape[-1], "output_quantizer": weight.shape[0]}
+    else:
+        lengths = dict.fromkeys(formats, getattr(getattr(module, "config", None), "kv_channels", None))
+    for q, fmt in formats.items():
+        if fmt is None:
+            continue
+        if q != "weight_quantizer" and (fmt.block_type == STATIC or fmt.axis is not None):
+            return f"{q}: static NVFP4 blocks and per-channel axes apply to weights only"
+        if fmt.kind == NVFP4 and lengths.get(q) is not None and lengths[q] % BLOCK_SIZE:
+            return f"{q}: NVFP4 needs a last dimension that is a multiple of {BLOCK_SIZE}; this layer's is {lengths[q]}"
+    return None
 
 
 def _reduction_domain(module: QuantModule, is_weight: bool, axis: int | None) -> str | None:
@@ -189,11 +202,17 @@ def bootstrap_unseen(model: nn.Module, groups: ParallelGroups) -> int:
     if not entries:
         return 0
     seen = (torch.stack([q._amax.reshape(()) for _, _, q in entries]) > 0).tolist()  # one device sync
-    unseen = [key for (key, expert, _), ok in zip(entries, seen) if not expert and not ok]
+    unseen = [(key, q.saw_data) for (key, expert, q), ok in zip(entries, seen) if not expert and not ok]
+    zeros = [key for key, saw in unseen if saw]
+    if zeros:
+        raise CalibrationError(
+            f"{len(zeros)} activation quantizers saw only zeros: {_name_list(zeros)}; an amax of 0 scales nothing "
+            "(are the data or the layers before them zero?)"
+        )
     if unseen:
         raise CalibrationError(
-            f"{len(unseen)} activation quantizers saw no calibration data on any rank: {_name_list(unseen)}; "
-            "does forward_loop run every quantized module?"
+            f"{len(unseen)} activation quantizers saw no calibration data on any rank: "
+            f"{_name_list([key for key, _ in unseen])}; does forward_loop run every quantized module?"
         )
     siblings: dict[str, list[tuple[TensorQuantizer, bool]]] = {}
     for (key, expert, q), ok in zip(entries, seen):
@@ -209,8 +228,15 @@ def bootstrap_unseen(model: nn.Module, groups: ParallelGroups) -> int:
     layer_max = reducer.values(reducer.arenas["ep"])
     positive = dict(zip(layer_max, (torch.stack(list(layer_max.values())) > 0).tolist()))
     empty = [role for role in siblings if not positive[role]]
-    if empty:
-        raise CalibrationError(f"no expert of {empty[0]} received any calibration token")
+    if empty:  # the same on every rank: tell zeros from no tokens at all, over the experts' ranks
+        saw = torch.tensor([float(any(q.saw_data for q, _ in siblings[empty[0]]))], device=layer_max[empty[0]].device)
+        if groups.domains["ep"] is not None:
+            dist.all_reduce(saw, op=dist.ReduceOp.MAX, group=groups.domains["ep"])
+        if saw.item() > 0:
+            raise CalibrationError(f"every expert of {empty[0]} saw only zeros: an amax of 0 scales nothing")
+        raise CalibrationError(
+            f"no expert of {empty[0]} received any calibration token (are the router's inputs and weights finite?)"
+        )
     dead = []
     for role, members in siblings.items():
         for q, ok in members:

@@ -42,8 +42,28 @@ def quantizer_buffers(model: nn.Module) -> Iterator[tuple[str, TensorQuantizer, 
                 yield f"{layout.logical_name}.{attr}.{buffer}", q, buffer, split_as
 
 
+class QuantStateError(ValueError):
+    """Saved quantizer state that cannot be restored into this model: one line naming the file or quantizer."""
+
+
+def weight_shapes(model: nn.Module, groups: ParallelGroups) -> dict[str, tuple[int, ...]]:
+    """The full (unsharded) shape of every quantized module's weight, by logical name: what a restore checks."""
+    shapes = {}
+    for _, module in model.named_modules():
+        if isinstance(module, QuantModule):
+            layout = module.layout
+            for _, weight in module.weight_quantizers():
+                shape = list(weight.shape)
+                if layout.shard_dim is not None:
+                    shape[layout.shard_dim] *= groups.size(layout.shard_group)
+                shapes[layout.logical_name] = tuple(shape)
+    return shapes
+
+
 def save_quant_state(model: nn.Module, directory: str | os.PathLike, groups: ParallelGroups | None = None) -> Path:
-    """Every rank writes its quantizer buffers, with logical names and splits, to `directory`. Collective."""
+    """Every rank writes its quantizer buffers, with logical names and splits, and the full shapes of the
+    quantized weights, to `directory` (tensors and plain containers only: loaded without unpickling code).
+    Collective."""
     groups = groups or default_groups()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -54,7 +74,8 @@ def save_quant_state(model: nn.Module, directory: str | os.PathLike, groups: Par
         if value is not None:
             piece = (groups.rank(split[2]), groups.size(split[2])) if split else (0, 1)
             state[key] = {"tensor": value.detach().cpu().clone(), "split": split and split[:2], "piece": piece}
-    torch.save({"world": dist.get_world_size() if dist.is_initialized() else 1, "state": state}, directory / FILE_PATTERN.format(rank=rank))
+    saved = {"world": dist.get_world_size() if dist.is_initialized() else 1, "state": state, "weights": weight_shapes(model, groups)}
+    torch.save(saved, directory / FILE_PATTERN.format(rank=rank))
     if dist.is_initialized():
         dist.barrier()
     return directory
@@ -77,23 +98,50 @@ def assemble(entries: Iterator[tuple[str, torch.Tensor, tuple | None, int]]) -> 
     }
 
 
-def _read_files(directory: Path) -> Iterator[tuple[str, torch.Tensor, tuple | None, int]]:
+def _read_files(directory: Path) -> tuple[list[tuple[str, torch.Tensor, tuple | None, int]], dict]:
+    """-> (every rank's entries, the saved weight shapes). Files are loaded with weights_only: a file that is
+    not plain tensors and containers is refused, never run."""
     files = sorted(directory.glob("quant_state.rank*.pt"))
     if not files:
         raise FileNotFoundError(f"{directory}: no quant_state.rank*.pt files")
+    entries, shapes = [], {}
     for file in files:
-        saved = torch.load(file, weights_only=False)
-        if saved["world"] != len(files):
-            raise ValueError(f"{directory}: {len(files)} rank files, but they were saved by {saved['world']} ranks")
-        for key, entry in saved["state"].items():
-            yield key, entry["tensor"], entry["split"], entry["piece"][0]
+        try:
+            saved = torch.load(file, weights_only=True)
+            world, state, saved_shapes = saved["world"], saved["state"], saved["weights"]
+            entries += [(key, e["tensor"], e["split"], e["piece"][0]) for key, e in state.items()]
+        except Exception as error:  # noqa: BLE001 - unpickling refused, truncated file, another layout
+            raise QuantStateError(f"{file}: not a quant-state file of dist_quant ({type(error).__name__}: {error})") from None
+        if world != len(files):
+            raise QuantStateError(f"{directory}: {len(files)} rank files, but they were saved by {world} ranks")
+        shapes.update(saved_shapes)
+    return entries, shapes
+
+
+def _check_model(directory: Path, model_keys: set[str], saved_keys: set[str], here: dict, saved: dict) -> None:
+    """The saved state was taken from a model like this one: same quantized weights and shapes, same
+    quantizers (a model of another depth, width or expert count fails here, before anything is loaded)."""
+    for name in sorted(here.keys() & saved.keys()):
+        if tuple(here[name]) != tuple(saved[name]):
+            raise QuantStateError(f"{directory}: {name} has weight shape {tuple(here[name])} here, {tuple(saved[name])} when saved")
+    extra, missing = sorted(saved_keys - model_keys), sorted(model_keys - saved_keys)
+    for keys, what in ((extra, "quantizers this model lacks"), (missing, "no saved amax for quantizers of this model")):
+        if keys:
+            raise QuantStateError(f"{directory}: {what}: {len(keys)}, e.g. {keys[0]} (saved from another model or recipe?)")
 
 
 def restore_quant_state(model: nn.Module, directory: str | os.PathLike, groups: ParallelGroups | None = None) -> int:
     """Load state saved by `save_quant_state`, at any TP/EP layout, into a model with the same quantizers
-    attached (in this rank's layout), and switch them to fake quantization. -> buffers restored."""
+    attached (in this rank's layout), and switch them to fake quantization. A model that does not match the
+    saved one (names, weight shapes, expert counts) raises QuantStateError before anything is loaded.
+    -> buffers restored."""
     groups = groups or default_groups()
-    full = assemble(_read_files(Path(directory)))
+    directory = Path(directory)
+    entries, saved_shapes = _read_files(directory)
+    full = assemble(iter(entries))
+    model_amax = {key for key, _, buffer, _ in quantizer_buffers(model) if buffer == "_amax"}
+    saved_amax = {key for key in full if key.endswith("._amax")}
+    _check_model(directory, model_amax, saved_amax, weight_shapes(model, groups), saved_shapes)
     device = model_device(model)
     restored = 0
     for key, q, buffer, split in quantizer_buffers(model):
@@ -105,9 +153,6 @@ def restore_quant_state(model: nn.Module, directory: str | os.PathLike, groups: 
         q.load_state_dict({buffer: value}, strict=False)
         q.to(device)
         restored += 1
-    missing = [key for key, q, buffer, _ in quantizer_buffers(model) if buffer == "_amax" and q._amax is None]
-    if missing:
-        raise ValueError(f"{directory}: no saved amax for {len(missing)} quantizers, e.g. {missing[0]}")
     for _, q, _, _ in quantizer_buffers(model):
         q.mode = QuantizerMode.QUANTIZING
     return restored

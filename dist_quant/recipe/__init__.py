@@ -21,7 +21,10 @@ def _parse_text(text: str, name: str, source: str) -> Recipe:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise RecipeError(f"recipe {source}: invalid YAML: {error}") from None
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or type(error).__name__
+        raise RecipeError(f"recipe {source}: invalid YAML{where}: {problem}") from None
     return parse_recipe(raw, name, source)
 
 
@@ -33,7 +36,11 @@ def load_recipe(recipe: str | os.PathLike | dict | Recipe) -> Recipe:
         return parse_recipe(recipe, "custom", "<dict>")
     path = Path(recipe)
     if path.is_file():
-        return _parse_text(path.read_text(), path.stem, str(path))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise RecipeError(f"recipe {path}: not a text file (YAML expected)") from None
+        return _parse_text(text, path.stem, str(path))
     builtin = _BUILTIN / f"{recipe}.yaml"
     if builtin.is_file():
         return _parse_text(builtin.read_text(), str(recipe), f"{recipe} (built-in)")

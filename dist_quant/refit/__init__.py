@@ -45,12 +45,13 @@ def _fused_expert_slot(state: dict[str, torch.Tensor], name: str) -> torch.Tenso
     if not match:
         return None
     experts, index, projection = match.group(1), int(match.group(2)), match.group(3)
-    if projection == "down_proj":
-        fused = state.get(f"{experts}.down_proj")
-        return None if fused is None else fused[index]
-    fused = state.get(f"{experts}.gate_up_proj")
+    fused = state.get(f"{experts}.down_proj" if projection == "down_proj" else f"{experts}.gate_up_proj")
     if fused is None:
         return None
+    if index >= fused.shape[0]:
+        raise RefitError(f"{name}: the receiving model has {fused.shape[0]} experts in {experts}")
+    if projection == "down_proj":
+        return fused[index]
     half = fused.shape[1] // 2
     return fused[index, :half] if projection == "gate_proj" else fused[index, half:]
 

@@ -194,3 +194,14 @@ def restore_run(path: str, tp: int, ep: int, scope: tuple[str, ...], state_dir: 
     attach_quantizers(model, load_recipe(weight_only_recipe(scope)), groups)
     restore_quant_state(model, state_dir, groups)
     return _logits(model, groups)
+
+
+def restore_error(path: str, tp: int, ep: int, scope: tuple[str, ...], state_dir: str) -> str:
+    """restore_run where it must fail: -> the QuantStateError's message."""
+    from dist_quant.calibrate.state import QuantStateError
+
+    try:
+        restore_run(path, tp, ep, scope, state_dir)
+    except QuantStateError as error:
+        return str(error)
+    return "restored"

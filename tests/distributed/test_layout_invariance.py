@@ -145,3 +145,8 @@ def test_bad_input_fails_on_every_rank_with_a_clear_error():
 def test_nan_in_an_expert_of_one_rank_is_named_on_every_rank():
     for message in run_ranks(2, workers.expert_nan_case, backend=BACKEND):
         assert message.endswith("amax of decoder.layers.1.mlp.experts.local_experts.2.linear_fc2.input_quantizer (on rank 1) is not finite"), message
+
+
+def test_an_expert_layer_that_sees_only_zeros_says_so():
+    for message in run_ranks(2, workers.zero_expert_layer_case, backend=BACKEND):
+        assert "every expert of decoder.layers.1.mlp.experts.linear_fc2.input_quantizer saw only zeros" in message, message

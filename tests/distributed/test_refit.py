@@ -71,3 +71,34 @@ def test_quant_state_restores_into_another_layout(runs, case, layout):
     world, tp, ep = layout
     logits = run_ranks(world, workers.restore_run, path, tp, ep, scope, state_dir)[0]
     torch.testing.assert_close(logits, report["logits"], rtol=0, atol=TOLERANCE)
+
+
+def test_quant_state_of_another_model_is_refused_before_anything_is_loaded(runs, tmp_path):
+    import shutil
+
+    qwen3_path, scope, dense_state, _ = runs["qwen3-tp2"]
+    moe_path = runs["qwen3_moe-tp2xep2"][0]
+    message = run_ranks(1, workers.restore_error, moe_path, 1, 1, scope, dense_state)[0]
+    assert "quantizers this model lacks" in message and "decoder.layers.0.mlp.linear_fc1" in message
+    wider = tmp_path / "wider"  # the same names, one weight saved with another shape (another hidden size)
+    shutil.copytree(dense_state, wider)
+    for file in wider.glob("*.pt"):
+        saved = torch.load(file, weights_only=True)
+        saved["weights"]["decoder.layers.1.mlp.linear_fc2"] = (64, 256)
+        torch.save(saved, file)
+    message = run_ranks(1, workers.restore_error, qwen3_path, 1, 1, scope, str(wider))[0]
+    assert "decoder.layers.1.mlp.linear_fc2 has weight shape (64, 128) here, (64, 256) when saved" in message
+
+
+def test_refit_into_a_model_with_fewer_experts_is_refused(runs):
+    import transformers
+
+    from dist_quant.refit import RefitError
+
+    path, scope, _, report = runs["qwen3_moe-tp2xep2"]
+    config = transformers.AutoConfig.from_pretrained(path)
+    config.num_experts = 2
+    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+    attach_quantizers(hf, load_recipe(workers.weight_only_recipe(scope)))
+    with pytest.raises(RefitError, match=r"experts\.2\.(gate|up|down)_proj\.weight: the receiving model has 2 experts"):
+        apply_refit(hf, report["stream"])

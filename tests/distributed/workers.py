@@ -269,3 +269,17 @@ def expert_nan_case() -> str:
     except CalibrationError as error:
         return str(error)
     return "no error"
+
+
+def zero_expert_layer_case() -> str:
+    """EP2: every expert of layer 1 has zero fc1 weights, so each fc2 input is all zeros. -> the error."""
+    megatron_compat.initialize(tp=1, ep=2)
+    model = build_model(moe=True)
+    with torch.no_grad():
+        for expert in model.decoder.layers[1].mlp.experts.local_experts:
+            expert.linear_fc1.weight.zero_()
+    try:
+        quantize(model, RECIPE, lambda m: [_forward(m, t) for t in batches()])
+    except CalibrationError as error:
+        return str(error)
+    return "no error"

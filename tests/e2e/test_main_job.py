@@ -1,29 +1,19 @@
 """The README's main job, run as a user would: torchrun, the CLI, a checkpoint that verifies; bad invocations."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from dist_quant.export import verify
 
+from tests.e2e.jobs import run_python, tiny_qwen3_moe, torchrun
+
 pytestmark = pytest.mark.xdist_group("e2e")
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _run(*args, timeout=300):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
-
-
-def _torchrun(ranks, *args):
-    return _run("-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "-m", "dist_quant.cli", "calibrate", *args)
 
 
 def test_readme_main_job_at_small_size(tmp_path):
     out = tmp_path / "tiny-qwen3-moe-nvfp4"
-    result = _torchrun(4, "--model", "tiny-qwen3-moe", "--recipe", "nvfp4_default-fp8_cast_kv", "--tp", "2", "--ep", "2",
+    result = torchrun(4, "--model", "tiny-qwen3-moe", "--recipe", "nvfp4_default-fp8_cast_kv", "--tp", "2", "--ep", "2",
                        "--calib-samples", "8", "--seq-len", "32", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     summary = verify(out)
@@ -37,7 +27,7 @@ def test_hf_style_data_file_and_fp8_on_two_ranks(tmp_path):
     data = tmp_path / "calib.jsonl"
     data.write_text("\n".join(json.dumps({"text": f"sample {i}: the quick brown fox {i * i}"}) for i in range(20)))
     out = tmp_path / "fp8"
-    result = _torchrun(2, "--model", "tiny-qwen3", "--recipe", "fp8_default-fp8_cast_kv", "--tp", "2",
+    result = torchrun(2, "--model", "tiny-qwen3", "--recipe", "fp8_default-fp8_cast_kv", "--tp", "2",
                        "--calib-data", str(data), "--calib-samples", "4", "--seq-len", "16", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert verify(out)["quant_algo"] == "FP8" and "mlp fc1" in result.stdout
@@ -58,26 +48,15 @@ def test_bad_invocations_fail_with_one_line(tmp_path, args, message):
     base = {"--model": "tiny-qwen3-moe", "--recipe": "nvfp4_default-fp8_cast_kv", "--out": str(tmp_path / "x")}
     for flag, value in zip(args[::2], args[1::2]):
         base[flag] = value
-    result = _run("-m", "dist_quant.cli", "calibrate", *[item for pair in base.items() for item in pair])
+    result = run_python("-m", "dist_quant.cli", "calibrate", *[item for pair in base.items() for item in pair])
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("dist-quant: error:") and message in result.stderr
 
 
 def test_qat_refit_example_runs_and_agrees():
-    result = _run("launch/qat_refit_example.py", "--steps", "3", "--recalibrate", "1", "--refit", "3")
+    result = run_python("launch/qat_refit_example.py", "--steps", "3", "--recalibrate", "1", "--refit", "3")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 3" in result.stdout and "refit: HF vs Megatron logits differ by" in result.stdout
-
-
-def _tiny_qwen3_moe(path: Path, dtype, **config) -> Path:
-    import torch
-    import transformers
-
-    keys = dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2)
-    torch.manual_seed(0)
-    transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**keys, **config)).to(dtype).save_pretrained(path)
-    return path
 
 
 def test_unquantized_tensors_keep_the_source_dtype(tmp_path):
@@ -86,9 +65,9 @@ def test_unquantized_tensors_keep_the_source_dtype(tmp_path):
     import torch
     from safetensors import safe_open
 
-    source = _tiny_qwen3_moe(tmp_path / "bf16", torch.bfloat16)
+    source = tiny_qwen3_moe(tmp_path / "bf16", torch.bfloat16)
     out = tmp_path / "out"
-    result = _torchrun(2, "--hf-model", str(source), "--recipe", "nvfp4_default-fp8_cast_kv", "--ep", "2", "--dtype",
+    result = torchrun(2, "--hf-model", str(source), "--recipe", "nvfp4_default-fp8_cast_kv", "--ep", "2", "--dtype",
                        "float32", "--calib-samples", "4", "--seq-len", "16", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "TP 1 x EP 2 on 2 ranks, float32" in result.stdout
@@ -112,7 +91,7 @@ def test_the_compute_dtype_defaults_to_the_checkpoints(tmp_path):
     from dist_quant.job import validate
 
     for dtype, name in ((torch.bfloat16, "bfloat16"), (torch.float32, "float32")):
-        source = _tiny_qwen3_moe(tmp_path / name, dtype)
+        source = tiny_qwen3_moe(tmp_path / name, dtype)
         args = build_parser().parse_args(["calibrate", "--hf-model", str(source), "--recipe", "fp8_default-fp8_cast_kv",
                                           "--out", str(tmp_path / f"out-{name}")])
         validate(args)
@@ -120,8 +99,8 @@ def test_the_compute_dtype_defaults_to_the_checkpoints(tmp_path):
 
 
 def test_a_config_key_that_cannot_be_honoured_fails_before_any_rank_starts(tmp_path):
-    source = _tiny_qwen3_moe(tmp_path / "window", __import__("torch").float32, use_sliding_window=True, sliding_window=8)
-    result = _run("-m", "dist_quant.cli", "calibrate", "--hf-model", str(source), "--recipe", "fp8_default-fp8_cast_kv",
+    source = tiny_qwen3_moe(tmp_path / "window", __import__("torch").float32, use_sliding_window=True, sliding_window=8)
+    result = run_python("-m", "dist_quant.cli", "calibrate", "--hf-model", str(source), "--recipe", "fp8_default-fp8_cast_kv",
                   "--seq-len", "16", "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and result.stdout == "" and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith("dist-quant: error: config.json: use_sliding_window = True: a 8-token sliding window")

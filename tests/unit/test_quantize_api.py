@@ -113,3 +113,17 @@ def test_quantizers_are_made_on_the_models_device():
     buffers = [(n, b) for n, b in model.named_buffers() if b is not None]
     assert [n for n, _ in buffers] == [f"{m}.input_quantizer._amax" for m in ("up_proj", "down_proj", "lm_head")]
     assert all(b.device.type == "meta" for _, b in buffers)
+
+
+def test_nvfp4_on_a_width_that_is_not_a_multiple_of_16_is_refused_at_attach():
+    model = nn.Sequential(nn.Linear(10, 20))
+    with pytest.raises(RecipeError, match=r"0.input_quantizer: NVFP4 needs a last dimension that is a multiple of 16; this layer's is 10"):
+        quantize(model, "nvfp4_default-fp8_cast_kv", lambda m: m(torch.randn(2, 10)))
+
+
+def test_activations_that_are_all_zero_are_told_apart_from_no_data():
+    model = nn.Sequential(nn.Linear(16, 16))
+    with pytest.raises(CalibrationError, match=r"1 activation quantizers saw only zeros: 0.input_quantizer"):
+        quantize(model, "fp8_default-fp8_cast_kv", lambda m: m(torch.zeros(2, 16)))
+    with pytest.raises(CalibrationError, match=r"saw no calibration data on any rank: 0.input_quantizer"):
+        quantize(nn.Sequential(nn.Linear(16, 16)), "fp8_default-fp8_cast_kv", lambda m: None)

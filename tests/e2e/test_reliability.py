@@ -1,0 +1,163 @@
+"""The job under bad inputs, faults and attacks: no hang, no lost data, no code run from files, the real error
+of any rank reported once as one line."""
+
+import json
+import os
+import shutil
+import stat
+
+import pytest
+import torch
+
+from dist_quant.export import OutputError, OutputTarget, verify
+from dist_quant.job import replica_samples
+from tests.e2e.jobs import run_python, tiny_qwen3_moe, torchrun
+
+pytestmark = pytest.mark.xdist_group("e2e")
+TINY = ("--model", "tiny-qwen3-moe", "--recipe", "fp8_default-fp8_cast_kv", "--seq-len", "16")
+
+
+def _one_line_error(result, text):
+    lines = [line for line in result.stderr.splitlines() if line.startswith("dist-quant: error:")]
+    assert result.returncode != 0 and len(lines) == 1 and text in lines[0], result.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("count, replicas", [(17, 2), (3, 2), (1, 2), (5, 4), (8, 4)])
+def test_every_replica_gets_as_many_samples_and_all_are_covered(count, replicas):
+    shares = [replica_samples(count, r, replicas) for r in range(replicas)]
+    assert len({len(share) for share in shares}) == 1
+    assert set().union(*shares) == set(range(count))
+
+
+@pytest.mark.parametrize("samples, batch", [(3, 1), (1, 1)], ids=["uneven", "one-sample"])
+def test_uneven_samples_over_expert_parallel_replicas_finish(tmp_path, samples, batch):
+    """EP2 on 2 ranks: the MoE token exchange spans both data-parallel replicas, so they must take as many steps."""
+    result = torchrun(2, *TINY, "--ep", "2", "--calib-samples", str(samples), "--batch-size", str(batch),
+                      "--out", str(tmp_path / "out"), timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    verify(tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "damage, text",
+    [
+        ("missing", "the checkpoint lacks model.layers.0.mlp.experts.3.up_proj.weight, which config.json describes"),
+        ("nan", "rank 1: model.layers.0.mlp.experts.3.gate_proj.weight, model.layers.0.mlp.experts.3.up_proj.weight: NaN or Inf"),
+    ],
+)
+def test_an_error_of_any_rank_reaches_the_user_once(tmp_path, damage, text):
+    """Expert 3 is held by EP rank 1: a missing tensor is seen by every rank's check of the checkpoint, NaN only
+    where the expert is read."""
+    from safetensors.torch import load_file, save_file
+
+    source = tiny_qwen3_moe(tmp_path / "source", torch.float32)
+    tensors = load_file(source / "model.safetensors")
+    name = "model.layers.0.mlp.experts.3.up_proj.weight"
+    if damage == "missing":
+        tensors.pop(name)
+    else:
+        tensors[name][0, 0] = float("nan")
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    result = torchrun(2, "--hf-model", str(source), "--recipe", "fp8_default-fp8_cast_kv", "--ep", "2",
+                      "--out", str(tmp_path / "out"), timeout=180)
+    _one_line_error(result, text)
+    assert "Connection closed" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_out_is_never_the_current_directory_a_mount_a_source_or_foreign_data(tmp_path):
+    source = tiny_qwen3_moe(tmp_path / "source", torch.float32)
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_bytes(b"meow")
+    link = tmp_path / "link"
+    link.symlink_to(foreign)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    cases = {
+        ".": "--out . is the current directory or holds it",
+        str(source): "is the source checkpoint",
+        str(tmp_path): "is the source checkpoint",  # a parent of the source
+        str(foreign): "exists and is not a dist_quant checkpoint",
+        str(link): "is a symbolic link",
+        str(a_file): "exists and is not a directory",
+        **({"/dev/shm": "is a mount point"} if os.path.ismount("/dev/shm") else {}),
+    }
+    for out, text in cases.items():
+        result = run_python("-m", "dist_quant.cli", "calibrate", "--hf-model", str(source), "--recipe",
+                            "fp8_default-fp8_cast_kv", "--out", out, "--overwrite")
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and text in result.stderr, (out, result.stderr)
+    assert (foreign / "cat.jpg").read_bytes() == b"meow" and a_file.read_text() == "keep me"
+
+
+def test_overwrite_replaces_a_checkpoint_in_one_step_and_cleans_what_killed_runs_left(tmp_path):
+    out = tmp_path / "out"
+    first = run_python("-m", "dist_quant.cli", "calibrate", *TINY, "--calib-samples", "2", "--out", str(out))
+    assert first.returncode == 0, first.stderr[-3000:]
+    stale = tmp_path / ".out.partial-12345"  # left by a killed run
+    stale.mkdir()
+    (stale / "model-00001-of-00002.safetensors").write_bytes(b"half")
+    second = run_python("-m", "dist_quant.cli", "calibrate", *TINY, "--recipe", "nvfp4_default-fp8_cast_kv",
+                        "--calib-samples", "2", "--out", str(out), "--overwrite")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert verify(out)["quant_algo"] == "NVFP4" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    for file in out.glob("*.safetensors"):
+        assert stat.S_IMODE(file.stat().st_mode) == 0o644
+
+
+def test_a_second_run_into_the_same_out_is_refused_while_the_first_holds_it(tmp_path):
+    held = OutputTarget(tmp_path / "out")
+    held.claim()
+    try:
+        result = run_python("-m", "dist_quant.cli", "calibrate", *TINY, "--calib-samples", "2", "--out", str(tmp_path / "out"))
+        _one_line_error(result, "another run is writing it")
+    finally:
+        held.release()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_no_room_is_found_before_any_work():
+    with pytest.raises(OutputError, match=r"GB free, the checkpoint needs about"):
+        OutputTarget("/tmp/dist_quant-no-room").claim(estimated_bytes=1 << 60)
+    assert not os.path.exists("/tmp/dist_quant-no-room")
+
+
+@pytest.mark.parametrize(
+    "content, text",
+    [
+        (b"\x00\xff\xfe\x01 binary", "not UTF-8 text"),
+        (b'{"text": "fine"}\n{"text": broken\n', "line 2 is not JSON"),
+        (b'{"text": 123}\n', "line 1 needs a string 'text' field"),
+    ],
+    ids=["binary", "bad-json-line", "text-not-a-string"],
+)
+def test_bad_calibration_data_is_one_line(tmp_path, content, text):
+    data = tmp_path / "calib.jsonl"
+    data.write_bytes(content)
+    result = run_python("-m", "dist_quant.cli", "calibrate", *TINY, "--calib-data", str(data), "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and text in result.stderr, result.stderr
+
+
+def test_a_cache_others_can_write_is_not_trusted(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cache.chmod(0o777)
+    env = {**os.environ, "DIST_QUANT_CACHE": str(cache)}
+    result = run_python("-m", "dist_quant.cli", "calibrate", *TINY, "--out", str(tmp_path / "o"), env=env)
+    _one_line_error(result, "the cache of built-in models must be a directory of your own that no one else can write")
+    assert list(cache.iterdir()) == []
+
+
+def test_the_builtin_weights_are_named_by_their_config(tmp_path, monkeypatch):
+    from dist_quant import job
+
+    monkeypatch.setenv("DIST_QUANT_CACHE", str(tmp_path))
+    one, other = job.builtin_checkpoint_dir("tiny-qwen3-moe", 0), job.builtin_checkpoint_dir("tiny-qwen3-moe", 1)
+    assert one.parent == tmp_path and one != other and one.name.startswith("tiny-qwen3-moe-seed0-")
+    monkeypatch.setattr(job, "builtin_config", lambda name: {"changed": True})
+    assert job.builtin_checkpoint_dir("tiny-qwen3-moe", 0) != one
+
+
+def test_help_names_the_collective_timeout():
+    result = run_python("-m", "dist_quant.cli", "calibrate", "--help")
+    assert "--timeout MINUTES" in result.stdout and "default 10" in result.stdout
