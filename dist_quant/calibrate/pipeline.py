@@ -207,7 +207,7 @@ def bootstrap_unseen(model: nn.Module, groups: ParallelGroups) -> int:
     if zeros:
         raise CalibrationError(
             f"{len(zeros)} activation quantizers saw only zeros: {_name_list(zeros)}; an amax of 0 scales nothing "
-            "(are the data or the layers before them zero?)"
+            "(are the data or the layers before them zero, or overflowing?)"
         )
     if unseen:
         raise CalibrationError(
@@ -233,7 +233,10 @@ def bootstrap_unseen(model: nn.Module, groups: ParallelGroups) -> int:
         if groups.domains["ep"] is not None:
             dist.all_reduce(saw, op=dist.ReduceOp.MAX, group=groups.domains["ep"])
         if saw.item() > 0:
-            raise CalibrationError(f"every expert of {empty[0]} saw only zeros: an amax of 0 scales nothing")
+            raise CalibrationError(
+                f"every expert of {empty[0]} saw only zeros: an amax of 0 scales nothing (are the layers before "
+                "them zero, or overflowing?)"
+            )
         raise CalibrationError(
             f"no expert of {empty[0]} received any calibration token (are the router's inputs and weights finite?)"
         )

@@ -150,3 +150,8 @@ def test_nan_in_an_expert_of_one_rank_is_named_on_every_rank():
 def test_an_expert_layer_that_sees_only_zeros_says_so():
     for message in run_ranks(2, workers.zero_expert_layer_case, backend=BACKEND):
         assert "every expert of decoder.layers.1.mlp.experts.linear_fc2.input_quantizer saw only zeros" in message, message
+
+
+def test_collectives_on_reduction_domains_time_out_as_asked():
+    waited = run_ranks(2, workers.timeout_case, 2.0)[0]
+    assert isinstance(waited, float) and 1.5 < waited < 6, waited

@@ -283,3 +283,21 @@ def zero_expert_layer_case() -> str:
     except CalibrationError as error:
         return str(error)
     return "no error"
+
+
+def timeout_case(seconds: float):
+    """Rank 1 never joins a collective on a reduction domain made with `seconds` of timeout. -> on rank 0, how
+    long the collective waited before it failed."""
+    import datetime
+    import time
+
+    groups = ParallelGroups(tp=dist.group.WORLD, timeout=datetime.timedelta(seconds=seconds))
+    if dist.get_rank() == 1:
+        time.sleep(4 * seconds)
+        return None
+    start = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(1), group=groups.domains["tp"])
+    except RuntimeError:
+        return time.monotonic() - start
+    return "no timeout"

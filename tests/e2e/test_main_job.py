@@ -41,8 +41,10 @@ def test_hf_style_data_file_and_fp8_on_two_ranks(tmp_path):
         (["--calib-data", "no/such/file.txt"], "--calib-data no/such/file.txt: no such file"),
         (["--out", "."], "--out . exists: pass --overwrite"),
         (["--model", "tiny-gpt5"], "--model tiny-gpt5: unknown; built-in models: moe-1b, tiny-qwen3, tiny-qwen3-moe"),
+        (["--etp", "0"], "--etp must be at least 1"),
+        (["--timeout", "0"], "--timeout must be a positive number of minutes"),
     ],
-    ids=["unknown-recipe", "world-size", "missing-data", "output-exists", "unknown-model"],
+    ids=["unknown-recipe", "world-size", "missing-data", "output-exists", "unknown-model", "etp-0", "timeout-0"],
 )
 def test_bad_invocations_fail_with_one_line(tmp_path, args, message):
     base = {"--model": "tiny-qwen3-moe", "--recipe": "nvfp4_default-fp8_cast_kv", "--out": str(tmp_path / "x")}

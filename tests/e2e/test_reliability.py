@@ -161,3 +161,12 @@ def test_the_builtin_weights_are_named_by_their_config(tmp_path, monkeypatch):
 def test_help_names_the_collective_timeout():
     result = run_python("-m", "dist_quant.cli", "calibrate", "--help")
     assert "--timeout MINUTES" in result.stdout and "default 10" in result.stdout
+
+
+@pytest.mark.parametrize("content", [b"\x00\x01 not json", b"[1, 2]"], ids=["garbage", "not-an-object"])
+def test_a_garbage_config_json_is_one_line(tmp_path, content):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_bytes(content)
+    result = run_python("-m", "dist_quant.cli", "calibrate", "--hf-model", str(tmp_path / "model"), "--recipe",
+                        "fp8_default-fp8_cast_kv", "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "config.json: " in result.stderr, result.stderr

@@ -133,3 +133,14 @@ def test_an_enabled_quantizer_without_cfg_is_an_error(tmp_path):
     recipe = load_recipe(_recipe_file(tmp_path, '  - {quantizer_name: "*", enable: true}'))
     with pytest.raises(RecipeError, match=r"quant_cfg\[0\] enables 'x.weight_quantizer', but no entry gives it a cfg"):
         recipe.format_for("x.weight_quantizer")
+
+
+def test_a_binary_recipe_file_is_one_line(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(b"\x00\xff\xfe binary")
+    with pytest.raises(RecipeError, match=r"recipe .*recipe.yaml: not a text file \(YAML expected\)$"):
+        load_recipe(path)
+    path.write_text("quantize: [1, 2\n")
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path)
+    assert "invalid YAML at line 2, column 1" in str(error.value) and "\n" not in str(error.value)
