@@ -112,7 +112,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def init_distributed(timeout: datetime.timedelta) -> torch.device:
+def init_distributed(timeout: datetime.timedelta = datetime.timedelta(minutes=10)) -> torch.device:
     """NCCL with one GPU per rank where CUDA exists, gloo on CPU; a lone process without torchrun works too."""
     if not dist.is_initialized():
         if "RANK" not in os.environ:
@@ -150,7 +150,7 @@ def builtin_checkpoint_dir(name: str, seed: int) -> Path:
     return cache_root() / f"{name}-seed{seed}-{digest}"
 
 
-def _builtin_checkpoint(name: str, seed: int) -> Path:
+def builtin_checkpoint(name: str, seed: int) -> Path:
     """Random weights for a built-in config, written once (rank 0) as an HF checkpoint into the user's cache (a
     fixed seed makes them the same for every layout), then read through the bridge like any checkpoint. The
     directory appears whole or not at all. Collective."""
@@ -291,7 +291,7 @@ def run(args: argparse.Namespace) -> Path | None:
         with timer.stage("setup"):
             megatron_compat.initialize(args.tp, args.ep, args.etp, timeout)
             groups = ParallelGroups.from_megatron(timeout)
-            checkpoint = Path(args.hf_model) if args.hf_model else _builtin_checkpoint(args.model, args.seed)
+            checkpoint = Path(args.hf_model) if args.hf_model else builtin_checkpoint(args.model, args.seed)
             if not args.hf_model:
                 target.protected.append(checkpoint.resolve())
             with raised_together(user_errors()):

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from dist_quant.bridge import ModelBridge
     from dist_quant.bridge.io import SafetensorsReader, load_hf_weights
     from dist_quant.calibrate import attach_quantizers, recalibrate_weights
-    from dist_quant.job import _builtin_checkpoint, init_distributed, rank
+    from dist_quant.job import builtin_checkpoint, init_distributed, rank
     from dist_quant.parallel import megatron_compat
     from dist_quant.parallel.groups import ParallelGroups
     from dist_quant.refit import apply_refit, refit_stream
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     device = init_distributed()
     megatron_compat.initialize(1, 1)
     groups = ParallelGroups.from_megatron()
-    checkpoint = _builtin_checkpoint("tiny-qwen3", seed=0)
+    checkpoint = builtin_checkpoint("tiny-qwen3", seed=0)
     bridge = ModelBridge.from_hf(checkpoint)
     megatron_compat.seed(0)
     model = bridge.build().to(device)

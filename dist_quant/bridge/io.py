@@ -18,9 +18,9 @@ from dist_quant.parallel.groups import ParallelGroups
 from dist_quant.parallel.layout import unshard
 
 
-_SAFETENSORS_DTYPES = {
+SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-    "F8_E4M3": torch.float8_e4m3fn, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
     "I64": torch.int64, "BOOL": torch.bool,
 }
 INDEX_FILE, SINGLE_FILE = "model.safetensors.index.json", "model.safetensors"
@@ -94,7 +94,7 @@ class SafetensorsReader:
         return torch.Size(self._slice(name).get_shape())
 
     def dtype(self, name: str) -> torch.dtype:
-        return _SAFETENSORS_DTYPES[self._slice(name).get_dtype()]
+        return SAFETENSORS_DTYPES[self._slice(name).get_dtype()]
 
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int = 0) -> torch.Tensor:
         piece = self._slice(name)

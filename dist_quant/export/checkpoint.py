@@ -24,7 +24,7 @@ import dist_quant
 from dist_quant.bridge.io import SafetensorsReader, export_hf_bundles, has_safetensors
 from dist_quant.bridge.models import ModelBridge
 from dist_quant.export.output import OutputError, OutputTarget
-from dist_quant.export.verify import VerificationError, verify
+from dist_quant.export.verify import VerificationError, kv_cache_scheme, verify
 from dist_quant.modules import QuantModule
 from dist_quant.modules.base import model_device
 from dist_quant.numerics import fp8_quantize, fp8_scale, nvfp4_dequantize, nvfp4_fake_quant, nvfp4_quantize
@@ -40,6 +40,12 @@ TOKENIZER_FILES = (
 )
 _QUANTIZER = re.compile(r"^(.*)\.(weight|input|k_bmm|v_bmm)_quantizer\.(_amax|_global_amax|_block_amax)$")
 _LOCAL_EXPERT = re.compile(r"\.local_experts\.\d+\.")
+
+
+_NO_WEIGHTS = (
+    "the recipe quantizes no linear weight: the checkpoint format describes quantized weights (for an FP8 KV cache "
+    "alone, serve the unquantized model with the engine's FP8 KV cache)"
+)
 
 
 class ExportError(RuntimeError):
@@ -221,6 +227,8 @@ def _quant_config(quantizer: _ModuleQuantizer) -> dict:
     algos = set(quantizer.quantized.values())
     if len(quantizer.kv_algos) > 1:
         raise ExportError(f"K and V caches in different formats: {sorted(quantizer.kv_algos)}")
+    if not algos:
+        raise ExportError(_NO_WEIGHTS)
     algo = algos.pop() if len(algos) == 1 else "MIXED_PRECISION"
     quantization = {
         "quant_algo": algo,
@@ -231,10 +239,6 @@ def _quant_config(quantizer: _ModuleQuantizer) -> dict:
     if algo == "MIXED_PRECISION":
         quantization["quantized_layers"] = {m: {"quant_algo": a} for m, a in sorted(quantizer.quantized.items())}
     return {"producer": {"name": "dist_quant", "version": dist_quant.__version__}, "quantization": quantization}
-
-
-def _kv_scheme(algo: str | None) -> dict | None:
-    return None if algo is None else {"type": "float", "num_bits": 8 if algo == "FP8" else 4}
 
 
 def estimated_bytes(model: nn.Module, bridge: ModelBridge, groups: ParallelGroups) -> int:
@@ -265,8 +269,9 @@ def _write_configs(directory: Path, bridge: ModelBridge, quantizer: _ModuleQuant
     config["quantization_config"] = {
         "quant_method": "modelopt",
         "quant_algo": q["quant_algo"],
-        "kv_cache_scheme": _kv_scheme(q["kv_cache_quant_algo"]),
+        "kv_cache_scheme": kv_cache_scheme(q["kv_cache_quant_algo"]),
         "ignore": q["exclude_modules"],
+        **({"quantized_layers": q["quantized_layers"]} if "quantized_layers" in q else {}),
     }
     (directory / "hf_quant_config.json").write_text(json.dumps(hf_quant_config, indent=2))
     (directory / "config.json").write_text(json.dumps(config, indent=2))
@@ -303,6 +308,8 @@ def export_hf(
             target.claim(needed)
         except OutputError as error:
             problem = str(error)
+    if not any(name.endswith(".weight_quantizer") for name in _formats(model)):
+        problem = problem or _NO_WEIGHTS
     try:
         _agree(problem or _check_activations(model))
         writer = _ShardWriter(target.partial, max_shard_bytes) if me == dst else None
@@ -318,7 +325,7 @@ def export_hf(
                 _write_configs(target.partial, bridge, quantizer, source_dir)
                 verify(target.partial)
                 out = target.commit()
-            except (VerificationError, OSError) as error:
+            except (VerificationError, ExportError, OSError) as error:
                 problem = str(error)
         _agree(problem)
         return out

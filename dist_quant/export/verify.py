@@ -1,140 +1,472 @@
-"""Checking an exported checkpoint against the format rules of SPEC.md section 2, and dequantizing it."""
+"""Checking an exported checkpoint against the model its own config.json describes (SPEC.md section 2), and
+reading it back.
+
+config.json, through the bridge, gives every tensor of the unquantized checkpoint with its shape;
+hf_quant_config.json says which linear modules are quantized, and how. Together they give the complete set of
+tensors the checkpoint must hold, with shapes and dtypes, and every stored tensor is held against it: first
+from the safetensors headers alone, then, for the tensors whose header is right, the values the numeric checks
+need.
+"""
 
 from __future__ import annotations
 
 import json
 import re
-from collections import defaultdict
+from collections import Counter
+from contextlib import ExitStack
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import torch
 
-from dist_quant.numerics import nvfp4_dequantize
+from dist_quant.bridge.io import INDEX_FILE, SAFETENSORS_DTYPES, SINGLE_FILE
 
+QUANT_ALGOS = ("NVFP4", "FP8")
+MIXED = "MIXED_PRECISION"
+GROUP_SIZE = 16
+E2M1_MAX = 6.0
 NAN_E4M3_BYTES = (0x7F, 0xFF)
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 QUANT_KEYS = ("quant_algo", "kv_cache_quant_algo", "group_size", "exclude_modules")
 CONFIG_KEYS = ("quant_method", "quant_algo", "kv_cache_scheme", "ignore")
-_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(.*)$")
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
+_GROUPS = re.compile(r"^((model\.layers\.\d+)\.mlp\.experts\.\d+)\.|^(model\.layers\.\d+)\.")
+_KV_SCALE = re.compile(r"\.self_attn\.(k_proj\.k|v_proj\.v)_scale$")
 
 
 class VerificationError(ValueError):
     """A checkpoint breaks the format; the message lists every problem found."""
 
 
+@dataclass(frozen=True)
+class Spec:
+    """What one tensor must be. role: "float" (unquantized), "weight" (quantized), "block" (NVFP4 block
+    scales) or "scale" (a float32 scalar)."""
+
+    shape: tuple[int, ...]
+    dtypes: tuple[torch.dtype, ...]
+    role: str
+
+
+SCALAR = Spec((), (torch.float32,), "scale")
+
+
+@dataclass
+class Plan:
+    """hf_quant_config.json's quantization section, once it is known to be usable."""
+
+    algo: str
+    kv: str | None
+    exclude: list[str]
+    layers: dict[str, str] | None  # MIXED_PRECISION: module -> its format
+
+    def format_of(self, module: str) -> str | None:
+        if self.layers is not None:
+            return self.layers.get(module)
+        return None if any(fnmatchcase(module, p) for p in self.exclude) else self.algo
+
+    def why(self, module: str) -> str:
+        """Why the module must be in the format `format_of` gives."""
+        if self.layers is not None:
+            listed = self.layers.get(module)
+            return f"quantized_layers says {listed}" if listed else "quantized_layers does not list it"
+        if self.format_of(module) is None:
+            return "exclude_modules excludes it"
+        return f"no exclude_modules pattern matches it, so it must be {self.algo}"
+
+
+# -- reading ---------------------------------------------------------------------------------------------
+def _fail(directory: Path, problems: list[str]) -> None:
+    if len(problems) == 1:
+        raise VerificationError(f"{directory}: {problems[0]}")
+    shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+    raise VerificationError(f"{directory}: {len(problems)} problems:\n  " + "\n  ".join(shown))
+
+
+def _read_json(path: Path, problems: list[str]) -> dict | None:
+    if not path.is_file():
+        return problems.append(f"{path.name} is missing")
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as error:  # ValueError: undecodable bytes or invalid JSON
+        return problems.append(f"{path.name} is not readable JSON ({error})")
+    if not isinstance(value, dict):
+        kind = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(value), "null")
+        return problems.append(f"{path.name} holds a JSON {kind}, not an object")
+    return value
+
+
+def _inside(file: str) -> bool:
+    """Whether an index entry names a file in the checkpoint directory, from its text alone: an index must not
+    make the verifier read elsewhere. Links the directory holds are followed (the Hugging Face cache links every
+    file of a snapshot to a blob outside it)."""
+    path = Path(file)
+    return bool(file) and not path.is_absolute() and ".." not in path.parts
+
+
+def _weight_map(directory: Path, problems: list[str]) -> tuple[dict[str, str] | None, set[str], bool]:
+    """(tensor name -> file as the index has it, None without an index; the names lost to refused files;
+    whether the index could be read at all)."""
+    if not (directory / INDEX_FILE).exists():
+        return None, set(), True
+    index = _read_json(directory / INDEX_FILE, problems)
+    weight_map = index.get("weight_map") if index is not None else None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        if index is not None:
+            problems.append(f"{INDEX_FILE}: weight_map must be an object of tensor name -> file name")
+        return {}, set(), False
+    outside = {f for f in set(weight_map.values()) if not _inside(f)}
+    problems += [f"{INDEX_FILE} names {f!r}, outside the checkpoint directory: refused" for f in sorted(outside)]
+    kept = {n: f for n, f in weight_map.items() if f not in outside}
+    return kept, set(weight_map) - set(kept), True
+
+
+@dataclass(frozen=True)
+class Stored:
+    file: str
+    dtype: torch.dtype | str  # the safetensors name where torch has no such dtype
+    shape: tuple[int, ...]
+
+
+class Storage:
+    """The checkpoint's safetensors files: every header read at once, tensor data only when asked for."""
+
+    def __init__(self, directory: Path, problems: list[str], stack: ExitStack):
+        from safetensors import SafetensorError, safe_open
+
+        # complete: every stored tensor's name is known, so a tensor not found is missing, not unreadable
+        weight_map, self.lost, self.complete = _weight_map(directory, problems)
+        self.tensors: dict[str, Stored] = {}
+        self._handles = {}
+        files = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_FILE]
+        if weight_map is None and not (directory / SINGLE_FILE).is_file():
+            problems.append(f"no {SINGLE_FILE} or {INDEX_FILE}")
+            files, self.complete = [], False
+        stray = {p.name for p in directory.glob("*.safetensors")} - set(files) if self.complete else set()
+        why = f"{INDEX_FILE} does not name it" if weight_map is not None else f"there is no {INDEX_FILE}"
+        problems += [f"{f} is not part of the checkpoint ({why})" for f in sorted(stray)]
+        for file in files:
+            owned = {n for n, f in (weight_map or {}).items() if f == file}
+            if not (directory / file).is_file():
+                problems.append(f"{INDEX_FILE} names {file}, which does not exist ({len(owned)} tensors)")
+                self.lost |= owned
+                continue
+            try:
+                handle = stack.enter_context(safe_open(directory / file, "pt"))
+                header = {n: handle.get_slice(n) for n in handle.keys()}
+                header = {n: (piece.get_dtype(), tuple(piece.get_shape())) for n, piece in header.items()}
+            except (SafetensorError, OSError) as error:
+                problems.append(f"{file} is not a readable safetensors file ({error})")
+                self.lost |= owned
+                self.complete = self.complete and weight_map is not None
+                continue
+            self._handles[file] = handle
+            absent = sorted(owned - set(header))
+            problems += [f"{INDEX_FILE} maps {n} to {file}, which does not hold it" for n in absent]
+            for name, (dtype, shape) in header.items():
+                if weight_map is not None and weight_map.get(name) != file:
+                    where = f"maps it to {weight_map[name]}" if name in weight_map else "does not list it"
+                    problems.append(f"{name} is stored in {file}, but {INDEX_FILE} {where}")
+                if name not in self.tensors or weight_map is not None and weight_map.get(name) == file:
+                    self.tensors[name] = Stored(file, SAFETENSORS_DTYPES.get(dtype, dtype), shape)
+
+    def read(self, name: str) -> torch.Tensor:
+        return self._handles[self.tensors[name].file].get_tensor(name)
+
+
 def load_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint's files (those its index names, or model.safetensors)."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    index = directory / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    problems: list[str] = []
+    weight_map, _, _ = _weight_map(directory, problems)
+    if problems:
+        _fail(directory, problems)
     tensors = {}
-    for file in files:
+    for file in sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_FILE]:
         tensors.update(load_file(directory / file))
     return tensors
 
 
-def _scalar_f32(problems, tensors, name):
-    t = tensors.get(name)
-    if t is None:
-        problems.append(f"{name} is missing")
-    elif t.dtype != torch.float32 or t.numel() != 1:
-        problems.append(f"{name} must be a float32 scalar, got {t.dtype} {tuple(t.shape)}")
-    elif not (torch.isfinite(t).all() and (t > 0).all()):
-        problems.append(f"{name} = {t.item()} is not a positive finite scale")
+# -- the quantization configs ----------------------------------------------------------------------------
+def _plan(quant: dict, problems: list[str]) -> Plan | None:
+    """The quantization section, or None where it is too broken to say what the tensors must be."""
+    producer = quant.get("producer")
+    if not isinstance(producer, dict) or not {"name", "version"} <= set(producer):
+        problems.append("hf_quant_config.json: producer needs name and version")
+    section = quant.get("quantization")
+    if not isinstance(section, dict):
+        return problems.append("hf_quant_config.json: quantization is missing or not an object")
+    problems += [f"hf_quant_config.json: quantization.{k} is missing" for k in QUANT_KEYS if k not in section]
+    algo, kv, exclude = (section.get(k) for k in ("quant_algo", "kv_cache_quant_algo", "exclude_modules"))
+    usable = {"quant_algo", "kv_cache_quant_algo", "exclude_modules"} <= set(section)
+    if "quant_algo" in section and algo not in (*QUANT_ALGOS, MIXED):
+        problems.append(f"hf_quant_config.json: quantization.quant_algo is {algo!r}, expected NVFP4, FP8 or {MIXED}")
+        usable = False
+    if kv not in (None, *QUANT_ALGOS):
+        problems.append(f"hf_quant_config.json: quantization.kv_cache_quant_algo is {kv!r}, expected FP8, NVFP4, null")
+        usable = False
+    if "group_size" in section and section["group_size"] != GROUP_SIZE:
+        problems.append(f"hf_quant_config.json: quantization.group_size is {section['group_size']!r}, expected 16")
+    if "exclude_modules" in section and not (isinstance(exclude, list) and all(isinstance(p, str) for p in exclude)):
+        problems.append("hf_quant_config.json: quantization.exclude_modules must be a list of module patterns")
+        usable = False
+    layers = None
+    if algo == MIXED:
+        entries = section.get("quantized_layers")
+        if not isinstance(entries, dict):
+            return problems.append(f"hf_quant_config.json: quantization.quantized_layers is missing ({MIXED} needs it)")
+        layers = {m: e.get("quant_algo") if isinstance(e, dict) else None for m, e in entries.items()}
+        bad = sorted(m for m, a in layers.items() if a not in QUANT_ALGOS)
+        problems += [f"hf_quant_config.json: quantized_layers.{m} needs a quant_algo of NVFP4 or FP8" for m in bad]
+        usable = usable and not bad
+    elif "quantized_layers" in section:
+        problems.append(f"hf_quant_config.json: quantization.quantized_layers is given, but quant_algo is {algo!r}")
+    return Plan(algo, kv, exclude, layers) if usable else None
 
 
-def _check_module(problems, tensors, module) -> str | None:
-    weight, scale = tensors[f"{module}.weight"], tensors.get(f"{module}.weight_scale")
-    if weight.dtype == torch.uint8:
-        if scale is None or scale.dtype != torch.float8_e4m3fn:
-            return problems.append(f"{module}.weight_scale must be float8_e4m3fn for NVFP4, got {None if scale is None else scale.dtype}")
-        if tuple(scale.shape) != (weight.shape[0], weight.shape[1] * 2 // 16):
-            problems.append(f"{module}.weight_scale has shape {tuple(scale.shape)} for a packed weight {tuple(weight.shape)}")
-        if any((scale.view(torch.uint8) == b).any() for b in NAN_E4M3_BYTES):
-            problems.append(f"{module}.weight_scale holds NaN bytes")
-        elif not (scale.float() > 0).all():
-            problems.append(f"{module}.weight_scale holds zero or negative scales")
-        _scalar_f32(problems, tensors, f"{module}.weight_scale_2")
-        if not problems and not torch.isfinite(nvfp4_dequantize(weight, scale, tensors[f"{module}.weight_scale_2"])).all():
+def kv_cache_scheme(algo: str | None) -> dict | None:
+    """config.json's kv_cache_scheme for a kv_cache_quant_algo."""
+    return None if algo is None else {"type": "float", "num_bits": 8 if algo == "FP8" else 4}
+
+
+def _check_config_quantization(config: dict, quant: dict, problems: list[str]) -> None:
+    """config.json's quantization_config (what vLLM reads) must say what hf_quant_config.json says."""
+    qc = config.get("quantization_config")
+    if not isinstance(qc, dict):
+        return problems.append("config.json: quantization_config is missing or not an object")
+    section = quant.get("quantization") if isinstance(quant.get("quantization"), dict) else {}
+    problems += [f"config.json: quantization_config.{k} is missing" for k in CONFIG_KEYS if k not in qc]
+    if "quant_method" in qc and qc["quant_method"] != "modelopt":
+        problems.append(f"config.json: quantization_config.quant_method is {qc['quant_method']!r}, expected 'modelopt'")
+    if "quant_algo" in qc and "quant_algo" in section and qc["quant_algo"] != section["quant_algo"]:
+        problems.append(
+            f"config.json: quantization_config.quant_algo is {qc['quant_algo']!r}, hf_quant_config.json says "
+            f"{section['quant_algo']!r}"
+        )
+    kv = section.get("kv_cache_quant_algo")
+    known_kv = "kv_cache_quant_algo" in section and kv in (None, *QUANT_ALGOS)
+    if "kv_cache_scheme" in qc and known_kv and qc["kv_cache_scheme"] != kv_cache_scheme(kv):
+        problems.append(
+            f"config.json: quantization_config.kv_cache_scheme is {json.dumps(qc['kv_cache_scheme'])}, expected "
+            f"{json.dumps(kv_cache_scheme(kv))} for kv_cache_quant_algo {json.dumps(kv)}"
+        )
+    ignore, exclude = qc.get("ignore"), section.get("exclude_modules")
+    if "ignore" in qc and not (isinstance(ignore, list) and all(isinstance(p, str) for p in ignore)):
+        problems.append("config.json: quantization_config.ignore must be a list of module patterns")
+    elif "ignore" in qc and isinstance(exclude, list) and sorted(map(str, exclude)) != sorted(ignore):
+        exclude, ignore = set(map(str, exclude)), set(ignore)
+        problems.append(
+            f"config.json: quantization_config.ignore differs from hf_quant_config.json's exclude_modules "
+            f"(only in ignore: {sorted(ignore - exclude)}; only in exclude_modules: {sorted(exclude - ignore)})"
+        )
+
+
+def _model_shapes(config: dict, problems: list[str]) -> dict[str, torch.Size] | None:
+    """The unquantized checkpoint config.json describes. quantization_config is left out: the bridge refuses it
+    in a source checkpoint, and it is checked on its own."""
+    from dist_quant.bridge.models import ModelBridge
+
+    model = {k: v for k, v in config.items() if k != "quantization_config"}
+    try:
+        # shapes do not depend on the sequence length; seq_len=1 lets the keys that act only on long sequences
+        # (sliding windows) pass, as the calibration that made the checkpoint judged them
+        return ModelBridge.from_hf(model, seq_len=1).hf_tensor_shapes()
+    except Exception as error:  # a broken config can fail anywhere in the bridge; either way it is the config's
+        problems.append(f"config.json: cannot derive the model's tensors ({type(error).__name__}: {error})")
+        return None
+
+
+# -- the tensors -----------------------------------------------------------------------------------------
+def _linear(module: str, shape: tuple[int, int], fmt: str) -> dict[str, Spec]:
+    out, features = shape
+    if fmt == "NVFP4":
+        return {
+            f"{module}.weight": Spec((out, features // 2), (torch.uint8,), "weight"),
+            f"{module}.weight_scale": Spec((out, features // GROUP_SIZE), (torch.float8_e4m3fn,), "block"),
+            f"{module}.weight_scale_2": SCALAR,
+            f"{module}.input_scale": SCALAR,
+        }
+    return {
+        f"{module}.weight": Spec((out, features), (torch.float8_e4m3fn,), "weight"),
+        f"{module}.weight_scale": SCALAR,
+        f"{module}.input_scale": SCALAR,
+    }
+
+
+def _stored_format(dtype) -> str | None:
+    return {torch.uint8: "NVFP4", torch.float8_e4m3fn: "FP8"}.get(dtype, None if dtype in FLOATS else "?")
+
+
+def _expected(shapes, plan: Plan, stored: dict[str, Stored], problems: list[str]) -> tuple[dict, dict[str, str]]:
+    """(tensor name -> Spec, quantized module -> format). A module stored in another format than the plan's is
+    reported once and then checked as stored, so one mistake is not reported again for each of its scales."""
+    expected, formats = {}, {}
+    for name in sorted(shapes, key=_natural):
+        shape, module = shapes[name], name[: -len(".weight")]
+        if not (name.endswith(".weight") and len(shape) == 2) or module.endswith("embed_tokens"):
+            expected[name] = Spec(tuple(shape), FLOATS, "float")
+            continue
+        fmt = plan.format_of(module)
+        actual = _stored_format(stored[name].dtype) if name in stored else fmt
+        if actual not in (fmt, "?"):
+            got = f"unquantized ({stored[name].dtype} weight)" if actual is None else f"as {actual}"
+            problems.append(f"{module} is stored {got}, but {plan.why(module)}")
+            fmt = actual
+        if fmt == "NVFP4" and shape[1] % GROUP_SIZE:
+            problems.append(f"{module}: {shape[1]} input features do not split into NVFP4 blocks of {GROUP_SIZE}")
+        if fmt is None:
+            expected[name] = Spec(tuple(shape), FLOATS, "float")
+        else:
+            expected |= _linear(module, tuple(shape), fmt)
+            formats[module] = fmt
+        if plan.kv is not None and name.endswith((".self_attn.k_proj.weight", ".self_attn.v_proj.weight")):
+            kind = name.split(".")[-2][0]
+            expected[f"{module}.{kind}_scale"] = SCALAR
+    if plan.layers is not None:
+        strangers = sorted(set(plan.layers) - {n[: -len(".weight")] for n in shapes})
+        problems += [f"hf_quant_config.json: quantized_layers lists {m}, which the model has not" for m in strangers]
+    return expected, formats
+
+
+def _group(name: str) -> list[str]:
+    """The layer and the expert a tensor belongs to, outermost first."""
+    match = _GROUPS.match(name)
+    if not match:
+        return []
+    return [match.group(3)] if match.group(3) else [match.group(2), match.group(1)]
+
+
+def _natural(name: str) -> list:
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]
+
+
+def _grouped(names: set[str], universe, one, many) -> list[str]:
+    """A line per name, or one per layer or expert all of whose tensors (in `universe`) are among `names`."""
+    totals = Counter(g for n in universe for g in _group(n))
+    hits = Counter(g for n in names for g in _group(n))
+    lines, said = [], set()
+    for name in sorted(names, key=_natural):
+        group = next((g for g in _group(name) if hits[g] == totals[g] > 1), None)
+        if group is None:
+            lines.append(one(name))
+        elif group not in said:
+            said.add(group)
+            lines.append(many(group, hits[group]))
+    return lines
+
+
+def _compare(expected: dict[str, Spec], storage: Storage, plan: Plan, problems: list[str]) -> set[str]:
+    """Names, dtypes and shapes, from the headers. -> the expected tensors whose header is right."""
+    stored = storage.tensors
+    missing = {n for n in expected if n not in stored and n not in storage.lost}
+    problems += _grouped(
+        missing, expected, lambda n: f"{n} is missing", lambda group, count: f"{group}: all {count} tensors are missing"
+    )
+
+    def unexpected(name):
+        if plan.kv is None and _KV_SCALE.search(name):
+            return f"{name} is stored, but kv_cache_quant_algo is null"
+        return f"{name} is not expected by config.json and hf_quant_config.json"
+
+    extra = {n for n in stored if n not in expected}
+    problems += _grouped(extra, stored, unexpected, lambda g, k: f"{g}: {k} tensors not expected by config.json")
+    good = set()
+    for name in sorted(set(expected) & set(stored), key=_natural):
+        spec, tensor = expected[name], stored[name]
+        if spec.role == "scale" and (tensor.dtype, tensor.shape) != (torch.float32, ()):
+            problems.append(f"{name} must be a float32 scalar, got {tensor.dtype} {list(tensor.shape)}")
+            continue
+        if tensor.dtype not in spec.dtypes:
+            problems.append(f"{name} has dtype {tensor.dtype}, expected {' or '.join(map(str, spec.dtypes))}")
+        if tensor.shape != spec.shape:
+            problems.append(f"{name} has shape {list(tensor.shape)}, expected {list(spec.shape)}")
+        if tensor.dtype in spec.dtypes and tensor.shape == spec.shape:
+            good.add(name)
+    return good
+
+
+def _has_nan_bytes(e4m3: torch.Tensor) -> bool:
+    codes = e4m3.view(torch.uint8)
+    return any(bool((codes == b).any()) for b in NAN_E4M3_BYTES)
+
+
+def _check_values(expected, good: set[str], formats: dict[str, str], storage: Storage, problems: list[str]) -> None:
+    """The values: positive finite scales, no NaN bytes, finite unquantized tensors, shared sibling scales."""
+    scalars, block_max = {}, {}
+    for name in sorted(good, key=_natural):
+        role = expected[name].role
+        if storage.tensors[name].dtype == torch.uint8:
+            continue  # every byte of a packed weight is a valid pair of E2M1 codes
+        tensor = storage.read(name)
+        if role == "scale":
+            if torch.isfinite(tensor) and tensor > 0:
+                scalars[name] = tensor
+            else:
+                problems.append(f"{name} = {tensor.item()} is not a positive finite scale")
+        elif role == "block":
+            codes = tensor.view(torch.uint8)
+            if _has_nan_bytes(tensor):
+                problems.append(f"{name} holds NaN bytes")
+            elif ((codes & 0x80 != 0) | (codes & 0x7F == 0)).any():
+                problems.append(f"{name} holds zero or negative scales")
+            elif tensor.numel():
+                block_max[name[: -len(".weight_scale")]] = tensor.float().max()
+        elif tensor.dtype == torch.float8_e4m3fn and _has_nan_bytes(tensor):
+            problems.append(f"{name} holds NaN bytes")
+        elif role == "float" and not torch.isfinite(tensor).all():
+            problems.append(f"{name} holds NaN or Inf")
+    for module, largest in block_max.items():
+        # E2M1 codes are at most 6 in size: the largest dequantized value decides finiteness without the weight
+        scale_2 = scalars.get(f"{module}.weight_scale_2")
+        if scale_2 is not None and not torch.isfinite(E2M1_MAX * largest * scale_2):
             problems.append(f"{module} dequantizes to non-finite values")
-        return "NVFP4"
-    if weight.dtype == torch.float8_e4m3fn:
-        _scalar_f32(problems, tensors, f"{module}.weight_scale")
-        return "FP8"
-    return problems.append(f"{module}.weight is {weight.dtype}, which is neither NVFP4 (uint8) nor FP8")
+    for module in formats:
+        parent, _, leaf = module.rpartition(".")
+        group = next((g for g in SIBLINGS if g[0] == leaf), None)
+        if group is None:
+            continue
+        members = [f"{parent}.{s}" for s in group]
+        kinds = [formats.get(m) or "unquantized" for m in members]
+        if len(set(kinds)) > 1:
+            problems.append(f"{parent}.{{{','.join(group)}}} are {', '.join(kinds)}: vLLM fuses them into one layer")
+            continue
+        for scale in ("weight_scale_2", "input_scale"):
+            values = [scalars.get(f"{m}.{scale}") for m in members]
+            if all(v is not None for v in values) and not all(torch.equal(values[0], v) for v in values):
+                problems.append(f"{parent}.{{{','.join(group)}}}.{scale} differ: fused siblings share one scale")
 
 
 def verify(directory: str | Path) -> dict:
-    """Check keys, dtypes, shapes, config fields, NaN-free scales, every expert's tensors and fused siblings'
-    shared scales. -> a summary; raises VerificationError listing every problem."""
+    """Check the checkpoint against the model its config.json describes: every tensor present, none unexpected,
+    dtypes and shapes, config fields and their agreement, the index, finite positive scales, finite tensors and
+    fused siblings' shared scales. -> a summary; raises VerificationError listing every problem."""
     directory = Path(directory)
     if not directory.is_dir():
         raise VerificationError(f"{directory} is not a directory")
     problems: list[str] = []
-    for file in ("config.json", "hf_quant_config.json"):
-        if not (directory / file).is_file():
-            raise VerificationError(f"{directory}: {file} is missing")
-    quant = json.loads((directory / "hf_quant_config.json").read_text())
-    config = json.loads((directory / "config.json").read_text())
-    section = quant.get("quantization", {})
-    problems += [f"hf_quant_config.json: quantization.{k} is missing" for k in QUANT_KEYS if k not in section]
-    if not {"name", "version"} <= set(quant.get("producer", {})):
-        problems.append("hf_quant_config.json: producer needs name and version")
-    qc = config.get("quantization_config", {})
-    problems += [f"config.json: quantization_config.{k} is missing" for k in CONFIG_KEYS if k not in qc]
-    if qc.get("quant_method") not in (None, "modelopt"):
-        problems.append(f"config.json: quant_method is {qc.get('quant_method')!r}, expected 'modelopt'")
-
-    tensors = load_tensors(directory)
-    algos = {}
-    for name in sorted(tensors):
-        if name.endswith(".weight_scale") and f"{name[: -len('_scale')]}" in tensors:
-            module = name[: -len(".weight_scale")]
-            algos[module] = _check_module(problems, tensors, module)
-            if f"{module}.input_scale" in tensors:
-                _scalar_f32(problems, tensors, f"{module}.input_scale")
-        elif tensors[name].is_floating_point() and tensors[name].dtype != torch.float8_e4m3fn and not torch.isfinite(tensors[name]).all():
-            problems.append(f"{name} holds NaN or Inf")
-
-    experts = defaultdict(lambda: defaultdict(set))
-    for name in tensors:
-        match = _EXPERT.match(name)
-        if match:
-            experts[match.group(1)][int(match.group(2))].add(match.group(3))
-    count = config.get("num_experts") or config.get("num_local_experts")
-    for layer, by_expert in experts.items():
-        every = set().union(*by_expert.values())
-        for index in range(count or max(by_expert) + 1):
-            missing = every - by_expert.get(index, set())
-            if missing:
-                problems.append(f"{layer}.{index} lacks {', '.join(sorted(missing))}")
-
-    for module in algos:
-        parent, _, leaf = module.rpartition(".")
-        for group in SIBLINGS:
-            if leaf == group[0]:
-                for scale in ("weight_scale_2", "input_scale"):
-                    values = [tensors.get(f"{parent}.{s}.{scale}") for s in group]
-                    if all(v is not None for v in values) and not all(torch.equal(values[0], v) for v in values):
-                        problems.append(f"{parent}.{{{','.join(group)}}}.{scale} differ: fused siblings share one scale")
-
-    kv = section.get("kv_cache_quant_algo")
-    if kv is not None:
-        layers = {m.rsplit(".self_attn", 1)[0] for m in tensors if ".self_attn." in m}
-        for layer in sorted(layers):
-            for kind in ("k", "v"):
-                if f"{layer}.self_attn.{kind}_proj.{kind}_scale" not in tensors:
-                    problems.append(f"{layer}.self_attn.{kind}_proj.{kind}_scale is missing (kv_cache_quant_algo {kv})")
-                else:
-                    _scalar_f32(problems, tensors, f"{layer}.self_attn.{kind}_proj.{kind}_scale")
+    config = _read_json(directory / "config.json", problems)
+    quant = _read_json(directory / "hf_quant_config.json", problems)
+    if config is None or quant is None:
+        _fail(directory, problems)
+    plan = _plan(quant, problems)
+    _check_config_quantization(config, quant, problems)
+    shapes = _model_shapes(config, problems)
+    with ExitStack() as stack:
+        storage = Storage(directory, problems, stack)
+        formats = {}
+        if plan is not None and shapes is not None and storage.complete:
+            expected, formats = _expected(shapes, plan, storage.tensors, problems)
+            good = _compare(expected, storage, plan, problems)
+            _check_values(expected, good, formats, storage, problems)
     if problems:
-        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
-        raise VerificationError(f"{directory}: {len(problems)} problems:\n  " + "\n  ".join(shown))
+        _fail(directory, problems)
     return {
-        "quant_algo": section.get("quant_algo"),
-        "kv_cache_quant_algo": kv,
-        "quantized_modules": len(algos),
-        "tensors": len(tensors),
-        "excluded": section.get("exclude_modules", []),
+        "quant_algo": plan.algo,
+        "kv_cache_quant_algo": plan.kv,
+        "quantized_modules": len(formats),
+        "tensors": len(storage.tensors),
+        "excluded": plan.exclude,
     }

@@ -1,6 +1,7 @@
 """Export of a calibrated, sharded Qwen3-MoE to the unified HF checkpoint format, and its verifier."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -92,20 +93,39 @@ def test_dequantized_checkpoint_in_transformers_matches_megatron_fake_quant(expo
     torch.testing.assert_close(logits, report["weight_only_logits"], rtol=0, atol=1e-5)
 
 
-def _corrupt(source, target, edit_tensors=None, edit_quant=None):
+INDEX = "model.safetensors.index.json"
+LAYER0, LAYER1 = "model.layers.0", "model.layers.1"
+
+
+def _edit_json(path, edit):
+    value = json.loads(path.read_text())
+    edit(value)
+    path.write_text(json.dumps(value))
+
+
+def _corrupt(source, target, edit_tensors=None, edit_quant=None, edit_config=None, edit_index=None, edit_files=None):
+    """A copy of the checkpoint `source` with edits: edit_tensors(tensors) on each shard's tensors (the index
+    follows, so only the tensors are wrong), edit_quant / edit_config / edit_index on the parsed
+    hf_quant_config.json / config.json / index, edit_files(directory) last."""
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(source, target)
     if edit_quant:
-        path = target / "hf_quant_config.json"
-        config = json.loads(path.read_text())
-        edit_quant(config)
-        path.write_text(json.dumps(config))
+        _edit_json(target / "hf_quant_config.json", edit_quant)
+    if edit_config:
+        _edit_json(target / "config.json", edit_config)
     if edit_tensors:
-        for file in target.glob("model-*.safetensors"):
+        weight_map = {}
+        for file in sorted(target.glob("model-*.safetensors")):
             tensors = load_file(file)
             edit_tensors(tensors)
             save_file(tensors, file, metadata={"format": "pt"})
+            weight_map |= {name: file.name for name in tensors}
+        _edit_json(target / INDEX, lambda index: index.__setitem__("weight_map", weight_map))
+    if edit_index:
+        _edit_json(target / INDEX, edit_index)
+    if edit_files:
+        edit_files(target)
     return target
 
 
@@ -132,22 +152,232 @@ def _gate_up_mismatch(t):
         t[name] = t[name] * 2
 
 
-@pytest.mark.parametrize(
-    "tensors, quant, expected",
-    [
-        (_nan_scale, None, "o_proj.weight_scale holds NaN bytes"),
-        (_wrong_dtype, None, "experts.2.up_proj.weight_scale_2 must be a float32 scalar, got torch.bfloat16"),
-        (_missing_expert, None, "model.layers.1.mlp.experts.3 lacks down_proj.weight_scale"),
-        (None, lambda c: c["quantization"].pop("kv_cache_quant_algo"), "quantization.kv_cache_quant_algo is missing"),
-        (_gate_up_mismatch, None, "experts.1.{gate_proj,up_proj}.weight_scale_2 differ"),
-    ],
-    ids=["nan-scale-byte", "wrong-dtype", "missing-expert-tensor", "missing-config-key", "gate-up-mismatch"],
-)
-def test_verify_catches_each_planted_corruption(exports, tmp_path, tensors, quant, expected):
+def _drop(*names):
+    return lambda t: [t.pop(name, None) for name in names]
+
+
+def _drop_prefix(prefix):
+    return lambda t: [t.pop(name) for name in [n for n in t if n.startswith(prefix)]]
+
+
+def _replace(name, make):
+    def edit(t):
+        if name in t:
+            t[name] = make(t[name])
+
+    return edit
+
+
+def _add(name, tensor):
+    """Into the first shard only."""
+    done = []
+
+    def edit(t):
+        if not done:
+            t[name] = tensor
+            done.append(name)
+
+    return edit
+
+
+def _quant(key, value):
+    return lambda c: c["quantization"].__setitem__(key, value)
+
+
+def _qc(key, value):
+    return lambda c: c["quantization_config"].__setitem__(key, value)
+
+
+def _set_config(key, value):
+    return lambda c: c.__setitem__(key, value)
+
+
+def _weight_map(name, file):
+    return lambda index: index["weight_map"].__setitem__(name, file)
+
+
+def _write(file, data):
+    return lambda d: (d / file).write_bytes(data)
+
+
+def _truncate_last_shard(d):
+    last = sorted(d.glob("model-*.safetensors"))[-1]
+    last.write_bytes(last.read_bytes()[:-100])
+
+
+ONE_LINE = re.compile(r"\A[^\n]*\Z")
+SHARD = r"model-0000\d-of-0000\d\.safetensors"
+FIRST_SHARD = "model-00001-of-00002.safetensors"
+# id -> (source export, _corrupt's edits, regular expressions the message must match); ONE_LINE: the message is
+# that single problem
+PLANTED = {
+    # format rules and values
+    "nan-scale-byte": ("tp1", dict(edit_tensors=_nan_scale), [r"model\.layers\.1\.self_attn\.o_proj\.weight_scale holds NaN bytes"]),
+    "wrong-dtype": (
+        "tp1", dict(edit_tensors=_wrong_dtype),
+        [r"experts\.2\.up_proj\.weight_scale_2 must be a float32 scalar, got torch\.bfloat16 \[\]"],
+    ),
+    "missing-expert-tensor": (
+        "tp1", dict(edit_tensors=_missing_expert), [ONE_LINE, r"model\.layers\.1\.mlp\.experts\.3\.down_proj\.weight_scale is missing"],
+    ),
+    "missing-config-key": (
+        "tp1", dict(edit_quant=lambda c: c["quantization"].pop("kv_cache_quant_algo")), [r"quantization\.kv_cache_quant_algo is missing"],
+    ),
+    "gate-up-mismatch": ("tp1", dict(edit_tensors=_gate_up_mismatch), [r"experts\.1\.\{gate_proj,up_proj\}\.weight_scale_2 differ"]),
+    "qkv-input-scale-mismatch": (
+        "tp1", dict(edit_tensors=_replace(f"{LAYER1}.self_attn.k_proj.input_scale", lambda x: x * 3)),
+        [ONE_LINE, r"model\.layers\.1\.self_attn\.\{q_proj,k_proj,v_proj\}\.input_scale differ"],
+    ),
+    "nan-embedding": (
+        "tp1", dict(edit_tensors=_replace("model.embed_tokens.weight", lambda x: x.index_fill(0, torch.tensor([3]), float("nan")))),
+        [ONE_LINE, r"model\.embed_tokens\.weight holds NaN or Inf"],
+    ),
+    "zero-k-scale": (
+        "tp1", dict(edit_tensors=_replace(f"{LAYER0}.self_attn.k_proj.k_scale", torch.zeros_like)),
+        [ONE_LINE, r"model\.layers\.0\.self_attn\.k_proj\.k_scale = 0\.0 is not a positive finite scale"],
+    ),
+    # every tensor of the model, and nothing else
+    "missing-embeddings": ("tp1", dict(edit_tensors=_drop("model.embed_tokens.weight")), [ONE_LINE, r"model\.embed_tokens\.weight is missing"]),
+    "missing-lm-head": ("tp1", dict(edit_tensors=_drop("lm_head.weight")), [ONE_LINE, r"lm_head\.weight is missing"]),
+    "missing-final-norm": ("tp1", dict(edit_tensors=_drop("model.norm.weight")), [ONE_LINE, r"model\.norm\.weight is missing"]),
+    "missing-layernorm": (
+        "tp1", dict(edit_tensors=_drop(f"{LAYER1}.post_attention_layernorm.weight")),
+        [ONE_LINE, r"model\.layers\.1\.post_attention_layernorm\.weight is missing"],
+    ),
+    "missing-router": ("tp1", dict(edit_tensors=_drop(f"{LAYER0}.mlp.gate.weight")), [ONE_LINE, r"model\.layers\.0\.mlp\.gate\.weight is missing"]),
+    "missing-layer": ("tp1", dict(edit_tensors=_drop_prefix(f"{LAYER1}.")), [ONE_LINE, r": model\.layers\.1: all 71 tensors are missing"]),
+    "missing-expert": (
+        "tp1", dict(edit_tensors=_drop_prefix(f"{LAYER0}.mlp.experts.2.")),
+        [ONE_LINE, r": model\.layers\.0\.mlp\.experts\.2: all 12 tensors are missing"],
+    ),
+    "missing-dense-weight": (
+        "tp1", dict(edit_tensors=_drop(f"{LAYER0}.self_attn.o_proj.weight")), [ONE_LINE, r"model\.layers\.0\.self_attn\.o_proj\.weight is missing"],
+    ),
+    "missing-weight-scale": (
+        "tp1", dict(edit_tensors=_drop(f"{LAYER0}.self_attn.q_proj.weight_scale")),
+        [ONE_LINE, r"model\.layers\.0\.self_attn\.q_proj\.weight_scale is missing"],
+    ),
+    "missing-input-scale": (
+        "tp1", dict(edit_tensors=_drop(f"{LAYER1}.self_attn.o_proj.input_scale")),
+        [ONE_LINE, r"model\.layers\.1\.self_attn\.o_proj\.input_scale is missing"],
+    ),
+    "fp8-missing-weight-scale": (
+        "fp8-tp2", dict(edit_tensors=_drop(f"{LAYER1}.mlp.experts.0.up_proj.weight_scale")),
+        [ONE_LINE, r"model\.layers\.1\.mlp\.experts\.0\.up_proj\.weight_scale is missing"],
+    ),
+    "int32-norm": (
+        "tp1", dict(edit_tensors=_replace("model.norm.weight", lambda x: x.to(torch.int32))),
+        [ONE_LINE, r"model\.norm\.weight has dtype torch\.int32, expected torch\.float32 or torch\.bfloat16 or torch\.float16"],
+    ),
+    "short-norm": (
+        "tp1", dict(edit_tensors=_replace(f"{LAYER0}.input_layernorm.weight", lambda x: x[:32].clone())),
+        [ONE_LINE, r"model\.layers\.0\.input_layernorm\.weight has shape \[32\], expected \[64\]"],
+    ),
+    "narrow-packed-weight": (
+        "tp1", dict(edit_tensors=_replace(f"{LAYER0}.self_attn.o_proj.weight", lambda x: x[:, :16].clone())),
+        [ONE_LINE, r"model\.layers\.0\.self_attn\.o_proj\.weight has shape \[64, 16\], expected \[64, 32\]"],
+    ),
+    "unknown-tensor": (
+        "tp1", dict(edit_tensors=_add(f"{LAYER0}.mlp.shared_expert.weight", torch.zeros(4, 4))),
+        [ONE_LINE, r"model\.layers\.0\.mlp\.shared_expert\.weight is not expected by config\.json and hf_quant_config\.json"],
+    ),
+    # hf_quant_config.json against the tensors
+    "bogus-algo": (
+        "tp1", dict(edit_quant=_quant("quant_algo", "BOGUS")),
+        [r"quantization\.quant_algo is 'BOGUS', expected NVFP4, FP8 or MIXED_PRECISION"],
+    ),
+    "fp8-over-nvfp4": (
+        "tp1", dict(edit_quant=_quant("quant_algo", "FP8"), edit_config=_qc("quant_algo", "FP8")),
+        [r"model\.layers\.0\.self_attn\.q_proj is stored as NVFP4, but no exclude_modules pattern matches it, so it must be FP8"],
+    ),
+    "nvfp4-over-fp8": (
+        "fp8-tp2", dict(edit_quant=_quant("quant_algo", "NVFP4"), edit_config=_qc("quant_algo", "NVFP4")),
+        [r"model\.layers\.0\.self_attn\.q_proj is stored as FP8, but no exclude_modules pattern matches it, so it must be NVFP4"],
+    ),
+    "group-size-32": ("tp1", dict(edit_quant=_quant("group_size", 32)), [ONE_LINE, r"quantization\.group_size is 32, expected 16"]),
+    "kv-null-with-scales": (
+        "tp1", dict(edit_quant=_quant("kv_cache_quant_algo", None), edit_config=_qc("kv_cache_scheme", None)),
+        [r"model\.layers\.0\.self_attn\.k_proj\.k_scale is stored, but kv_cache_quant_algo is null",
+         r"model\.layers\.1\.self_attn\.v_proj\.v_scale is stored, but kv_cache_quant_algo is null"],
+    ),
+    "exclude-emptied": (
+        "tp1", dict(edit_quant=_quant("exclude_modules", []), edit_config=_qc("ignore", [])),
+        [r"\A\S+: 3 problems:",
+         r"lm_head is stored unquantized \(torch\.float32 weight\), but no exclude_modules pattern matches it, so it must be NVFP4",
+         r"model\.layers\.0\.mlp\.gate is stored unquantized \(torch\.float32 weight\)",
+         r"model\.layers\.1\.mlp\.gate is stored unquantized \(torch\.float32 weight\)"],
+    ),
+    # config.json's quantization_config against hf_quant_config.json
+    "config-quant-algo": (
+        "tp1", dict(edit_config=_qc("quant_algo", "FP8")),
+        [ONE_LINE, r"config\.json: quantization_config\.quant_algo is 'FP8', hf_quant_config\.json says 'NVFP4'"],
+    ),
+    "config-ignore": (
+        "tp1", dict(edit_config=_qc("ignore", ["lm_head"])),
+        [ONE_LINE, r"quantization_config\.ignore differs from hf_quant_config\.json's exclude_modules \(only in ignore: \[\]; "
+         r"only in exclude_modules: \['model\.layers\.0\.mlp\.gate', 'model\.layers\.1\.mlp\.gate'\]\)"],
+    ),
+    "config-kv-scheme": (
+        "tp1", dict(edit_config=_qc("kv_cache_scheme", {"type": "float", "num_bits": 4})),
+        [ONE_LINE, r'kv_cache_scheme is \{"type": "float", "num_bits": 4\}, expected \{"type": "float", "num_bits": 8\} '
+         r'for kv_cache_quant_algo "FP8"'],
+    ),
+    "config-quant-method": (
+        "tp1", dict(edit_config=_qc("quant_method", "fp8")), [ONE_LINE, r"quantization_config\.quant_method is 'fp8', expected 'modelopt'"],
+    ),
+    # config.json's model against the stored shapes
+    "config-fewer-experts": (
+        "tp1", dict(edit_config=_set_config("num_local_experts", 2)),
+        [r"model\.layers\.0\.mlp\.experts\.2: 12 tensors not expected by config\.json",
+         r"model\.layers\.1\.mlp\.experts\.3: 12 tensors not expected by config\.json",
+         r"model\.layers\.0\.mlp\.gate\.weight has shape \[4, 64\], expected \[2, 64\]"],
+    ),
+    "config-hidden-size": (
+        "tp1", dict(edit_config=_set_config("hidden_size", 32)),
+        [r"model\.embed_tokens\.weight has shape \[128, 64\], expected \[128, 32\]"],
+    ),
+    # the index and the files
+    "index-names-absent-tensor": (
+        "tp1", dict(edit_index=_weight_map(f"{LAYER0}.mlp.extra.weight", FIRST_SHARD)),
+        [ONE_LINE, rf"model\.safetensors\.index\.json maps model\.layers\.0\.mlp\.extra\.weight to {SHARD}, which does not hold it"],
+    ),
+    "index-names-missing-file": (
+        "tp1", dict(edit_index=_weight_map("lm_head.weight", "model-00003-of-00002.safetensors")),
+        [r"model\.safetensors\.index\.json names model-00003-of-00002\.safetensors, which does not exist \(1 tensors\)"],
+    ),
+    "index-points-outside": (
+        "tp1", dict(edit_index=_weight_map("lm_head.weight", "../outside.safetensors"), edit_files=_write("../outside.safetensors", b"x")),
+        [r"model\.safetensors\.index\.json names '\.\./outside\.safetensors', outside the checkpoint directory: refused"],
+    ),
+    "index-absolute-path": (
+        "tp1", dict(edit_index=_weight_map("lm_head.weight", "/etc/hostname")),
+        [r"model\.safetensors\.index\.json names '/etc/hostname', outside the checkpoint directory: refused"],
+    ),
+    "tensor-absent-from-index": (
+        "tp1", dict(edit_index=lambda index: index["weight_map"].pop(f"{LAYER1}.mlp.gate.weight")),
+        [ONE_LINE, rf"model\.layers\.1\.mlp\.gate\.weight is stored in {SHARD}, but model\.safetensors\.index\.json does not list it"],
+    ),
+    "truncated-shard": ("tp1", dict(edit_files=_truncate_last_shard), [ONE_LINE, rf"{SHARD} is not a readable safetensors file \(.+\)"]),
+    "garbage-shard": (
+        "tp1", dict(edit_files=_write(FIRST_SHARD, b"\0" * 64)), [ONE_LINE, rf"{SHARD} is not a readable safetensors file \(.+\)"],
+    ),
+    "garbage-config": ("tp1", dict(edit_files=_write("config.json", b"{'no': json")), [ONE_LINE, r"config\.json is not readable JSON \(.+\)"]),
+    "config-not-object": ("tp1", dict(edit_files=_write("config.json", b"null")), [ONE_LINE, r"config\.json holds a JSON null, not an object"]),
+    "garbage-quant-config": (
+        "tp1", dict(edit_files=_write("hf_quant_config.json", b"\x89PNG")), [ONE_LINE, r"hf_quant_config\.json is not readable JSON \(.+\)"],
+    ),
+    "missing-config": ("tp1", dict(edit_files=lambda d: (d / "config.json").unlink()), [ONE_LINE, r"\A\S+: config\.json is missing\Z"]),
+}
+
+
+@pytest.mark.parametrize("source, edits, patterns", PLANTED.values(), ids=PLANTED.keys())
+def test_verify_catches_each_planted_corruption(exports, tmp_path, source, edits, patterns):
     _, runs = exports
-    broken = _corrupt(runs["tp1"][0], tmp_path / "broken", tensors, quant)
-    with pytest.raises(VerificationError, match=".*".join(map(__import__("re").escape, expected.split("{")))):
+    broken = _corrupt(runs[source][0], tmp_path / "broken", **edits)
+    with pytest.raises(VerificationError) as caught:
         verify(broken)
+    for pattern in patterns:
+        assert re.search(pattern, str(caught.value)), f"{pattern} not found in:\n{caught.value}"
 
 
 def test_an_interrupted_export_leaves_nothing_that_looks_complete(exports, tmp_path):
@@ -167,4 +397,4 @@ def test_inspect_summarizes_and_verifies(exports, tmp_path):
     good = run(runs["tp1"][0])
     assert good.returncode == 0 and "NVFP4 weights, KV cache FP8" in good.stdout and "32 quantized modules" in good.stdout
     bad = run(_corrupt(runs["tp1"][0], tmp_path / "broken", _missing_expert))
-    assert bad.returncode == 2 and "experts.3 lacks down_proj.weight_scale" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "experts.3.down_proj.weight_scale is missing" in bad.stderr and "Traceback" not in bad.stderr
