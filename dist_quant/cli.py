@@ -53,7 +53,10 @@ def _inspect(args: argparse.Namespace) -> None:
     print(f"{args.directory}: {summary['quant_algo']} weights, KV cache {summary['kv_cache_quant_algo'] or 'not quantized'}")
     print(f"  {summary['quantized_modules']} quantized modules, {summary['tensors']} tensors")
     print(f"  not quantized: {', '.join(summary['excluded']) or 'none'}")
-    print("  verify: OK (keys, dtypes, shapes, config fields, finite scales, every expert, shared sibling scales)")
+    print(
+        "  verify: OK (every tensor config.json describes, with its dtype and shape; configs and index agree; "
+        "finite scales; shared sibling scales)"
+    )
 
 
 def _calibrate(args: argparse.Namespace) -> None:
