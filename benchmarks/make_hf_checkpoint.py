@@ -9,6 +9,7 @@ are transformers' own, not ours.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -25,6 +26,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="directory to write")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--nan", metavar="TENSOR", help="put a NaN into this tensor (to check that the job says so)")
     args = parser.parse_args()
     import transformers
 
@@ -32,6 +34,14 @@ def main() -> None:
     config = transformers.Qwen3MoeConfig(**QWEN3_MOE)
     model = transformers.Qwen3MoeForCausalLM(config).to(getattr(torch, args.dtype))
     model.save_pretrained(args.out)
+    if args.nan:
+        from safetensors.torch import load_file, save_file
+
+        for file in Path(args.out).glob("*.safetensors"):
+            tensors = load_file(file)
+            if args.nan in tensors:
+                tensors[args.nan].view(-1)[0] = float("nan")
+                save_file(tensors, file, metadata={"format": "pt"})
     print(f"{args.out}: Qwen3MoeForCausalLM, {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, {args.dtype}")
 
 

@@ -5,6 +5,7 @@
 #   main     the main job on the built-in ~1.1B MoE (moe-1b, random weights, bf16) at TP2 and at EP2 (and TP2 x EP2
 #            with 4 GPUs), each exported and verified; the exports compared (weight-derived tensors bitwise)
 #   hf       --hf-model on a bfloat16 Qwen3-MoE checkpoint made by transformers, EP over the GPUs, default dtype
+#   faults   the same checkpoint with a NaN in an expert of the last rank: one line naming it, on NCCL
 #   sync     one amax sync of 10,000 quantizers over NCCL (bench_sync.py)
 #   kernels  NVFP4 fake quant vs copy bandwidth and ModelOpt; MSE sweep vs reference, floor, ModelOpt
 # Usage: benchmarks/run_gpu.sh [PART ...]  (default: all). A table of the steps, and the main-job summaries, are
@@ -15,7 +16,7 @@ cd "$(dirname "$0")/.."
 RESULTS=${RESULTS:-benchmarks/RESULTS.md}
 LOGS=${LOGS:-/tmp/dist_quant_gpu}
 WORK=${WORK:-/tmp/dist_quant_work}
-PARTS=${*:-tests forward main hf sync kernels}
+PARTS=${*:-tests forward main hf faults sync kernels}
 mkdir -p "$LOGS" "$WORK"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 GPUS=$(nvidia-smi -L | wc -l)
@@ -33,6 +34,14 @@ step() {
   rc=$?
   echo "| $name | $rc | $(( $(date +%s) - start )) |" | tee -a "$TABLE"
   [ "$rc" -eq 0 ] || status=1
+}
+expect_error() {  # expect_error TEXT CMD...: CMD must fail with one `dist-quant: error:` line that holds TEXT
+  local text=$1 out rc
+  shift
+  out=$("$@" 2>&1)
+  rc=$?
+  echo "$out"
+  [ "$rc" -ne 0 ] && [ "$(grep -c '^dist-quant: error:' <<< "$out")" -eq 1 ] && grep -q "^dist-quant: error:.*$text" <<< "$out"
 }
 calibrate() {  # calibrate RANKS OUT ARGS...: the main job under torchrun, then inspect
   local ranks=$1 out=$2
@@ -66,6 +75,13 @@ if want hf; then
   step hf_checkpoint python3 benchmarks/make_hf_checkpoint.py --out "$WORK/qwen3-moe-bf16" --dtype bfloat16
   step hf_qwen3_moe_bf16 calibrate "$GPUS" "$WORK/qwen3-moe-bf16-nvfp4" --hf-model "$WORK/qwen3-moe-bf16" --ep "$GPUS"
 fi
+if want faults; then
+  bad="model.layers.0.mlp.experts.31.up_proj.weight"  # held by the last EP rank
+  step faults_checkpoint python3 benchmarks/make_hf_checkpoint.py --out "$WORK/qwen3-moe-nan" --nan "$bad"
+  step faults_nan_on_last_rank expect_error "rank $((GPUS - 1)): .*experts.31.up_proj.weight: NaN or Inf" \
+    python3 -m torch.distributed.run --nproc-per-node "$GPUS" -m dist_quant.cli calibrate --hf-model "$WORK/qwen3-moe-nan" \
+    --recipe nvfp4_default-fp8_cast_kv --ep "$GPUS" --out "$WORK/never-written"
+fi
 want sync && step bench_sync python3 benchmarks/bench_sync.py --backend nccl --ranks "$GPUS" --peer-repeats 3 --results "$RESULTS"
 if want kernels; then
   step bench_numerics python3 benchmarks/bench_numerics.py --no-sweep --results "$RESULTS"
@@ -85,6 +101,7 @@ fi
   tr '\r' '\n' < "$LOG" | sed -n -e '/^dist-quant calibrate:/,/^  checkpoint:/p' -e '/: \(NVFP4\|FP8\|MIXED_PRECISION\) weights/,/verify:/p'
   tr '\r' '\n' < "$LOG" | sed -n '/ vs .*weight-derived tensors/,/identical\|differences/p'
   tr '\r' '\n' < "$LOG" | grep -E '^(=+ )?[0-9]+ (passed|failed)'
+  tr '\r' '\n' < "$LOG" | grep -E '^dist-quant: error:'
   echo '```'
 } >> "$RESULTS"
 cat "$TABLE"
