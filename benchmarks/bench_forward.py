@@ -52,7 +52,7 @@ def measure(name: str, recipe: str, batch: int, seq: int, dtype: torch.dtype, de
 
     bridge = ModelBridge.from_hf(CONFIGS / f"{name}.json")
     megatron_compat.seed(0)
-    model = bridge.build(dtype=dtype).to(device=device, dtype=dtype).eval()
+    model = bridge.build(dtype=dtype).to(device).eval()
     vocab = bridge.hf_config["vocab_size"]
     tokens = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
     positions = torch.arange(seq, device=device)[None].expand(batch, seq)

@@ -298,8 +298,7 @@ def run(args: argparse.Namespace) -> Path | None:
                 bridge = ModelBridge.from_hf(checkpoint, seq_len=args.seq_len)
                 megatron_compat.seed(args.seed)
                 dtype = getattr(torch, args.dtype)
-                # megatron's local spec builds norms in float32 whatever params_dtype says: cast the whole model
-                model = bridge.build(args.tp, args.ep, args.etp, dtype).to(device=device, dtype=dtype).eval()
+                model = bridge.build(args.tp, args.ep, args.etp, dtype).to(device).eval()
                 load_hf_weights(model, bridge, SafetensorsReader(checkpoint), groups)
                 vocab = bridge.hf_config["vocab_size"]
                 batches = calibration_batches(args, checkpoint, vocab, groups.rank("dp"), groups.size("dp"))

@@ -73,7 +73,7 @@ def _rope(key: str) -> Callable:
 
     def check(value, config, seq_len):
         owner = next((k for k in ROPE_KEYS if config.raw.get(k) is not None), "rope_theta")
-        return config.rope.problem() if key == owner else None
+        return config.rope.problem(config.partial_rotary) if key == owner else None
 
     return check
 
@@ -93,6 +93,12 @@ COMMON = {
     "output_attentions": inert("what transformers returns, not what it computes"),
     "output_hidden_states": inert("what transformers returns, not what it computes"),
     "return_dict": inert("what transformers returns, not what it computes"),
+    "id2label": inert("labels of classification heads"),
+    "label2id": inert("labels of classification heads"),
+    "problem_type": inert("for classification heads"),
+    "tokenizer_class": inert("the tokenizer's, not the model's"),
+    "is_encoder_decoder": only((False,), "encoder-decoder models are not implemented"),
+    "chunk_size_feed_forward": only((0,), "chunked feed-forward is not implemented"),
     "dtype": Rule("read: the compute dtype by default, and the dtype of unquantized exported tensors", _dtype),
     "torch_dtype": Rule("read: as dtype (transformers 4 name)", _dtype),
     "vocab_size": used(int, "an integer", positive=True),
@@ -117,10 +123,11 @@ COMMON = {
 class HFConfig:
     """A config.json read through an architecture's key table."""
 
-    def __init__(self, raw: dict, table: dict[str, Rule], architecture: str):
+    def __init__(self, raw: dict, table: dict[str, Rule], architecture: str, partial_rotary: bool = False):
         self.raw = raw
         self.table = table
         self.architecture = architecture
+        self.partial_rotary = partial_rotary
         self.rope = RopeSpec.from_config(raw)
 
     def __contains__(self, key: str) -> bool:

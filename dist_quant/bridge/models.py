@@ -14,7 +14,7 @@ import torch
 
 import itertools
 
-from dist_quant.bridge.architectures import ARCHITECTURES, Architecture, megatron_shapes, model_mappings
+from dist_quant.bridge.architectures import ARCHITECTURES, Architecture, Forward, megatron_shapes, model_mappings
 from dist_quant.bridge.config import HFConfig
 from dist_quant.bridge.mappings import BridgeError, Mapping
 from dist_quant.bridge.registry import MappingRegistry
@@ -46,7 +46,7 @@ class ModelBridge:
     config: HFConfig = field(init=False, repr=False)
 
     def __post_init__(self):
-        self.config = HFConfig(self.hf_config, self.spec.keys, self.architecture)
+        self.config = HFConfig(self.hf_config, self.spec.keys, self.architecture, self.spec.partial_rotary)
 
     @classmethod
     def from_hf(cls, config: dict | str | os.PathLike, seq_len: int | None = None) -> "ModelBridge":
@@ -71,13 +71,18 @@ class ModelBridge:
     def spec(self) -> Architecture:
         return ARCHITECTURES[self.architecture]
 
+    @functools.cached_property
+    def forward(self) -> Forward:
+        """What the forward is, in megatron-core's terms."""
+        return self.spec.forward(self.config)
+
     @property
     def moe(self) -> bool:
-        return self.spec.moe
+        return bool(self.forward.moe_layers)
 
     @property
     def qk_norm(self) -> bool:
-        return self.spec.qk_norm
+        return self.forward.qk_norm
 
     @property
     def tied(self) -> bool:
@@ -94,9 +99,11 @@ class ModelBridge:
 
     @property
     def num_experts(self) -> int:
-        if not self.moe:
-            return 0
-        return self.config.get("num_experts") or self.config.require("num_local_experts")  # renamed in transformers 5
+        return self.forward.num_experts if self.moe else 0
+
+    def exported_config(self) -> dict:
+        """config.json of an exported checkpoint (before its quantization_config)."""
+        return {**self.hf_config, **self.spec.export_overrides}
 
     # -- megatron side -----------------------------------------------------------------------------------
     def check_layout(self, tp: int = 1, ep: int = 1) -> None:
@@ -110,37 +117,39 @@ class ModelBridge:
     def transformer_config(self, tp: int = 1, ep: int = 1, etp: int | None = None, dtype: torch.dtype | None = None):
         from megatron.core.transformer import TransformerConfig
 
-        c = self.config
+        c, f = self.config, self.forward
         heads = c.require("num_attention_heads")
         groups = c.get("num_key_value_heads", heads)
+        layers = c.require("num_hidden_layers")
         self.check_layout(tp, ep)
+        expert_width = c.get("moe_intermediate_size") or c.require("intermediate_size")
         moe = (
             dict(
-                num_moe_experts=self.num_experts,
+                num_moe_experts=f.num_experts,
+                moe_layer_freq=[int(i in f.moe_layers) for i in range(layers)],
                 moe_router_topk=c.require("num_experts_per_tok"),
-                moe_ffn_hidden_size=c.require("moe_intermediate_size"),
-                # softmax over all experts then top-k = top-k probabilities kept as they are; top-k then softmax =
-                # top-k probabilities renormalized to sum to 1
-                moe_router_pre_softmax=not c.get("norm_topk_prob", False),
+                moe_ffn_hidden_size=expert_width,
+                moe_shared_expert_intermediate_size=f.shared_expert_width,
                 moe_token_dispatcher_type="allgather",
                 moe_aux_loss_coeff=0.0,
                 expert_model_parallel_size=ep,
                 expert_tensor_parallel_size=tp if etp is None else etp,
+                **f.router,
             )
             if self.moe
             else {}
         )
         config = TransformerConfig(
-            num_layers=c.require("num_hidden_layers"),
+            num_layers=layers,
             hidden_size=c.require("hidden_size"),
-            ffn_hidden_size=c.get("intermediate_size") or c.require("moe_intermediate_size"),
+            ffn_hidden_size=c.get("intermediate_size") or expert_width,
             num_attention_heads=heads,
             num_query_groups=groups,
             kv_channels=self.head_dim,
             gated_linear_unit=True,
             activation_func=torch.nn.functional.silu,
             add_bias_linear=False,
-            add_qkv_bias=bool(c.get("attention_bias", False)),
+            add_qkv_bias=f.qkv_bias,
             normalization="RMSNorm",
             layernorm_epsilon=c.require("rms_norm_eps"),
             qk_layernorm=self.qk_norm,
@@ -159,14 +168,14 @@ class ModelBridge:
     def build(self, tp: int = 1, ep: int = 1, etp: int | None = None, dtype: torch.dtype | None = None):
         """A megatron-core GPTModel (local layer spec) for this rank. megatron's parallel state must be set."""
         from megatron.core.models.gpt import GPTModel
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
+        dtype = dtype or self.dtype
         config = self.transformer_config(tp, ep, etp, dtype)
-        spec = get_gpt_layer_local_spec(
-            num_experts=config.num_moe_experts, moe_grouped_gemm=False, qk_layernorm=self.qk_norm, normalization="RMSNorm"
-        )
-        if self.config.get("attention_bias", False):  # o_proj has a bias too, the MLP none
-            spec.submodules.self_attention.submodules.linear_proj = _biased_row_parallel_linear()
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
+        for layer in spec.layer_specs:  # dense and MoE layers have their own specs
+            if self.forward.o_bias:  # o_proj has a bias, the MLP none
+                layer.submodules.self_attention.submodules.linear_proj = _biased_row_parallel_linear()
         rope = self.config.rope
         model = GPTModel(
             config,
@@ -174,24 +183,31 @@ class ModelBridge:
             vocab_size=self.config.require("vocab_size"),
             max_sequence_length=self.config.require("max_position_embeddings"),
             position_embedding_type="rope",
+            rotary_percent=rope.partial_rotary_factor,
             rotary_base=rope.theta,
             share_embeddings_and_output_weights=self.tied,
         )
         model.rotary_pos_emb.inv_freq = rope.inv_freq(self.head_dim)  # every rope type, as transformers has it
+        # megatron's local spec builds norms in float32 whatever params_dtype says; its router keeps expert
+        # biases in float32 (routing decisions hang on them), as transformers does
+        model.to(dtype)
+        for module in model.modules():
+            if getattr(module, "expert_bias", None) is not None:
+                module.expert_bias.data = module.expert_bias.data.float()
         return model
 
     # -- names -------------------------------------------------------------------------------------------
     def mappings(self) -> list[Mapping]:
-        return model_mappings(self.spec, self.config, self.head_dim)
+        return model_mappings(self.spec, self.config, self.forward, self.head_dim)
 
     def hf_tensor_shapes(self) -> dict[str, torch.Size]:
         """Every tensor of the unquantized Hugging Face checkpoint this config describes, with its shape."""
-        shapes = megatron_shapes(self.spec, self.config, self.head_dim)
+        shapes = megatron_shapes(self.config, self.forward, self.head_dim)
         layers, experts = range(self.config.require("num_hidden_layers")), range(self.num_experts)
         out = {}
         for mapping in self.mappings():
             full = torch.empty(shapes[mapping.megatron], device="meta")
-            ranges = (layers, experts)[: mapping.megatron.count("*")]
+            ranges = (layers if mapping.layers is None else mapping.layers, experts)[: mapping.megatron.count("*")]
             for wildcards in itertools.product(*ranges):
                 names = mapping.hf_names([str(w) for w in wildcards])
                 out.update({name: tensor.shape for name, tensor in zip(names, mapping.to_hf(full))})

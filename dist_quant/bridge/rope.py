@@ -39,6 +39,7 @@ class RopeSpec:
     max_position_embeddings: int = 0
     # A top-level `original_max_position_embeddings` (Phi-3 style) wins over the one inside the rope dict.
     original_max_position_embeddings: int | None = None
+    partial_rotary_factor: float = 1.0  # the rotated part of each head
 
     @classmethod
     def from_config(cls, config: dict) -> "RopeSpec":
@@ -50,10 +51,12 @@ class RopeSpec:
         return cls(
             rope_type, theta, dict(params), config.get("max_position_embeddings", 0),
             config.get("original_max_position_embeddings"),
+            params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)),
         )
 
-    def problem(self) -> str | None:
-        """Why this rope cannot be computed exactly; None when it can."""
+    def problem(self, partial_rotary: bool = False) -> str | None:
+        """Why this rope cannot be computed exactly; None when it can. `partial_rotary`: whether the
+        architecture's transformers code rotates part of each head only."""
         if self.rope_type in _REFUSED:
             return f"rope_type {self.rope_type!r} is refused: {_REFUSED[self.rope_type]}"
         if self.rope_type not in _PARAMETERS:
@@ -61,8 +64,11 @@ class RopeSpec:
         unknown = sorted(set(self.params) - _PARAMETERS[self.rope_type])
         if unknown:
             return f"{unknown[0]} = {self.params[unknown[0]]!r} is not understood for rope_type {self.rope_type!r}"
-        if self.params.get("partial_rotary_factor", 1.0) != 1.0:
-            return f"partial_rotary_factor = {self.params['partial_rotary_factor']} (partial rotary) is not implemented"
+        fraction = self.partial_rotary_factor
+        if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            return f"partial_rotary_factor = {fraction!r} must be a number in (0, 1]"
+        if fraction != 1.0 and not partial_rotary:
+            return f"partial_rotary_factor = {fraction} (partial rotary) is not what this architecture computes"
         if not isinstance(self.theta, (int, float)) or isinstance(self.theta, bool) or self.theta <= 1:
             return f"rope_theta = {self.theta!r} must be a number above 1"
         needed = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}
@@ -88,8 +94,13 @@ class RopeSpec:
         factor = self.params.get("factor")
         return self.max_position_embeddings / self._original_length() if factor is None else factor
 
+    def rotary_dim(self, head_dim: int) -> int:
+        """How many channels of each head rotate (the first ones)."""
+        return int(head_dim * self.partial_rotary_factor)
+
     def inv_freq(self, head_dim: int) -> torch.Tensor:
-        """Inverse frequencies [head_dim / 2], float32, computed as transformers computes them."""
+        """Inverse frequencies [rotary dim / 2], float32, computed as transformers computes them."""
+        head_dim = self.rotary_dim(head_dim)
         exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
         base = self.theta ** exponents
         plain = 1.0 / base

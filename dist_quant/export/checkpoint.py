@@ -264,7 +264,7 @@ def estimated_bytes(model: nn.Module, bridge: ModelBridge, groups: ParallelGroup
 
 def _write_configs(directory: Path, bridge: ModelBridge, quantizer: _ModuleQuantizer, source_dir) -> None:
     hf_quant_config = _quant_config(quantizer)
-    config = dict(bridge.hf_config)
+    config = bridge.exported_config()
     q = hf_quant_config["quantization"]
     config["quantization_config"] = {
         "quant_method": "modelopt",

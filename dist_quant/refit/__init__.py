@@ -18,7 +18,8 @@ from dist_quant.parallel.groups import ParallelGroups, default_groups
 from dist_quant.quantizer import TensorQuantizer
 
 _QUANTIZER_BUFFER = re.compile(r"^(.*_quantizer)\.(_amax|_global_amax|_block_amax)$")
-_FUSED_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_FUSED_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
+_PART = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
 
 
 class RefitError(ValueError):
@@ -38,22 +39,30 @@ def refit_stream(
         yield from export_hf_stream(model, bridge, groups, dst, quant_state=True)
 
 
+def _in_memory(name: str) -> list[str]:
+    """Where a checkpoint name may live in a transformers model: as it is, or (transformers 5 Mixtral) with
+    `block_sparse_moe` held as `mlp`."""
+    return [name, name.replace(".block_sparse_moe.", ".mlp.")]
+
+
 def _fused_expert_slot(state: dict[str, torch.Tensor], name: str) -> torch.Tensor | None:
-    """transformers 5 keeps MoE experts fused in memory: gate_up_proj [E, 2I, H] (gate rows first), down_proj
-    [E, H, I]. -> the view a per-expert checkpoint tensor lands in."""
-    match = _FUSED_EXPERT.match(name)
-    if not match:
-        return None
-    experts, index, projection = match.group(1), int(match.group(2)), match.group(3)
-    fused = state.get(f"{experts}.down_proj" if projection == "down_proj" else f"{experts}.gate_up_proj")
-    if fused is None:
-        return None
-    if index >= fused.shape[0]:
-        raise RefitError(f"{name}: the receiving model has {fused.shape[0]} experts in {experts}")
-    if projection == "down_proj":
-        return fused[index]
-    half = fused.shape[1] // 2
-    return fused[index, :half] if projection == "gate_proj" else fused[index, half:]
+    """transformers 5 keeps MoE experts fused in memory: gate_up_proj [E, 2I, H] (gate rows first: w1, then up:
+    w3), down_proj [E, H, I] (w2). -> the view a per-expert checkpoint tensor lands in."""
+    for candidate in _in_memory(name):
+        match = _FUSED_EXPERT.match(candidate)
+        if not match:
+            continue
+        experts, index, part = match.group(1), int(match.group(2)), _PART[match.group(3)]
+        fused = state.get(f"{experts}.down_proj" if part == "down" else f"{experts}.gate_up_proj")
+        if fused is None:
+            continue
+        if index >= fused.shape[0]:
+            raise RefitError(f"{name}: the receiving model has {fused.shape[0]} experts in {experts}")
+        if part == "down":
+            return fused[index]
+        half = fused.shape[1] // 2
+        return fused[index, :half] if part == "gate" else fused[index, half:]
+    return None
 
 
 def apply_refit(hf_model: nn.Module, stream: Iterable[tuple[str, torch.Tensor]]) -> dict[str, int]:
@@ -66,7 +75,7 @@ def apply_refit(hf_model: nn.Module, stream: Iterable[tuple[str, torch.Tensor]])
     loaded = skipped = 0
     with torch.no_grad():
         for name, tensor in stream:
-            target = state.get(name)
+            target = next((state[n] for n in _in_memory(name) if n in state), None)
             if target is None:
                 target = _fused_expert_slot(state, name)
             if target is not None:
@@ -78,7 +87,7 @@ def apply_refit(hf_model: nn.Module, stream: Iterable[tuple[str, torch.Tensor]])
             match = _QUANTIZER_BUFFER.match(name)
             if match is None:
                 raise RefitError(f"{name}: no such parameter or quantizer in the receiving model")
-            quantizer = modules.get(match.group(1))
+            quantizer = next((modules[n] for n in _in_memory(match.group(1)) if n in modules), None)
             if not isinstance(quantizer, TensorQuantizer) or not quantizer.enabled:
                 skipped += 1
                 continue

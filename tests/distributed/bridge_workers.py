@@ -13,7 +13,7 @@ from dist_quant.parallel import megatron_compat
 from dist_quant.parallel.groups import ParallelGroups
 from tests.distributed.workers import device, logits
 
-ARCHS = ("llama", "qwen3", "qwen3_moe")
+ARCHS = ("llama", "qwen3", "qwen3_moe", "mixtral", "glm4_moe")
 SEQ = 8
 
 
@@ -28,6 +28,14 @@ def hf_config(arch: str):
         return transformers.LlamaConfig(intermediate_size=128, **common), transformers.LlamaForCausalLM
     if arch == "qwen3":
         return transformers.Qwen3Config(intermediate_size=128, **common), transformers.Qwen3ForCausalLM
+    if arch == "mixtral":
+        return transformers.MixtralConfig(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, **common), transformers.MixtralForCausalLM
+    if arch == "glm4_moe":
+        config = transformers.Glm4MoeConfig(
+            intermediate_size=128, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+            topk_group=1, first_k_dense_replace=1, n_shared_experts=1, use_qk_norm=True, attention_bias=True, **common
+        )
+        return config, transformers.Glm4MoeForCausalLM
     config = transformers.Qwen3MoeConfig(
         intermediate_size=128, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, **common
     )
@@ -58,9 +66,9 @@ def _logits(model, groups: ParallelGroups) -> torch.Tensor:
     return logits(model, probe_tokens(), groups)
 
 
-def load_checkpoint(path: str, tp: int, ep: int, groups: ParallelGroups):
+def load_checkpoint(path: str, tp: int, ep: int, groups: ParallelGroups, seq_len: int | None = None):
     """The checkpoint's model loaded through the bridge, in megatron's (initialized) layout."""
-    bridge = ModelBridge.from_hf(path)
+    bridge = ModelBridge.from_hf(path, seq_len=seq_len)
     megatron_compat.seed(0)  # random init, overwritten by the checkpoint
     model = bridge.build(tp, ep).to(device()).eval()
     load_hf_weights(model, bridge, SafetensorsReader(path), groups)

@@ -20,6 +20,8 @@ CASES = {
     # transformers keeps MoE experts fused in memory: the stream's per-expert tensors land in gate_up_proj /
     # down_proj slices. Experts there are not nn.Linear, so only attention is quantized in this case.
     "qwen3_moe-tp2xep2": ("qwen3_moe", 4, 2, ("*self_attention*", "*self_attn*")),
+    # Mixtral's checkpoint names (block_sparse_moe.experts.E.w1/w2/w3) land in transformers 5's fused mlp.experts
+    "mixtral-tp2xep2": ("mixtral", 4, 2, ("*self_attention*", "*self_attn*")),
 }
 
 

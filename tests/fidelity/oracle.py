@@ -4,6 +4,7 @@ quantizer, under the Hugging Face quantizer names the bridge exports amax as."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -49,7 +50,39 @@ CASES = {
         },
     )),
 }
-MOE_CASES = tuple(name for name, (cls, _) in CASES.items() if cls == "Qwen3MoeConfig")
+CASES |= {
+    "qwen2-window-never-acts": ("Qwen2Config", dict(
+        _COMMON, max_position_embeddings=256, tie_word_embeddings=False, use_sliding_window=True, sliding_window=128,
+        max_window_layers=1, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    )),
+    "mistral": ("MistralConfig", dict(
+        _COMMON, head_dim=32, max_position_embeddings=256, sliding_window=4096, tie_word_embeddings=False,
+    )),
+    "mixtral": ("MixtralConfig", dict(
+        _COMMON, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=256, tie_word_embeddings=False,
+        intermediate_size=32,
+    )),
+    # GLM-4.5's features scaled down: a leading dense layer, a shared expert, sigmoid routing with a score
+    # correction bias and scaling, group-limited top-k, q/k norms, q/k/v biases, half the head rotated
+    "glm4-moe": ("Glm4MoeConfig", dict(
+        _COMMON, num_hidden_layers=3, head_dim=32, max_position_embeddings=256, tie_word_embeddings=False,
+        first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+        n_shared_experts=1, moe_intermediate_size=32, routed_scaling_factor=2.5, norm_topk_prob=True,
+        use_qk_norm=True, attention_bias=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+    )),
+    "qwen3moe-mixed-dense": ("Qwen3MoeConfig", dict(
+        _COMMON, **_MOE, num_hidden_layers=3, head_dim=16, max_position_embeddings=256, norm_topk_prob=True,
+        mlp_only_layers=[1], tie_word_embeddings=False,
+    )),
+}
+MOE_CASES = tuple(name for name, (cls, _) in CASES.items() if cls in ("Qwen3MoeConfig", "MixtralConfig", "Glm4MoeConfig"))
+# transformers 5 holds some architectures' experts under other names than their checkpoints: as checkpoints name them
+CHECKPOINT_NAMES = {
+    "MixtralConfig": ((r"\.mlp\.experts\.(\d+)\.gate_proj\.", r".block_sparse_moe.experts.\1.w1."),
+                      (r"\.mlp\.experts\.(\d+)\.up_proj\.", r".block_sparse_moe.experts.\1.w3."),
+                      (r"\.mlp\.experts\.(\d+)\.down_proj\.", r".block_sparse_moe.experts.\1.w2.")),
+}
 
 
 def batches() -> list[torch.Tensor]:
@@ -70,6 +103,9 @@ def _randomize(model: nn.Module, gen: torch.Generator) -> None:
                 param.copy_(torch.randn(param.shape, generator=gen))
             else:
                 param.copy_(1.5 * torch.randn(param.shape, generator=gen) / param.shape[-1] ** 0.5)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # routing leans on it: make it matter
+                buffer.copy_(0.1 * torch.randn(buffer.shape, generator=gen))
 
 
 def write_checkpoint(name: str, root: Path) -> Path:
@@ -102,7 +138,7 @@ def _fused_experts(experts: nn.Module, name: str, args: tuple, output: torch.Ten
     torch.testing.assert_close(rebuilt, output, rtol=1e-5, atol=1e-6)
 
 
-def activation_amax(path: Path) -> tuple[dict[str, float], torch.Tensor]:
+def activation_amax(path: Path, case: str) -> tuple[dict[str, float], torch.Tensor]:
     """transformers' forward of the checkpoint on `batches()`: max |input| of every linear (per expert), and of
     K and V as they enter attention (after q/k norm and rope). -> (amax by HF quantizer name, logits)."""
     import transformers
@@ -110,8 +146,11 @@ def activation_amax(path: Path) -> tuple[dict[str, float], torch.Tensor]:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     amax: dict[str, float] = {}
+    renames = CHECKPOINT_NAMES.get(CASES[case][0], ())
 
     def record(name: str, tensor: torch.Tensor) -> None:
+        for pattern, replacement in renames:
+            name = re.sub(pattern, replacement, name)
         amax[name] = max(amax.get(name, 0.0), tensor.detach().abs().max().item())
 
     def attention(module, query, key, value, *args, **kwargs):
@@ -123,6 +162,8 @@ def activation_amax(path: Path) -> tuple[dict[str, float], torch.Tensor]:
     AttentionInterface.register("dist_quant_oracle", attention)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="dist_quant_oracle").eval()
     for name, module in model.named_modules():
+        if name.endswith(".gate") and isinstance(module, nn.Linear):
+            continue  # a router: megatron's router is not a quantized linear
         if isinstance(module, nn.Linear):
             module.register_forward_pre_hook(lambda m, args, name=name: record(f"{name}.input_quantizer._amax", args[0]))
         elif hasattr(module, "gate_up_proj") and hasattr(module, "down_proj"):

@@ -14,7 +14,7 @@ from dist_quant.parallel import megatron_compat
 from dist_quant.parallel.groups import ParallelGroups
 from tests.distributed.bridge_workers import load_checkpoint
 from tests.distributed.workers import logits
-from tests.fidelity.oracle import batches
+from tests.fidelity.oracle import SEQ, batches
 
 ACTIVATIONS = ("input_quantizer._amax", "k_bmm_quantizer._amax", "v_bmm_quantizer._amax")
 
@@ -34,14 +34,15 @@ def _logits(model, groups) -> torch.Tensor:
 
 
 def calibrate_cases(paths: dict[str, str], tp: int, ep: int) -> dict:
-    """Per checkpoint: megatron's logits before quantization, with every quantizer attached but disabled, and
-    the calibrated activation amax by HF name (rank 0). Data-parallel ranks calibrate on their own share of the
+    """Per checkpoint: its tensors streamed back out of megatron, megatron's logits before quantization and with
+    every quantizer attached but disabled, and the calibrated activation amax by HF name (rank 0). Data-parallel ranks calibrate on their own share of the
     batches."""
     megatron_compat.initialize(tp, ep)
     groups = ParallelGroups.from_megatron()
     report = {}
     for name, path in paths.items():
-        bridge, model = load_checkpoint(path, tp, ep, groups)
+        bridge, model = load_checkpoint(path, tp, ep, groups, SEQ)
+        round_trip = {name: tensor.cpu() for name, tensor in export_hf_stream(model, bridge, groups)}
         plain = _logits(model, groups)
         share = batches()[groups.rank("dp") :: groups.size("dp")]
         quantize(model, recipe(bridge.tied), lambda m: [logits(m, tokens, groups) for tokens in share], groups)
@@ -52,14 +53,14 @@ def calibrate_cases(paths: dict[str, str], tp: int, ep: int) -> dict:
         }
         for _, q in quantizers(model):
             q.mode = QuantizerMode.DISABLED
-        report[name] = {"plain_logits": plain, "disabled_logits": _logits(model, groups), "amax": amax}
+        report[name] = {"plain_logits": plain, "disabled_logits": _logits(model, groups), "amax": amax, "round_trip": round_trip}
         if bridge.tied:
             report[name]["tied_head_error"] = _quantize_tied_head(path, tp, ep, groups)
     return report
 
 
 def _quantize_tied_head(path: str, tp: int, ep: int, groups) -> str | None:
-    _, model = load_checkpoint(path, tp, ep, groups)
+    _, model = load_checkpoint(path, tp, ep, groups, SEQ)
     try:
         quantize(model, recipe(tied=False), lambda m: None, groups)
     except RecipeError as error:

@@ -133,13 +133,13 @@ def test_kv_bmm_mappings_skip_what_the_spec_excludes(mapping):
 
 
 def test_bridges_come_from_config_architectures():
-    config = {"architectures": ["Qwen3MoeForCausalLM"], "num_local_experts": 8}
+    config = {"architectures": ["Qwen3MoeForCausalLM"], "num_local_experts": 8, "num_hidden_layers": 4, "mlp_only_layers": [1]}
     bridge = ModelBridge.from_hf(config)
-    assert bridge.moe and bridge.qk_norm and bridge.num_experts == 8
+    assert bridge.moe and bridge.qk_norm and bridge.num_experts == 8 and bridge.forward.moe_layers == (0, 2, 3)
     with pytest.raises(BridgeError, match=r"architectures \['GPT2LMHeadModel'\] not supported"):
         ModelBridge.from_hf({"architectures": ["GPT2LMHeadModel"]})
-    with pytest.raises(BridgeError, match=r"^config.json: mlp_only_layers = \[0\]: MoE layers with dense layers"):
-        ModelBridge.from_hf({"architectures": ["Qwen3MoeForCausalLM"], "mlp_only_layers": [0], "num_experts": 4})
+    with pytest.raises(BridgeError, match=r"^config.json: mlp_only_layers = \[5\]: expected a list of layer numbers below"):
+        ModelBridge.from_hf({**config, "mlp_only_layers": [5]})
 
 
 def test_gqa_heads_not_divisible_by_tp_is_an_error():
@@ -155,7 +155,7 @@ def test_gqa_heads_not_divisible_by_tp_is_an_error():
 def test_quantizer_mappings_switch_on_for_models_that_carry_quantizers():
     from dist_quant.quantizer import TensorQuantizer
 
-    bridge = ModelBridge.from_hf({"architectures": ["LlamaForCausalLM"], "num_attention_heads": 4, "head_dim": 8})
+    bridge = ModelBridge.from_hf({"architectures": ["LlamaForCausalLM"], "num_attention_heads": 4, "head_dim": 8, "num_hidden_layers": 1})
     plain = torch.nn.Linear(4, 4)
     assert not bridge.registry_for(plain).quant_state
     plain.weight_quantizer = TensorQuantizer()
