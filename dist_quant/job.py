@@ -299,7 +299,7 @@ def run(args: argparse.Namespace) -> Path | None:
                 megatron_compat.seed(args.seed)
                 dtype = getattr(torch, args.dtype)
                 model = bridge.build(args.tp, args.ep, args.etp, dtype).to(device).eval()
-                load_hf_weights(model, bridge, SafetensorsReader(checkpoint), groups)
+                left_out = load_hf_weights(model, bridge, SafetensorsReader(checkpoint), groups)
                 vocab = bridge.hf_config["vocab_size"]
                 batches = calibration_batches(args, checkpoint, vocab, groups.rank("dp"), groups.size("dp"))
                 recipe = load_recipe(args.recipe)
@@ -337,12 +337,12 @@ def run(args: argparse.Namespace) -> Path | None:
             key = f"{role} {q.fmt.describe()}" + (" (constant amax)" if q.fmt.use_constant_amax else "")
             kinds[key] = kinds.get(key, 0) + 1
     if lead:
-        _print_summary(args, out, kinds, bootstrapped, collectives, timer, errors, time.perf_counter() - started)
+        _print_summary(args, out, kinds, bootstrapped, collectives, timer, errors, time.perf_counter() - started, left_out)
     dist.destroy_process_group()
     return out
 
 
-def _print_summary(args, out, kinds, bootstrapped, collectives, timer, errors, total) -> None:
+def _print_summary(args, out, kinds, bootstrapped, collectives, timer, errors, total, left_out) -> None:
     lines = [
         "",
         f"dist-quant calibrate: {args.model or args.hf_model}, recipe {args.recipe}, TP {args.tp} x EP {args.ep}"
@@ -350,6 +350,8 @@ def _print_summary(args, out, kinds, bootstrapped, collectives, timer, errors, t
         "  quantizers on rank 0 by kind and format:",
         *[f"    {count:6d}  {kind}" for kind, count in sorted(kinds.items())],
         f"  experts' activation quantizers bootstrapped (no calibration tokens): {bootstrapped}",
+        *([f"  left out: {len(left_out)} tensors of multi-token-prediction layers (outside the forward, not "
+           "calibrated; the export announces none)"] if left_out else []),
         f"  amax all-reduces issued by the calibration syncs on rank 0: {collectives}",
         "  weight quantization error (relative MSE) by layer type:",
         *[f"    {kind:14s} {value:.3e}" for kind, value in errors.items()],

@@ -147,11 +147,13 @@ def _state(model: nn.Module, ep_rank: int, quant_state: bool = False) -> dict[st
     }
 
 
-def check_checkpoint(bridge: ModelBridge, reader) -> None:
+def check_checkpoint(bridge: ModelBridge, reader) -> list[str]:
     """The checkpoint holds exactly the tensors its config.json describes, with their shapes, in a floating-point
-    dtype: BridgeError naming the first that is missing, extra, of another shape or dtype (headers only)."""
+    dtype: BridgeError naming the first that is missing, extra, of another shape or dtype (headers only).
+    -> the tensors left out as outside the forward (multi-token-prediction layers)."""
     expected = bridge.hf_tensor_shapes()
-    stored = set(reader.names())
+    left_out = [name for name in reader.names() if name not in expected and bridge.outside_forward(name)]
+    stored = set(reader.names()) - set(left_out)
     missing, extra = sorted(expected.keys() - stored), sorted(stored - expected.keys())
     if missing:
         raise BridgeError(f"the checkpoint lacks {missing[0]}" + (f" and {len(missing) - 1} more tensors" if len(missing) > 1 else "") + ", which config.json describes")
@@ -162,16 +164,17 @@ def check_checkpoint(bridge: ModelBridge, reader) -> None:
             raise BridgeError(f"{name}: shape {tuple(reader.shape(name))}, config.json describes {tuple(shape)}")
         if not reader.dtype(name).is_floating_point:
             raise BridgeError(f"{name}: {reader.dtype(name)}, expected a floating-point tensor")
+    return left_out
 
 
-def load_hf_weights(model: nn.Module, bridge: ModelBridge, reader, groups: ParallelGroups) -> None:
+def load_hf_weights(model: nn.Module, bridge: ModelBridge, reader, groups: ParallelGroups) -> list[str]:
     """Fill a sharded megatron model from an HF checkpoint; each rank reads only the slices it holds, after
     checking the whole checkpoint against config.json. BridgeError names what is unmapped, missing, extra, of
-    another shape or dtype, or not finite."""
+    another shape or dtype, or not finite. -> the checkpoint's tensors left out (multi-token-prediction layers)."""
     registry = bridge.registry()
     weights = _state(model, groups.rank("ep"))
-    registry.check(megatron_names=weights, hf_names=reader.names())
-    check_checkpoint(bridge, reader)
+    left_out = check_checkpoint(bridge, reader)
+    registry.check(megatron_names=weights, hf_names=[n for n in reader.names() if n not in left_out])
     info = shard_info(model, groups)
     with torch.no_grad():
         for name, tensor in weights.items():
@@ -185,6 +188,7 @@ def load_hf_weights(model: nn.Module, bridge: ModelBridge, reader, groups: Paral
                     f"{tuple(tensor.shape)}"
                 )
             tensor.copy_(piece)
+    return left_out
 
 
 def _inventory(groups: ParallelGroups, state: dict[str, torch.Tensor]) -> list[dict]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 import itertools
+import re
 
 from dist_quant.bridge.architectures import ARCHITECTURES, Architecture, Forward, megatron_shapes, model_mappings
 from dist_quant.bridge.config import HFConfig
@@ -100,6 +101,13 @@ class ModelBridge:
     @property
     def num_experts(self) -> int:
         return self.forward.num_experts if self.moe else 0
+
+    def outside_forward(self, name: str) -> bool:
+        """A checkpoint tensor of a multi-token-prediction layer (numbered after the decoder's layers): not part
+        of the forward, so neither loaded nor exported."""
+        match = re.match(r"model\.layers\.(\d+)\.", name)
+        layers = self.config.require("num_hidden_layers")
+        return bool(match) and layers <= int(match.group(1)) < layers + self.config.get("num_nextn_predict_layers", 0)
 
     def exported_config(self) -> dict:
         """config.json of an exported checkpoint (before its quantization_config)."""

@@ -6,7 +6,7 @@ import pytest
 
 from dist_quant.export import verify
 
-from tests.e2e.jobs import run_python, tiny_qwen3_moe, torchrun
+from tests.e2e.jobs import run_python, tiny_checkpoint, tiny_qwen3_moe, torchrun
 
 pytestmark = pytest.mark.xdist_group("e2e")
 
@@ -106,3 +106,36 @@ def test_a_config_key_that_cannot_be_honoured_fails_before_any_rank_starts(tmp_p
                   "--seq-len", "16", "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and result.stdout == "" and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith("dist-quant: error: config.json: use_sliding_window = True: a 8-token sliding window")
+
+
+MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
+ARCHITECTURES = {  # name -> (transformers config, its keys, the sharded layout)
+    "qwen2": ("Qwen2Config", {}, ("--tp", "2")),
+    "mistral": ("MistralConfig", {"sliding_window": 4096}, ("--tp", "2")),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}, ("--ep", "2")),
+    "glm4-moe": ("Glm4MoeConfig", {**MOE, "n_routed_experts": 4, "n_group": 1, "topk_group": 1,
+                                   "first_k_dense_replace": 1, "n_shared_experts": 1}, ("--ep", "2")),
+    "qwen3-moe-mixed": ("Qwen3MoeConfig", {**MOE, "num_experts": 4, "mlp_only_layers": [0]}, ("--ep", "2")),
+}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_the_main_job_on_each_architecture(tmp_path, arch):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    config_class, keys, layout = ARCHITECTURES[arch]
+    source = tiny_checkpoint(tmp_path / "source", config_class, torch.bfloat16, **keys)
+    if arch == "glm4-moe":  # as GLM-4.5 ships: a multi-token-prediction layer after the decoder's
+        tensors = load_file(source / "model.safetensors")
+        tensors |= {"model.layers.2.eh_proj.weight": torch.zeros(64, 128, dtype=torch.bfloat16),
+                    "model.layers.2.enorm.weight": torch.ones(64, dtype=torch.bfloat16)}
+        save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    result = torchrun(2, "--hf-model", str(source), "--recipe", "nvfp4_default-fp8_cast_kv", *layout,
+                      "--calib-samples", "4", "--seq-len", "32", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert verify(out)["quant_algo"] == "NVFP4" and ", bfloat16" in result.stdout
+    if arch == "glm4-moe":
+        assert "left out: 2 tensors of multi-token-prediction layers" in result.stdout
+        assert json.loads((out / "config.json").read_text())["num_nextn_predict_layers"] == 0
