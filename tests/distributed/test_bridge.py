@@ -45,7 +45,7 @@ def test_broken_checkpoints_are_one_line_errors_naming_the_tensor_or_file(checkp
     path, saved, _ = checkpoints["llama"]
     messages = run_ranks(1, workers.load_errors, str(path), str(tmp_path))[0]
     expected = {
-        "extra": "Hugging Face names without a mapping: model.layers.0.mlp.extra.weight",
+        "extra": "the checkpoint holds model.layers.0.mlp.extra.weight, which config.json does not describe",
         "shape": "model.layers.1.self_attn.o_proj.weight: shape (64, 32), config.json describes (64, 64)",
         "missing": "the checkpoint lacks model.norm.weight, which config.json describes",
         "int32": "model.layers.0.input_layernorm.weight: torch.int32, expected a floating-point tensor",
