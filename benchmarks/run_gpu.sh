@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement in one call, on the GPUs the machine has (2 or 4; one GPU per rank):
-#   tests    the layout-invariance and fidelity tests on NCCL, the layouts that fit the GPUs
+#   layout   the layout-invariance tests on NCCL, the layouts that fit the GPUs
+#   fidelity the fidelity tests against transformers on NCCL, the layouts that fit the GPUs
 #   forward  forward overhead of calibrating / quantizing mode (bench_forward.py, one GPU)
 #   main     the main job on the built-in ~1.1B MoE (moe-1b, random weights, bf16) at TP2 and at EP2 (and TP2 x EP2
 #            with 4 GPUs), each exported and verified; the exports compared (weight-derived tensors bitwise)
@@ -16,7 +17,7 @@ cd "$(dirname "$0")/.."
 RESULTS=${RESULTS:-benchmarks/RESULTS.md}
 LOGS=${LOGS:-/tmp/dist_quant_gpu}
 WORK=${WORK:-/tmp/dist_quant_work}
-PARTS=${*:-tests forward main hf faults sync kernels}
+PARTS=${*:-layout fidelity forward main hf faults sync kernels}
 mkdir -p "$LOGS" "$WORK"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 GPUS=$(nvidia-smi -L | wc -l)
@@ -52,12 +53,11 @@ calibrate() {  # calibrate RANKS OUT ARGS...: the main job under torchrun, then 
 nvidia-smi -L >> "$LOG" 2>&1
 echo "===== $GPUS GPUs, parts: $PARTS" >> "$LOG"
 
-if want tests; then
-  export DIST_QUANT_TEST_BACKEND=nccl DIST_QUANT_TEST_MAX_RANKS=$GPUS
-  step nccl_layout_invariance python3 -m pytest -q -p no:cacheprovider tests/distributed/test_layout_invariance.py
-  step nccl_fidelity python3 -m pytest -q -p no:cacheprovider tests/fidelity/test_fidelity.py
-  unset DIST_QUANT_TEST_BACKEND DIST_QUANT_TEST_MAX_RANKS
-fi
+nccl_tests() {  # nccl_tests FILE: a distributed test file on NCCL, one GPU per rank, the layouts that fit
+  DIST_QUANT_TEST_BACKEND=nccl DIST_QUANT_TEST_MAX_RANKS=$GPUS python3 -m pytest -q -p no:cacheprovider "$1"
+}
+want layout && step nccl_layout_invariance nccl_tests tests/distributed/test_layout_invariance.py
+want fidelity && step nccl_fidelity nccl_tests tests/fidelity/test_fidelity.py
 want forward && step bench_forward python3 benchmarks/bench_forward.py --results "$RESULTS"
 if want main; then
   LAYOUTS=("tp2:--tp 2" "ep2:--ep 2")
