@@ -8,7 +8,8 @@ from torch import nn
 
 from dist_quant.calibrate import ForwardLoop, attach_quantizers, calibrate
 from dist_quant.parallel.groups import ParallelGroups, default_groups
-from dist_quant.recipe import Recipe, load_recipe
+from dist_quant.parallel.agree import first_error, with_rank
+from dist_quant.recipe import Recipe, RecipeError, load_recipe
 
 
 def quantize(
@@ -27,5 +28,14 @@ def quantize(
     """
     recipe = load_recipe(recipe)
     groups = groups or default_groups()
-    attach_quantizers(model, recipe, groups)
+    problem = None
+    try:
+        attach_quantizers(model, recipe, groups)
+    except RecipeError as error:
+        problem = str(error)
+    if distributed_sync:  # a layer only some ranks hold (a pipeline stage's) must stop every rank
+        first = first_error(problem)
+        problem = with_rank(first) if first else None
+    if problem:
+        raise RecipeError(problem)
     return calibrate(model, recipe, forward_loop, groups, distributed_sync)

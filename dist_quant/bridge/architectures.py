@@ -332,7 +332,10 @@ def model_mappings(architecture: Architecture, config: HFConfig, forward: Forwar
         *mlp_mappings(architecture, forward, config.require("num_hidden_layers")),
         Mapping("decoder.final_layernorm.weight", "model.norm.weight"),
     ]
-    if not config.get("tie_word_embeddings", False):
+    if config.get("tie_word_embeddings", False):
+        # with pipeline stages, the last one holds its own copy of the embedding as the output layer's weight
+        table.append(ColumnParallelMapping("output_layer.weight", "model.embed_tokens.weight", exported=False))
+    else:
         table.append(ColumnParallelMapping("output_layer.weight", "lm_head.weight"))
     return table
 

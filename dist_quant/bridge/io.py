@@ -217,6 +217,8 @@ def export_hf_bundles(
     plan = sorted({name for rank in inventory for name in rank["tensors"]}, key=_natural)
     for name in plan:
         mapping, _, hf_names = registry.megatron_to_hf(name)
+        if not mapping.exported:
+            continue
         sources = _holders(inventory, name, mapping.expert, mapping.shard_dim is not None)
         pieces = []
         for source in sources:

@@ -67,6 +67,7 @@ class Mapping:
     expert: bool = False  # the last `*` is the expert number: local on the Megatron side, global on the HF side
     allow_missing_hf: bool = False
     layers: tuple[int, ...] | None = None  # the layers that hold it (e.g. MoE layers of a mixed stack); None: all
+    exported: bool = True  # False: a copy Megatron holds of another tensor (loaded, never exported)
     shard_dim: int | None = field(default=None, init=False)
     stride: int = field(default=1, init=False)
 

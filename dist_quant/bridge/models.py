@@ -39,6 +39,28 @@ def read_config(config: dict | str | os.PathLike) -> dict:
     return raw
 
 
+@dataclass(frozen=True)
+class PipelineSplit:
+    """How the layers are split over pipeline stages: evenly, or with `first` / `last` layers on the first / last
+    stage and the rest even over the others (megatron-core's uneven split)."""
+
+    stages: int = 1
+    first: int | None = None
+    last: int | None = None
+
+    def problem(self, layers: int) -> str | None:
+        if self.stages == 1:
+            return None if self.first is None and self.last is None else "first/last stage layers need PP > 1"
+        ends = [n for n in (self.first, self.last) if n is not None]
+        if any(n < 1 for n in ends) or sum(ends) > layers:
+            return f"first/last stage layers {self.first}/{self.last} do not fit {layers} layers"
+        middle, rest = self.stages - len(ends), layers - sum(ends)
+        if (middle == 0 and rest) or (middle and (rest < middle or rest % middle)):
+            split = f"{layers} layers" + (f" less {sum(ends)} on the first/last stage" if ends else "")
+            return f"{split} do not split evenly over {middle} pipeline stages (PP={self.stages})"
+        return None
+
+
 @dataclass
 class ModelBridge:
     """What one HF architecture needs: megatron config and spec, and the mapping table."""
@@ -114,22 +136,28 @@ class ModelBridge:
         return {**self.hf_config, **self.spec.export_overrides}
 
     # -- megatron side -----------------------------------------------------------------------------------
-    def check_layout(self, tp: int = 1, ep: int = 1) -> None:
-        """BridgeError unless TP splits the query groups and EP the experts."""
+    def check_layout(self, tp: int = 1, ep: int = 1, pipeline: PipelineSplit = PipelineSplit()) -> None:
+        """BridgeError unless TP splits the query groups, EP the experts and the pipeline the layers."""
         groups = self.config.get("num_key_value_heads", self.config.require("num_attention_heads"))
         if groups % tp:
             raise BridgeError(f"num_key_value_heads={groups} is not divisible by TP={tp}")
         if self.moe and self.num_experts % ep:
             raise BridgeError(f"num_experts={self.num_experts} is not divisible by EP={ep}")
+        problem = pipeline.problem(self.config.require("num_hidden_layers"))
+        if problem:
+            raise BridgeError(problem)
 
-    def transformer_config(self, tp: int = 1, ep: int = 1, etp: int | None = None, dtype: torch.dtype | None = None):
+    def transformer_config(
+        self, tp: int = 1, ep: int = 1, etp: int | None = None, dtype: torch.dtype | None = None,
+        pipeline: PipelineSplit = PipelineSplit(),
+    ):
         from megatron.core.transformer import TransformerConfig
 
         c, f = self.config, self.forward
         heads = c.require("num_attention_heads")
         groups = c.get("num_key_value_heads", heads)
         layers = c.require("num_hidden_layers")
-        self.check_layout(tp, ep)
+        self.check_layout(tp, ep, pipeline)
         expert_width = c.get("moe_intermediate_size") or c.require("intermediate_size")
         moe = (
             dict(
@@ -166,6 +194,10 @@ class ModelBridge:
             use_cpu_initialization=True,
             params_dtype=dtype or self.dtype,
             tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pipeline.stages,
+            pipeline_dtype=dtype or self.dtype,
+            num_layers_in_first_pipeline_stage=pipeline.first,
+            num_layers_in_last_pipeline_stage=pipeline.last,
             **moe,
         )
         # megatron reads the factor it multiplies cos and sin by (yarn) off these config attributes
@@ -173,13 +205,18 @@ class ModelBridge:
             setattr(config, name, value)
         return config
 
-    def build(self, tp: int = 1, ep: int = 1, etp: int | None = None, dtype: torch.dtype | None = None):
-        """A megatron-core GPTModel (local layer spec) for this rank. megatron's parallel state must be set."""
+    def build(
+        self, tp: int = 1, ep: int = 1, etp: int | None = None, dtype: torch.dtype | None = None,
+        pipeline: PipelineSplit = PipelineSplit(),
+    ):
+        """A megatron-core GPTModel (local layer spec) for this rank: with pipeline stages, this rank's stage
+        (its layers under their global numbers). megatron's parallel state must be set."""
+        from megatron.core import parallel_state
         from megatron.core.models.gpt import GPTModel
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
         dtype = dtype or self.dtype
-        config = self.transformer_config(tp, ep, etp, dtype)
+        config = self.transformer_config(tp, ep, etp, dtype, pipeline)
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
         for layer in spec.layer_specs:  # dense and MoE layers have their own specs
             if self.forward.o_bias:  # o_proj has a bias, the MLP none
@@ -194,6 +231,8 @@ class ModelBridge:
             rotary_percent=rope.partial_rotary_factor,
             rotary_base=rope.theta,
             share_embeddings_and_output_weights=self.tied,
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
         )
         model.rotary_pos_emb.inv_freq = rope.inv_freq(self.head_dim)  # every rope type, as transformers has it
         # megatron's local spec builds norms in float32 whatever params_dtype says; its router keeps expert
@@ -213,7 +252,7 @@ class ModelBridge:
         shapes = megatron_shapes(self.config, self.forward, self.head_dim)
         layers, experts = range(self.config.require("num_hidden_layers")), range(self.num_experts)
         out = {}
-        for mapping in self.mappings():
+        for mapping in filter(lambda m: m.exported, self.mappings()):
             full = torch.empty(shapes[mapping.megatron], device="meta")
             ranges = (layers if mapping.layers is None else mapping.layers, experts)[: mapping.megatron.count("*")]
             for wildcards in itertools.product(*ranges):

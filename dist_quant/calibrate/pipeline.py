@@ -73,6 +73,8 @@ def attach_quantizers(model: nn.Module, recipe: Recipe, groups: ParallelGroups |
         route_after_fc2(model)
     logical_name = logical_namer(model, groups.rank("ep"))
     device = model_device(model)
+    # megatron's output layer tied to the embedding: no weight of its own, or (on a last pipeline stage) a copy
+    tied_head = getattr(model, "output_layer", None) if getattr(model, "share_embeddings_and_output_weights", False) else None
     enabled = 0
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantModule):
@@ -83,7 +85,7 @@ def attach_quantizers(model: nn.Module, recipe: Recipe, groups: ParallelGroups |
         prefix = f"{name}." if name else ""
         names = kinds[kind][1] if kind else LINEAR_QUANTIZERS
         formats = {q: recipe.format_for(prefix + q) for q in names}
-        problem = _format_problem(module, formats)
+        problem = _format_problem(module, formats, tied=module is tied_head)
         if problem:
             raise RecipeError(f"recipe {recipe.source}: {prefix}{problem}")
         enabled += sum(fmt is not None for fmt in formats.values())
@@ -96,10 +98,10 @@ def attach_quantizers(model: nn.Module, recipe: Recipe, groups: ParallelGroups |
     return enabled
 
 
-def _format_problem(module: nn.Module, formats: dict[str, QuantFormat | None]) -> str | None:
+def _format_problem(module: nn.Module, formats: dict[str, QuantFormat | None], tied: bool = False) -> str | None:
     """Why a layer cannot take these formats (`<quantizer>: reason`); None when it can."""
     weight = module._parameters.get("weight")
-    if "weight_quantizer" in formats and weight is None and any(formats.values()):
+    if (tied or "weight_quantizer" in formats and weight is None) and any(formats.values()):
         return "*: this layer shares the embedding's weight (tied embeddings), which a checkpoint cannot hold quantized; disable its quantizers"
     # the length of the last dimension each quantizer sees: NVFP4 blocks of 16 run along it
     if weight is not None:

@@ -132,16 +132,22 @@ def _check_model(directory: Path, model_keys: set[str], saved_keys: set[str], he
 
 def restore_quant_state(model: nn.Module, directory: str | os.PathLike, groups: ParallelGroups | None = None) -> int:
     """Load state saved by `save_quant_state`, at any TP/EP layout, into a model with the same quantizers
-    attached (in this rank's layout), and switch them to fake quantization. A model that does not match the
-    saved one (names, weight shapes, expert counts) raises QuantStateError before anything is loaded.
-    -> buffers restored."""
+    attached (in this rank's layout, pipeline stages included), and switch them to fake quantization. A model
+    that does not match the saved one (names, weight shapes, expert counts) raises QuantStateError before
+    anything is loaded. Collective. -> buffers restored."""
     groups = groups or default_groups()
     directory = Path(directory)
     entries, saved_shapes = _read_files(directory)
     full = assemble(iter(entries))
     model_amax = {key for key, _, buffer, _ in quantizer_buffers(model) if buffer == "_amax"}
+    here = weight_shapes(model, groups)
+    if dist.is_initialized() and dist.get_world_size() > 1:  # ranks hold other experts, stages other layers
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, (model_amax, here))
+        model_amax = set().union(*(keys for keys, _ in everyone))
+        here = {name: shape for _, shapes in everyone for name, shape in shapes.items()}
     saved_amax = {key for key in full if key.endswith("._amax")}
-    _check_model(directory, model_amax, saved_amax, weight_shapes(model, groups), saved_shapes)
+    _check_model(directory, model_amax, saved_amax, here, saved_shapes)
     device = model_device(model)
     restored = 0
     for key, q, buffer, split in quantizer_buffers(model):

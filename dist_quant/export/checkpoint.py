@@ -60,13 +60,18 @@ def _agree(error: str | None) -> None:
 
 
 def _formats(model: nn.Module) -> dict[str, QuantFormat]:
-    """Quantizer formats by logical name; experts by a name without their number (recipes treat them alike)."""
+    """Quantizer formats by logical name, from every rank (pipeline stages hold other layers); experts by a name
+    without their number (recipes treat them alike). Collective."""
     formats = {}
     for _, module in model.named_modules():
         if isinstance(module, QuantModule):
             for attr, q in module.named_children():
                 if isinstance(q, TensorQuantizer) and q.enabled:
                     formats[_LOCAL_EXPERT.sub(".local_experts.*.", f"{module.layout.logical_name}.{attr}")] = q.fmt
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, formats)
+        formats = {name: fmt for rank_formats in everyone for name, fmt in rank_formats.items()}
     return formats
 
 
@@ -308,12 +313,13 @@ def export_hf(
             target.claim(needed)
         except OutputError as error:
             problem = str(error)
-    if not any(name.endswith(".weight_quantizer") for name in _formats(model)):
+    formats = _formats(model)
+    if not any(name.endswith(".weight_quantizer") for name in formats):
         problem = problem or _NO_WEIGHTS
     try:
         _agree(problem or _check_activations(model))
         writer = _ShardWriter(target.partial, max_shard_bytes) if me == dst else None
-        quantizer = _ModuleQuantizer(_formats(model), source_dtypes(bridge, source_dir))
+        quantizer = _ModuleQuantizer(formats, source_dtypes(bridge, source_dir))
         for name, tensor in checkpoint_tensors(model, bridge, groups, dst, quantizer):
             writer.add(name, tensor)
             if on_tensor is not None:

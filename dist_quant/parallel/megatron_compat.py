@@ -1,24 +1,43 @@
 """What megatron-core (0.16 on CPU, 0.19 on GPU, no Transformer Engine) needs to run here (SPEC.md section 3).
 
 `apply()` is idempotent and changes only what is missing: without Transformer Engine, the MoE router calls
-`moe_utils.te_general_gemm`, which exists only when TE imports ("NameError: te_general_gemm"); without CUDA,
-megatron allocates on `torch.cuda.current_device()` ("Torch not compiled with CUDA enabled").
+`moe_utils.te_general_gemm`, which exists only when TE imports ("NameError: te_general_gemm"). Without CUDA:
+megatron allocates on `torch.cuda.current_device()`, its pipeline schedules count tokens in
+`torch.zeros(..., device="cuda")`, its pipeline point-to-point code calls `torch.cuda.synchronize()`, and the
+first and last pipeline stages move their copies of a tied embedding with `.cuda()` before summing them ("Torch
+not compiled with CUDA enabled" for all four); on the CPU these mean the CPU and nothing.
 """
 
 from __future__ import annotations
 
 import datetime
+import types
 
 import torch
 
 
+class _TorchOnCpu(types.ModuleType):
+    """torch, as seen from megatron's schedules on a machine without CUDA: "cuda" allocations land on the CPU."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, device=None, **kwargs):
+        return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
+
+
 def apply() -> None:
+    from megatron.core.pipeline_parallel import schedules
     from megatron.core.transformer.moe import moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
     if not torch.cuda.is_available():
         torch.cuda.current_device = lambda: "cpu"
+        torch.cuda.synchronize = lambda device=None: None
+        torch.Tensor.cuda = lambda self, *args, **kwargs: self
+        schedules.torch = _TorchOnCpu("torch")
 
 
 def seed(value: int) -> None:
@@ -34,22 +53,35 @@ def causal_attention_mask(seq_len: int, device: torch.device | str) -> torch.Ten
     return torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu(1)[None, None]
 
 
-def initialize(tp: int = 1, ep: int = 1, etp: int | None = None, timeout: datetime.timedelta | None = None) -> None:
+def layout_problem(world: int, tp: int = 1, ep: int = 1, etp: int | None = None, pp: int = 1) -> str | None:
+    """Why `world` ranks cannot hold the layout: world = TP x PP x DP, and EP x ETP divides world / PP (experts
+    spread over the data- and tensor-parallel ranks of a stage). None when they can."""
+    etp = tp if etp is None else etp
+    if min(tp, ep, etp, pp) < 1:
+        return "TP, EP, ETP and PP must be at least 1"
+    if world % (tp * pp) or (world // pp) % (ep * etp):
+        return (
+            f"world size {world} cannot hold TP={tp}, PP={pp}, EP={ep}, ETP={etp}: it must be a multiple of TP x PP, "
+            "and world / PP a multiple of EP x ETP"
+        )
+    return None
+
+
+def initialize(
+    tp: int = 1, ep: int = 1, etp: int | None = None, timeout: datetime.timedelta | None = None, pp: int = 1
+) -> None:
     """Check that the world holds the layout, apply the shims, and initialize megatron's parallel state.
     Needs torch.distributed initialized; ETP defaults to TP. `timeout`: of megatron's groups' collectives
     (megatron's default is 30 minutes)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    etp = tp if etp is None else etp
-    world = dist.get_world_size()
-    if min(tp, ep, etp) < 1 or world % tp or world % (ep * etp):
-        raise ValueError(
-            f"world size {world} cannot hold TP={tp}, EP={ep}, ETP={etp}: it must be a multiple of TP and of "
-            "EP x ETP"
-        )
+    problem = layout_problem(dist.get_world_size(), tp, ep, etp, pp)
+    if problem:
+        raise ValueError(problem)
     apply()
     minutes = {} if timeout is None else {"distributed_timeout_minutes": timeout.total_seconds() / 60}
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, expert_model_parallel_size=ep, expert_tensor_parallel_size=etp, **minutes
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=tp if etp is None else etp, **minutes,
     )

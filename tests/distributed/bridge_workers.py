@@ -6,12 +6,14 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from dist_quant.bridge import BridgeError, ModelBridge
 from dist_quant.bridge.io import SafetensorsReader, export_hf_stream, load_hf_weights
 from dist_quant.parallel import megatron_compat
 from dist_quant.parallel.groups import ParallelGroups
-from tests.distributed.workers import device, logits
+from dist_quant.parallel.schedule import forward_only
+from tests.distributed.workers import device
 
 ARCHS = ("llama", "qwen3", "qwen3_moe", "mixtral", "glm4_moe")
 SEQ = 8
@@ -62,24 +64,46 @@ def write_checkpoints(root: Path) -> dict:
     return out
 
 
+def pipeline_logits(model, groups: ParallelGroups, batches: list[torch.Tensor]) -> torch.Tensor:
+    """Full-vocabulary logits of the batches through megatron's schedule (any pipeline split), on every rank."""
+    local = forward_only(model, batches, device())
+    if local and groups.tp is not None:  # vocab-sharded over TP
+        local = [torch.cat(_gathered(piece, groups.tp), -1) for piece in local]
+    mine = torch.cat(local).cpu() if local and groups.rank("tp") == 0 else None
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return next(t for t in everyone if t is not None)
+
+
+def _gathered(piece: torch.Tensor, group) -> list[torch.Tensor]:
+    pieces = [torch.empty_like(piece) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(pieces, piece.contiguous(), group=group)
+    return pieces
+
+
 def _logits(model, groups: ParallelGroups) -> torch.Tensor:
-    return logits(model, probe_tokens(), groups)
+    return pipeline_logits(model, groups, [probe_tokens()])
 
 
-def load_checkpoint(path: str, tp: int, ep: int, groups: ParallelGroups, seq_len: int | None = None):
-    """The checkpoint's model loaded through the bridge, in megatron's (initialized) layout."""
+def load_checkpoint(path: str, tp: int, ep: int, groups: ParallelGroups, seq_len: int | None = None, pp: int = 1):
+    """The checkpoint's model loaded through the bridge, in megatron's (initialized) layout; with pipeline
+    stages, layers that do not split evenly put the remainder on the first stage."""
+    from dist_quant.bridge.models import PipelineSplit
+
     bridge = ModelBridge.from_hf(path, seq_len=seq_len)
+    layers = bridge.config.require("num_hidden_layers")
+    pipeline = PipelineSplit(pp, first=layers % pp + layers // pp if layers % pp else None)
     megatron_compat.seed(0)  # random init, overwritten by the checkpoint
-    model = bridge.build(tp, ep).to(device()).eval()
+    model = bridge.build(tp, ep, pipeline=pipeline).to(device()).eval()
     load_hf_weights(model, bridge, SafetensorsReader(path), groups)
     return bridge, model
 
 
-def loaded_model(path: str, tp: int, ep: int):
+def loaded_model(path: str, tp: int, ep: int, pp: int = 1):
     """megatron's parallel state for the layout, and the checkpoint's model loaded through the bridge."""
-    megatron_compat.initialize(tp, ep)
+    megatron_compat.initialize(tp, ep, pp=pp)
     groups = ParallelGroups.from_megatron()
-    return (groups, *load_checkpoint(path, tp, ep, groups))
+    return (groups, *load_checkpoint(path, tp, ep, groups, pp=pp))
 
 
 def round_trip(paths: dict[str, str], tp: int, ep: int) -> dict:
@@ -129,18 +153,25 @@ def load_errors(path: str, scratch: str) -> dict:
     return messages
 
 
-def calibrate_and_export(path: str, out: str, tp: int, ep: int, recipe: str, fail_after: int | None = None) -> dict:
-    """Calibrate the checkpoint's model at a layout and export it. -> weight-only fake-quant logits on rank 0.
-    fail_after: raise from the progress callback after that many tensors (an interrupted export)."""
+def calibrate_and_export(
+    path: str, out: str, tp: int, ep: int, recipe: str, fail_after: int | None = None, pp: int = 1
+) -> dict:
+    """Calibrate the checkpoint's model at a layout and export it. -> weight-only fake-quant logits (every rank)
+    and the all-reduces of one amax sync. fail_after: raise from the progress callback after that many tensors
+    (an interrupted export)."""
     from dist_quant import quantize
+    from dist_quant.calibrate.pipeline import amax_reducer
     from dist_quant.export import export_hf
     from dist_quant.quantizer import QuantizerMode, TensorQuantizer
 
-    groups, bridge, model = loaded_model(path, tp, ep)
+    groups, bridge, model = loaded_model(path, tp, ep, pp)
     gen = torch.Generator().manual_seed(11)
     data = [torch.randint(0, 128, (4, SEQ), generator=gen) for _ in range(3)]
-    positions = torch.arange(SEQ)[None].expand(4, SEQ)
-    quantize(model, recipe, lambda m: [m(t, positions, megatron_compat.causal_attention_mask(SEQ, "cpu")) for t in data])
+    quantize(model, recipe, lambda m: forward_only(m, data, device()))
+    reducer = amax_reducer(model)
+    before = reducer.collectives
+    reducer.sync()
+    sync = {"collectives": reducer.collectives - before, "domains": sum(a.group is not None for a in reducer.arenas.values())}
     written = []
 
     def progress(name):
@@ -155,7 +186,7 @@ def calibrate_and_export(path: str, out: str, tp: int, ep: int, recipe: str, fai
     activations = [q for n, q in model.named_modules() if isinstance(q, TensorQuantizer) and q.enabled and not n.endswith("weight_quantizer")]
     for q in activations:
         q.mode = QuantizerMode.DISABLED
-    return {"weight_only_logits": _logits(model, groups), "written": len(written)}
+    return {"weight_only_logits": _logits(model, groups), "written": len(written), "sync": sync}
 
 
 def weight_only_recipe(scope: tuple[str, ...] = ("*",)) -> dict:

@@ -17,15 +17,21 @@ RECIPE = "nvfp4_default-fp8_kv"
 ACTIVATION_SCALES = (".input_scale", ".k_scale", ".v_scale")
 
 
+# name -> (world, TP, EP, PP, recipe)
+LAYOUTS = {
+    "tp1": (1, 1, 1, 1, RECIPE), "tp2xep2": (4, 2, 2, 1, RECIPE), "pp2xtp2": (4, 2, 1, 2, RECIPE),
+    "pp2xep2": (4, 1, 2, 2, RECIPE), "fp8-tp2": (2, 2, 1, 1, "fp8_default-fp8_cast_kv"),
+}
+
+
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     checkpoint = workers.write_checkpoints(root)["qwen3_moe"][0]
     runs = {}
-    layouts = {"tp1": (1, 1, 1, RECIPE), "tp2xep2": (4, 2, 2, RECIPE), "fp8-tp2": (2, 2, 1, "fp8_default-fp8_cast_kv")}
-    for name, (world, tp, ep, recipe) in layouts.items():
+    for name, (world, tp, ep, pp, recipe) in LAYOUTS.items():
         out = root / name
-        runs[name] = (out, run_ranks(world, workers.calibrate_and_export, str(checkpoint), str(out), tp, ep, recipe)[0])
+        runs[name] = (out, run_ranks(world, workers.calibrate_and_export, str(checkpoint), str(out), tp, ep, recipe, None, pp)[0])
     return checkpoint, runs
 
 
@@ -38,9 +44,10 @@ def test_fp8_export_with_cast_kv(exports):
     assert tensors["model.layers.1.self_attn.k_proj.k_scale"] == 1.0 == tensors["model.layers.1.self_attn.v_proj.v_scale"]
 
 
-def test_sharded_export_matches_the_unsharded_one(exports):
+@pytest.mark.parametrize("layout", ["tp2xep2", "pp2xtp2", "pp2xep2"])
+def test_sharded_export_matches_the_unsharded_one(exports, layout):
     _, runs = exports
-    single, sharded = load_tensors(runs["tp1"][0]), load_tensors(runs["tp2xep2"][0])
+    single, sharded = load_tensors(runs["tp1"][0]), load_tensors(runs[layout][0])
     assert single.keys() == sharded.keys()
     assert any(k.endswith("experts.3.down_proj.weight_scale_2") for k in single) and any(k.endswith(".k_scale") for k in single)
     for name, tensor in single.items():
@@ -398,3 +405,10 @@ def test_inspect_summarizes_and_verifies(exports, tmp_path):
     assert good.returncode == 0 and "NVFP4 weights, KV cache FP8" in good.stdout and "32 quantized modules" in good.stdout
     bad = run(_corrupt(runs["tp1"][0], tmp_path / "broken", _missing_expert))
     assert bad.returncode == 2 and "experts.3.down_proj.weight_scale is missing" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_one_sync_is_one_all_reduce_per_reduction_domain_and_stage(exports, layout):
+    sync, world = exports[1][layout][1]["sync"], LAYOUTS[layout][0]
+    # one MAX all-reduce per reduction domain of this rank's stage, and one world-wide flag (errors collective)
+    assert sync["collectives"] == sync["domains"] + (world > 1) and (sync["domains"] >= 1) == (world > 1)

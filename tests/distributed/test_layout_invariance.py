@@ -136,7 +136,7 @@ def test_experts_that_get_no_tokens_are_bootstrapped_from_their_siblings(layout_
 def test_bad_input_fails_on_every_rank_with_a_clear_error():
     messages = run_ranks(2, workers.error_cases, backend=BACKEND)
     for rank_messages in messages:
-        assert "world size 2 cannot hold TP=2, EP=2, ETP=2" in rank_messages["world"]
+        assert "world size 2 cannot hold TP=2, PP=1, EP=2, ETP=2" in rank_messages["world"]
         assert "calibration data held NaN or Inf" in rank_messages["nan"]
         assert "decoder.layers.1.self_attention.linear_proj.input_quantizer" in rank_messages["nan"]  # NaN made on rank 1 only
         assert "enables no quantizer in this model" in rank_messages["recipe"]

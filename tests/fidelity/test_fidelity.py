@@ -14,7 +14,9 @@ from tests.fidelity import workers
 
 pytestmark = pytest.mark.xdist_group("fidelity")
 
-LAYOUTS = fitting({"tp1": (1, 1, 1), "tp2-ep2": (4, 2, 2)})
+# name -> (world, TP, EP, PP): dense models run data-parallel where EP would be (TP2 x DP2, PP2 x DP2); layers
+# that do not split evenly over the stages put the remainder on the first
+LAYOUTS = fitting({"tp1": (1, 1, 1, 1), "tp2-ep2": (4, 2, 2, 1), "pp2": (2, 1, 1, 2), "pp2-tp2": (4, 2, 1, 2), "pp2-ep2": (4, 1, 2, 2)})
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +34,8 @@ def references(tmp_path_factory):
 def calibrated(references):
     paths = {case: str(path) for case, (path, _, _) in references.items()}
     return {
-        layout: run_ranks(world, workers.calibrate_cases, paths, tp, ep, backend=BACKEND)[0]
-        for layout, (world, tp, ep) in LAYOUTS.items()
+        layout: run_ranks(world, workers.calibrate_cases, paths, tp, ep, pp, backend=BACKEND)[0]
+        for layout, (world, tp, ep, pp) in LAYOUTS.items()
     }
 
 

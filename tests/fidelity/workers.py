@@ -8,12 +8,13 @@ import torch
 from dist_quant import quantize
 from dist_quant.bridge.io import export_hf_stream
 from dist_quant.calibrate import quantizers
-from dist_quant.quantizer import QuantizerMode
-from dist_quant.recipe import RecipeError
 from dist_quant.parallel import megatron_compat
 from dist_quant.parallel.groups import ParallelGroups
-from tests.distributed.bridge_workers import load_checkpoint
-from tests.distributed.workers import logits
+from dist_quant.parallel.schedule import forward_only
+from dist_quant.quantizer import QuantizerMode
+from dist_quant.recipe import RecipeError
+from tests.distributed.bridge_workers import load_checkpoint, pipeline_logits
+from tests.distributed.workers import device
 from tests.fidelity.oracle import SEQ, batches
 
 ACTIVATIONS = ("input_quantizer._amax", "k_bmm_quantizer._amax", "v_bmm_quantizer._amax")
@@ -30,22 +31,22 @@ def recipe(tied: bool) -> dict:
 
 
 def _logits(model, groups) -> torch.Tensor:
-    return torch.cat([logits(model, tokens, groups) for tokens in batches()])
+    return pipeline_logits(model, groups, batches())
 
 
-def calibrate_cases(paths: dict[str, str], tp: int, ep: int) -> dict:
+def calibrate_cases(paths: dict[str, str], tp: int, ep: int, pp: int = 1) -> dict:
     """Per checkpoint: its tensors streamed back out of megatron, megatron's logits before quantization and with
     every quantizer attached but disabled, and the calibrated activation amax by HF name (rank 0). Data-parallel ranks calibrate on their own share of the
     batches."""
-    megatron_compat.initialize(tp, ep)
+    megatron_compat.initialize(tp, ep, pp=pp)
     groups = ParallelGroups.from_megatron()
     report = {}
     for name, path in paths.items():
-        bridge, model = load_checkpoint(path, tp, ep, groups, SEQ)
+        bridge, model = load_checkpoint(path, tp, ep, groups, SEQ, pp)
         round_trip = {name: tensor.cpu() for name, tensor in export_hf_stream(model, bridge, groups)}
         plain = _logits(model, groups)
         share = batches()[groups.rank("dp") :: groups.size("dp")]
-        quantize(model, recipe(bridge.tied), lambda m: [logits(m, tokens, groups) for tokens in share], groups)
+        quantize(model, recipe(bridge.tied), lambda m: forward_only(m, share, device()), groups)
         amax = {
             hf: tensor.item()
             for hf, tensor in export_hf_stream(model, bridge, groups, quant_state=True)
@@ -55,12 +56,12 @@ def calibrate_cases(paths: dict[str, str], tp: int, ep: int) -> dict:
             q.mode = QuantizerMode.DISABLED
         report[name] = {"plain_logits": plain, "disabled_logits": _logits(model, groups), "amax": amax, "round_trip": round_trip}
         if bridge.tied:
-            report[name]["tied_head_error"] = _quantize_tied_head(path, tp, ep, groups)
+            report[name]["tied_head_error"] = _quantize_tied_head(path, tp, ep, pp, groups)
     return report
 
 
-def _quantize_tied_head(path: str, tp: int, ep: int, groups) -> str | None:
-    _, model = load_checkpoint(path, tp, ep, groups, SEQ)
+def _quantize_tied_head(path: str, tp: int, ep: int, pp: int, groups) -> str | None:
+    _, model = load_checkpoint(path, tp, ep, groups, SEQ, pp)
     try:
         quantize(model, recipe(tied=False), lambda m: None, groups)
     except RecipeError as error:
