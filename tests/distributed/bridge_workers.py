@@ -200,7 +200,7 @@ def weight_only_recipe(scope: tuple[str, ...] = ("*",)) -> dict:
     ]}}
 
 
-def refit_run(path: str, tp: int, ep: int, scope: tuple[str, ...], state_dir: str) -> dict:
+def refit_run(path: str, tp: int, ep: int, scope: tuple[str, ...], state_dir: str, pp: int = 1) -> dict:
     """Calibrate weights only, stream a refit; take a training step, recalibrate, stream again. Also saves the
     quantizer state of the first calibration."""
     from dist_quant import quantize
@@ -208,7 +208,7 @@ def refit_run(path: str, tp: int, ep: int, scope: tuple[str, ...], state_dir: st
     from dist_quant.calibrate.state import save_quant_state
     from dist_quant.refit import refit_stream
 
-    groups, bridge, model = loaded_model(path, tp, ep)
+    groups, bridge, model = loaded_model(path, tp, ep, pp)
     quantize(model, weight_only_recipe(scope))
     save_quant_state(model, state_dir, groups)
     report = {"logits": _logits(model, groups), "stream": list(refit_stream(model, bridge, groups))}
@@ -223,13 +223,13 @@ def refit_run(path: str, tp: int, ep: int, scope: tuple[str, ...], state_dir: st
     return report
 
 
-def restore_run(path: str, tp: int, ep: int, scope: tuple[str, ...], state_dir: str) -> torch.Tensor:
+def restore_run(path: str, tp: int, ep: int, scope: tuple[str, ...], state_dir: str, pp: int = 1) -> torch.Tensor:
     """A fresh model at another layout, quantizers attached, state restored from `state_dir`. -> logits."""
     from dist_quant import load_recipe
     from dist_quant.calibrate import attach_quantizers
     from dist_quant.calibrate.state import restore_quant_state
 
-    groups, bridge, model = loaded_model(path, tp, ep)
+    groups, bridge, model = loaded_model(path, tp, ep, pp)
     attach_quantizers(model, load_recipe(weight_only_recipe(scope)), groups)
     restore_quant_state(model, state_dir, groups)
     return _logits(model, groups)

@@ -15,13 +15,15 @@ pytestmark = pytest.mark.xdist_group("megatron")
 # arithmetic alone (the bridge test measures ~2e-7). Fake-quantized activations would not: a last-bit difference
 # between two implementations can flip an NVFP4 rounding.
 TOLERANCE = 1e-5
+# name -> (architecture, world, TP, EP, PP, quantized scope)
 CASES = {
-    "qwen3-tp2": ("qwen3", 2, 1, ("*",)),
+    "qwen3-tp2": ("qwen3", 2, 2, 1, 1, ("*",)),
+    "qwen3-pp2xtp2": ("qwen3", 4, 2, 1, 2, ("*",)),
     # transformers keeps MoE experts fused in memory: the stream's per-expert tensors land in gate_up_proj /
     # down_proj slices. Experts there are not nn.Linear, so only attention is quantized in this case.
-    "qwen3_moe-tp2xep2": ("qwen3_moe", 4, 2, ("*self_attention*", "*self_attn*")),
+    "qwen3_moe-tp2xep2": ("qwen3_moe", 4, 2, 2, 1, ("*self_attention*", "*self_attn*")),
     # Mixtral's checkpoint names (block_sparse_moe.experts.E.w1/w2/w3) land in transformers 5's fused mlp.experts
-    "mixtral-tp2xep2": ("mixtral", 4, 2, ("*self_attention*", "*self_attn*")),
+    "mixtral-tp2xep2": ("mixtral", 4, 2, 2, 1, ("*self_attention*", "*self_attn*")),
 }
 
 
@@ -30,9 +32,9 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("refit")
     checkpoints = workers.write_checkpoints(root)
     out = {}
-    for case, (arch, world, tp_ep, scope) in CASES.items():
+    for case, (arch, world, tp, ep, pp, scope) in CASES.items():
         path, state_dir = str(checkpoints[arch][0]), str(root / f"{case}-state")
-        out[case] = (path, scope, state_dir, run_ranks(world, workers.refit_run, path, tp_ep, tp_ep, scope, state_dir)[0])
+        out[case] = (path, scope, state_dir, run_ranks(world, workers.refit_run, path, tp, ep, scope, state_dir, pp)[0])
     return out
 
 
@@ -67,11 +69,19 @@ def test_quantized_refit_streams_checkpoint_tensors(runs):
     assert not any("_quantizer" in n for n in names)
 
 
-@pytest.mark.parametrize("case, layout", [("qwen3-tp2", (1, 1, 1)), ("qwen3_moe-tp2xep2", (2, 1, 2))])
+@pytest.mark.parametrize(
+    "case, layout",
+    [
+        ("qwen3-tp2", (1, 1, 1, 1)), ("qwen3_moe-tp2xep2", (2, 1, 2, 1)),
+        ("qwen3-pp2xtp2", (1, 1, 1, 1)), ("qwen3-pp2xtp2", (2, 2, 1, 1)), ("qwen3-tp2", (4, 2, 1, 2)),
+        ("qwen3-tp2", (2, 1, 1, 2)),
+    ],
+    ids=["tp2-to-tp1", "tp2xep2-to-ep2", "pp2xtp2-to-pp1", "pp2xtp2-to-tp2", "tp2-to-pp2xtp2", "tp2-to-pp2"],
+)
 def test_quant_state_restores_into_another_layout(runs, case, layout):
     path, scope, state_dir, report = runs[case]
-    world, tp, ep = layout
-    logits = run_ranks(world, workers.restore_run, path, tp, ep, scope, state_dir)[0]
+    world, tp, ep, pp = layout
+    logits = run_ranks(world, workers.restore_run, path, tp, ep, scope, state_dir, pp)[0]
     torch.testing.assert_close(logits, report["logits"], rtol=0, atol=TOLERANCE)
 
 
