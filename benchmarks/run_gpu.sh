@@ -3,8 +3,8 @@
 #   layout   the layout-invariance tests on NCCL, the layouts that fit the GPUs
 #   fidelity the fidelity tests against transformers on NCCL, the layouts that fit the GPUs
 #   forward  forward overhead of calibrating / quantizing mode (bench_forward.py, one GPU)
-#   main     the main job on the built-in ~1.1B MoE (moe-1b, random weights, bf16) at TP2 and at EP2 (and TP2 x EP2
-#            with 4 GPUs), each exported and verified; the exports compared (weight-derived tensors bitwise)
+#   main     the main job on the built-in ~1.1B MoE (moe-1b, random weights, bf16) at TP2, at EP2 and at PP2 (and
+#            TP2 x EP2 with 4 GPUs), each exported and verified; the exports compared (weight-derived tensors bitwise)
 #   hf       --hf-model on a bfloat16 Qwen3-MoE checkpoint made by transformers, EP over the GPUs, default dtype
 #   faults   the same checkpoint with a NaN in an expert of the last rank: one line naming it, on NCCL
 #   sync     one amax sync of 10,000 quantizers over NCCL (bench_sync.py)
@@ -60,7 +60,7 @@ want layout && step nccl_layout_invariance nccl_tests tests/distributed/test_lay
 want fidelity && step nccl_fidelity nccl_tests tests/fidelity/test_fidelity.py
 want forward && step bench_forward python3 benchmarks/bench_forward.py --results "$RESULTS"
 if want main; then
-  LAYOUTS=("tp2:--tp 2" "ep2:--ep 2")
+  LAYOUTS=("tp2:--tp 2" "ep2:--ep 2" "pp2:--pp 2")
   [ "$GPUS" -ge 4 ] && LAYOUTS+=("tp2xep2:--tp 2 --ep 2")
   for entry in "${LAYOUTS[@]}"; do
     name=${entry%%:*}
@@ -69,6 +69,7 @@ if want main; then
     step "moe_1b_$name" calibrate "$ranks" "$WORK/moe-1b-$name" --model moe-1b ${entry#*:}
   done
   step compare_tp2_ep2 python3 benchmarks/compare_exports.py "$WORK/moe-1b-tp2" "$WORK/moe-1b-ep2"
+  step compare_tp2_pp2 python3 benchmarks/compare_exports.py "$WORK/moe-1b-tp2" "$WORK/moe-1b-pp2"
   [ "$GPUS" -ge 4 ] && step compare_tp2_tp2xep2 python3 benchmarks/compare_exports.py "$WORK/moe-1b-tp2" "$WORK/moe-1b-tp2xep2"
 fi
 if want hf; then

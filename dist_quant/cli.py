@@ -85,6 +85,12 @@ def _add_calibrate(commands) -> None:
     calibrate.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
     calibrate.add_argument("--ep", type=int, default=1, help="expert-parallel size (default 1)")
     calibrate.add_argument("--etp", type=int, default=None, help="expert tensor-parallel size (default: --tp)")
+    calibrate.add_argument(
+        "--pp", type=int, default=1,
+        help="pipeline-parallel size (default 1); world = TP x PP x DP, and EP x ETP must divide world / PP",
+    )
+    calibrate.add_argument("--pp-first-layers", type=int, default=None, metavar="N", help="layers on the first pipeline stage (uneven split)")
+    calibrate.add_argument("--pp-last-layers", type=int, default=None, metavar="N", help="layers on the last pipeline stage (uneven split)")
     calibrate.add_argument("--calib-data", metavar="FILE", help="text, or .jsonl with a 'text' field (default: built-in text)")
     calibrate.add_argument("--calib-samples", type=int, default=32, help="calibration sequences (default 32)")
     calibrate.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (default 64)")

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from dist_quant.parallel.megatron_compat import layout_problem
 from dist_quant.parallel.spawn import free_port
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "models"
@@ -67,17 +68,14 @@ def validate(args: argparse.Namespace) -> None:
     from dist_quant.recipe import load_recipe
 
     world = world_size()
-    for name in ("tp", "ep", "etp", "calib_samples", "seq_len", "batch_size"):
+    for name in ("tp", "ep", "etp", "pp", "pp_first_layers", "pp_last_layers", "calib_samples", "seq_len", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise JobError(f"--{name.replace('_', '-')} must be at least 1")
     if not args.timeout > 0:
         raise JobError("--timeout must be a positive number of minutes")
-    etp = args.etp or args.tp
-    if world % args.tp or world % (args.ep * etp):
-        raise JobError(
-            f"world size {world} cannot hold --tp {args.tp} --ep {args.ep} (ETP {etp}): run torchrun with "
-            f"--nproc-per-node a multiple of TP and of EP x ETP, e.g. {args.tp * args.ep}"
-        )
+    problem = layout_problem(world, args.tp, args.ep, args.etp, args.pp)
+    if problem:
+        raise JobError(f"{problem}; run torchrun with a matching --nproc-per-node, e.g. {args.tp * args.ep * args.pp}")
     if args.hf_model is not None and not (Path(args.hf_model) / "config.json").is_file():
         raise JobError(f"--hf-model {args.hf_model}: no config.json there")
     if args.model is not None and args.model not in builtin_models():
@@ -89,9 +87,15 @@ def validate(args: argparse.Namespace) -> None:
         raise JobError(f"--out {problem}")
     load_recipe(args.recipe)
     bridge = model_bridge(args)
-    bridge.check_layout(args.tp, args.ep)
+    bridge.check_layout(args.tp, args.ep, pipeline_split(args))
     args.dtype = args.dtype or _dtype_name(bridge.dtype)
     args.texts = _texts(args.calib_data)
+
+
+def pipeline_split(args: argparse.Namespace):
+    from dist_quant.bridge.models import PipelineSplit
+
+    return PipelineSplit(args.pp, args.pp_first_layers, args.pp_last_layers)
 
 
 def output_target(args: argparse.Namespace):
@@ -200,17 +204,20 @@ def _texts(path: str | None) -> list[str]:
     return texts
 
 
-def replica_samples(count: int, replica: int, replicas: int) -> list[int]:
+def replica_samples(count: int, replica: int, replicas: int, batch: int = 1) -> list[int]:
     """Indices of the samples one data-parallel replica calibrates on: its strided share, wrapped around so that
-    every replica gets the same number, ceil(count / replicas). Every replica then runs the same number of
-    forward steps (MoE token exchanges span replicas: one step more on one side would wait forever), and a
-    repeated sample changes no maximum."""
-    return [(replica + k * replicas) % count for k in range(-(-count // replicas))]
+    every replica gets the same number, ceil(count / replicas) rounded up to whole batches. Every replica then
+    runs as many forward steps of one shape (MoE token exchanges span replicas, and pipeline stages pass
+    microbatches of one shape: a step more or a shape apart would wait forever), and a repeated sample changes
+    no maximum."""
+    share = -(-count // replicas)
+    return [(replica + k * replicas) % count for k in range(-(-share // batch) * batch)]
 
 
 def calibration_batches(args, checkpoint: Path, vocab_size: int, dp_rank: int, dp_size: int) -> list[torch.Tensor]:
-    """Token batches [<= batch, seq_len] of this data-parallel rank's share, as many on every rank: the
-    checkpoint's tokenizer if it has one, else bytes (the built-in models' vocabularies hold every byte)."""
+    """Token batches of this data-parallel rank's share, as many and of one shape [batch, seq_len] on every rank
+    (batch: --batch-size, or the share if smaller): the checkpoint's tokenizer if it has one, else bytes (the
+    built-in models' vocabularies hold every byte)."""
     texts = args.texts
     if (checkpoint / "tokenizer_config.json").is_file():
         import transformers
@@ -224,7 +231,8 @@ def calibration_batches(args, checkpoint: Path, vocab_size: int, dp_rank: int, d
         raise JobError("the calibration data is empty")
     stream = (stream * (need // len(stream) + 1))[:need]
     samples = torch.tensor(stream).reshape(args.calib_samples, args.seq_len)
-    return list(samples[replica_samples(args.calib_samples, dp_rank, dp_size)].split(args.batch_size))
+    batch = min(args.batch_size, -(-args.calib_samples // dp_size))
+    return list(samples[replica_samples(args.calib_samples, dp_rank, dp_size, batch)].split(batch))
 
 
 class Timer:
@@ -276,6 +284,7 @@ def run(args: argparse.Namespace) -> Path | None:
     from dist_quant.parallel import megatron_compat
     from dist_quant.parallel.agree import raised_together
     from dist_quant.parallel.groups import ParallelGroups
+    from dist_quant.parallel.schedule import forward_only
     from dist_quant.quantizer import TensorQuantizer
     from dist_quant.recipe import load_recipe
 
@@ -289,7 +298,7 @@ def run(args: argparse.Namespace) -> Path | None:
     target = output_target(args)
     try:
         with timer.stage("setup"):
-            megatron_compat.initialize(args.tp, args.ep, args.etp, timeout)
+            megatron_compat.initialize(args.tp, args.ep, args.etp, timeout, args.pp)
             groups = ParallelGroups.from_megatron(timeout)
             checkpoint = Path(args.hf_model) if args.hf_model else builtin_checkpoint(args.model, args.seed)
             if not args.hf_model:
@@ -298,7 +307,7 @@ def run(args: argparse.Namespace) -> Path | None:
                 bridge = ModelBridge.from_hf(checkpoint, seq_len=args.seq_len)
                 megatron_compat.seed(args.seed)
                 dtype = getattr(torch, args.dtype)
-                model = bridge.build(args.tp, args.ep, args.etp, dtype).to(device).eval()
+                model = bridge.build(args.tp, args.ep, args.etp, dtype, pipeline_split(args)).to(device).eval()
                 left_out = load_hf_weights(model, bridge, SafetensorsReader(checkpoint), groups)
                 vocab = bridge.hf_config["vocab_size"]
                 batches = calibration_batches(args, checkpoint, vocab, groups.rank("dp"), groups.size("dp"))
@@ -308,13 +317,11 @@ def run(args: argparse.Namespace) -> Path | None:
             with raised_together(user_errors()):
                 if lead:  # before any calibration: the output can be written, has room, and is ours alone
                     target.claim(needed)
-        mask = megatron_compat.causal_attention_mask(args.seq_len, device)
 
         def forward_loop(m):
-            for tokens in tqdm(batches, desc="calibrating", unit="batch", disable=not lead):
-                tokens = tokens.to(device)
-                positions = torch.arange(tokens.shape[1], device=device)[None].expand_as(tokens)
-                m(tokens, positions, mask[..., : tokens.shape[1], : tokens.shape[1]])
+            progress = tqdm(total=len(batches), desc="calibrating", unit="batch", disable=not lead)
+            forward_only(m, batches, device, on_batch=progress.update)
+            progress.close()
 
         with timer.stage("calibrate"):
             with warnings.catch_warnings(record=True) as caught:
@@ -346,7 +353,7 @@ def _print_summary(args, out, kinds, bootstrapped, collectives, timer, errors, t
     lines = [
         "",
         f"dist-quant calibrate: {args.model or args.hf_model}, recipe {args.recipe}, TP {args.tp} x EP {args.ep}"
-        f" on {world_size()} ranks, {args.dtype}",
+        + (f" x PP {args.pp}" if args.pp > 1 else "") + f" on {world_size()} ranks, {args.dtype}",
         "  quantizers on rank 0 by kind and format:",
         *[f"    {count:6d}  {kind}" for kind, count in sorted(kinds.items())],
         f"  experts' activation quantizers bootstrapped (no calibration tokens): {bootstrapped}",

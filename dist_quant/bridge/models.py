@@ -55,8 +55,10 @@ class PipelineSplit:
         if any(n < 1 for n in ends) or sum(ends) > layers:
             return f"first/last stage layers {self.first}/{self.last} do not fit {layers} layers"
         middle, rest = self.stages - len(ends), layers - sum(ends)
-        if (middle == 0 and rest) or (middle and (rest < middle or rest % middle)):
-            split = f"{layers} layers" + (f" less {sum(ends)} on the first/last stage" if ends else "")
+        if middle == 0 and rest:
+            return f"the first/last stage layers {self.first}/{self.last} leave {rest} of {layers} layers to no stage"
+        if middle and (rest < middle or rest % middle):
+            split = f"{rest} layers" + (f" (of {layers}, less the first/last stage's)" if ends else "")
             return f"{split} do not split evenly over {middle} pipeline stages (PP={self.stages})"
         return None
 

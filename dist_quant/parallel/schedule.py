@@ -4,15 +4,19 @@ it would in the unsplit model. With one stage this is megatron's schedule withou
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from dist_quant.parallel.megatron_compat import causal_attention_mask
 
 
-def forward_only(model, batches: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
+def forward_only(
+    model, batches: list[torch.Tensor], device: torch.device | str, on_batch: Callable[[], object] | None = None
+) -> list[torch.Tensor]:
     """Run the token batches ([batch, seq], all of one shape: they are the pipeline's microbatches) through the
-    model on every rank of the pipeline. Collective. -> the last stage's logits, [batch, seq, vocab / TP] per
-    batch; [] on the other stages."""
+    model on every rank of the pipeline; `on_batch()` after each (progress). Collective. -> the last stage's
+    logits, [batch, seq, vocab / TP] per batch; [] on the other stages."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if not batches:
@@ -25,6 +29,8 @@ def forward_only(model, batches: list[torch.Tensor], device: torch.device | str)
 
     def step(data, stage):
         logits = stage(next(data).to(device), positions, mask)
+        if on_batch is not None:
+            on_batch()
         return logits, lambda output: (output.new_zeros(()), {"logits": output})
 
     with torch.no_grad():

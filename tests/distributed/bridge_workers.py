@@ -244,3 +244,21 @@ def restore_error(path: str, tp: int, ep: int, scope: tuple[str, ...], state_dir
     except QuantStateError as error:
         return str(error)
     return "restored"
+
+
+def pipeline_nan_case(path: str) -> str:
+    """PP2: NaN in the attention of the last stage only. -> the error every rank raises."""
+    from megatron.core import parallel_state
+
+    from dist_quant import quantize
+    from dist_quant.calibrate import CalibrationError
+
+    groups, bridge, model = loaded_model(path, 1, 1, 2)
+    if parallel_state.is_pipeline_last_stage():
+        qkv = model.decoder.layers[-1].self_attention.linear_qkv
+        qkv.register_forward_hook(lambda mod, inp, out: (out[0] * float("nan"), out[1]))
+    try:
+        quantize(model, "fp8_default-fp8_cast_kv", lambda m: forward_only(m, [probe_tokens()], device()))
+    except CalibrationError as error:
+        return str(error)
+    return "no error"

@@ -55,3 +55,10 @@ def test_broken_checkpoints_are_one_line_errors_naming_the_tensor_or_file(checkp
     assert messages.keys() == expected.keys()
     for case, text in expected.items():
         assert text in messages[case] and "\n" not in messages[case], (case, messages[case])
+
+
+def test_nan_on_one_pipeline_stage_stops_every_rank_naming_it(checkpoints):
+    path = str(checkpoints["qwen3"][0])
+    for message in run_ranks(2, workers.pipeline_nan_case, path):
+        assert "NaN or Inf" in message and "decoder.layers.1.self_attention.linear_proj.input_quantizer" in message, message
+        assert "(on rank 1)" in message

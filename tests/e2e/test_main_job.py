@@ -42,9 +42,10 @@ def test_hf_style_data_file_and_fp8_on_two_ranks(tmp_path):
         (["--out", "."], "--out . exists: pass --overwrite"),
         (["--model", "tiny-gpt5"], "--model tiny-gpt5: unknown; built-in models: moe-1b, tiny-qwen3, tiny-qwen3-moe"),
         (["--etp", "0"], "--etp must be at least 1"),
+        (["--pp", "2"], "world size 1 cannot hold TP=1, PP=2, EP=1, ETP=1"),
         (["--timeout", "0"], "--timeout must be a positive number of minutes"),
     ],
-    ids=["unknown-recipe", "world-size", "missing-data", "output-exists", "unknown-model", "etp-0", "timeout-0"],
+    ids=["unknown-recipe", "world-size", "missing-data", "output-exists", "unknown-model", "etp-0", "pp-world", "timeout-0"],
 )
 def test_bad_invocations_fail_with_one_line(tmp_path, args, message):
     base = {"--model": "tiny-qwen3-moe", "--recipe": "nvfp4_default-fp8_cast_kv", "--out": str(tmp_path / "x")}
@@ -139,3 +140,22 @@ def test_the_main_job_on_each_architecture(tmp_path, arch):
     if arch == "glm4-moe":
         assert "left out: 2 tensors of multi-token-prediction layers" in result.stdout
         assert json.loads((out / "config.json").read_text())["num_nextn_predict_layers"] == 0
+
+
+def test_pipeline_stages_with_an_uneven_split_export_what_one_rank_exports(tmp_path):
+    """PP2 x TP2, 3 layers as 2 + 1: the weight-derived tensors equal a single rank's, byte for byte."""
+    import torch
+
+    from dist_quant.export import load_tensors
+
+    source = tiny_checkpoint(tmp_path / "source", "Qwen3Config", torch.float32, num_hidden_layers=3)
+    common = ("--hf-model", str(source), "--recipe", "nvfp4_default-fp8_cast_kv", "--calib-samples", "4", "--seq-len", "16")
+    single = run_python("-m", "dist_quant.cli", "calibrate", *common, "--out", str(tmp_path / "tp1"))
+    staged = torchrun(4, *common, "--pp", "2", "--pp-first-layers", "2", "--tp", "2", "--out", str(tmp_path / "pp2"))
+    assert single.returncode == 0 and staged.returncode == 0, staged.stderr[-3000:]
+    assert "TP 2 x EP 1 x PP 2 on 4 ranks" in staged.stdout
+    one, split = load_tensors(tmp_path / "tp1"), load_tensors(tmp_path / "pp2")
+    assert one.keys() == split.keys()
+    for name, tensor in one.items():
+        if not name.endswith((".input_scale", ".k_scale", ".v_scale")):
+            assert torch.equal(tensor.view(-1).view(torch.uint8), split[name].view(-1).view(torch.uint8)), name
