@@ -37,7 +37,7 @@ def test_hf_style_data_file_and_fp8_on_two_ranks(tmp_path):
     "args, message",
     [
         (["--recipe", "nvfp4_defualt"], "no built-in recipe of that name"),
-        (["--tp", "2", "--ep", "2"], "world size 1 cannot hold --tp 2 --ep 2"),
+        (["--tp", "2", "--ep", "2"], "world size 1 cannot hold TP=2, PP=1, EP=2, ETP=2"),
         (["--calib-data", "no/such/file.txt"], "--calib-data no/such/file.txt: no such file"),
         (["--out", "."], "--out . exists: pass --overwrite"),
         (["--model", "tiny-gpt5"], "--model tiny-gpt5: unknown; built-in models: moe-1b, tiny-qwen3, tiny-qwen3-moe"),
