@@ -102,6 +102,11 @@ def _add_calibrate(commands) -> None:
     )
     calibrate.add_argument("--overwrite", action="store_true", help="replace --out, a dist_quant checkpoint, in one step")
     calibrate.add_argument(
+        "--export-writers", choices=("one", "all"), default="one",
+        help="one: rank 0 gathers and writes every tensor (default); all: each rank writes the tensors whose first "
+        "piece it holds, into --out's file system (which every rank must see); the same tensors either way",
+    )
+    calibrate.add_argument(
         "--timeout", type=float, default=10.0, metavar="MINUTES",
         help="how long a collective waits for the other ranks before the job fails (default 10; torch's and "
         "megatron's default is 30)",

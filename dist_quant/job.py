@@ -332,7 +332,10 @@ def run(args: argparse.Namespace) -> Path | None:
         collectives = amax_reducer(model).collectives
         with timer.stage("export"):
             progress = tqdm(desc="exporting", unit="tensor", disable=not lead)
-            out = export_hf(model, bridge, target, groups, source_dir=checkpoint, on_tensor=lambda _: progress.update())
+            out = export_hf(
+                model, bridge, target, groups, source_dir=checkpoint, on_tensor=lambda _: progress.update(),
+                writers=args.export_writers,
+            )
             progress.close()
     finally:
         target.release()

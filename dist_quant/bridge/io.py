@@ -205,11 +205,13 @@ def _inventory(groups: ParallelGroups, state: dict[str, torch.Tensor]) -> list[d
 
 
 def export_hf_bundles(
-    model: nn.Module, bridge: ModelBridge, groups: ParallelGroups, dst: int = 0, quant_state: bool = False
+    model: nn.Module, bridge: ModelBridge, groups: ParallelGroups, dst: int | None = 0, quant_state: bool = False
 ) -> Iterator[tuple[str, list[tuple[str, torch.Tensor]]]]:
     """Yield, on rank `dst`, (logical Megatron name, [(HF name, full tensor), ...]) one tensor at a time, in an
     order where each module's weight and quantizer buffers come together. Pieces are sent to `dst` by the ranks
-    of model replica 0 that hold them. Collective: every rank must exhaust the generator."""
+    of model replica 0 that hold them. `dst` None: each tensor goes to the first rank holding a piece of it (the
+    one holding the first piece of its module's weight too), so every rank yields a share and nothing passes
+    through one rank. Collective: every rank must exhaust the generator."""
     registry = bridge.registry(quant_state=quant_state)
     state = _state(model, groups.rank("ep"), quant_state)
     inventory = _inventory(groups, state)
@@ -220,18 +222,19 @@ def export_hf_bundles(
         if not mapping.exported:
             continue
         sources = _holders(inventory, name, mapping.expert, mapping.shard_dim is not None)
+        target = sources[0] if dst is None else dst
         pieces = []
         for source in sources:
-            if source == me and me == dst:
+            if source == me and me == target:
                 pieces.append(state[name].detach().clone())  # the stream's tensors never alias the model
             elif source == me:
-                dist.send(state[name].detach().contiguous(), dst)
-            elif me == dst:
+                dist.send(state[name].detach().contiguous(), target)
+            elif me == target:
                 shape, dtype = inventory[source]["tensors"][name]
                 buffer = torch.empty(shape, dtype=dtype, device=state[next(iter(state))].device)
                 dist.recv(buffer, source)
                 pieces.append(buffer)
-        if me == dst:
+        if me == target:
             full = pieces[0] if mapping.shard_dim is None else unshard(pieces, mapping.shard_dim, mapping.stride)
             yield name, list(zip(hf_names, mapping.to_hf(full)))
 

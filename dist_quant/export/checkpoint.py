@@ -103,12 +103,14 @@ def _group_by_module(bundles) -> Iterator[tuple[str, list[tuple[str, torch.Tenso
 
 
 class _ShardWriter:
-    def __init__(self, directory: Path, max_shard_bytes: int):
+    """Size-bounded safetensors shards of one rank, under temporary names (`prefix` tells ranks apart)."""
+
+    def __init__(self, directory: Path, max_shard_bytes: int, prefix: str = ""):
         from safetensors.torch import save_file
 
-        self.directory, self.max_bytes, self.save = directory, max_shard_bytes, save_file
+        self.directory, self.max_bytes, self.save, self.prefix = directory, max_shard_bytes, save_file, prefix
         self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes, self.files, self.weight_map, self.total = 0, [], {}, 0
+        self.pending_bytes, self.files, self.total = 0, [], 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
@@ -119,22 +121,28 @@ class _ShardWriter:
         self.total += size
 
     def _flush(self) -> None:
-        file = f"shard-{len(self.files):05d}.safetensors"
+        file = f"shard-{self.prefix}{len(self.files):05d}.safetensors"
         self.save(self.pending, self.directory / file, metadata={"format": "pt"})
         (self.directory / file).chmod(0o644)  # safetensors writes 0600; a checkpoint is for others to read
         self.files.append((file, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 
-    def finish(self) -> None:
+    def close(self) -> tuple[list[tuple[str, list[str]]], int]:
+        """-> (every shard file with the tensors it holds, the bytes written)."""
         if self.pending:
             self._flush()
-        count = len(self.files)
-        for i, (file, names) in enumerate(self.files):
-            final = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
-            (self.directory / file).rename(self.directory / final)
-            self.weight_map.update({name: final for name in names})
-        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}
-        (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return self.files, self.total
+
+
+def _write_index(directory: Path, files: list[tuple[str, list[str]]], total: int) -> None:
+    """Give the shards their final names, model-0000i-of-0000n in the order given, and write the index."""
+    weight_map = {}
+    for i, (file, names) in enumerate(files):
+        final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+        (directory / file).rename(directory / final)
+        weight_map.update({name: final for name in names})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 class _ModuleQuantizer:
@@ -146,6 +154,15 @@ class _ModuleQuantizer:
         self.quantized: dict[str, str] = {}  # HF module -> "NVFP4" | "FP8"
         self.excluded: list[str] = []
         self.kv_algos: set[str] = set()
+
+    def gather(self) -> None:
+        """What every rank's quantizer met, merged (collective): for the configs of a checkpoint many ranks wrote."""
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, (self.quantized, self.excluded, self.kv_algos))
+        for quantized, excluded, kv_algos in everyone:
+            self.quantized |= quantized
+            self.excluded = sorted(set(self.excluded) | set(excluded))
+            self.kv_algos |= kv_algos
 
     def __call__(self, megatron_module: str, items: list[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         buffers: dict[str, dict[str, torch.Tensor]] = {}
@@ -217,12 +234,13 @@ def checkpoint_tensors(
     model: nn.Module,
     bridge: ModelBridge,
     groups: ParallelGroups,
-    dst: int = 0,
+    dst: int | None = 0,
     quantizer: _ModuleQuantizer | None = None,
     source_dir: str | os.PathLike | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) as the checkpoint holds them, on rank `dst`, one module at a time (collective).
-    Unquantized tensors keep the dtype they have in `source_dir` (else the config's dtype)."""
+    """(name, tensor) as the checkpoint holds them, on rank `dst` (None: each module on the rank holding its
+    first piece), one module at a time (collective). Unquantized tensors keep the dtype they have in
+    `source_dir` (else the config's dtype)."""
     quantizer = quantizer or _ModuleQuantizer(_formats(model), source_dtypes(bridge, source_dir))
     for megatron_module, items in _group_by_module(export_hf_bundles(model, bridge, groups, dst, quant_state=True)):
         yield from quantizer(megatron_module, items)
@@ -296,12 +314,18 @@ def export_hf(
     overwrite: bool = False,
     dst: int = 0,
     on_tensor: Callable[[str], None] | None = None,
+    writers: str = "one",
 ) -> Path | None:
     """Write the calibrated model as a quantized HF checkpoint on rank `dst` (collective: every rank calls).
     `out_dir`: a new directory or a dist_quant checkpoint to replace (`overwrite`), or an OutputTarget the caller
     has claimed already. `source_dir`: the HF checkpoint it came from, for tokenizer files and the dtypes of
     unquantized tensors; the output may neither be it nor hold it. `on_tensor(name)` is called for every tensor
-    written (progress). The directory appears only complete and verified. -> the directory on `dst`, else None."""
+    written (progress). `writers`: "one" gathers every tensor to `dst`, which writes them; "all": each rank
+    quantizes and writes the tensors whose first piece it holds, into the same directory (a file system every
+    rank sees), and `dst` writes the index and configs. The tensors are the same either way. The directory
+    appears only complete and verified. -> the directory on `dst`, else None."""
+    if writers not in ("one", "all"):
+        raise ValueError(f"writers must be 'one' or 'all', got {writers!r}")
     groups = groups or default_groups()
     me = dist.get_rank() if dist.is_initialized() else 0
     target = out_dir if isinstance(out_dir, OutputTarget) else OutputTarget(out_dir, overwrite, [source_dir])
@@ -318,16 +342,26 @@ def export_hf(
         problem = problem or _NO_WEIGHTS
     try:
         _agree(problem or _check_activations(model))
-        writer = _ShardWriter(target.partial, max_shard_bytes) if me == dst else None
+        parallel = writers == "all" and dist.is_initialized() and dist.get_world_size() > 1
+        partial = [target.partial]
+        if parallel:  # every rank writes into the directory dst claimed
+            dist.broadcast_object_list(partial, src=dst)
+        writer = _ShardWriter(partial[0], max_shard_bytes, f"r{me:05d}-") if parallel or me == dst else None
         quantizer = _ModuleQuantizer(formats, source_dtypes(bridge, source_dir))
-        for name, tensor in checkpoint_tensors(model, bridge, groups, dst, quantizer):
+        for name, tensor in checkpoint_tensors(model, bridge, groups, None if parallel else dst, quantizer):
             writer.add(name, tensor)
             if on_tensor is not None:
                 on_tensor(name)
+        files = [writer.close()] if writer is not None else []
+        if parallel:  # every rank's shards, in rank order
+            everyone = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, files[0])
+            files = everyone
+            quantizer.gather()
         problem, out = None, None
         if me == dst:
             try:
-                writer.finish()
+                _write_index(target.partial, [f for shards, _ in files for f in shards], sum(t for _, t in files))
                 _write_configs(target.partial, bridge, quantizer, source_dir)
                 verify(target.partial)
                 out = target.commit()

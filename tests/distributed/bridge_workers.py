@@ -154,7 +154,8 @@ def load_errors(path: str, scratch: str) -> dict:
 
 
 def calibrate_and_export(
-    path: str, out: str, tp: int, ep: int, recipe: str, fail_after: int | None = None, pp: int = 1
+    path: str, out: str, tp: int, ep: int, recipe: str, fail_after: int | None = None, pp: int = 1,
+    writers: str = "one",
 ) -> dict:
     """Calibrate the checkpoint's model at a layout and export it. -> weight-only fake-quant logits (every rank)
     and the all-reduces of one amax sync. fail_after: raise from the progress callback after that many tensors
@@ -180,7 +181,7 @@ def calibrate_and_export(
             raise RuntimeError("simulated failure in the middle of the export")
 
     try:
-        export_hf(model, bridge, out, groups, source_dir=path, max_shard_bytes=64 << 10, on_tensor=progress)
+        export_hf(model, bridge, out, groups, source_dir=path, max_shard_bytes=64 << 10, on_tensor=progress, writers=writers)
     except RuntimeError as error:
         return {"error": str(error), "written": len(written)}
     activations = [q for n, q in model.named_modules() if isinstance(q, TensorQuantizer) and q.enabled and not n.endswith("weight_quantizer")]

@@ -17,10 +17,11 @@ RECIPE = "nvfp4_default-fp8_kv"
 ACTIVATION_SCALES = (".input_scale", ".k_scale", ".v_scale")
 
 
-# name -> (world, TP, EP, PP, recipe)
+# name -> (world, TP, EP, PP, recipe, writers)
 LAYOUTS = {
-    "tp1": (1, 1, 1, 1, RECIPE), "tp2xep2": (4, 2, 2, 1, RECIPE), "pp2xtp2": (4, 2, 1, 2, RECIPE),
-    "pp2xep2": (4, 1, 2, 2, RECIPE), "fp8-tp2": (2, 2, 1, 1, "fp8_default-fp8_cast_kv"),
+    "tp1": (1, 1, 1, 1, RECIPE, "one"), "tp2xep2": (4, 2, 2, 1, RECIPE, "one"), "pp2xtp2": (4, 2, 1, 2, RECIPE, "one"),
+    "pp2xep2": (4, 1, 2, 2, RECIPE, "all"), "fp8-tp2": (2, 2, 1, 1, "fp8_default-fp8_cast_kv", "one"),
+    "tp2xep2-every-rank-writes": (4, 2, 2, 1, RECIPE, "all"),
 }
 
 
@@ -29,9 +30,9 @@ def exports(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     checkpoint = workers.write_checkpoints(root)["qwen3_moe"][0]
     runs = {}
-    for name, (world, tp, ep, pp, recipe) in LAYOUTS.items():
+    for name, (world, tp, ep, pp, recipe, writers) in LAYOUTS.items():
         out = root / name
-        runs[name] = (out, run_ranks(world, workers.calibrate_and_export, str(checkpoint), str(out), tp, ep, recipe, None, pp)[0])
+        runs[name] = (out, run_ranks(world, workers.calibrate_and_export, str(checkpoint), str(out), tp, ep, recipe, None, pp, writers)[0])
     return checkpoint, runs
 
 
@@ -412,3 +413,17 @@ def test_one_sync_is_one_all_reduce_per_reduction_domain_and_stage(exports, layo
     sync, world = exports[1][layout][1]["sync"], LAYOUTS[layout][0]
     # one MAX all-reduce per reduction domain of this rank's stage, and one world-wide flag (errors collective)
     assert sync["collectives"] == sync["domains"] + (world > 1) and (sync["domains"] >= 1) == (world > 1)
+
+
+def test_every_rank_writing_its_share_gives_the_same_checkpoint(exports):
+    _, runs = exports
+    one, every = load_tensors(runs["tp2xep2"][0]), load_tensors(runs["tp2xep2-every-rank-writes"][0])
+    assert one.keys() == every.keys()
+    for name, tensor in one.items():
+        assert every[name].dtype == tensor.dtype and torch.equal(every[name].view(-1).view(torch.uint8), tensor.view(-1).view(torch.uint8)), name
+    # EP rank 1 (global rank 2) wrote experts 2 and 3 itself: its shards hold them and nothing else
+    weight_map = json.loads((runs["tp2xep2-every-rank-writes"][0] / "model.safetensors.index.json").read_text())["weight_map"]
+    by_file = {}
+    for name, file in weight_map.items():
+        by_file.setdefault(file, set()).add(re.search(r"\.experts\.[23]\.", name) is not None)
+    assert {True} in by_file.values() and all(len(kinds) == 1 for kinds in by_file.values()), by_file

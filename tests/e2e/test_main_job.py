@@ -143,7 +143,8 @@ def test_the_main_job_on_each_architecture(tmp_path, arch):
 
 
 def test_pipeline_stages_with_an_uneven_split_export_what_one_rank_exports(tmp_path):
-    """PP2 x TP2, 3 layers as 2 + 1: the weight-derived tensors equal a single rank's, byte for byte."""
+    """PP2 x TP2, 3 layers as 2 + 1, every rank writing its share: the weight-derived tensors equal a single
+    rank's, byte for byte."""
     import torch
 
     from dist_quant.export import load_tensors
@@ -151,7 +152,8 @@ def test_pipeline_stages_with_an_uneven_split_export_what_one_rank_exports(tmp_p
     source = tiny_checkpoint(tmp_path / "source", "Qwen3Config", torch.float32, num_hidden_layers=3)
     common = ("--hf-model", str(source), "--recipe", "nvfp4_default-fp8_cast_kv", "--calib-samples", "4", "--seq-len", "16")
     single = run_python("-m", "dist_quant.cli", "calibrate", *common, "--out", str(tmp_path / "tp1"))
-    staged = torchrun(4, *common, "--pp", "2", "--pp-first-layers", "2", "--tp", "2", "--out", str(tmp_path / "pp2"))
+    staged = torchrun(4, *common, "--pp", "2", "--pp-first-layers", "2", "--tp", "2", "--export-writers", "all",
+                      "--out", str(tmp_path / "pp2"))
     assert single.returncode == 0 and staged.returncode == 0, staged.stderr[-3000:]
     assert "TP 2 x EP 1 x PP 2 on 4 ranks" in staged.stdout
     one, split = load_tensors(tmp_path / "tp1"), load_tensors(tmp_path / "pp2")
