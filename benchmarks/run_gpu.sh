@@ -7,6 +7,7 @@
 #            TP2 x EP2 with 4 GPUs), each exported and verified; the exports compared (weight-derived tensors bitwise)
 #   hf       --hf-model on a bfloat16 Qwen3-MoE checkpoint made by transformers, EP over the GPUs, default dtype
 #   faults   the same checkpoint with a NaN in an expert of the last rank: one line naming it, on NCCL
+#   export   export GB/s of moe-1b on 1 and on all GPUs, rank 0 writing vs every rank writing (bench_export.py)
 #   sync     one amax sync of 10,000 quantizers over NCCL (bench_sync.py)
 #   kernels  NVFP4 fake quant vs copy bandwidth and ModelOpt; MSE sweep vs reference, floor, ModelOpt
 # Usage: benchmarks/run_gpu.sh [PART ...]  (default: all). A table of the steps, and the main-job summaries, are
@@ -17,7 +18,7 @@ cd "$(dirname "$0")/.."
 RESULTS=${RESULTS:-benchmarks/RESULTS.md}
 LOGS=${LOGS:-/tmp/dist_quant_gpu}
 WORK=${WORK:-/tmp/dist_quant_work}
-PARTS=${*:-layout fidelity forward main hf faults sync kernels}
+PARTS=${*:-layout fidelity forward main hf faults export sync kernels}
 mkdir -p "$LOGS" "$WORK"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 GPUS=$(nvidia-smi -L | wc -l)
@@ -83,6 +84,7 @@ if want faults; then
     python3 -m torch.distributed.run --nproc-per-node "$GPUS" -m dist_quant.cli calibrate --hf-model "$WORK/qwen3-moe-nan" \
     --recipe nvfp4_default-fp8_cast_kv --ep "$GPUS" --out "$WORK/never-written"
 fi
+want export && step bench_export python3 benchmarks/bench_export.py --model moe-1b --ranks 1 "$GPUS" --results "$RESULTS"
 want sync && step bench_sync python3 benchmarks/bench_sync.py --backend nccl --ranks "$GPUS" --peer-repeats 3 --results "$RESULTS"
 if want kernels; then
   step bench_numerics python3 benchmarks/bench_numerics.py --no-sweep --results "$RESULTS"
