@@ -14,6 +14,7 @@ from torch import nn
 from dist_quant.bridge.mappings import BridgeError, ShardInfo
 from dist_quant.bridge.models import ModelBridge
 from dist_quant.modules.megatron import experts_per_rank, logical_namer
+from dist_quant.parallel.agree import every_rank
 from dist_quant.parallel.groups import ParallelGroups
 from dist_quant.parallel.layout import unshard
 
@@ -30,7 +31,8 @@ def has_safetensors(directory: str | Path) -> bool:
     return (Path(directory) / INDEX_FILE).is_file() or (Path(directory) / SINGLE_FILE).is_file()
 
 
-def _inside(path: Path, root: Path) -> bool:
+def is_inside(path: Path, root: Path) -> bool:
+    """Whether `path` is `root` or lies below it."""
     return path == root or root in path.parents
 
 
@@ -60,7 +62,7 @@ class SafetensorsReader:
         root, files = index.parent.resolve(), {}
         for name, file in weight_map.items():
             path = index.parent / str(file)
-            if not isinstance(file, str) or Path(file).is_absolute() or not _inside(path.resolve(), root):
+            if not isinstance(file, str) or Path(file).is_absolute() or not is_inside(path.resolve(), root):
                 raise BridgeError(f"{index}: {name} points outside the checkpoint directory ({file!r})")
             if not path.is_file():
                 raise BridgeError(f"{index}: {name} is in {file}, which does not exist")
@@ -115,13 +117,16 @@ class StateDictReader:
     def names(self) -> list[str]:
         return list(self.tensors)
 
-    def shape(self, name: str) -> torch.Size:
+    def _tensor(self, name: str) -> torch.Tensor:
         if name not in self.tensors:
             raise BridgeError(f"no tensor {name!r}")
-        return self.tensors[name].shape
+        return self.tensors[name]
+
+    def shape(self, name: str) -> torch.Size:
+        return self._tensor(name).shape
 
     def dtype(self, name: str) -> torch.dtype:
-        return self.tensors[name].dtype if name in self.tensors else self.shape(name)
+        return self._tensor(name).dtype
 
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int = 0) -> torch.Tensor:
         tensor = self.tensors[name]
@@ -197,11 +202,7 @@ def _inventory(groups: ParallelGroups, state: dict[str, torch.Tensor]) -> list[d
         "coords": {n: groups.rank(n) for n in ("tp", "dp", "ep", "etp", "edp")},
         "tensors": {name: (tuple(t.shape), t.dtype) for name, t in state.items()},
     }
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [mine]
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    return everyone
+    return every_rank(mine)
 
 
 def export_hf_bundles(

@@ -17,6 +17,7 @@ from torch import nn
 
 from dist_quant.modules import QuantModule
 from dist_quant.modules.base import model_device
+from dist_quant.parallel.agree import every_rank
 from dist_quant.parallel.groups import ParallelGroups, default_groups
 from dist_quant.parallel.layout import shard, unshard
 from dist_quant.quantizer import AMAX_BUFFERS, QuantizerMode, TensorQuantizer
@@ -141,11 +142,9 @@ def restore_quant_state(model: nn.Module, directory: str | os.PathLike, groups: 
     full = assemble(iter(entries))
     model_amax = {key for key, _, buffer, _ in quantizer_buffers(model) if buffer == "_amax"}
     here = weight_shapes(model, groups)
-    if dist.is_initialized() and dist.get_world_size() > 1:  # ranks hold other experts, stages other layers
-        everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, (model_amax, here))
-        model_amax = set().union(*(keys for keys, _ in everyone))
-        here = {name: shape for _, shapes in everyone for name, shape in shapes.items()}
+    everyone = every_rank((model_amax, here))  # ranks hold other experts, stages other layers
+    model_amax = set().union(*(keys for keys, _ in everyone))
+    here = {name: shape for _, shapes in everyone for name, shape in shapes.items()}
     saved_amax = {key for key in full if key.endswith("._amax")}
     _check_model(directory, model_amax, saved_amax, here, saved_shapes)
     device = model_device(model)

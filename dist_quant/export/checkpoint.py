@@ -30,7 +30,7 @@ from dist_quant.modules.base import model_device
 from dist_quant.numerics import fp8_quantize, fp8_scale, nvfp4_dequantize, nvfp4_fake_quant, nvfp4_quantize
 from dist_quant.numerics.fp8 import divide, fp8_fake_quant
 from dist_quant.numerics.nvfp4 import SCALE_2_DIVISOR
-from dist_quant.parallel.agree import first_error, with_rank
+from dist_quant.parallel.agree import every_rank, first_error, with_rank
 from dist_quant.parallel.groups import ParallelGroups, default_groups
 from dist_quant.quantizer import FP8, NVFP4, QuantFormat, TensorQuantizer
 
@@ -68,11 +68,7 @@ def _formats(model: nn.Module) -> dict[str, QuantFormat]:
             for attr, q in module.named_children():
                 if isinstance(q, TensorQuantizer) and q.enabled:
                     formats[_LOCAL_EXPERT.sub(".local_experts.*.", f"{module.layout.logical_name}.{attr}")] = q.fmt
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, formats)
-        formats = {name: fmt for rank_formats in everyone for name, fmt in rank_formats.items()}
-    return formats
+    return {name: fmt for rank_formats in every_rank(formats) for name, fmt in rank_formats.items()}
 
 
 def _check_activations(model: nn.Module) -> str | None:
@@ -157,9 +153,7 @@ class _ModuleQuantizer:
 
     def gather(self) -> None:
         """What every rank's quantizer met, merged (collective): for the configs of a checkpoint many ranks wrote."""
-        everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, (self.quantized, self.excluded, self.kv_algos))
-        for quantized, excluded, kv_algos in everyone:
+        for quantized, excluded, kv_algos in every_rank((self.quantized, self.excluded, self.kv_algos)):
             self.quantized |= quantized
             self.excluded = sorted(set(self.excluded) | set(excluded))
             self.kv_algos |= kv_algos
@@ -328,15 +322,16 @@ def export_hf(
         raise ValueError(f"writers must be 'one' or 'all', got {writers!r}")
     groups = groups or default_groups()
     me = dist.get_rank() if dist.is_initialized() else 0
-    target = out_dir if isinstance(out_dir, OutputTarget) else OutputTarget(out_dir, overwrite, [source_dir])
-    owned = target.partial is None
-    needed = estimated_bytes(model, bridge, groups)
+    owned = not isinstance(out_dir, OutputTarget)  # the caller's target is claimed on dst already
+    target = OutputTarget(out_dir, overwrite, [source_dir]) if owned else out_dir
     problem = None
-    if me == dst and owned:
-        try:
-            target.claim(needed)
-        except OutputError as error:
-            problem = str(error)
+    if owned:
+        needed = estimated_bytes(model, bridge, groups)
+        if me == dst:
+            try:
+                target.claim(needed)
+            except OutputError as error:
+                problem = str(error)
     formats = _formats(model)
     if not any(name.endswith(".weight_quantizer") for name in formats):
         problem = problem or _NO_WEIGHTS
@@ -354,9 +349,7 @@ def export_hf(
                 on_tensor(name)
         files = [writer.close()] if writer is not None else []
         if parallel:  # every rank's shards, in rank order
-            everyone = [None] * dist.get_world_size()
-            dist.all_gather_object(everyone, files[0])
-            files = everyone
+            files = every_rank(files[0])
             quantizer.gather()
         problem, out = None, None
         if me == dst:

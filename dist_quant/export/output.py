@@ -13,6 +13,8 @@ import os
 import shutil
 from pathlib import Path
 
+from dist_quant.bridge.io import is_inside
+
 PRODUCER = "dist_quant"
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
@@ -28,10 +30,6 @@ def is_dist_quant_checkpoint(directory: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and (config.get("producer") or {}).get("name") == PRODUCER
-
-
-def _inside(path: Path, container: Path) -> bool:
-    return path == container or container in path.parents
 
 
 class OutputTarget:
@@ -57,10 +55,10 @@ class OutputTarget:
         real = path.resolve()
         if real == Path(real.anchor) or real == Path.home().resolve():
             return f"{shown} is the file system root or the home directory"
-        if _inside(Path.cwd().resolve(), real):
+        if is_inside(Path.cwd().resolve(), real):
             return f"{shown} is the current directory or holds it"
         for source in self.protected:
-            if _inside(source, real):
+            if is_inside(source, real):
                 return f"{shown} is the source checkpoint {source} or holds it"
         if path.exists():
             if os.path.ismount(real):

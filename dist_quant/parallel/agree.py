@@ -1,5 +1,6 @@
-"""Errors that happen on some ranks only, raised on every rank at once: no rank is left waiting in a collective for
-one that failed, and the user sees the first real error with the rank it happened on."""
+"""What ranks must agree on: every rank's value of something, and errors that happen on some ranks only, raised on
+every rank at once, so no rank is left waiting in a collective for one that failed and the user sees the first
+real error with the rank it happened on."""
 
 from __future__ import annotations
 
@@ -17,14 +18,20 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def every_rank(value) -> list:
+    """Every rank's `value` (any picklable object), in rank order. Collective over the world; [value] in a
+    one-process world."""
+    if _world() == 1:
+        return [value]
+    everyone = [None] * _world()
+    dist.all_gather_object(everyone, value)
+    return everyone
+
+
 def first_error(message: str | None) -> tuple[int, str] | None:
     """Collective over the world: every rank passes its error message or None. -> (rank, message) of the lowest
     rank that has one, or None."""
-    if _world() == 1:
-        return None if message is None else (0, message)
-    everyone: list[str | None] = [None] * _world()
-    dist.all_gather_object(everyone, message)
-    return next(((rank, m) for rank, m in enumerate(everyone) if m), None)
+    return next(((rank, m) for rank, m in enumerate(every_rank(message)) if m), None)
 
 
 def with_rank(error: tuple[int, str]) -> str:
