@@ -80,7 +80,7 @@ def _add_calibrate(commands) -> None:
     )
     source = calibrate.add_mutually_exclusive_group(required=True)
     source.add_argument("--hf-model", metavar="DIR", help="a local Hugging Face checkpoint (Llama, Qwen3, Qwen3-MoE)")
-    source.add_argument("--model", metavar="NAME", help=f"a built-in tiny config: {', '.join(builtin_models())}")
+    source.add_argument("--model", metavar="NAME", help=f"a built-in config with random weights: {', '.join(builtin_models())}")
     calibrate.add_argument("--recipe", required=True, help="built-in recipe name (see `dist-quant recipes`) or YAML path")
     calibrate.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
     calibrate.add_argument("--ep", type=int, default=1, help="expert-parallel size (default 1)")
@@ -112,6 +112,12 @@ def _add_calibrate(commands) -> None:
         "megatron's default is 30)",
     )
     calibrate.add_argument("--seed", type=int, default=0, help="seed of the built-in models' random weights (default 0)")
+    calibrate.add_argument(
+        "--random-weights", action="store_true",
+        help="draw random weights on each rank's own device (megatron-core's initialization) instead of reading a "
+        "checkpoint: nothing is written first, so it suits large configs and timing runs; the weights depend on "
+        "the layout. With --hf-model only its config.json and tokenizer are used",
+    )
     calibrate.add_argument(
         "--dtype", choices=("float32", "bfloat16", "float16"), default=None,
         help="compute dtype on the ranks (default: the checkpoint's, from dtype / torch_dtype in config.json, float32 "

@@ -24,6 +24,9 @@ from dist_quant.parallel.megatron_compat import layout_problem
 from dist_quant.parallel.spawn import free_port
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "models"
+# Built-in configs up to this many parameters get their random weights written once as a checkpoint (the same
+# weights for every layout); larger ones need --random-weights.
+BUILTIN_CHECKPOINT_LIMIT = 4_000_000_000
 _LAYER_TYPES = (
     (r"\.linear_qkv$", "attention qkv"),
     (r"\.linear_proj$", "attention out"),
@@ -89,6 +92,14 @@ def validate(args: argparse.Namespace) -> None:
     bridge = model_bridge(args)
     bridge.check_layout(args.tp, args.ep, pipeline_split(args))
     args.dtype = args.dtype or _dtype_name(bridge.dtype)
+    if args.model is not None and not args.random_weights:
+        params = sum(shape.numel() for shape in bridge.hf_tensor_shapes().values())
+        if params > BUILTIN_CHECKPOINT_LIMIT:
+            raise JobError(
+                f"--model {args.model}: {params / 1e9:.1f}B parameters, too many to write as a random checkpoint "
+                f"first ({params * bridge.dtype.itemsize / 1e9:.0f} GB from one CPU); add --random-weights to draw "
+                "them on each rank's device"
+            )
     args.texts = _texts(args.calib_data)
 
 
@@ -214,12 +225,12 @@ def replica_samples(count: int, replica: int, replicas: int, batch: int = 1) -> 
     return [(replica + k * replicas) % count for k in range(-(-share // batch) * batch)]
 
 
-def calibration_batches(args, checkpoint: Path, vocab_size: int, dp_rank: int, dp_size: int) -> list[torch.Tensor]:
+def calibration_batches(args, checkpoint: Path | None, vocab_size: int, dp_rank: int, dp_size: int) -> list[torch.Tensor]:
     """Token batches of this data-parallel rank's share, as many and of one shape [batch, seq_len] on every rank
     (batch: --batch-size, or the share if smaller): the checkpoint's tokenizer if it has one, else bytes (the
     built-in models' vocabularies hold every byte)."""
     texts = args.texts
-    if (checkpoint / "tokenizer_config.json").is_file():
+    if checkpoint is not None and (checkpoint / "tokenizer_config.json").is_file():
         import transformers
 
         tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
@@ -282,7 +293,7 @@ def run(args: argparse.Namespace) -> Path | None:
     from dist_quant.calibrate.pipeline import amax_reducer
     from dist_quant.export import estimated_bytes, export_hf
     from dist_quant.parallel import megatron_compat
-    from dist_quant.parallel.agree import raised_together
+    from dist_quant.parallel.agree import every_rank, raised_together
     from dist_quant.parallel.groups import ParallelGroups
     from dist_quant.parallel.schedule import forward_only
     from dist_quant.quantizer import TensorQuantizer
@@ -300,15 +311,17 @@ def run(args: argparse.Namespace) -> Path | None:
         with timer.stage("setup"):
             megatron_compat.initialize(args.tp, args.ep, args.etp, timeout, args.pp)
             groups = ParallelGroups.from_megatron(timeout)
-            checkpoint = Path(args.hf_model) if args.hf_model else builtin_checkpoint(args.model, args.seed)
-            if not args.hf_model:
+            # the checkpoint: the weights (unless drawn at random), the tokenizer, the dtypes of unquantized tensors
+            checkpoint = Path(args.hf_model) if args.hf_model else None
+            if checkpoint is None and not args.random_weights:
+                checkpoint = builtin_checkpoint(args.model, args.seed)
                 target.protected.append(checkpoint.resolve())
             with raised_together(user_errors()):
-                bridge = ModelBridge.from_hf(checkpoint, seq_len=args.seq_len)
+                bridge = model_bridge(args) if checkpoint is None else ModelBridge.from_hf(checkpoint, seq_len=args.seq_len)
                 megatron_compat.seed(args.seed)
                 dtype = getattr(torch, args.dtype)
-                model = bridge.build(args.tp, args.ep, args.etp, dtype, pipeline_split(args)).to(device).eval()
-                left_out = load_hf_weights(model, bridge, SafetensorsReader(checkpoint), groups)
+                model = bridge.build(args.tp, args.ep, args.etp, dtype, pipeline_split(args), device).to(device).eval()
+                left_out = [] if args.random_weights else load_hf_weights(model, bridge, SafetensorsReader(checkpoint), groups)
                 vocab = bridge.hf_config["vocab_size"]
                 batches = calibration_batches(args, checkpoint, vocab, groups.rank("dp"), groups.size("dp"))
                 recipe = load_recipe(args.recipe)
@@ -339,6 +352,7 @@ def run(args: argparse.Namespace) -> Path | None:
             progress.close()
     finally:
         target.release()
+    peaks = every_rank(torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
     errors = weight_error_by_type(model, device)
     kinds: dict[str, int] = {}
     for name, q in model.named_modules():
@@ -347,12 +361,13 @@ def run(args: argparse.Namespace) -> Path | None:
             key = f"{role} {q.fmt.describe()}" + (" (constant amax)" if q.fmt.use_constant_amax else "")
             kinds[key] = kinds.get(key, 0) + 1
     if lead:
-        _print_summary(args, out, kinds, bootstrapped, collectives, timer, errors, time.perf_counter() - started, left_out)
+        _print_summary(args, out, kinds, bootstrapped, collectives, timer, errors, time.perf_counter() - started, left_out, peaks)
     dist.destroy_process_group()
     return out
 
 
-def _print_summary(args, out, kinds, bootstrapped, collectives, timer, errors, total, left_out) -> None:
+def _print_summary(args, out, kinds, bootstrapped, collectives, timer, errors, total, left_out, peaks) -> None:
+    tokens = args.calib_samples * args.seq_len
     lines = [
         "",
         f"dist-quant calibrate: {args.model or args.hf_model}, recipe {args.recipe}, TP {args.tp} x EP {args.ep}"
@@ -366,6 +381,10 @@ def _print_summary(args, out, kinds, bootstrapped, collectives, timer, errors, t
         "  weight quantization error (relative MSE) by layer type:",
         *[f"    {kind:14s} {value:.3e}" for kind, value in errors.items()],
         "  time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in timer.stages.items()) + f"; total {total:.1f} s",
+        f"  calibration: {tokens} tokens ({args.calib_samples} x {args.seq_len}), "
+        f"{tokens / timer.stages['calibrate']:,.0f} tokens/s",
+        *([f"  peak GPU memory per rank: {', '.join(f'{p / 2**30:.1f}' for p in peaks)} GiB"]
+          if peaks[0] is not None else []),
         f"  checkpoint: {out}  (check it with: dist-quant inspect {out})",
     ]
     print("\n".join(lines), flush=True)

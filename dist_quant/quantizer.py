@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import enum
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -177,7 +178,7 @@ class TensorQuantizer(nn.Module):
         if self._amax is not None and self._amax.shape == amax.shape:
             self._amax.copy_(amax)  # keeps a bound view bound
         else:
-            self._amax = amax.float()
+            self._amax = amax.to(torch.float32, copy=True)  # never an alias of a calibrator's running buffer
         if block_amax is not None:
             self._block_amax = block_amax.float()
 
@@ -202,11 +203,11 @@ class TensorQuantizer(nn.Module):
         self.calibrator.collect(tensor)
         self.finish_calibration()
 
-    def fake_quant_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        """x quantized and dequantized with the calibrated state (no mode, no gradient rule)."""
         if self.fmt.kind == FP8:
-            return lambda x: fp8_fake_quant(x, self._amax)
-        block_amax = self._block_amax if self.fmt.block_type == STATIC else None
-        return lambda x: kernels.nvfp4_fake_quant(x, self.global_amax, block_amax)
+            return fp8_fake_quant(x, self._amax)
+        return kernels.nvfp4_fake_quant(x, self.global_amax, self._block_amax if self.fmt.block_type == STATIC else None)
 
     def clamp_bound(self) -> torch.Tensor:
         return nonzero_amax(self._amax if self.fmt.kind == FP8 else self.global_amax)
@@ -220,15 +221,15 @@ class TensorQuantizer(nn.Module):
             return x
         if self._amax.device != x.device:
             self.to(x.device)  # buffers restored from a checkpoint before the model moved
-        if torch.is_grad_enabled() and x.requires_grad:
-            return _StraightThrough.apply(x, self.clamp_bound(), self.fake_quant_fn())
+        if x.requires_grad and torch.is_grad_enabled():
+            return _StraightThrough.apply(x, self.clamp_bound(), self.fake_quant)
         if self.cache_output:
             # Same tensor, unchanged (version counters), same amax: the fake-quant result is the same.
             key = (x.data_ptr(), x._version, *(b._version for b in (self._amax, self._global_amax, self._block_amax) if b is not None))
             if self._cache is None or self._cache[0] != key:
-                self._cache = (key, self.fake_quant_fn()(x))
+                self._cache = (key, self.fake_quant(x))
             return self._cache[1]
-        return self.fake_quant_fn()(x)
+        return self.fake_quant(x)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Adopt the checkpoint's buffers whatever their shape: amax shapes are only known after calibration.
@@ -249,3 +250,74 @@ class TensorQuantizer(nn.Module):
         if self._mode is not QuantizerMode.QUANTIZING:
             text += f" {self._mode.value}"
         return text
+
+
+def segment_mode(quantizers: Sequence[TensorQuantizer], x: torch.Tensor) -> QuantizerMode | None:
+    """The mode in which these quantizers, fed consecutive row segments of x (one each), can run as one batch:
+    CALIBRATING with max calibration of a per-tensor amax, or QUANTIZING with NVFP4 dynamic blocks and no
+    gradient to carry. None: each must run by itself (other formats, mixed modes, QAT)."""
+    first = quantizers[0]
+    mode, fmt = first._mode, first.fmt
+    if any(q._mode is not mode or q.fmt != fmt for q in quantizers):
+        return None
+    if mode is QuantizerMode.CALIBRATING:
+        simple = first.calibrator is not None and fmt.axis is None and fmt.block_type != STATIC
+        return mode if simple else None
+    if mode is QuantizerMode.QUANTIZING and fmt.kind == NVFP4 and fmt.block_type == DYNAMIC:
+        if not (x.requires_grad and torch.is_grad_enabled()) and first._amax.device == x.device:
+            return mode
+    return None
+
+
+class SegmentAmax:
+    """Max calibration of quantizers that see consecutive row segments of one tensor (the experts of an MoE
+    layer): one pass over the tensor per forward, however many segments. Each calibrator's running amax is a
+    view into one buffer, so every quantizer's update is one element-wise max for all."""
+
+    def __init__(self, quantizers: Sequence[TensorQuantizer]):
+        self.quantizers = list(quantizers)
+        self.running: torch.Tensor | None = None
+        self.views: list[torch.Tensor] = []
+
+    def collect(self, x: torch.Tensor, counts: list[int]) -> None:
+        if x.shape[0] == 0:
+            return
+        rows = torch.linalg.vector_norm(x.detach(), float("inf"), dim=-1, dtype=torch.float32)
+        # NaN as +Inf: it then survives any max kernel, and the driver reports either as "NaN or Inf"
+        rows = torch.nan_to_num(rows, nan=float("inf"), posinf=float("inf"))
+        lengths = torch.tensor(counts, device=x.device)
+        segment_amax = torch.segment_reduce(rows, "max", lengths=lengths, unsafe=True, initial=0.0)
+        if self.running is None or self.running.device != x.device:
+            self.running = torch.zeros(len(self.quantizers), device=x.device)
+            self.views = list(self.running.unbind(0))
+        calibrators = [q.calibrator for q in self.quantizers]
+        unbound = [e for e, n in enumerate(counts) if n and calibrators[e].amax is not self.views[e]]
+        if unbound and all(c.amax is None for c in calibrators):
+            self.running.zero_()  # a new calibration: one reset for all
+        for e in unbound:
+            calibrator, view = calibrators[e], self.views[e]
+            if calibrator.amax is None:
+                view.zero_()
+            else:
+                view.copy_(calibrator.amax)
+            calibrator.amax = view
+        torch.maximum(self.running, segment_amax, out=self.running)  # segments without rows add 0: no change
+
+
+def fake_quant_segments(quantizers: Sequence[TensorQuantizer], x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """x [rows, n] with segment i fake-quantized by quantizers[i] (see `segment_mode`), in one kernel launch."""
+    global_amax = torch.stack([q.global_amax.reshape(()) for q in quantizers])
+    return kernels.nvfp4_fake_quant_segments(x, global_amax, counts)
+
+
+@contextmanager
+def suspended(quantizers: Sequence[TensorQuantizer]):
+    """These quantizers pass their input through (their work was done for them) for the duration."""
+    modes = [q._mode for q in quantizers]
+    for q in quantizers:
+        q._mode = QuantizerMode.DISABLED
+    try:
+        yield
+    finally:
+        for q, mode in zip(quantizers, modes):
+            q._mode = mode

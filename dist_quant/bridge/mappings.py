@@ -9,6 +9,7 @@ slices of the HF tensors one rank needs, so a checkpoint can be read lazily.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
@@ -47,6 +48,7 @@ class ShardInfo:
         return (self.etp_rank, self.etp_size) if expert else (self.tp_rank, self.tp_size)
 
 
+@functools.cache  # a 30B MoE exports ~75,000 tensors, each matched against the whole table
 def _regex(pattern: str) -> re.Pattern:
     return re.compile("^" + re.escape(pattern).replace(r"\*", r"(\d+)") + "$")
 

@@ -151,7 +151,7 @@ class ModelBridge:
 
     def transformer_config(
         self, tp: int = 1, ep: int = 1, etp: int | None = None, dtype: torch.dtype | None = None,
-        pipeline: PipelineSplit = PipelineSplit(),
+        pipeline: PipelineSplit = PipelineSplit(), on_gpu: bool = False,
     ):
         from megatron.core.transformer import TransformerConfig
 
@@ -193,7 +193,7 @@ class ModelBridge:
             qk_layernorm=self.qk_norm,
             hidden_dropout=0.0,
             attention_dropout=0.0,
-            use_cpu_initialization=True,
+            use_cpu_initialization=not on_gpu,
             params_dtype=dtype or self.dtype,
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pipeline.stages,
@@ -209,16 +209,19 @@ class ModelBridge:
 
     def build(
         self, tp: int = 1, ep: int = 1, etp: int | None = None, dtype: torch.dtype | None = None,
-        pipeline: PipelineSplit = PipelineSplit(),
+        pipeline: PipelineSplit = PipelineSplit(), device: torch.device | None = None,
     ):
         """A megatron-core GPTModel (local layer spec) for this rank: with pipeline stages, this rank's stage
-        (its layers under their global numbers). megatron's parallel state must be set."""
+        (its layers under their global numbers). megatron's parallel state must be set. `device` CUDA: the
+        parameters are allocated and drawn on the current GPU by megatron's GPU initialization (a 30B model
+        never passes through host memory); otherwise on the CPU."""
         from megatron.core import parallel_state
         from megatron.core.models.gpt import GPTModel
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
         dtype = dtype or self.dtype
-        config = self.transformer_config(tp, ep, etp, dtype, pipeline)
+        on_gpu = device is not None and device.type == "cuda"
+        config = self.transformer_config(tp, ep, etp, dtype, pipeline, on_gpu)
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
         for layer in spec.layer_specs:  # dense and MoE layers have their own specs
             if self.forward.o_bias:  # o_proj has a bias, the MLP none
@@ -239,7 +242,7 @@ class ModelBridge:
         model.rotary_pos_emb.inv_freq = rope.inv_freq(self.head_dim)  # every rope type, as transformers has it
         # megatron's local spec builds norms in float32 whatever params_dtype says; its router keeps expert
         # biases in float32 (routing decisions hang on them), as transformers does
-        model.to(dtype)
+        model.to(device=device if on_gpu else None, dtype=dtype)  # norms and rope buffers megatron made on the CPU
         for module in model.modules():
             if getattr(module, "expert_bias", None) is not None:
                 module.expert_bias.data = module.expert_bias.data.float()

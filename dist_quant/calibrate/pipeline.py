@@ -65,7 +65,13 @@ def attach_quantizers(model: nn.Module, recipe: Recipe, groups: ParallelGroups |
     """Convert every quantizable layer (megatron parallel linears and core attention, nn.Linear) in place,
     configured by the recipe, with its quantizers on the model's device; routed megatron experts apply their
     routing weight after linear_fc2 from here on (see RoutedExpertMLP). -> number of enabled quantizers."""
-    from dist_quant.modules.megatron import convert_megatron_module, layout_for, logical_namer, route_after_fc2
+    from dist_quant.modules.megatron import (
+        batch_expert_inputs,
+        convert_megatron_module,
+        layout_for,
+        logical_namer,
+        route_after_fc2,
+    )
 
     groups = groups or default_groups()
     kinds = _megatron_kinds()
@@ -95,6 +101,8 @@ def attach_quantizers(model: nn.Module, recipe: Recipe, groups: ParallelGroups |
             convert_megatron_module(module, kinds[kind][0], formats, layout_for(module, logical_name(name)), device)
     if enabled == 0:
         raise RecipeError(f"recipe {recipe.source} enables no quantizer in this model")
+    if kinds:
+        batch_expert_inputs(model)
     return enabled
 
 

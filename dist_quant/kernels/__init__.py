@@ -6,6 +6,7 @@ the kernels; on CPU tensors that needs TRITON_INTERPRET=1, which is how the test
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -19,14 +20,19 @@ BACKEND_ENV = "DIST_QUANT_BACKEND"
 BACKENDS = ("auto", "torch", "triton")
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def use_triton(x: torch.Tensor) -> bool:
     choice = os.environ.get(BACKEND_ENV, "auto")
+    if choice == "auto":  # the hot path: every fake quant of a forward asks
+        return x.is_cuda and _triton_installed()
     if choice not in BACKENDS:
         raise ValueError(f"{BACKEND_ENV}={choice!r}: expected one of {', '.join(BACKENDS)}")
     if choice == "torch":
         return False
-    if choice == "auto":
-        return x.is_cuda and importlib.util.find_spec("triton") is not None
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(f"{BACKEND_ENV}=triton on a CPU tensor needs TRITON_INTERPRET=1")
     return True
@@ -46,6 +52,25 @@ def nvfp4_fake_quant(
     global_amax = as_amax(global_amax, x)
     reference.check_nvfp4_args(x, global_amax, block_amax)
     return _kernels().triton_nvfp4_fake_quant(x, global_amax, block_amax)
+
+
+def nvfp4_fake_quant_segments(x: torch.Tensor, global_amax: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """NVFP4 fake quant of consecutive row segments of a 2-D x, each with its own global amax: rows
+    [sum(counts[:i]), sum(counts[:i+1])) with global_amax[i]. The same values as one `nvfp4_fake_quant` per
+    segment (blocks never cross rows), in one launch on the kernels (the experts of an MoE layer, whose inputs
+    megatron lays out one expert after another)."""
+    if x.dim() != 2 or global_amax.shape != (len(counts),) or sum(counts) != x.shape[0]:
+        raise ValueError(
+            f"segments: need x [rows, n], one global amax per segment and counts summing to the rows; got x "
+            f"{tuple(x.shape)}, global_amax {tuple(global_amax.shape)}, counts summing to {sum(counts)}"
+        )
+    if not use_triton(x):
+        parts = [reference.nvfp4_fake_quant(part, amax) for part, amax in zip(x.split(counts), global_amax)]
+        return torch.cat(parts) if parts else x.clone()
+    reference.check_nvfp4_args(x, global_amax[:1], None)
+    lengths = torch.tensor(counts, device=x.device)
+    row_amax = global_amax.float().repeat_interleave(lengths, output_size=x.shape[0])
+    return _kernels().triton_nvfp4_fake_quant(x, row_amax, None, row_amax=True)
 
 
 def nvfp4_quantize(
@@ -69,4 +94,7 @@ def nvfp4_mse_block_amax(w: torch.Tensor, global_amax: torch.Tensor | float) -> 
     return triton_nvfp4_mse_block_amax(w, global_amax)
 
 
-__all__ = ["BACKEND_ENV", "nvfp4_fake_quant", "nvfp4_mse_block_amax", "nvfp4_quantize", "use_triton"]
+__all__ = [
+    "BACKEND_ENV", "nvfp4_fake_quant", "nvfp4_fake_quant_segments", "nvfp4_mse_block_amax", "nvfp4_quantize",
+    "use_triton",
+]

@@ -15,7 +15,17 @@ from torch import nn
 
 from dist_quant.modules.base import Layout, QuantModule, quantized_class
 from dist_quant.modules.linear import LINEAR_QUANTIZERS
-from dist_quant.quantizer import QuantFormat, TensorQuantizer
+from dist_quant.quantizer import (
+    QuantFormat,
+    QuantizerMode,
+    SegmentAmax,
+    TensorQuantizer,
+    fake_quant_segments,
+    segment_mode,
+    suspended,
+)
+
+_DISABLED = QuantizerMode.DISABLED
 
 ATTENTION_QUANTIZERS = ("k_bmm_quantizer", "v_bmm_quantizer")
 _LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
@@ -42,15 +52,21 @@ class QuantParallelLinear(QuantMegatronModule):
             self._parameters["weight"] = weight
 
     def forward(self, input_: torch.Tensor, *args, **kwargs):
-        input_ = self.input_quantizer(input_)
+        # A disabled quantizer is the identity: skipped without a call (MoE layers run hundreds of these).
+        if self.input_quantizer._mode is not _DISABLED:
+            input_ = self.input_quantizer(input_)
         explicit = kwargs.get("weight", args[0] if args else None)
-        if explicit is not None:  # output layer sharing the embedding's weight
+        if self.weight_quantizer._mode is _DISABLED:
+            output, bias = super().forward(input_, *args, **kwargs)
+        elif explicit is not None:  # output layer sharing the embedding's weight
             kwargs["weight"] = self.weight_quantizer(explicit)
             output, bias = super().forward(input_, *args[1:], **kwargs)
         else:
             with self._quantized_weight():
                 output, bias = super().forward(input_, *args, **kwargs)
-        return self.output_quantizer(output), bias
+        if self.output_quantizer._mode is not _DISABLED:
+            output = self.output_quantizer(output)
+        return output, bias
 
 
 class QuantDotProductAttention(QuantMegatronModule):
@@ -87,6 +103,53 @@ def route_after_fc2(model: nn.Module) -> int:
         if isinstance(module, MLP) and getattr(module.linear_fc1, "is_expert", False):
             if not isinstance(module, RoutedExpertMLP):
                 module.__class__ = quantized_class(type(module), RoutedExpertMLP)
+            count += 1
+    return count
+
+
+class BatchedExpertInputs:
+    """megatron's SequentialMLP, with the input quantizers of its experts' linear_fc1 run once for the whole
+    layer (megatron lays the experts' tokens out one expert after another) instead of once per expert: one
+    pass collecting every expert's amax when calibrating, one fake-quant launch when quantizing; the experts
+    then run with those quantizers suspended. The values are those of the per-expert quantizers; formats or
+    modes that cannot be batched (see `segment_mode`) run per expert. `batched` False: always per expert."""
+
+    batched = True
+
+    def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
+        hidden, quantizers = permuted_local_hidden_states, self.__dict__["fc1_input_quantizers"]
+        mode = None
+        if self.batched and self.num_local_experts > 1 and hidden.dim() == 2 and not self._reshapes_inputs():
+            mode = segment_mode(quantizers, hidden)
+        if mode is None:
+            return super().forward(hidden, tokens_per_expert, permuted_probs)
+        counts = tokens_per_expert.tolist()
+        if mode is QuantizerMode.CALIBRATING:
+            self.__dict__["fc1_input_amax"].collect(hidden, counts)
+        else:
+            hidden = fake_quant_segments(quantizers, hidden, counts)
+        with suspended(quantizers):
+            return super().forward(hidden, tokens_per_expert, permuted_probs)
+
+    def _reshapes_inputs(self) -> bool:
+        """megatron changes the experts' inputs before linear_fc1: scaled by the routing weight, or padded."""
+        config = self.config
+        return bool(config.moe_apply_probs_on_input or config.fp8 or config.fp4)
+
+
+def batch_expert_inputs(model: nn.Module) -> int:
+    """Make every SequentialMLP whose experts carry quantizers a BatchedExpertInputs (after the experts were
+    converted). Idempotent. -> number of such layers."""
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, SequentialMLP) and all(isinstance(e.linear_fc1, QuantModule) for e in module.local_experts):
+            if not isinstance(module, BatchedExpertInputs):
+                module.__class__ = quantized_class(type(module), BatchedExpertInputs)
+            quantizers = [expert.linear_fc1.input_quantizer for expert in module.local_experts]
+            module.__dict__["fc1_input_quantizers"] = quantizers  # plain attributes: no submodules, no state
+            module.__dict__["fc1_input_amax"] = SegmentAmax(quantizers)
             count += 1
     return count
 

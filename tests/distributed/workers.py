@@ -55,7 +55,7 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def build_model(moe: bool, expert_bias: bool = False, num_layers: int = 2):
+def build_model(moe: bool, expert_bias: bool = False, num_layers: int = 2, experts: int = EXPERTS):
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -69,7 +69,7 @@ def build_model(moe: bool, expert_bias: bool = False, num_layers: int = 2):
         tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
         expert_model_parallel_size=ps.get_expert_model_parallel_world_size() if moe else 1,
         expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size() if moe else None,
-        num_moe_experts=EXPERTS if moe else None, moe_router_topk=2, moe_ffn_hidden_size=64 if moe else None,
+        num_moe_experts=experts if moe else None, moe_router_topk=2, moe_ffn_hidden_size=64 if moe else None,
         moe_token_dispatcher_type="allgather", moe_aux_loss_coeff=0.0,
         moe_router_score_function="sigmoid" if expert_bias else "softmax", moe_router_enable_expert_bias=expert_bias,
     )
@@ -301,3 +301,50 @@ def timeout_case(seconds: float):
     except RuntimeError:
         return time.monotonic() - start
     return "no timeout"
+
+
+BATCHED_EXPERTS = 8
+
+
+def batched_expert_inputs_case(ep: int, nan_in_expert: bool = False) -> dict:
+    """The MoE model (dead experts included: segments without rows) calibrated and evaluated twice, with each
+    layer's expert fc1 input quantizers run per expert and batched over the layer. -> per way: the logical
+    quant state (or the calibration error), the quantized logits, how often an expert's fc1 input quantizer was
+    called, and whether the layer's batched collector ran."""
+    from dist_quant.calibrate import attach_quantizers, calibrate
+    from dist_quant.modules.megatron import BatchedExpertInputs
+    from dist_quant.recipe import load_recipe
+
+    megatron_compat.initialize(1, ep)
+    groups = ParallelGroups.from_megatron()
+    model = build_model(moe=True, expert_bias=True, experts=BATCHED_EXPERTS)  # 6 live experts of top-2 routing
+    recipe = load_recipe(RECIPE)
+    attach_quantizers(model, recipe, groups)
+    layers = [m for m in model.modules() if isinstance(m, BatchedExpertInputs)]
+    calls = [0]
+    for layer in layers:
+        for q in layer.fc1_input_quantizers:
+            q.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    data = batches(count=4)
+    if nan_in_expert:  # a NaN in the input of the first live expert of the first layer, on the last rank
+        expert = layers[0].local_experts[0].linear_fc1
+        expert.register_forward_pre_hook(lambda m, args: (args[0].index_fill(0, torch.tensor([0]), float("nan")),))
+    report = {"layers": len(layers)}
+    for batched in (False, True):
+        for layer in layers:
+            layer.batched = batched
+        calls[0] = 0
+        entry = {}
+        try:
+            calibrate(model, recipe, lambda m: [_forward(m, t) for t in data], groups)
+            entry["state"] = logical_quant_state(model, groups)
+        except CalibrationError as error:
+            entry["error"] = str(error)
+        entry["calibration_calls"] = calls[0]
+        entry["collected"] = all(layer.fc1_input_amax.running is not None for layer in layers)
+        if "state" in entry:
+            calls[0] = 0
+            entry["logits"] = logits(model, batches(seed=7, count=1)[0], groups)
+            entry["quantizing_calls"] = calls[0]
+        report[batched] = entry
+    return report
