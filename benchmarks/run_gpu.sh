@@ -10,6 +10,8 @@
 #   export   export GB/s of moe-1b on 1 and on all GPUs, rank 0 writing vs every rank writing (bench_export.py)
 #   sync     one amax sync of 10,000 quantizers over NCCL (bench_sync.py)
 #   kernels  NVFP4 fake quant vs copy bandwidth and ModelOpt; MSE sweep vs reference, floor, ModelOpt
+#   big      a Qwen3-30B-A3B-shaped MoE (random weights drawn on the GPUs) at EP2 on 2 GPUs: 128 x 2048 tokens,
+#            exported by both ranks and verified (time per stage, tokens/s, peak memory, export GB/s)
 # Usage: benchmarks/run_gpu.sh [PART ...]  (default: all). A table of the steps, and the main-job summaries, are
 # appended to $RESULTS (default benchmarks/RESULTS.md); everything printed goes to $LOGS/run_gpu.log.
 # ModelOpt and megatron-core 0.19 come as wheels (benchmarks/fetch_wheels.sh) installed into PYTHONPATH first.
@@ -18,7 +20,7 @@ cd "$(dirname "$0")/.."
 RESULTS=${RESULTS:-benchmarks/RESULTS.md}
 LOGS=${LOGS:-/tmp/dist_quant_gpu}
 WORK=${WORK:-/tmp/dist_quant_work}
-PARTS=${*:-layout fidelity forward main hf faults export sync kernels}
+PARTS=${*:-layout fidelity forward main hf faults export sync kernels big}
 mkdir -p "$LOGS" "$WORK"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 GPUS=$(nvidia-smi -L | wc -l)
@@ -89,6 +91,11 @@ want sync && step bench_sync python3 benchmarks/bench_sync.py --backend nccl --r
 if want kernels; then
   step bench_numerics python3 benchmarks/bench_numerics.py --no-sweep --results "$RESULTS"
   step bench_mse python3 benchmarks/bench_mse.py --no-sweep --results "$RESULTS"
+fi
+if want big; then
+  step qwen3_30b_a3b_shape_ep2 timeout 480 python3 -m torch.distributed.run --nproc-per-node 2 -m dist_quant.cli calibrate \
+    --model qwen3-30b-a3b-shape --random-weights --recipe nvfp4_default-fp8_cast_kv --ep 2 --calib-samples 128 \
+    --seq-len 2048 --batch-size 8 --export-writers all --out "$WORK/qwen3-30b-a3b-shape-nvfp4" --overwrite
 fi
 {
   echo

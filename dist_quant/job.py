@@ -368,6 +368,7 @@ def run(args: argparse.Namespace) -> Path | None:
 
 def _print_summary(args, out, kinds, bootstrapped, collectives, timer, errors, total, left_out, peaks) -> None:
     tokens = args.calib_samples * args.seq_len
+    written = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
     lines = [
         "",
         f"dist-quant calibrate: {args.model or args.hf_model}, recipe {args.recipe}, TP {args.tp} x EP {args.ep}"
@@ -385,6 +386,7 @@ def _print_summary(args, out, kinds, bootstrapped, collectives, timer, errors, t
         f"{tokens / timer.stages['calibrate']:,.0f} tokens/s",
         *([f"  peak GPU memory per rank: {', '.join(f'{p / 2**30:.1f}' for p in peaks)} GiB"]
           if peaks[0] is not None else []),
-        f"  checkpoint: {out}  (check it with: dist-quant inspect {out})",
+        f"  checkpoint: {out}, {written / 1e9:.2f} GB, exported at {written / 1e9 / timer.stages['export']:.2f} GB/s"
+        f"  (check it with: dist-quant inspect {out})",
     ]
     print("\n".join(lines), flush=True)

@@ -253,12 +253,12 @@ class TensorQuantizer(nn.Module):
 
 
 def segment_mode(quantizers: Sequence[TensorQuantizer], x: torch.Tensor) -> QuantizerMode | None:
-    """The mode in which these quantizers, fed consecutive row segments of x (one each), can run as one batch:
-    CALIBRATING with max calibration of a per-tensor amax, or QUANTIZING with NVFP4 dynamic blocks and no
-    gradient to carry. None: each must run by itself (other formats, mixed modes, QAT)."""
+    """The mode in which these quantizers (all of one format), fed consecutive row segments of x (one each),
+    can run as one batch: CALIBRATING with max calibration of a per-tensor amax, or QUANTIZING with NVFP4
+    dynamic blocks and no gradient to carry. None: each must run by itself (other formats, mixed modes, QAT)."""
     first = quantizers[0]
     mode, fmt = first._mode, first.fmt
-    if any(q._mode is not mode or q.fmt != fmt for q in quantizers):
+    if any(q._mode is not mode for q in quantizers):
         return None
     if mode is QuantizerMode.CALIBRATING:
         simple = first.calibrator is not None and fmt.axis is None and fmt.block_type != STATIC

@@ -138,16 +138,18 @@ class BatchedExpertInputs:
 
 
 def batch_expert_inputs(model: nn.Module) -> int:
-    """Make every SequentialMLP whose experts carry quantizers a BatchedExpertInputs (after the experts were
-    converted). Idempotent. -> number of such layers."""
+    """Make every SequentialMLP whose experts' fc1 input quantizers share one format a BatchedExpertInputs
+    (after the experts were converted). Idempotent. -> number of such layers."""
     from megatron.core.transformer.moe.experts import SequentialMLP
 
     count = 0
     for module in model.modules():
         if isinstance(module, SequentialMLP) and all(isinstance(e.linear_fc1, QuantModule) for e in module.local_experts):
+            quantizers = [expert.linear_fc1.input_quantizer for expert in module.local_experts]
+            if not quantizers or any(q.fmt != quantizers[0].fmt for q in quantizers):
+                continue
             if not isinstance(module, BatchedExpertInputs):
                 module.__class__ = quantized_class(type(module), BatchedExpertInputs)
-            quantizers = [expert.linear_fc1.input_quantizer for expert in module.local_experts]
             module.__dict__["fc1_input_quantizers"] = quantizers  # plain attributes: no submodules, no state
             module.__dict__["fc1_input_amax"] = SegmentAmax(quantizers)
             count += 1
