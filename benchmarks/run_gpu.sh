@@ -93,7 +93,7 @@ if want kernels; then
   step bench_mse python3 benchmarks/bench_mse.py --no-sweep --results "$RESULTS"
 fi
 if want big; then
-  step qwen3_30b_a3b_shape_ep2 timeout 480 python3 -m torch.distributed.run --nproc-per-node 2 -m dist_quant.cli calibrate \
+  step qwen3_30b_a3b_shape_ep2 timeout 420 python3 -m torch.distributed.run --nproc-per-node 2 -m dist_quant.cli calibrate \
     --model qwen3-30b-a3b-shape --random-weights --recipe nvfp4_default-fp8_cast_kv --ep 2 --calib-samples 128 \
     --seq-len 2048 --batch-size 8 --export-writers all --out "$WORK/qwen3-30b-a3b-shape-nvfp4" --overwrite
 fi
