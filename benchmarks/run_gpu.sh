@@ -4,7 +4,8 @@
 #   fidelity the fidelity tests against transformers on NCCL, the layouts that fit the GPUs
 #   forward  forward overhead of calibrating / quantizing mode (bench_forward.py, one GPU)
 #   main     the main job on the built-in ~1.1B MoE (moe-1b, random weights, bf16) at TP2, at EP2 and at PP2 (and
-#            TP2 x EP2 with 4 GPUs), each exported and verified; the exports compared (weight-derived tensors bitwise)
+#            TP2 x EP2 with 4 GPUs), each exported and verified; the exports compared (weight-derived tensors bitwise);
+#            MAIN_SHORT=1: TP2 and EP2 only
 #   hf       --hf-model on a bfloat16 Qwen3-MoE checkpoint made by transformers, EP over the GPUs, default dtype
 #   faults   the same checkpoint with a NaN in an expert of the last rank: one line naming it, on NCCL
 #   export   export GB/s of moe-1b on 1 and on all GPUs, rank 0 writing vs every rank writing (bench_export.py)
@@ -63,8 +64,9 @@ want layout && step nccl_layout_invariance nccl_tests tests/distributed/test_lay
 want fidelity && step nccl_fidelity nccl_tests tests/fidelity/test_fidelity.py
 want forward && step bench_forward python3 benchmarks/bench_forward.py --results "$RESULTS"
 if want main; then
-  LAYOUTS=("tp2:--tp 2" "ep2:--ep 2" "pp2:--pp 2")
-  [ "$GPUS" -ge 4 ] && LAYOUTS+=("tp2xep2:--tp 2 --ep 2")
+  LAYOUTS=("tp2:--tp 2" "ep2:--ep 2")
+  [ -z "${MAIN_SHORT:-}" ] && LAYOUTS+=("pp2:--pp 2")
+  [ "$GPUS" -ge 4 ] && [ -z "${MAIN_SHORT:-}" ] && LAYOUTS+=("tp2xep2:--tp 2 --ep 2")
   for entry in "${LAYOUTS[@]}"; do
     name=${entry%%:*}
     ranks=2; [ "$name" = tp2xep2 ] && ranks=4
@@ -72,8 +74,8 @@ if want main; then
     step "moe_1b_$name" calibrate "$ranks" "$WORK/moe-1b-$name" --model moe-1b ${entry#*:}
   done
   step compare_tp2_ep2 python3 benchmarks/compare_exports.py "$WORK/moe-1b-tp2" "$WORK/moe-1b-ep2"
-  step compare_tp2_pp2 python3 benchmarks/compare_exports.py "$WORK/moe-1b-tp2" "$WORK/moe-1b-pp2"
-  [ "$GPUS" -ge 4 ] && step compare_tp2_tp2xep2 python3 benchmarks/compare_exports.py "$WORK/moe-1b-tp2" "$WORK/moe-1b-tp2xep2"
+  [ -z "${MAIN_SHORT:-}" ] && step compare_tp2_pp2 python3 benchmarks/compare_exports.py "$WORK/moe-1b-tp2" "$WORK/moe-1b-pp2"
+  [ "$GPUS" -ge 4 ] && [ -z "${MAIN_SHORT:-}" ] && step compare_tp2_tp2xep2 python3 benchmarks/compare_exports.py "$WORK/moe-1b-tp2" "$WORK/moe-1b-tp2xep2"
 fi
 if want hf; then
   step hf_checkpoint python3 benchmarks/make_hf_checkpoint.py --out "$WORK/qwen3-moe-bf16" --dtype bfloat16

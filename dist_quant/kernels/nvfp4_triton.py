@@ -59,9 +59,12 @@ def _scale_2(global_amax):
 @triton.jit
 def _global_amax(global_amax_ptr, rows, row_ok, blocks_per_row, ROW_AMAX: tl.constexpr):
     """The tensor's global amax (a scalar), or with ROW_AMAX each block's row's own ([B])."""
+    # one return: the compiler wants one return type per function even where the branch is constexpr
     if ROW_AMAX:
-        return tl.load(global_amax_ptr + rows // blocks_per_row, mask=row_ok, other=1.0).to(tl.float32)
-    return tl.load(global_amax_ptr).to(tl.float32)
+        global_amax = tl.load(global_amax_ptr + rows // blocks_per_row, mask=row_ok, other=1.0)
+    else:
+        global_amax = tl.load(global_amax_ptr)
+    return global_amax.to(tl.float32)
 
 
 @triton.jit
@@ -69,8 +72,10 @@ def _must_divide(scale_2, ROW_AMAX: tl.constexpr):
     """Whether the Markstein residual could underflow (scale_2 < 2^-90) for some block of this program: then
     every quotient of the program divides; both give the correctly rounded quotient, so results are the same."""
     if ROW_AMAX:
-        return tl.min(scale_2, axis=0) < 8.077935669463161e-28
-    return scale_2 < 8.077935669463161e-28
+        smallest = tl.min(scale_2, axis=0)
+    else:
+        smallest = scale_2
+    return smallest < 8.077935669463161e-28
 
 
 @triton.jit
