@@ -271,43 +271,36 @@ def segment_mode(quantizers: Sequence[TensorQuantizer], x: torch.Tensor) -> Quan
 
 class SegmentAmax:
     """Max calibration of quantizers that see consecutive row segments of one tensor (the experts of an MoE
-    layer): one pass over the tensor per forward, however many segments. Each calibrator's running amax is a
-    view into one buffer, so every quantizer's update is one element-wise max for all."""
+    layer): one pass over the tensor and two fused multi-tensor ops per forward, however many segments, and
+    no host-device transfer (segment lengths stay on the host)."""
 
     def __init__(self, quantizers: Sequence[TensorQuantizer]):
-        self.quantizers = list(quantizers)
-        self.running: torch.Tensor | None = None
-        self.views: list[torch.Tensor] = []
+        self.calibrators = [q.calibrator for q in quantizers]
+        self.collected = False
 
     def collect(self, x: torch.Tensor, counts: list[int]) -> None:
-        if x.shape[0] == 0:
+        live = [e for e, n in enumerate(counts) if n]  # a segment without rows is no data, not an amax of 0
+        if not live:
             return
         rows = torch.linalg.vector_norm(x.detach(), float("inf"), dim=-1, dtype=torch.float32)
-        # NaN as +Inf: it then survives any max kernel, and the driver reports either as "NaN or Inf"
-        rows = torch.nan_to_num(rows, nan=float("inf"), posinf=float("inf"))
-        lengths = torch.tensor(counts, device=x.device)
-        segment_amax = torch.segment_reduce(rows, "max", lengths=lengths, unsafe=True, initial=0.0)
-        if self.running is None or self.running.device != x.device:
-            self.running = torch.zeros(len(self.quantizers), device=x.device)
-            self.views = list(self.running.unbind(0))
-        calibrators = [q.calibrator for q in self.quantizers]
-        unbound = [e for e, n in enumerate(counts) if n and calibrators[e].amax is not self.views[e]]
-        if unbound and all(c.amax is None for c in calibrators):
-            self.running.zero_()  # a new calibration: one reset for all
-        for e in unbound:
-            calibrator, view = calibrators[e], self.views[e]
+        segments = rows.split(counts)
+        amax = torch._foreach_max([segments[e] for e in live])  # NaN propagates, as in the per-tensor max
+        running, new = [], []
+        for e, value in zip(live, amax):
+            calibrator = self.calibrators[e]
             if calibrator.amax is None:
-                view.zero_()
+                calibrator.amax = value
             else:
-                view.copy_(calibrator.amax)
-            calibrator.amax = view
-        torch.maximum(self.running, segment_amax, out=self.running)  # segments without rows add 0: no change
+                running.append(calibrator.amax)
+                new.append(value)
+        if running:
+            torch._foreach_maximum_(running, new)
+        self.collected = True
 
 
 def fake_quant_segments(quantizers: Sequence[TensorQuantizer], x: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """x [rows, n] with segment i fake-quantized by quantizers[i] (see `segment_mode`), in one kernel launch."""
-    global_amax = torch.stack([q.global_amax.reshape(()) for q in quantizers])
-    return kernels.nvfp4_fake_quant_segments(x, global_amax, counts)
+    return kernels.nvfp4_fake_quant_segments(x, [q.global_amax for q in quantizers], counts)
 
 
 @contextmanager

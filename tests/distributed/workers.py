@@ -341,7 +341,7 @@ def batched_expert_inputs_case(ep: int, nan_in_expert: bool = False) -> dict:
         except CalibrationError as error:
             entry["error"] = str(error)
         entry["calibration_calls"] = calls[0]
-        entry["collected"] = all(layer.fc1_input_amax.running is not None for layer in layers)
+        entry["collected"] = all(layer.fc1_input_amax.collected for layer in layers)
         if "state" in entry:
             calls[0] = 0
             entry["logits"] = logits(model, batches(seed=7, count=1)[0], groups)
