@@ -4,8 +4,8 @@
 For each built-in config (random weights, `--dtype`, default bfloat16 on GPU): the plain forward; then with the
 recipe's quantizers attached and activation quantizers collecting amax (calibrating mode: what calibration
 batches cost); then calibrated and fake-quantizing (quantizing mode), with and without the fake-quantized weight
-cache (`cache_fake_quant_weights`); calibrating and quantizing also with the experts' fc1 input quantizers run
-expert by expert instead of once per layer (`BatchedExpertInputs.batched` False), to show what batching saves.
+cache (`cache_fake_quant_weights`); calibrating also with the experts' fc1 input amax collected expert by expert
+instead of in one pass per layer (`BatchedExpertInputs.batched` False), to show what the one pass saves.
 Median of --reps forwards after warm-up (CUDA events on GPU). Targets (BENCHMARKS.md): calibrating <= 1.3x, quantizing <= 1.5x the plain forward. Appends to benchmarks/RESULTS.md.
 """
 
@@ -69,24 +69,20 @@ def measure(name: str, recipe: str, batch: int, seq: int, dtype: torch.dtype, de
     attach_quantizers(model, recipe)
     layers = [m for m in model.modules() if isinstance(m, BatchedExpertInputs)]
 
-    def timed_both_ways(mode: str) -> None:
-        """`mode` as it runs, then with every expert's fc1 input quantizer run per expert (the unbatched way)."""
-        times[mode] = _median_ms(forward, reps, device)
-        for layer in layers:
-            layer.batched = False
-        times[f"{mode}, per-expert inputs"] = _median_ms(forward, reps, device)
-        for layer in layers:
-            layer.batched = True
-
     weights = {id(q) for n, q in quantizers(model) if n.endswith("weight_quantizer")}
     for _, q in quantizers(model):
         if q.calibrator is not None and id(q) not in weights:
             q.mode = QuantizerMode.CALIBRATING
-    timed_both_ways("calibrating")
+    times["calibrating"] = _median_ms(forward, reps, device)
+    for layer in layers:  # the experts' fc1 input amax collected expert by expert instead of in one pass
+        layer.batched = False
+    times["calibrating, per-expert inputs"] = _median_ms(forward, reps, device)
+    for layer in layers:
+        layer.batched = True
     for _, q in quantizers(model):
         q.mode = QuantizerMode.DISABLED
     calibrate(model, recipe, lambda m: m(tokens, positions, mask))
-    timed_both_ways("quantizing")
+    times["quantizing"] = _median_ms(forward, reps, device)
     cache_fake_quant_weights(model)
     times["quantizing, weight cache"] = _median_ms(forward, reps, device)
     params = sum(p.numel() for p in model.parameters())

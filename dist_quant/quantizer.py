@@ -252,21 +252,15 @@ class TensorQuantizer(nn.Module):
         return text
 
 
-def segment_mode(quantizers: Sequence[TensorQuantizer], x: torch.Tensor) -> QuantizerMode | None:
-    """The mode in which these quantizers (all of one format), fed consecutive row segments of x (one each),
-    can run as one batch: CALIBRATING with max calibration of a per-tensor amax, or QUANTIZING with NVFP4
-    dynamic blocks and no gradient to carry. None: each must run by itself (other formats, mixed modes, QAT)."""
+def segments_calibrate_together(quantizers: Sequence[TensorQuantizer]) -> bool:
+    """Whether these quantizers (all of one format), fed consecutive row segments of one tensor, can collect
+    their statistics in one pass (`SegmentAmax`): all calibrating, max calibration of a per-tensor amax.
+    (Fake quantization stays per quantizer: one launch over all segments with per-row amax measured slower on an
+    H200 than one launch per segment, see benchmarks/RESULTS.md.)"""
     first = quantizers[0]
-    mode, fmt = first._mode, first.fmt
-    if any(q._mode is not mode for q in quantizers):
-        return None
-    if mode is QuantizerMode.CALIBRATING:
-        simple = first.calibrator is not None and fmt.axis is None and fmt.block_type != STATIC
-        return mode if simple else None
-    if mode is QuantizerMode.QUANTIZING and fmt.kind == NVFP4 and fmt.block_type == DYNAMIC:
-        if not (x.requires_grad and torch.is_grad_enabled()) and first._amax.device == x.device:
-            return mode
-    return None
+    if any(q._mode is not QuantizerMode.CALIBRATING for q in quantizers):
+        return False
+    return first.calibrator is not None and first.fmt.axis is None and first.fmt.block_type != STATIC
 
 
 class SegmentAmax:
@@ -296,11 +290,6 @@ class SegmentAmax:
         if running:
             torch._foreach_maximum_(running, new)
         self.collected = True
-
-
-def fake_quant_segments(quantizers: Sequence[TensorQuantizer], x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """x [rows, n] with segment i fake-quantized by quantizers[i] (see `segment_mode`), in one kernel launch."""
-    return kernels.nvfp4_fake_quant_segments(x, [q.global_amax for q in quantizers], counts)
 
 
 @contextmanager

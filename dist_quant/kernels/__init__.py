@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from typing import Sequence
 
 import torch
 
@@ -55,29 +54,6 @@ def nvfp4_fake_quant(
     return _kernels().triton_nvfp4_fake_quant(x, global_amax, block_amax)
 
 
-def nvfp4_fake_quant_segments(
-    x: torch.Tensor, global_amax: Sequence[torch.Tensor], counts: Sequence[int]
-) -> torch.Tensor:
-    """NVFP4 fake quant of consecutive row segments of a 2-D x, each with its own global amax (a scalar tensor):
-    rows [sum(counts[:i]), sum(counts[:i+1])) with global_amax[i]. The same values as one `nvfp4_fake_quant` per
-    segment (blocks never cross rows), in one launch on the kernels (the experts of an MoE layer, whose inputs
-    megatron lays out one expert after another). The per-row amax is built from views on the device: no
-    host-device transfer."""
-    if x.dim() != 2 or len(global_amax) != len(counts) or sum(counts) != x.shape[0]:
-        raise ValueError(
-            f"segments: need x [rows, n], one global amax per segment and counts summing to the rows; got x "
-            f"{tuple(x.shape)}, {len(global_amax)} global amax, {len(counts)} counts summing to {sum(counts)}"
-        )
-    if not use_triton(x):
-        parts = [reference.nvfp4_fake_quant(part, amax) for part, amax in zip(x.split(list(counts)), global_amax)]
-        return torch.cat(parts) if parts else x.clone()
-    if x.shape[0] == 0:
-        return x.clone()
-    row_amax = torch.cat([a.reshape(1).expand(n) for a, n in zip(global_amax, counts) if n]).float()
-    reference.check_nvfp4_args(x, row_amax[:1], None)
-    return _kernels().triton_nvfp4_fake_quant(x, row_amax, None, row_amax=True)
-
-
 def nvfp4_quantize(
     x: torch.Tensor, global_amax: torch.Tensor | float, block_amax: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -99,7 +75,4 @@ def nvfp4_mse_block_amax(w: torch.Tensor, global_amax: torch.Tensor | float) -> 
     return triton_nvfp4_mse_block_amax(w, global_amax)
 
 
-__all__ = [
-    "BACKEND_ENV", "nvfp4_fake_quant", "nvfp4_fake_quant_segments", "nvfp4_mse_block_amax", "nvfp4_quantize",
-    "use_triton",
-]
+__all__ = ["BACKEND_ENV", "nvfp4_fake_quant", "nvfp4_mse_block_amax", "nvfp4_quantize", "use_triton"]

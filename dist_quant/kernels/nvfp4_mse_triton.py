@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dist_quant.kernels.nvfp4_triton import _e2m1_round, _load_f32, _must_divide, _scale_2
+from dist_quant.kernels.nvfp4_triton import _e2m1_round, _load_f32, _scale_2
 from dist_quant.numerics.nvfp4 import BLOCK_SIZE
 
 MSE_BLOCKS = 128  # blocks (= threads) per program
@@ -32,24 +32,24 @@ def _e4m3_value(code):
 
 
 @triton.jit
-def _squared_error(a, scale, inverse, e4m3, scale_2, divide):
+def _squared_error(a, scale, inverse, e4m3, scale_2):
     """(|w| - dequantized)^2 of one element under one candidate, rounded as the reference does."""
-    m, _ = _e2m1_round(a, scale, inverse, divide)
+    m, _ = _e2m1_round(a, scale, inverse, scale_2)
     d = a - (m * e4m3) * scale_2
     return d * d
 
 
 @triton.jit
-def _block_error(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15, scale, inverse, e4m3, s2, dv):
+def _block_error(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15, scale, inverse, e4m3, s2):
     """The pairwise tree of the reference: ((e0 + e1) + (e2 + e3)) + ... over 16 elements."""
-    p0 = _squared_error(a0, scale, inverse, e4m3, s2, dv) + _squared_error(a1, scale, inverse, e4m3, s2, dv)
-    p1 = _squared_error(a2, scale, inverse, e4m3, s2, dv) + _squared_error(a3, scale, inverse, e4m3, s2, dv)
-    p2 = _squared_error(a4, scale, inverse, e4m3, s2, dv) + _squared_error(a5, scale, inverse, e4m3, s2, dv)
-    p3 = _squared_error(a6, scale, inverse, e4m3, s2, dv) + _squared_error(a7, scale, inverse, e4m3, s2, dv)
-    p4 = _squared_error(a8, scale, inverse, e4m3, s2, dv) + _squared_error(a9, scale, inverse, e4m3, s2, dv)
-    p5 = _squared_error(a10, scale, inverse, e4m3, s2, dv) + _squared_error(a11, scale, inverse, e4m3, s2, dv)
-    p6 = _squared_error(a12, scale, inverse, e4m3, s2, dv) + _squared_error(a13, scale, inverse, e4m3, s2, dv)
-    p7 = _squared_error(a14, scale, inverse, e4m3, s2, dv) + _squared_error(a15, scale, inverse, e4m3, s2, dv)
+    p0 = _squared_error(a0, scale, inverse, e4m3, s2) + _squared_error(a1, scale, inverse, e4m3, s2)
+    p1 = _squared_error(a2, scale, inverse, e4m3, s2) + _squared_error(a3, scale, inverse, e4m3, s2)
+    p2 = _squared_error(a4, scale, inverse, e4m3, s2) + _squared_error(a5, scale, inverse, e4m3, s2)
+    p3 = _squared_error(a6, scale, inverse, e4m3, s2) + _squared_error(a7, scale, inverse, e4m3, s2)
+    p4 = _squared_error(a8, scale, inverse, e4m3, s2) + _squared_error(a9, scale, inverse, e4m3, s2)
+    p5 = _squared_error(a10, scale, inverse, e4m3, s2) + _squared_error(a11, scale, inverse, e4m3, s2)
+    p6 = _squared_error(a12, scale, inverse, e4m3, s2) + _squared_error(a13, scale, inverse, e4m3, s2)
+    p7 = _squared_error(a14, scale, inverse, e4m3, s2) + _squared_error(a15, scale, inverse, e4m3, s2)
     return ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7))
 
 
@@ -74,19 +74,18 @@ def _nvfp4_mse_kernel(w_ptr, out_ptr, global_amax_ptr, n_blocks, BLOCKS: tl.cons
     a13 = tl.abs(_load_f32(w_ptr, base + 13, ok, INTERPRETED))
     a14 = tl.abs(_load_f32(w_ptr, base + 14, ok, INTERPRETED))
     a15 = tl.abs(_load_f32(w_ptr, base + 15, ok, INTERPRETED))
-    g = tl.load(global_amax_ptr).to(tl.float32)
-    scale_2 = _scale_2(g)
-    divide = _must_divide(scale_2, False)
+    scale_2 = _scale_2(global_amax_ptr)
     best_error = tl.full([BLOCKS], float("inf"), tl.float32)
     best_code = tl.full([BLOCKS], 1, tl.int32)
     for code in range(1, 127):
         e4m3 = _e4m3_value(code)
         scale = e4m3 * scale_2
         inverse = tl.div_rn(1.0, scale)
-        error = _block_error(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15, scale, inverse, e4m3, scale_2, divide)
+        error = _block_error(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15, scale, inverse, e4m3, scale_2)
         better = error < best_error  # strict: the lowest candidate wins ties
         best_error = tl.where(better, error, best_error)
         best_code = tl.where(better, code, best_code)
+    g = tl.load(global_amax_ptr).to(tl.float32)
     g = tl.where(g == 0.0, 1.0, g)
     amax = tl.div_rn(_e4m3_value(best_code), 448.0) * g
     tl.store(out_ptr + rows, amax, mask=ok)

@@ -51,31 +51,10 @@ def _store_from_f32(ptr, offs, y, mask, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _scale_2(global_amax):
-    g = tl.where(global_amax == 0.0, 1.0, global_amax)
+def _scale_2(global_amax_ptr):
+    g = tl.load(global_amax_ptr).to(tl.float32)
+    g = tl.where(g == 0.0, 1.0, g)
     return tl.div_rn(g, 2688.0)
-
-
-@triton.jit
-def _global_amax(global_amax_ptr, rows, row_ok, blocks_per_row, ROW_AMAX: tl.constexpr):
-    """The tensor's global amax (a scalar), or with ROW_AMAX each block's row's own ([B])."""
-    # one return: the compiler wants one return type per function even where the branch is constexpr
-    if ROW_AMAX:
-        global_amax = tl.load(global_amax_ptr + rows // blocks_per_row, mask=row_ok, other=1.0)
-    else:
-        global_amax = tl.load(global_amax_ptr)
-    return global_amax.to(tl.float32)
-
-
-@triton.jit
-def _must_divide(scale_2, ROW_AMAX: tl.constexpr):
-    """Whether the Markstein residual could underflow (scale_2 < 2^-90) for some block of this program: then
-    every quotient of the program divides; both give the correctly rounded quotient, so results are the same."""
-    if ROW_AMAX:
-        smallest = tl.min(scale_2, axis=0)
-    else:
-        smallest = scale_2
-    return smallest < 8.077935669463161e-28
 
 
 @triton.jit
@@ -87,12 +66,12 @@ def _block_amax(x, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _quotient(a, b, b_inverse, divide):
+def _quotient(a, b, b_inverse, scale_2):
     """a / b, correctly rounded, from b_inverse = RN(1 / b): one FMA residual step (Markstein's theorem). Where
     the first product is already infinite (a = +-Inf, or a quotient past float32) or NaN, it is kept: the
     residual would be NaN or Inf. Below scale_2 = 2^-90 the residual could underflow, so such (absurdly small)
-    tensors divide instead (`divide`, see _must_divide); the branch is uniform over the program."""
-    if divide:
+    tensors divide instead; the branch is uniform over the launch."""
+    if scale_2 < 8.077935669463161e-28:
         q = tl.div_rn(a, b)
     else:
         q = a * b_inverse
@@ -102,10 +81,10 @@ def _quotient(a, b, b_inverse, divide):
 
 
 @triton.jit
-def _e4m3_block_scale(block_amax, scale_2, divide):
+def _e4m3_block_scale(block_amax, scale_2):
     """Float32 value of the clamped E4M3 block scale (exactly representable in E4M3)."""
     divisor = 6.0 * scale_2
-    s = _quotient(block_amax, divisor, tl.div_rn(1.0, divisor), divide)
+    s = _quotient(block_amax, divisor, tl.div_rn(1.0, divisor), scale_2)
     s = tl.where(s == 0.0, 1.0, s)
     s = tl.minimum(tl.maximum(s, 0.001953125), 448.0)
     bits = s.to(tl.int32, bitcast=True)
@@ -115,32 +94,28 @@ def _e4m3_block_scale(block_amax, scale_2, divide):
 
 
 @triton.jit
-def _e2m1_round(x, scale, inverse, divide):
+def _e2m1_round(x, scale, inverse, scale_2):
     """-> (nearest E2M1 magnitude of x / scale, ties to the even code, saturating at 6; whether x / scale < 0).
     NaN gives NaN, +-Inf saturates. Nothing here keeps x alive past the quotient: registers, hence occupancy."""
-    q = _quotient(x, scale, inverse, divide)
+    q = _quotient(x, scale, inverse, scale_2)
     a = tl.abs(q)
     c = tl.where(a < 2.0, 4194304.0, tl.where(a < 4.0, 8388608.0, 16777216.0))
     return tl.minimum((a + c) - c, 6.0, propagate_nan=tl.PropagateNan.ALL), q < 0.0
 
 
 @triton.jit
-def _block_scales(amax, global_amax, ROW_AMAX: tl.constexpr):
-    """-> (E4M3 block scale as float32 [B], scale_2 (scalar, or [B, 1] with ROW_AMAX), full scale [B, 1], its
-    reciprocal [B, 1], whether quotients divide)."""
-    scale_2 = _scale_2(global_amax)
-    divide = _must_divide(scale_2, ROW_AMAX)
-    e4m3_scale = _e4m3_block_scale(amax, scale_2, divide)
+def _block_scales(amax, global_amax_ptr):
+    """-> (E4M3 block scale as float32 [B], scale_2, full scale [B, 1], its reciprocal [B, 1])."""
+    scale_2 = _scale_2(global_amax_ptr)
+    e4m3_scale = _e4m3_block_scale(amax, scale_2)
     scale = (e4m3_scale * scale_2)[:, None]
-    if ROW_AMAX:
-        scale_2 = scale_2[:, None]
-    return e4m3_scale, scale_2, scale, tl.div_rn(1.0, scale), divide
+    return e4m3_scale, scale_2, scale, tl.div_rn(1.0, scale)
 
 
 @triton.jit
 def _nvfp4_fake_quant_kernel(
-    x_ptr, y_ptr, global_amax_ptr, block_amax_ptr, n_blocks, blocks_per_row,
-    STATIC: tl.constexpr, ROW_AMAX: tl.constexpr, BLOCKS: tl.constexpr, INTERPRETED: tl.constexpr,
+    x_ptr, y_ptr, global_amax_ptr, block_amax_ptr, n_blocks,
+    STATIC: tl.constexpr, BLOCKS: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
     row_ok = rows < n_blocks
@@ -150,17 +125,16 @@ def _nvfp4_fake_quant_kernel(
         amax = tl.load(block_amax_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     else:
         amax = _block_amax(x, INTERPRETED)
-    global_amax = _global_amax(global_amax_ptr, rows, row_ok, blocks_per_row, ROW_AMAX)
-    e4m3_scale, scale_2, scale, inverse, divide = _block_scales(amax, global_amax, ROW_AMAX)
-    magnitude, negative = _e2m1_round(x, scale, inverse, divide)
+    e4m3_scale, scale_2, scale, inverse = _block_scales(amax, global_amax_ptr)
+    magnitude, negative = _e2m1_round(x, scale, inverse, scale_2)
     # value x e4m3 scale is exact; the single rounding happens at scale_2, as in the reference.
     y = (magnitude * tl.where(negative, -e4m3_scale[:, None], e4m3_scale[:, None])) * scale_2
     _store_from_f32(y_ptr, offs, y, row_ok[:, None], INTERPRETED)
 
 
 @triton.jit
-def _e2m1_code(x, scale, inverse, divide):
-    m, negative = _e2m1_round(x, scale, inverse, divide)
+def _e2m1_code(x, scale, inverse, scale_2):
+    m, negative = _e2m1_round(x, scale, inverse, scale_2)
     code = tl.where(m < 2.0, m * 2.0, tl.where(m < 4.0, m + 2.0, m * 0.5 + 4.0)).to(tl.int32)
     return tl.where(negative, code | 8, code)
 
@@ -180,9 +154,8 @@ def _nvfp4_quantize_kernel(
         amax = tl.load(block_amax_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     else:
         amax = tl.maximum(_block_amax(even, INTERPRETED), _block_amax(odd, INTERPRETED))
-    global_amax = _global_amax(global_amax_ptr, rows, row_ok, 1, False)
-    e4m3_scale, scale_2, scale, inverse, divide = _block_scales(amax, global_amax, False)
-    packed = _e2m1_code(even, scale, inverse, divide) | (_e2m1_code(odd, scale, inverse, divide) << 4)
+    e4m3_scale, scale_2, scale, inverse = _block_scales(amax, global_amax_ptr)
+    packed = _e2m1_code(even, scale, inverse, scale_2) | (_e2m1_code(odd, scale, inverse, scale_2) << 4)
     tl.store(packed_ptr + rows[:, None] * 8 + pairs, packed.to(tl.uint8), mask=row_ok[:, None])
     # E4M3 bits of the (exactly representable) scale: biased exponent 7, 3 mantissa bits, subnormal step 2^-9.
     bits = e4m3_scale.to(tl.int32, bitcast=True)
@@ -205,16 +178,14 @@ def _interpreted() -> bool:
 
 
 def triton_nvfp4_fake_quant(
-    x: torch.Tensor, global_amax: torch.Tensor, block_amax: torch.Tensor | None = None, row_amax: bool = False
+    x: torch.Tensor, global_amax: torch.Tensor, block_amax: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """`row_amax`: global_amax holds one value per row of x (x viewed as [rows, last dim])."""
     x, n_blocks, static, block_amax_arg = _launch_args(x, global_amax, block_amax)
     y = torch.empty_like(x)
     grid = (triton.cdiv(n_blocks, FAKE_QUANT_BLOCKS),)
     _nvfp4_fake_quant_kernel[grid](
-        x, y, global_amax, block_amax_arg, n_blocks, x.shape[-1] // BLOCK_SIZE,
-        STATIC=static, ROW_AMAX=row_amax, BLOCKS=FAKE_QUANT_BLOCKS, INTERPRETED=_interpreted(),
-        num_warps=FAKE_QUANT_WARPS,
+        x, y, global_amax, block_amax_arg, n_blocks,
+        STATIC=static, BLOCKS=FAKE_QUANT_BLOCKS, INTERPRETED=_interpreted(), num_warps=FAKE_QUANT_WARPS,
     )
     return y
 

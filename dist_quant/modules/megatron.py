@@ -20,8 +20,7 @@ from dist_quant.quantizer import (
     QuantizerMode,
     SegmentAmax,
     TensorQuantizer,
-    fake_quant_segments,
-    segment_mode,
+    segments_calibrate_together,
     suspended,
 )
 
@@ -108,26 +107,21 @@ def route_after_fc2(model: nn.Module) -> int:
 
 
 class BatchedExpertInputs:
-    """megatron's SequentialMLP, with the input quantizers of its experts' linear_fc1 run once for the whole
-    layer (megatron lays the experts' tokens out one expert after another) instead of once per expert: one
-    pass collecting every expert's amax when calibrating, one fake-quant launch when quantizing; the experts
-    then run with those quantizers suspended. The values are those of the per-expert quantizers; formats or
-    modes that cannot be batched (see `segment_mode`) run per expert. `batched` False: always per expert."""
+    """megatron's SequentialMLP, whose experts' linear_fc1 input quantizers collect their amax in one pass over
+    the layer's tokens (megatron lays them out one expert after another) instead of once per expert, then run
+    the experts with those quantizers suspended. The amax are those of the per-expert quantizers; other modes
+    and formats (see `segments_calibrate_together`) run per expert. `batched` False: always per expert."""
 
     batched = True
 
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
         hidden, quantizers = permuted_local_hidden_states, self.__dict__["fc1_input_quantizers"]
-        mode = None
-        if self.batched and self.num_local_experts > 1 and hidden.dim() == 2 and not self._reshapes_inputs():
-            mode = segment_mode(quantizers, hidden)
-        if mode is None:
+        if not (
+            self.batched and self.num_local_experts > 1 and hidden.dim() == 2 and not self._reshapes_inputs()
+            and segments_calibrate_together(quantizers)
+        ):
             return super().forward(hidden, tokens_per_expert, permuted_probs)
-        counts = tokens_per_expert.tolist()
-        if mode is QuantizerMode.CALIBRATING:
-            self.__dict__["fc1_input_amax"].collect(hidden, counts)
-        else:
-            hidden = fake_quant_segments(quantizers, hidden, counts)
+        self.__dict__["fc1_input_amax"].collect(hidden, tokens_per_expert.tolist())
         with suspended(quantizers):
             return super().forward(hidden, tokens_per_expert, permuted_probs)
 

@@ -308,9 +308,9 @@ BATCHED_EXPERTS = 8
 
 def batched_expert_inputs_case(ep: int, nan_in_expert: bool = False) -> dict:
     """The MoE model (dead experts included: segments without rows) calibrated and evaluated twice, with each
-    layer's expert fc1 input quantizers run per expert and batched over the layer. -> per way: the logical
-    quant state (or the calibration error), the quantized logits, how often an expert's fc1 input quantizer was
-    called, and whether the layer's batched collector ran."""
+    layer's expert fc1 input quantizers calibrated per expert and in one pass over the layer. -> per way: the
+    logical quant state (or the calibration error), the quantized logits, how often an expert's fc1 input
+    quantizer was called, and whether the layer's one-pass collector ran."""
     from dist_quant.calibrate import attach_quantizers, calibrate
     from dist_quant.modules.megatron import BatchedExpertInputs
     from dist_quant.recipe import load_recipe

@@ -4,7 +4,7 @@ against the independent reference of SPEC.md section 1."""
 import pytest
 import torch
 
-from dist_quant.kernels import nvfp4_fake_quant, nvfp4_fake_quant_segments, nvfp4_quantize, use_triton
+from dist_quant.kernels import nvfp4_fake_quant, nvfp4_quantize, use_triton
 from dist_quant.numerics import nvfp4_dequantize
 from tests.reference import formats as ref
 from tests.reference.data import DTYPES, near_ties, spread
@@ -190,26 +190,3 @@ def test_quotients_beside_tie_points_with_random_scales(backend, gen):
     packed, _, _ = nvfp4_quantize(x, global_amax, block_amax)
     assert torch.equal(packed, ref.pack_codes(expected["codes"]))
 
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_segments_take_their_own_global_amax(backend, gen, dtype):
-    # An MoE layer's expert inputs: segments of rows, some empty, each with its own global amax (one zero, one
-    # tiny enough for the kernel's exact-division path, one far below the data: saturation), plus NaN and Inf.
-    counts = [7, 0, 40, 1, 0, 33, 19]
-    x = spread(gen, (sum(counts), 48), dtype)
-    x[3, 5], x[60, 17] = float("nan"), float("-inf")
-    x[47:48] = x[47:48] * 1e-33
-    global_amax = x.float().nan_to_num(0, 0, 0).abs().amax(-1).split(counts)
-    global_amax = torch.stack([part.max() if part.numel() else torch.tensor(1.0) for part in global_amax])
-    global_amax = global_amax * (torch.rand(len(counts), generator=gen) + 0.5)
-    global_amax[0], global_amax[6] = 0.0, global_amax[6] * 1e-3
-    assert global_amax[3] < 1e-27  # the one-row segment 3: scale_2 below 2^-90
-    expected = torch.cat([ref.nvfp4(p, a)["fake_quant"] for p, a in zip(x.split(counts), global_amax)])
-    ref.assert_same_bits(nvfp4_fake_quant_segments(x, global_amax, counts), expected)
-
-
-def test_segments_refuse_mismatched_counts(backend):
-    with pytest.raises(ValueError, match="counts summing to 4"):
-        nvfp4_fake_quant_segments(torch.ones(5, 32), torch.ones(2), [1, 3])
-    with pytest.raises(ValueError, match="one global amax per segment"):
-        nvfp4_fake_quant_segments(torch.ones(4, 32), torch.ones(3), [1, 3])
