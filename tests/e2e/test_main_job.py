@@ -6,6 +6,7 @@ import pytest
 
 from dist_quant.export import verify
 
+from dist_quant.job import CONFIGS
 from tests.e2e.jobs import run_python, tiny_checkpoint, tiny_qwen3_moe, torchrun
 
 pytestmark = pytest.mark.xdist_group("e2e")
@@ -40,12 +41,13 @@ def test_hf_style_data_file_and_fp8_on_two_ranks(tmp_path):
         (["--tp", "2", "--ep", "2"], "world size 1 cannot hold TP=2, PP=1, EP=2, ETP=2"),
         (["--calib-data", "no/such/file.txt"], "--calib-data no/such/file.txt: no such file"),
         (["--out", "."], "--out . exists: pass --overwrite"),
-        (["--model", "tiny-gpt5"], "--model tiny-gpt5: unknown; built-in models: moe-1b, tiny-qwen3, tiny-qwen3-moe"),
+        (["--model", "tiny-gpt5"], "--model tiny-gpt5: unknown; built-in models: moe-1b, qwen3-30b-a3b-shape, tiny-qwen3, tiny-qwen3-moe"),
+        (["--model", "qwen3-30b-a3b-shape"], "--model qwen3-30b-a3b-shape: 30.5B parameters, too many to write as a random checkpoint first (61 GB from one CPU); add --random-weights"),
         (["--etp", "0"], "--etp must be at least 1"),
         (["--pp", "2"], "world size 1 cannot hold TP=1, PP=2, EP=1, ETP=1"),
         (["--timeout", "0"], "--timeout must be a positive number of minutes"),
     ],
-    ids=["unknown-recipe", "world-size", "missing-data", "output-exists", "unknown-model", "etp-0", "pp-world", "timeout-0"],
+    ids=["unknown-recipe", "world-size", "missing-data", "output-exists", "unknown-model", "big-model-checkpoint", "etp-0", "pp-world", "timeout-0"],
 )
 def test_bad_invocations_fail_with_one_line(tmp_path, args, message):
     base = {"--model": "tiny-qwen3-moe", "--recipe": "nvfp4_default-fp8_cast_kv", "--out": str(tmp_path / "x")}
@@ -54,6 +56,19 @@ def test_bad_invocations_fail_with_one_line(tmp_path, args, message):
     result = run_python("-m", "dist_quant.cli", "calibrate", *[item for pair in base.items() for item in pair])
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("dist-quant: error:") and message in result.stderr
+
+
+def test_random_weights_drawn_on_the_ranks_need_no_checkpoint(tmp_path):
+    # --hf-model with only a config.json: nothing else is read, nothing is written but the export
+    source = tmp_path / "config-only"
+    source.mkdir()
+    (source / "config.json").write_text((CONFIGS / "tiny-qwen3-moe.json").read_text())
+    out = tmp_path / "random"
+    result = torchrun(2, "--hf-model", str(source), "--random-weights", "--recipe", "nvfp4_default-fp8_cast_kv",
+                      "--ep", "2", "--calib-samples", "4", "--seq-len", "16", "--export-writers", "all", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert verify(out)["quant_algo"] == "NVFP4" and sorted(p.name for p in source.iterdir()) == ["config.json"]
+    assert "tokens/s" in result.stdout and "GB/s" in result.stdout
 
 
 def test_qat_refit_example_runs_and_agrees():
