@@ -178,7 +178,7 @@ class TensorQuantizer(nn.Module):
         if self._amax is not None and self._amax.shape == amax.shape:
             self._amax.copy_(amax)  # keeps a bound view bound
         else:
-            self._amax = amax.to(torch.float32, copy=True)  # never an alias of a calibrator's running buffer
+            self._amax = amax.to(torch.float32, copy=True)  # its own copy, apart from the calibrator's running value
         if block_amax is not None:
             self._block_amax = block_amax.float()
 
