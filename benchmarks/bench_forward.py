@@ -12,6 +12,9 @@ Median of --reps forwards after warm-up (CUDA events on GPU). Targets (BENCHMARK
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import statistics
 import sys
 import time
@@ -43,7 +46,20 @@ def _median_ms(fn, reps: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def measure(name: str, recipe: str, batch: int, seq: int, dtype: torch.dtype, device: torch.device, reps: int) -> dict:
+def _host_profile(fn, top: int) -> str:
+    """Where one call of fn spends host time, by Python function (cProfile: Triton's launcher included, which
+    torch's profiler does not see): the quantized forward of an MoE is bound by host time, not by the GPU."""
+    fn()
+    profile = cProfile.Profile()
+    profile.runcall(fn)
+    out = io.StringIO()
+    pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
+def measure(
+    name: str, recipe: str, batch: int, seq: int, dtype: torch.dtype, device: torch.device, reps: int, profile: int = 0
+) -> dict:
     from dist_quant import load_recipe
     from dist_quant.bridge import ModelBridge
     from dist_quant.calibrate import attach_quantizers, cache_fake_quant_weights, calibrate, quantizers
@@ -85,6 +101,9 @@ def measure(name: str, recipe: str, batch: int, seq: int, dtype: torch.dtype, de
     times["quantizing"] = _median_ms(forward, reps, device)
     cache_fake_quant_weights(model)
     times["quantizing, weight cache"] = _median_ms(forward, reps, device)
+    if profile:
+        cache_fake_quant_weights(model, enabled=False)
+        print(f"host time of one quantizing forward, {name}:\n{_host_profile(forward, profile)}", flush=True)
     params = sum(p.numel() for p in model.parameters())
     return {"params": params, "times": times}
 
@@ -96,6 +115,7 @@ def main() -> int:
     parser.add_argument("--tokens", default=None, help="BATCHxSEQ (default 4x512 on GPU, 2x64 on CPU)")
     parser.add_argument("--dtype", default=None, choices=("bfloat16", "float32"))
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="also print the N Python functions of a quantizing forward with the most host time")
     parser.add_argument("--results", default=str(DEFAULT_RESULTS))
     args = parser.parse_args()
     warnings.filterwarnings("ignore", module=r"megatron(\.|$)")
@@ -110,7 +130,7 @@ def main() -> int:
     dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
     rows, verdicts = [], []
     for name in models:
-        result = measure(name, args.recipe, batch, seq, dtype, device, args.reps)
+        result = measure(name, args.recipe, batch, seq, dtype, device, args.reps, args.profile)
         plain = result["times"]["plain"]
         for mode, ms in result["times"].items():
             ratio = ms / plain

@@ -62,7 +62,7 @@ nccl_tests() {  # nccl_tests FILE: a distributed test file on NCCL, one GPU per 
 }
 want layout && step nccl_layout_invariance nccl_tests tests/distributed/test_layout_invariance.py
 want fidelity && step nccl_fidelity nccl_tests tests/fidelity/test_fidelity.py
-want forward && step bench_forward python3 benchmarks/bench_forward.py --results "$RESULTS"
+want forward && step bench_forward python3 benchmarks/bench_forward.py --profile 30 --results "$RESULTS"
 if want main; then
   LAYOUTS=("tp2:--tp 2" "ep2:--ep 2")
   [ -z "${MAIN_SHORT:-}" ] && LAYOUTS+=("pp2:--pp 2")
