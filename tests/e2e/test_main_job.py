@@ -1,6 +1,7 @@
 """The README's main job, run as a user would: torchrun, the CLI, a checkpoint that verifies; bad invocations."""
 
 import json
+import os
 
 import pytest
 
@@ -69,6 +70,13 @@ def test_random_weights_drawn_on_the_ranks_need_no_checkpoint(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert verify(out)["quant_algo"] == "NVFP4" and sorted(p.name for p in source.iterdir()) == ["config.json"]
     assert "tokens/s" in result.stdout and "GB/s" in result.stdout
+    # a built-in model the same way: its random checkpoint is never written to the cache
+    cache = tmp_path / "cache"
+    result = torchrun(2, "--model", "tiny-qwen3-moe", "--random-weights", "--recipe", "nvfp4_default-fp8_cast_kv",
+                      "--ep", "2", "--calib-samples", "4", "--seq-len", "16", "--out", str(tmp_path / "builtin"),
+                      env={**os.environ, "DIST_QUANT_CACHE": str(cache)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert verify(tmp_path / "builtin")["quant_algo"] == "NVFP4" and not (cache.exists() and any(cache.iterdir()))
 
 
 def test_qat_refit_example_runs_and_agrees():
