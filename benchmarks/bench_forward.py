@@ -6,7 +6,8 @@ recipe's quantizers attached and activation quantizers collecting amax (calibrat
 batches cost); then calibrated and fake-quantizing (quantizing mode), with and without the fake-quantized weight
 cache (`cache_fake_quant_weights`); calibrating also with the experts' fc1 input amax collected expert by expert
 instead of in one pass per layer (`BatchedExpertInputs.batched` False), to show what the one pass saves.
-Median of --reps forwards after warm-up (CUDA events on GPU). Targets (BENCHMARKS.md): calibrating <= 1.3x, quantizing <= 1.5x the plain forward. Appends to benchmarks/RESULTS.md.
+Median of --reps forwards after warm-up (CUDA events on GPU). Targets (BENCHMARKS.md): calibrating <= 1.3x,
+quantizing <= 1.5x the plain forward. Appends to benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations

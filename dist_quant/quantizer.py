@@ -178,7 +178,7 @@ class TensorQuantizer(nn.Module):
         if self._amax is not None and self._amax.shape == amax.shape:
             self._amax.copy_(amax)  # keeps a bound view bound
         else:
-            self._amax = amax.to(torch.float32, copy=True)  # its own copy, apart from the calibrator's running value
+            self._amax = amax.float()
         if block_amax is not None:
             self._block_amax = block_amax.float()
 
@@ -270,7 +270,6 @@ class SegmentAmax:
 
     def __init__(self, quantizers: Sequence[TensorQuantizer]):
         self.calibrators = [q.calibrator for q in quantizers]
-        self.collected = False
 
     def collect(self, x: torch.Tensor, counts: list[int]) -> None:
         live = [e for e, n in enumerate(counts) if n]  # a segment without rows is no data, not an amax of 0
@@ -289,7 +288,6 @@ class SegmentAmax:
                 new.append(value)
         if running:
             torch._foreach_maximum_(running, new)
-        self.collected = True
 
 
 @contextmanager
