@@ -58,6 +58,45 @@ def _host_profile(fn, top: int) -> str:
     return out.getvalue()
 
 
+def launch_costs(device: torch.device, calls: int = 2000) -> dict[str, float]:
+    """Host microseconds per call, small bf16 tensor (an expert's input): a quantizer's NVFP4 fake quant
+    (dist_quant's direct launch of the compiled kernel), the same kernel through Triton's launcher, and one
+    torch op for scale. The GPU work is a few microseconds, so the loop is bound by host time."""
+    import triton
+
+    from dist_quant.kernels import nvfp4_triton
+    from dist_quant.quantizer import QuantFormat, QuantizerMode, TensorQuantizer
+
+    x = torch.randn(256, 1024, device=device, dtype=torch.bfloat16)
+    quantizer = TensorQuantizer(QuantFormat("nvfp4", block_type="dynamic")).to(device)
+    quantizer.calibrate_from(x)
+    quantizer.mode = QuantizerMode.QUANTIZING
+    n_blocks = x.numel() // 16
+    y = torch.empty_like(x)
+
+    def triton_launcher():
+        nvfp4_triton._nvfp4_fake_quant_kernel[(triton.cdiv(n_blocks, nvfp4_triton.FAKE_QUANT_BLOCKS),)](
+            x, y, quantizer._amax, quantizer._amax, n_blocks, STATIC=False, BLOCKS=nvfp4_triton.FAKE_QUANT_BLOCKS,
+            INTERPRETED=False, num_warps=nvfp4_triton.FAKE_QUANT_WARPS,
+        )
+
+    costs = {}
+    for label, fn in [
+        ("TensorQuantizer NVFP4 fake quant", lambda: quantizer(x)),
+        ("the kernel through Triton's launcher", triton_launcher),
+        ("one torch op (x * 2)", lambda: x * 2),
+    ]:
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        costs[label] = (time.perf_counter() - start) / calls * 1e6
+    return costs
+
+
 def measure(
     name: str, recipe: str, batch: int, seq: int, dtype: torch.dtype, device: torch.device, reps: int, profile: int = 0
 ) -> dict:
@@ -149,6 +188,9 @@ def main() -> int:
         "",
         md_table(["model", "params", "mode", "ms (median)", "vs plain", "target"], rows),
     ])
+    if gpu:
+        costs = launch_costs(device)
+        section += "\n\n" + md_table(["host time per call, 256x1024 bf16", "us"], [[k, f"{v:.1f}"] for k, v in costs.items()])
     print(section)
     append_results(args.results, section)
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dist_quant.recipe import RecipeError, builtin_recipe_names, load_recipe
+from dist_quant.recipe import builtin_recipe_names, load_recipe
 from dist_quant.recipe.schema import Recipe
 
 # Quantizer names of a typical layer, to show what a recipe does to each.

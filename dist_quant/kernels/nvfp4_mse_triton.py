@@ -9,12 +9,11 @@ Every candidate shares one scale over the whole tensor (E * scale_2), so its rec
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from dist_quant.kernels.launch import interpreted, launch
 from dist_quant.kernels.nvfp4_triton import _e2m1_round, _load_f32, _scale_2
 from dist_quant.numerics.nvfp4 import BLOCK_SIZE
 
@@ -95,9 +94,9 @@ def triton_nvfp4_mse_block_amax(w: torch.Tensor, global_amax: torch.Tensor) -> t
     w = w.contiguous()
     n_blocks = w.numel() // BLOCK_SIZE
     out = torch.empty((*w.shape[:-1], w.shape[-1] // BLOCK_SIZE), dtype=torch.float32, device=w.device)
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    options = {} if interpreted else {"enable_fp_fusion": False}
-    _nvfp4_mse_kernel[(triton.cdiv(n_blocks, MSE_BLOCKS),)](
-        w, out, global_amax, n_blocks, BLOCKS=MSE_BLOCKS, INTERPRETED=interpreted, num_warps=MSE_WARPS, **options
+    options = {} if interpreted() else {"enable_fp_fusion": False}
+    launch(
+        _nvfp4_mse_kernel, triton.cdiv(n_blocks, MSE_BLOCKS), (w, out, global_amax, n_blocks),
+        {"BLOCKS": MSE_BLOCKS, "INTERPRETED": interpreted()}, num_warps=MSE_WARPS, **options,
     )
     return out

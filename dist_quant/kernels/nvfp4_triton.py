@@ -18,12 +18,11 @@ propagates it; on a GPU the hardware conversions round to nearest-even and max i
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from dist_quant.kernels.launch import interpreted, launch
 from dist_quant.numerics.nvfp4 import BLOCK_SIZE, nvfp4_scale_2
 
 # Blocks per program and warps, from the launch sweep of benchmarks/bench_numerics.py on an H200.
@@ -173,19 +172,14 @@ def _launch_args(x: torch.Tensor, global_amax: torch.Tensor, block_amax: torch.T
     return x, n_blocks, static, block_amax_arg
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def triton_nvfp4_fake_quant(
     x: torch.Tensor, global_amax: torch.Tensor, block_amax: torch.Tensor | None = None
 ) -> torch.Tensor:
     x, n_blocks, static, block_amax_arg = _launch_args(x, global_amax, block_amax)
     y = torch.empty_like(x)
-    grid = (triton.cdiv(n_blocks, FAKE_QUANT_BLOCKS),)
-    _nvfp4_fake_quant_kernel[grid](
-        x, y, global_amax, block_amax_arg, n_blocks,
-        STATIC=static, BLOCKS=FAKE_QUANT_BLOCKS, INTERPRETED=_interpreted(), num_warps=FAKE_QUANT_WARPS,
+    launch(
+        _nvfp4_fake_quant_kernel, triton.cdiv(n_blocks, FAKE_QUANT_BLOCKS), (x, y, global_amax, block_amax_arg, n_blocks),
+        {"STATIC": static, "BLOCKS": FAKE_QUANT_BLOCKS, "INTERPRETED": interpreted()}, num_warps=FAKE_QUANT_WARPS,
     )
     return y
 
@@ -196,9 +190,9 @@ def triton_nvfp4_quantize(
     x, n_blocks, static, block_amax_arg = _launch_args(x, global_amax, block_amax)
     packed = torch.empty((*x.shape[:-1], x.shape[-1] // 2), dtype=torch.uint8, device=x.device)
     scale = torch.empty((*x.shape[:-1], x.shape[-1] // BLOCK_SIZE), dtype=torch.uint8, device=x.device)
-    grid = (triton.cdiv(n_blocks, QUANTIZE_BLOCKS),)
-    _nvfp4_quantize_kernel[grid](
-        x, packed, scale, global_amax, block_amax_arg, n_blocks,
-        STATIC=static, BLOCKS=QUANTIZE_BLOCKS, INTERPRETED=_interpreted(),
+    launch(
+        _nvfp4_quantize_kernel, triton.cdiv(n_blocks, QUANTIZE_BLOCKS),
+        (x, packed, scale, global_amax, block_amax_arg, n_blocks),
+        {"STATIC": static, "BLOCKS": QUANTIZE_BLOCKS, "INTERPRETED": interpreted()},
     )
     return packed, scale.view(torch.float8_e4m3fn), nvfp4_scale_2(global_amax)

@@ -7,7 +7,6 @@ megatron-core is imported lazily, so the rest of dist_quant works without it.
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
 from typing import Callable, Iterator, Mapping
 
 import torch
@@ -41,15 +40,6 @@ class QuantParallelLinear(QuantMegatronModule):
     """ColumnParallelLinear / RowParallelLinear: input, weight and output quantizers. The weight is fake-quantized
     in place of the parameter for the duration of the forward, so megatron's own code path runs unchanged."""
 
-    @contextmanager
-    def _quantized_weight(self):
-        weight = self._parameters["weight"]
-        self._parameters["weight"] = self.weight_quantizer(weight)
-        try:
-            yield
-        finally:
-            self._parameters["weight"] = weight
-
     def forward(self, input_: torch.Tensor, *args, **kwargs):
         # A disabled quantizer is the identity: skipped without a call (MoE layers run hundreds of these).
         if self.input_quantizer._mode is not _DISABLED:
@@ -60,9 +50,13 @@ class QuantParallelLinear(QuantMegatronModule):
         elif explicit is not None:  # output layer sharing the embedding's weight
             kwargs["weight"] = self.weight_quantizer(explicit)
             output, bias = super().forward(input_, *args[1:], **kwargs)
-        else:
-            with self._quantized_weight():
+        else:  # the parameter swapped in place (no context manager: this runs thousands of times per forward)
+            weight = self._parameters["weight"]
+            self._parameters["weight"] = self.weight_quantizer(weight)
+            try:
                 output, bias = super().forward(input_, *args, **kwargs)
+            finally:
+                self._parameters["weight"] = weight
         if self.output_quantizer._mode is not _DISABLED:
             output = self.output_quantizer(output)
         return output, bias

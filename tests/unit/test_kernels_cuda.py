@@ -75,3 +75,37 @@ def test_mse_sweep_on_cuda_matches_reference(gen, shape, dtype):
     g = w.float().abs().max()
     assert torch.equal(nvfp4_mse_block_amax(w.cuda(), g.cuda()).cpu(), reference_sweep(w, g))
 
+
+
+def _misaligned(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of x whose data pointer is not 16-byte aligned (Triton specializes on that)."""
+    flat = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
+    view = flat[1:].view(x.shape)
+    view.copy_(x)
+    assert view.data_ptr() % 16
+    return view
+
+
+def test_direct_launches_match_reference_in_every_argument_class(gen, monkeypatch):
+    """The first launch of each argument class goes through Triton (compiling it), the second through the kernel
+    compiled for that class: exact for 1, a multiple of 16 and other block counts, misaligned inputs and static
+    block amax, whatever class was launched before."""
+    from dist_quant.kernels import launch, nvfp4_triton
+
+    monkeypatch.setattr(launch, "_compiled", {})
+    triton_runs = []
+    run = nvfp4_triton._nvfp4_fake_quant_kernel.run
+    monkeypatch.setattr(nvfp4_triton._nvfp4_fake_quant_kernel, "run", lambda *a, **k: triton_runs.append(1) or run(*a, **k))
+    cases = []
+    for rows, cols in [(1, 16), (16, 16), (5, 48), (64, 256)]:
+        x = spread(gen, (rows, cols), torch.bfloat16).cuda()
+        for data in (x, _misaligned(x)):
+            for static in (False, True):
+                cases.append((data, data.float().reshape(rows, -1, 16).abs().amax(-1) if static else None))
+    for x, block_amax in cases:
+        global_amax = x.float().abs().max() * 1.5
+        expected = ref.nvfp4(x.cpu(), global_amax.cpu(), None if block_amax is None else block_amax.cpu())["fake_quant"]
+        for _ in range(2):
+            ref.assert_same_bits(nvfp4_fake_quant(x, global_amax, block_amax).cpu(), expected)
+    # 3 block-count classes (1, multiples of 16: 16 and 1024 blocks, other) x alignment x static: once each
+    assert len(triton_runs) == 12
