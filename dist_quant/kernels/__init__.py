@@ -38,6 +38,7 @@ def use_triton(x: torch.Tensor) -> bool:
     return True
 
 
+@functools.cache  # an import statement per call costs more than the lookup
 def _kernels():
     from dist_quant.kernels import nvfp4_triton
 

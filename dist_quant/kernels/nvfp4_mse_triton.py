@@ -9,11 +9,13 @@ Every candidate shares one scale over the whole tensor (E * scale_2), so its rec
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from dist_quant.kernels.launch import interpreted, launch
+from dist_quant.kernels.launch import INTERPRETED, Launcher
 from dist_quant.kernels.nvfp4_triton import _e2m1_round, _load_f32, _scale_2
 from dist_quant.numerics.nvfp4 import BLOCK_SIZE
 
@@ -90,13 +92,15 @@ def _nvfp4_mse_kernel(w_ptr, out_ptr, global_amax_ptr, n_blocks, BLOCKS: tl.cons
     tl.store(out_ptr + rows, amax, mask=ok)
 
 
+@functools.cache  # by constexprs, looked up per call: bench_mse's launch sweep sets the module constants
+def _mse(blocks: int, warps: int) -> Launcher:
+    options = {} if INTERPRETED else {"enable_fp_fusion": False}
+    return Launcher(_nvfp4_mse_kernel, {"BLOCKS": blocks, "INTERPRETED": INTERPRETED}, num_warps=warps, **options)
+
+
 def triton_nvfp4_mse_block_amax(w: torch.Tensor, global_amax: torch.Tensor) -> torch.Tensor:
     w = w.contiguous()
     n_blocks = w.numel() // BLOCK_SIZE
     out = torch.empty((*w.shape[:-1], w.shape[-1] // BLOCK_SIZE), dtype=torch.float32, device=w.device)
-    options = {} if interpreted() else {"enable_fp_fusion": False}
-    launch(
-        _nvfp4_mse_kernel, triton.cdiv(n_blocks, MSE_BLOCKS), (w, out, global_amax, n_blocks),
-        {"BLOCKS": MSE_BLOCKS, "INTERPRETED": interpreted()}, num_warps=MSE_WARPS, **options,
-    )
+    _mse(MSE_BLOCKS, MSE_WARPS)(triton.cdiv(n_blocks, MSE_BLOCKS), w, out, global_amax, n_blocks)
     return out

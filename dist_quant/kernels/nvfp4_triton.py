@@ -18,11 +18,13 @@ propagates it; on a GPU the hardware conversions round to nearest-even and max i
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from dist_quant.kernels.launch import interpreted, launch
+from dist_quant.kernels.launch import INTERPRETED, Launcher
 from dist_quant.numerics.nvfp4 import BLOCK_SIZE, nvfp4_scale_2
 
 # Blocks per program and warps, from the launch sweep of benchmarks/bench_numerics.py on an H200.
@@ -165,11 +167,26 @@ def _nvfp4_quantize_kernel(
 
 
 def _launch_args(x: torch.Tensor, global_amax: torch.Tensor, block_amax: torch.Tensor | None):
+    """The launch takes addresses: every tensor is made contiguous on x's device here."""
     x = x.contiguous()
     n_blocks = x.numel() // BLOCK_SIZE
-    static = block_amax is not None
-    block_amax_arg = block_amax.contiguous() if static else global_amax
-    return x, n_blocks, static, block_amax_arg
+    if global_amax.device != x.device:
+        raise ValueError(f"NVFP4 global_amax is on {global_amax.device}, the input on {x.device}")
+    block_amax_arg = global_amax if block_amax is None else block_amax.to(x.device).contiguous()
+    return x, n_blocks, block_amax is not None, block_amax_arg
+
+
+# Launchers by constexprs, looked up per call, so that the launch sweeps of the benchmarks, which set the module
+# constants, take effect.
+@functools.cache
+def _fake_quant(static: bool, blocks: int, warps: int) -> Launcher:
+    constexprs = {"STATIC": static, "BLOCKS": blocks, "INTERPRETED": INTERPRETED}
+    return Launcher(_nvfp4_fake_quant_kernel, constexprs, num_warps=warps)
+
+
+@functools.cache
+def _quantize(static: bool, blocks: int) -> Launcher:
+    return Launcher(_nvfp4_quantize_kernel, {"STATIC": static, "BLOCKS": blocks, "INTERPRETED": INTERPRETED})
 
 
 def triton_nvfp4_fake_quant(
@@ -177,9 +194,8 @@ def triton_nvfp4_fake_quant(
 ) -> torch.Tensor:
     x, n_blocks, static, block_amax_arg = _launch_args(x, global_amax, block_amax)
     y = torch.empty_like(x)
-    launch(
-        _nvfp4_fake_quant_kernel, triton.cdiv(n_blocks, FAKE_QUANT_BLOCKS), (x, y, global_amax, block_amax_arg, n_blocks),
-        {"STATIC": static, "BLOCKS": FAKE_QUANT_BLOCKS, "INTERPRETED": interpreted()}, num_warps=FAKE_QUANT_WARPS,
+    _fake_quant(static, FAKE_QUANT_BLOCKS, FAKE_QUANT_WARPS)(
+        triton.cdiv(n_blocks, FAKE_QUANT_BLOCKS), x, y, global_amax, block_amax_arg, n_blocks
     )
     return y
 
@@ -190,9 +206,7 @@ def triton_nvfp4_quantize(
     x, n_blocks, static, block_amax_arg = _launch_args(x, global_amax, block_amax)
     packed = torch.empty((*x.shape[:-1], x.shape[-1] // 2), dtype=torch.uint8, device=x.device)
     scale = torch.empty((*x.shape[:-1], x.shape[-1] // BLOCK_SIZE), dtype=torch.uint8, device=x.device)
-    launch(
-        _nvfp4_quantize_kernel, triton.cdiv(n_blocks, QUANTIZE_BLOCKS),
-        (x, packed, scale, global_amax, block_amax_arg, n_blocks),
-        {"STATIC": static, "BLOCKS": QUANTIZE_BLOCKS, "INTERPRETED": interpreted()},
+    _quantize(static, QUANTIZE_BLOCKS)(
+        triton.cdiv(n_blocks, QUANTIZE_BLOCKS), x, packed, scale, global_amax, block_amax_arg, n_blocks
     )
     return packed, scale.view(torch.float8_e4m3fn), nvfp4_scale_2(global_amax)
