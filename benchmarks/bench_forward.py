@@ -3,9 +3,10 @@
 
 For each built-in config (random weights, `--dtype`, default bfloat16 on GPU): the plain forward; then with the
 recipe's quantizers attached and activation quantizers collecting amax (calibrating mode: what calibration
-batches cost); then calibrated and fake-quantizing (quantizing mode), with and without the fake-quantized weight
-cache (`cache_fake_quant_weights`); calibrating also with the experts' fc1 input amax collected expert by expert
-instead of in one pass per layer (`BatchedExpertInputs.batched` False), to show what the one pass saves.
+batches cost); then calibrated and fake-quantizing (quantizing mode), also with the fake-quantized weight cache
+(`cache_fake_quant_weights`). Both modes also with the experts' quantizers working expert by expert instead of
+in one pass per MoE layer (`BatchedExperts.batched` False), to show what the one pass saves. On GPU, the host
+time of one fake-quant call against Triton's own launcher and a torch op.
 Median of --reps forwards after warm-up (CUDA events on GPU). Targets (BENCHMARKS.md): calibrating <= 1.3x,
 quantizing <= 1.5x the plain forward. Appends to benchmarks/RESULTS.md.
 """
@@ -104,7 +105,7 @@ def measure(
     from dist_quant.bridge import ModelBridge
     from dist_quant.calibrate import attach_quantizers, cache_fake_quant_weights, calibrate, quantizers
     from dist_quant.job import CONFIGS
-    from dist_quant.modules.megatron import BatchedExpertInputs
+    from dist_quant.modules.megatron import BatchedExperts
     from dist_quant.parallel import megatron_compat
     from dist_quant.quantizer import QuantizerMode
 
@@ -123,7 +124,7 @@ def measure(
     times = {"plain": _median_ms(forward, reps, device)}
     recipe = load_recipe(recipe)
     attach_quantizers(model, recipe)
-    layers = [m for m in model.modules() if isinstance(m, BatchedExpertInputs)]
+    layers = [m for m in model.modules() if isinstance(m, BatchedExperts)]
 
     weights = {id(q) for n, q in quantizers(model) if n.endswith("weight_quantizer")}
     for _, q in quantizers(model):
@@ -132,13 +133,18 @@ def measure(
     times["calibrating"] = _median_ms(forward, reps, device)
     for layer in layers:  # the experts' fc1 input amax collected expert by expert instead of in one pass
         layer.batched = False
-    times["calibrating, per-expert inputs"] = _median_ms(forward, reps, device)
+    times["calibrating, per-expert"] = _median_ms(forward, reps, device)
     for layer in layers:
         layer.batched = True
     for _, q in quantizers(model):
         q.mode = QuantizerMode.DISABLED
     calibrate(model, recipe, lambda m: m(tokens, positions, mask))
     times["quantizing"] = _median_ms(forward, reps, device)
+    for layer in layers:
+        layer.batched = False
+    times["quantizing, per-expert"] = _median_ms(forward, reps, device)
+    for layer in layers:
+        layer.batched = True
     cache_fake_quant_weights(model)
     times["quantizing, weight cache"] = _median_ms(forward, reps, device)
     if profile:

@@ -254,13 +254,31 @@ class TensorQuantizer(nn.Module):
 
 def segments_calibrate_together(quantizers: Sequence[TensorQuantizer]) -> bool:
     """Whether these quantizers (all of one format), fed consecutive row segments of one tensor, can collect
-    their statistics in one pass (`SegmentAmax`): all calibrating, max calibration of a per-tensor amax.
-    (Fake quantization stays per quantizer: one launch over all segments with per-row amax measured slower on an
-    H200 than one launch per segment, see benchmarks/RESULTS.md.)"""
+    their statistics in one pass (`SegmentAmax`): all calibrating, max calibration of a per-tensor amax."""
     first = quantizers[0]
     if any(q._mode is not QuantizerMode.CALIBRATING for q in quantizers):
         return False
     return first.calibrator is not None and first.fmt.axis is None and first.fmt.block_type != STATIC
+
+
+def segments_quantize_together(quantizers: Sequence[TensorQuantizer]) -> bool:
+    """Whether these quantizers (all of one format), fed consecutive row segments of one tensor, can
+    fake-quantize them in one launch (`fake_quant_segments`): all quantizing NVFP4, outside autograd (the
+    straight-through gradient is per quantizer), no cached output."""
+    if torch.is_grad_enabled() or any(q._mode is not QuantizerMode.QUANTIZING or q.cache_output for q in quantizers):
+        return False
+    return quantizers[0].fmt.kind == NVFP4
+
+
+def fake_quant_segments(quantizers: Sequence[TensorQuantizer], x: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+    """x [sum(rows), n] with each segment of rows fake-quantized by its quantizer (see
+    `segments_quantize_together`): the same values as one call per quantizer, in one kernel launch."""
+    global_amax = torch.stack([q.global_amax.reshape(()) for q in quantizers])
+    block_amax = None
+    if quantizers[0].fmt.block_type == STATIC:
+        blocks = x.shape[1] // BLOCK_SIZE
+        block_amax = torch.cat([q._block_amax.reshape(n, blocks) for q, n in zip(quantizers, rows)]).to(x.device)
+    return kernels.nvfp4_fake_quant_segments(x, global_amax, rows, block_amax)
 
 
 class SegmentAmax:

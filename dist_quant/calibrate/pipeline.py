@@ -66,7 +66,7 @@ def attach_quantizers(model: nn.Module, recipe: Recipe, groups: ParallelGroups |
     configured by the recipe, with its quantizers on the model's device; routed megatron experts apply their
     routing weight after linear_fc2 from here on (see RoutedExpertMLP). -> number of enabled quantizers."""
     from dist_quant.modules.megatron import (
-        batch_expert_inputs,
+        batch_experts,
         convert_megatron_module,
         layout_for,
         logical_namer,
@@ -102,7 +102,7 @@ def attach_quantizers(model: nn.Module, recipe: Recipe, groups: ParallelGroups |
     if enabled == 0:
         raise RecipeError(f"recipe {recipe.source} enables no quantizer in this model")
     if kinds:
-        batch_expert_inputs(model)
+        batch_experts(model)
     return enabled
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import itertools
 import os
+from typing import Sequence
 
 import torch
 
@@ -55,6 +57,33 @@ def nvfp4_fake_quant(
     return _kernels().triton_nvfp4_fake_quant(x, global_amax, block_amax)
 
 
+def nvfp4_fake_quant_segments(
+    x: torch.Tensor, global_amax: torch.Tensor, rows: Sequence[int], block_amax: torch.Tensor | None = None
+) -> torch.Tensor:
+    """NVFP4 fake quant of a 2-D x [sum(rows), n] made of consecutive row segments, each with its own global amax:
+    rows [sum(rows[:s]), sum(rows[:s + 1])) with global_amax[s]. The values of one `nvfp4_fake_quant` per segment
+    (blocks never cross rows), in one kernel launch: the experts of an MoE layer, whose inputs megatron lays out
+    one expert after another, or their weights stacked."""
+    if x.dim() != 2 or global_amax.shape != (len(rows),) or sum(rows) != x.shape[0]:
+        raise ValueError(
+            f"NVFP4 segments: need x [rows, n], one global amax per segment and segment rows summing to x's rows; "
+            f"got x {tuple(x.shape)}, global amax {tuple(global_amax.shape)}, {len(rows)} segments of {sum(rows)} rows"
+        )
+    if x.numel() == 0:
+        return x.clone()
+    if not use_triton(x):
+        blocks = [None] * len(rows) if block_amax is None else block_amax.split(list(rows))
+        parts = [reference.nvfp4_fake_quant(*args) for args in zip(x.split(list(rows)), global_amax, blocks)]
+        return torch.cat(parts) if parts else x.clone()
+    global_amax = global_amax.to(x.device, torch.float32)
+    reference.check_nvfp4_args(x, global_amax[:1], block_amax)
+    blocks_per_row = x.shape[1] // reference.BLOCK_SIZE
+    starts = [0, *itertools.accumulate(n * blocks_per_row for n in rows[:-1])]
+    # Pageable memory copied without waiting for the GPU: the host buffer is staged at once.
+    segment_starts = torch.tensor(starts, dtype=torch.int64).to(x.device, non_blocking=True)
+    return _kernels().triton_nvfp4_fake_quant(x, global_amax, block_amax, segment_starts)
+
+
 def nvfp4_quantize(
     x: torch.Tensor, global_amax: torch.Tensor | float, block_amax: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -76,4 +105,7 @@ def nvfp4_mse_block_amax(w: torch.Tensor, global_amax: torch.Tensor | float) -> 
     return triton_nvfp4_mse_block_amax(w, global_amax)
 
 
-__all__ = ["BACKEND_ENV", "nvfp4_fake_quant", "nvfp4_mse_block_amax", "nvfp4_quantize", "use_triton"]
+__all__ = [
+    "BACKEND_ENV", "nvfp4_fake_quant", "nvfp4_fake_quant_segments", "nvfp4_mse_block_amax", "nvfp4_quantize",
+    "use_triton",
+]

@@ -22,35 +22,42 @@ from triton.runtime.driver import driver
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _argument_class(value) -> tuple:
-    if isinstance(value, torch.Tensor):
-        return value.dtype, value.data_ptr() % 16 == 0
-    return value == 1, value % 16 == 0, -(2**31) <= value < 2**31
-
-
 class Launcher:
-    """`Launcher(kernel, **constexprs_and_options)(blocks, *args)` = `kernel[(blocks,)](*args, **constexprs...)`,
-    `args` being the kernel's leading non-constexpr parameters in order and the constexprs the rest, in order."""
+    """`Launcher(kernel, constexprs, **options)(blocks, *args)` = `kernel[(blocks,)](*args, **constexprs, **options)`,
+    `args` being the kernel's leading non-constexpr parameters in order and `constexprs` the rest, in order."""
 
     def __init__(self, kernel, constexprs: dict, **options):
         self.kernel, self.constexprs, self.options = kernel, constexprs, options
         self.constexpr_values = tuple(constexprs.values())
         self.compiled: dict[tuple, object] = {}
+        self.current_device = self.current_stream = None  # the GPU driver's, looked up at the first launch
 
     def __call__(self, blocks: int, *args) -> None:
         if INTERPRETED:
             self.kernel[(blocks,)](*args, **self.constexprs, **self.options)
             return
-        device = driver.active.get_current_device()
-        key = (device, *map(_argument_class, args))
-        compiled = self.compiled.get(key)
+        if self.current_device is None:
+            active = driver.active
+            self.current_device, self.current_stream = active.get_current_device, active.get_current_stream
+        device = self.current_device()
+        key, values = [device], []
+        for arg in args:
+            if isinstance(arg, torch.Tensor):
+                address = arg.data_ptr()
+                key.append((arg.dtype, address % 16 == 0))
+                values.append(address)
+            else:
+                key.append((arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31))
+                values.append(arg)
+        compiled = self.compiled.get(key := tuple(key))
         if compiled is None:
             self.compiled[key] = self.kernel[(blocks,)](*args, **self.constexprs, **self.options)
             return
-        stream = driver.active.get_current_stream(device)
-        args = (*(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args), *self.constexpr_values)
+        stream = self.current_stream(device)
+        values += self.constexpr_values
+        hook = knobs.runtime.launch_enter_hook
+        metadata = None if hook is None else compiled.launch_metadata((blocks,), stream, *values)
         compiled.run(
-            blocks, 1, 1, stream, compiled.function, compiled.packed_metadata,
-            compiled.launch_metadata((blocks,), stream, *args),
-            knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *args,
+            blocks, 1, 1, stream, compiled.function, compiled.packed_metadata, metadata,
+            hook, knobs.runtime.launch_exit_hook, *values,
         )

@@ -75,7 +75,7 @@ def _nvfp4_mse_kernel(w_ptr, out_ptr, global_amax_ptr, n_blocks, BLOCKS: tl.cons
     a13 = tl.abs(_load_f32(w_ptr, base + 13, ok, INTERPRETED))
     a14 = tl.abs(_load_f32(w_ptr, base + 14, ok, INTERPRETED))
     a15 = tl.abs(_load_f32(w_ptr, base + 15, ok, INTERPRETED))
-    scale_2 = _scale_2(global_amax_ptr)
+    scale_2 = _scale_2(tl.load(global_amax_ptr).to(tl.float32))
     best_error = tl.full([BLOCKS], float("inf"), tl.float32)
     best_code = tl.full([BLOCKS], 1, tl.int32)
     for code in range(1, 127):

@@ -52,10 +52,24 @@ def _store_from_f32(ptr, offs, y, mask, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _scale_2(global_amax_ptr):
-    g = tl.load(global_amax_ptr).to(tl.float32)
-    g = tl.where(g == 0.0, 1.0, g)
+def _scale_2(global_amax):
+    g = tl.where(global_amax == 0.0, 1.0, global_amax)
     return tl.div_rn(g, 2688.0)
+
+
+@triton.jit
+def _global_amax(global_amax_ptr, rows, segment_starts_ptr, n_segments, SEGMENTED: tl.constexpr):
+    """The tensor's global amax (a scalar), or with SEGMENTED that of each block's segment ([B]): segment s
+    holds blocks [starts[s], starts[s + 1]) and has global_amax[s]."""
+    # one return: the compiler wants one return type per function even where the branch is constexpr
+    if SEGMENTED:
+        segment = tl.zeros_like(rows)
+        for s in range(1, n_segments):
+            segment += (rows >= tl.load(segment_starts_ptr + s)).to(segment.dtype)
+        global_amax = tl.load(global_amax_ptr + segment)
+    else:
+        global_amax = tl.load(global_amax_ptr)
+    return global_amax.to(tl.float32)
 
 
 @triton.jit
@@ -67,12 +81,13 @@ def _block_amax(x, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _quotient(a, b, b_inverse, scale_2):
+def _quotient(a, b, b_inverse, smallest_scale_2):
     """a / b, correctly rounded, from b_inverse = RN(1 / b): one FMA residual step (Markstein's theorem). Where
     the first product is already infinite (a = +-Inf, or a quotient past float32) or NaN, it is kept: the
-    residual would be NaN or Inf. Below scale_2 = 2^-90 the residual could underflow, so such (absurdly small)
-    tensors divide instead; the branch is uniform over the launch."""
-    if scale_2 < 8.077935669463161e-28:
+    residual would be NaN or Inf. Below scale_2 = 2^-90 the residual could underflow, so programs with such
+    (absurdly small) scale_2 divide instead; both give the correctly rounded quotient, and the branch on the
+    smallest scale_2 of the program is uniform over it."""
+    if smallest_scale_2 < 8.077935669463161e-28:
         q = tl.div_rn(a, b)
     else:
         q = a * b_inverse
@@ -82,10 +97,10 @@ def _quotient(a, b, b_inverse, scale_2):
 
 
 @triton.jit
-def _e4m3_block_scale(block_amax, scale_2):
+def _e4m3_block_scale(block_amax, scale_2, smallest_scale_2):
     """Float32 value of the clamped E4M3 block scale (exactly representable in E4M3)."""
     divisor = 6.0 * scale_2
-    s = _quotient(block_amax, divisor, tl.div_rn(1.0, divisor), scale_2)
+    s = _quotient(block_amax, divisor, tl.div_rn(1.0, divisor), smallest_scale_2)
     s = tl.where(s == 0.0, 1.0, s)
     s = tl.minimum(tl.maximum(s, 0.001953125), 448.0)
     bits = s.to(tl.int32, bitcast=True)
@@ -95,28 +110,35 @@ def _e4m3_block_scale(block_amax, scale_2):
 
 
 @triton.jit
-def _e2m1_round(x, scale, inverse, scale_2):
+def _e2m1_round(x, scale, inverse, smallest_scale_2):
     """-> (nearest E2M1 magnitude of x / scale, ties to the even code, saturating at 6; whether x / scale < 0).
     NaN gives NaN, +-Inf saturates. Nothing here keeps x alive past the quotient: registers, hence occupancy."""
-    q = _quotient(x, scale, inverse, scale_2)
+    q = _quotient(x, scale, inverse, smallest_scale_2)
     a = tl.abs(q)
     c = tl.where(a < 2.0, 4194304.0, tl.where(a < 4.0, 8388608.0, 16777216.0))
     return tl.minimum((a + c) - c, 6.0, propagate_nan=tl.PropagateNan.ALL), q < 0.0
 
 
 @triton.jit
-def _block_scales(amax, global_amax_ptr):
-    """-> (E4M3 block scale as float32 [B], scale_2, full scale [B, 1], its reciprocal [B, 1])."""
-    scale_2 = _scale_2(global_amax_ptr)
-    e4m3_scale = _e4m3_block_scale(amax, scale_2)
+def _block_scales(amax, global_amax, SEGMENTED: tl.constexpr):
+    """-> (E4M3 block scale as float32 [B], scale_2 (a scalar, or [B, 1] if SEGMENTED), full scale [B, 1], its
+    reciprocal [B, 1], the program's smallest scale_2)."""
+    scale_2 = _scale_2(global_amax)
+    if SEGMENTED:
+        smallest_scale_2 = tl.min(scale_2, axis=0)
+    else:
+        smallest_scale_2 = scale_2
+    e4m3_scale = _e4m3_block_scale(amax, scale_2, smallest_scale_2)
     scale = (e4m3_scale * scale_2)[:, None]
-    return e4m3_scale, scale_2, scale, tl.div_rn(1.0, scale)
+    if SEGMENTED:
+        scale_2 = scale_2[:, None]
+    return e4m3_scale, scale_2, scale, tl.div_rn(1.0, scale), smallest_scale_2
 
 
 @triton.jit
 def _nvfp4_fake_quant_kernel(
-    x_ptr, y_ptr, global_amax_ptr, block_amax_ptr, n_blocks,
-    STATIC: tl.constexpr, BLOCKS: tl.constexpr, INTERPRETED: tl.constexpr,
+    x_ptr, y_ptr, global_amax_ptr, block_amax_ptr, segment_starts_ptr, n_blocks, n_segments,
+    STATIC: tl.constexpr, SEGMENTED: tl.constexpr, BLOCKS: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
     row_ok = rows < n_blocks
@@ -126,16 +148,17 @@ def _nvfp4_fake_quant_kernel(
         amax = tl.load(block_amax_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     else:
         amax = _block_amax(x, INTERPRETED)
-    e4m3_scale, scale_2, scale, inverse = _block_scales(amax, global_amax_ptr)
-    magnitude, negative = _e2m1_round(x, scale, inverse, scale_2)
+    global_amax = _global_amax(global_amax_ptr, rows, segment_starts_ptr, n_segments, SEGMENTED)
+    e4m3_scale, scale_2, scale, inverse, smallest_scale_2 = _block_scales(amax, global_amax, SEGMENTED)
+    magnitude, negative = _e2m1_round(x, scale, inverse, smallest_scale_2)
     # value x e4m3 scale is exact; the single rounding happens at scale_2, as in the reference.
     y = (magnitude * tl.where(negative, -e4m3_scale[:, None], e4m3_scale[:, None])) * scale_2
     _store_from_f32(y_ptr, offs, y, row_ok[:, None], INTERPRETED)
 
 
 @triton.jit
-def _e2m1_code(x, scale, inverse, scale_2):
-    m, negative = _e2m1_round(x, scale, inverse, scale_2)
+def _e2m1_code(x, scale, inverse, smallest_scale_2):
+    m, negative = _e2m1_round(x, scale, inverse, smallest_scale_2)
     code = tl.where(m < 2.0, m * 2.0, tl.where(m < 4.0, m + 2.0, m * 0.5 + 4.0)).to(tl.int32)
     return tl.where(negative, code | 8, code)
 
@@ -155,7 +178,8 @@ def _nvfp4_quantize_kernel(
         amax = tl.load(block_amax_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     else:
         amax = tl.maximum(_block_amax(even, INTERPRETED), _block_amax(odd, INTERPRETED))
-    e4m3_scale, scale_2, scale, inverse = _block_scales(amax, global_amax_ptr)
+    global_amax = tl.load(global_amax_ptr).to(tl.float32)
+    e4m3_scale, scale_2, scale, inverse, _ = _block_scales(amax, global_amax, False)
     packed = _e2m1_code(even, scale, inverse, scale_2) | (_e2m1_code(odd, scale, inverse, scale_2) << 4)
     tl.store(packed_ptr + rows[:, None] * 8 + pairs, packed.to(tl.uint8), mask=row_ok[:, None])
     # E4M3 bits of the (exactly representable) scale: biased exponent 7, 3 mantissa bits, subnormal step 2^-9.
@@ -179,8 +203,8 @@ def _launch_args(x: torch.Tensor, global_amax: torch.Tensor, block_amax: torch.T
 # Launchers by constexprs, looked up per call, so that the launch sweeps of the benchmarks, which set the module
 # constants, take effect.
 @functools.cache
-def _fake_quant(static: bool, blocks: int, warps: int) -> Launcher:
-    constexprs = {"STATIC": static, "BLOCKS": blocks, "INTERPRETED": INTERPRETED}
+def _fake_quant(static: bool, segmented: bool, blocks: int, warps: int) -> Launcher:
+    constexprs = {"STATIC": static, "SEGMENTED": segmented, "BLOCKS": blocks, "INTERPRETED": INTERPRETED}
     return Launcher(_nvfp4_fake_quant_kernel, constexprs, num_warps=warps)
 
 
@@ -190,12 +214,19 @@ def _quantize(static: bool, blocks: int) -> Launcher:
 
 
 def triton_nvfp4_fake_quant(
-    x: torch.Tensor, global_amax: torch.Tensor, block_amax: torch.Tensor | None = None
+    x: torch.Tensor,
+    global_amax: torch.Tensor,
+    block_amax: torch.Tensor | None = None,
+    segment_starts: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """`segment_starts` (int64, on x's device): the first block of each segment, whose global amax is the
+    matching element of `global_amax`; None: one segment, a scalar global amax."""
     x, n_blocks, static, block_amax_arg = _launch_args(x, global_amax, block_amax)
     y = torch.empty_like(x)
-    _fake_quant(static, FAKE_QUANT_BLOCKS, FAKE_QUANT_WARPS)(
-        triton.cdiv(n_blocks, FAKE_QUANT_BLOCKS), x, y, global_amax, block_amax_arg, n_blocks
+    segmented = segment_starts is not None
+    starts_arg, n_segments = (segment_starts, segment_starts.numel()) if segmented else (global_amax, 1)
+    _fake_quant(static, segmented, FAKE_QUANT_BLOCKS, FAKE_QUANT_WARPS)(
+        triton.cdiv(n_blocks, FAKE_QUANT_BLOCKS), x, y, global_amax, block_amax_arg, starts_arg, n_blocks, n_segments
     )
     return y
 

@@ -7,6 +7,7 @@ megatron-core is imported lazily, so the rest of dist_quant works without it.
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from typing import Callable, Iterator, Mapping
 
 import torch
@@ -19,7 +20,9 @@ from dist_quant.quantizer import (
     QuantizerMode,
     SegmentAmax,
     TensorQuantizer,
+    fake_quant_segments,
     segments_calibrate_together,
+    segments_quantize_together,
     suspended,
 )
 
@@ -100,23 +103,43 @@ def route_after_fc2(model: nn.Module) -> int:
     return count
 
 
-class BatchedExpertInputs:
-    """megatron's SequentialMLP, whose experts' linear_fc1 input quantizers collect their amax in one pass over
-    the layer's tokens (megatron lays them out one expert after another) instead of once per expert, then run
-    the experts with those quantizers suspended. The amax are those of the per-expert quantizers; other modes
-    and formats (see `segments_calibrate_together`) run per expert. `batched` False: always per expert."""
+class BatchedExperts:
+    """megatron's SequentialMLP, whose experts' quantizers do their per-expert work in one pass per layer where
+    they can, instead of once per expert (hundreds of small launches per forward otherwise bound an MoE forward by
+    host time):
+    - calibrating, the linear_fc1 input quantizers collect their amax in one pass over the layer's tokens
+      (megatron lays them out one expert after another; `SegmentAmax`);
+    - quantizing outside autograd, the linear_fc1 inputs are fake-quantized in one launch, and so are the
+      stacked linear_fc1 weights and the stacked linear_fc2 weights (`fake_quant_segments`);
+    then the experts run with those quantizers suspended and the fake-quantized weights swapped in. The values are
+    those of the per-expert quantizers, bit for bit; other modes and formats run per expert (see
+    `segments_calibrate_together`, `segments_quantize_together`). `batched` False: always per expert."""
 
     batched = True
 
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
-        hidden, quantizers = permuted_local_hidden_states, self.__dict__["fc1_input_quantizers"]
-        if not (
-            self.batched and self.num_local_experts > 1 and hidden.dim() == 2 and not self._reshapes_inputs()
-            and segments_calibrate_together(quantizers)
-        ):
+        hidden = permuted_local_hidden_states
+        if not (self.batched and self.num_local_experts > 1 and hidden.dim() == 2 and not self._reshapes_inputs()):
             return super().forward(hidden, tokens_per_expert, permuted_probs)
-        self.__dict__["fc1_input_amax"].collect(hidden, tokens_per_expert.tolist())
-        with suspended(quantizers):
+        input_quantizers = self.__dict__["fc1_input_quantizers"]
+        suspend, swaps = [], []
+        if segments_calibrate_together(input_quantizers):
+            self.__dict__["fc1_input_amax"].collect(hidden, tokens_per_expert.tolist())
+            suspend += input_quantizers
+        elif segments_quantize_together(input_quantizers):
+            hidden = fake_quant_segments(input_quantizers, hidden, tokens_per_expert.tolist())
+            suspend += input_quantizers
+        for linears in self.__dict__["expert_linears"]:
+            quantizers = [linear.weight_quantizer for linear in linears]
+            if segments_quantize_together(quantizers):
+                weights = torch.stack([linear.weight for linear in linears])
+                rows = [weights.shape[1]] * len(linears)
+                quantized = fake_quant_segments(quantizers, weights.flatten(0, 1), rows).view_as(weights)
+                swaps += zip(linears, quantized.unbind(0))
+                suspend += quantizers
+        if not suspend:
+            return super().forward(hidden, tokens_per_expert, permuted_probs)
+        with suspended(suspend), _swapped_weights(swaps):
             return super().forward(hidden, tokens_per_expert, permuted_probs)
 
     def _reshapes_inputs(self) -> bool:
@@ -125,22 +148,44 @@ class BatchedExpertInputs:
         return bool(config.moe_apply_probs_on_input or config.fp8 or config.fp4)
 
 
-def batch_expert_inputs(model: nn.Module) -> int:
-    """Make every SequentialMLP whose experts' fc1 input quantizers share one format a BatchedExpertInputs
-    (after the experts were converted). Idempotent. -> number of such layers."""
+@contextmanager
+def _swapped_weights(swaps):
+    """Each linear's weight parameter replaced by the given tensor for the duration."""
+    originals = [(linear, linear._parameters["weight"]) for linear, _ in swaps]
+    for linear, weight in swaps:
+        linear._parameters["weight"] = weight
+    try:
+        yield
+    finally:
+        for linear, weight in originals:
+            linear._parameters["weight"] = weight
+
+
+def batch_experts(model: nn.Module) -> int:
+    """Make every SequentialMLP whose experts' quantizers share one format per role a BatchedExperts (after the
+    experts were converted). Idempotent. -> number of such layers."""
     from megatron.core.transformer.moe.experts import SequentialMLP
 
     count = 0
     for module in model.modules():
-        if isinstance(module, SequentialMLP) and all(isinstance(e.linear_fc1, QuantModule) for e in module.local_experts):
-            quantizers = [expert.linear_fc1.input_quantizer for expert in module.local_experts]
-            if not quantizers or any(q.fmt != quantizers[0].fmt for q in quantizers):
-                continue
-            if not isinstance(module, BatchedExpertInputs):
-                module.__class__ = quantized_class(type(module), BatchedExpertInputs)
-            module.__dict__["fc1_input_quantizers"] = quantizers  # plain attributes: no submodules, no state
-            module.__dict__["fc1_input_amax"] = SegmentAmax(quantizers)
-            count += 1
+        if not isinstance(module, SequentialMLP) or not len(module.local_experts):
+            continue
+        experts = module.local_experts
+        if not all(isinstance(e.linear_fc1, QuantModule) and isinstance(e.linear_fc2, QuantModule) for e in experts):
+            continue
+        linears = [[e.linear_fc1 for e in experts], [e.linear_fc2 for e in experts]]
+        roles = [[e.linear_fc1.input_quantizer for e in experts]] + [[lin.weight_quantizer for lin in ls] for ls in linears]
+        if any(q.fmt != role[0].fmt for role in roles for q in role):
+            continue
+        if any(len({tuple(lin.weight.shape) for lin in ls}) > 1 for ls in linears):
+            continue
+        if not isinstance(module, BatchedExperts):
+            module.__class__ = quantized_class(type(module), BatchedExperts)
+        # plain attributes: no submodules, no state
+        module.__dict__["fc1_input_quantizers"] = roles[0]
+        module.__dict__["fc1_input_amax"] = SegmentAmax(roles[0])
+        module.__dict__["expert_linears"] = linears
+        count += 1
     return count
 
 

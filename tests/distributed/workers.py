@@ -306,13 +306,15 @@ def timeout_case(seconds: float):
 BATCHED_EXPERTS = 8
 
 
-def batched_expert_inputs_case(ep: int, nan_in_expert: bool = False) -> dict:
+def batched_experts_case(ep: int, nan_in_expert: bool = False) -> dict:
     """The MoE model (dead experts included: segments without rows) calibrated and evaluated twice, with each
-    layer's expert fc1 input quantizers calibrated per expert and in one pass over the layer. -> per way: the
-    logical quant state (or the calibration error), the quantized logits, how often an expert's fc1 input
-    quantizer was called, and whether the layer's one-pass collector ran."""
+    layer's experts' quantizers working per expert and in one pass over the layer. -> per way: the logical quant
+    state (or the calibration error), the quantized logits, how often an expert's fc1 input quantizer was called
+    while calibrating, how often any expert quantizer was called while quantizing, whether the layer's one-pass
+    collector ran, and how many one-launch fake quantizations ran."""
+    from dist_quant import kernels
     from dist_quant.calibrate import attach_quantizers, calibrate
-    from dist_quant.modules.megatron import BatchedExpertInputs
+    from dist_quant.modules.megatron import BatchedExperts
     from dist_quant.quantizer import SegmentAmax
     from dist_quant.recipe import load_recipe
 
@@ -321,18 +323,24 @@ def batched_expert_inputs_case(ep: int, nan_in_expert: bool = False) -> dict:
     model = build_model(moe=True, expert_bias=True, experts=BATCHED_EXPERTS)  # 6 live experts of top-2 routing
     recipe = load_recipe(RECIPE)
     attach_quantizers(model, recipe, groups)
-    layers = [m for m in model.modules() if isinstance(m, BatchedExpertInputs)]
-    calls, one_pass = [0], [0]
-    collect = SegmentAmax.collect  # counted in this spawned process only
+    layers = [m for m in model.modules() if isinstance(m, BatchedExperts)]
+    calls, one_pass, one_launch = [0], [0], [0]
+    collect, fake_quant_segments = SegmentAmax.collect, kernels.nvfp4_fake_quant_segments
 
-    def counted_collect(self, x, counts):
+    def counted_collect(self, x, counts):  # counted in this spawned process only
         one_pass[0] += 1
         collect(self, x, counts)
 
+    def counted_fake_quant_segments(*args):
+        one_launch[0] += 1
+        return fake_quant_segments(*args)
+
     SegmentAmax.collect = counted_collect
+    kernels.nvfp4_fake_quant_segments = counted_fake_quant_segments
     for layer in layers:
-        for q in layer.fc1_input_quantizers:
-            q.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        for expert in layer.local_experts:
+            for q in (expert.linear_fc1.input_quantizer, expert.linear_fc1.weight_quantizer, expert.linear_fc2.weight_quantizer):
+                q.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     data = batches(count=4)
     if nan_in_expert:  # a NaN in the input of the first live expert of the first layer, on the last rank
         expert = layers[0].local_experts[0].linear_fc1
@@ -341,7 +349,7 @@ def batched_expert_inputs_case(ep: int, nan_in_expert: bool = False) -> dict:
     for batched in (False, True):
         for layer in layers:
             layer.batched = batched
-        calls[0] = one_pass[0] = 0
+        calls[0] = one_pass[0] = one_launch[0] = 0
         entry = {}
         try:
             calibrate(model, recipe, lambda m: [_forward(m, t) for t in data], groups)
@@ -354,5 +362,6 @@ def batched_expert_inputs_case(ep: int, nan_in_expert: bool = False) -> dict:
             calls[0] = 0
             entry["logits"] = logits(model, batches(seed=7, count=1)[0], groups)
             entry["quantizing_calls"] = calls[0]
+            entry["one_launch"] = one_launch[0]
         report[batched] = entry
     return report

@@ -109,3 +109,23 @@ def test_direct_launches_match_reference_in_every_argument_class(gen, monkeypatc
             ref.assert_same_bits(nvfp4_fake_quant(x, global_amax, block_amax).cpu(), expected)
     # 3 block-count classes (1, multiples of 16: 16 and 1024 blocks, other) x alignment x static: once each
     assert len(triton_runs) == 12
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("blocks", ["dynamic", "static"])
+def test_segments_on_cuda_match_one_fake_quant_per_segment(gen, dtype, blocks):
+    """128 segments (an MoE layer's experts), some empty, one with a global amax small enough that its programs
+    divide, against the reference per segment."""
+    from dist_quant.kernels import nvfp4_fake_quant_segments
+
+    rows = torch.randint(0, 40, (128,), generator=gen).tolist()
+    rows[3] = rows[100] = 0
+    x = spread(gen, (sum(rows), 64), dtype)
+    global_amax = torch.stack([p.float().abs().amax() if p.numel() else torch.tensor(1.0) for p in x.split(rows)])
+    global_amax *= torch.rand(128, generator=gen) + 0.5
+    global_amax[7] = 1e-31
+    block_amax = x.float().reshape(len(x), -1, 16).abs().amax(-1) if blocks == "static" else None
+    parts = block_amax.split(rows) if block_amax is not None else [None] * len(rows)
+    expected = torch.cat([ref.nvfp4(p, g, b)["fake_quant"] for p, g, b in zip(x.split(rows), global_amax, parts)])
+    cuda = lambda t: None if t is None else t.cuda()  # noqa: E731
+    ref.assert_same_bits(nvfp4_fake_quant_segments(x.cuda(), global_amax.cuda(), rows, cuda(block_amax)).cpu(), expected)

@@ -4,7 +4,7 @@ against the independent reference of SPEC.md section 1."""
 import pytest
 import torch
 
-from dist_quant.kernels import nvfp4_fake_quant, nvfp4_quantize, use_triton
+from dist_quant.kernels import nvfp4_fake_quant, nvfp4_fake_quant_segments, nvfp4_quantize, use_triton
 from dist_quant.numerics import nvfp4_dequantize
 from tests.reference import formats as ref
 from tests.reference.data import DTYPES, near_ties, spread
@@ -190,3 +190,46 @@ def test_quotients_beside_tie_points_with_random_scales(backend, gen):
     packed, _, _ = nvfp4_quantize(x, global_amax, block_amax)
     assert torch.equal(packed, ref.pack_codes(expected["codes"]))
 
+
+
+def _segments(gen, rows, cols, dtype, scales):
+    """x of consecutive row segments, segment s scaled by scales[s], with a NaN and an Inf in the first non-empty
+    one; a global amax per segment near its max."""
+    x = spread(gen, (sum(rows), cols), dtype)
+    parts = list(x.float().split(rows))
+    for part, scale in zip(parts, scales):
+        part.mul_(scale)
+    x = torch.cat(parts).to(dtype)
+    first = next(s for s, n in enumerate(rows) if n)
+    start = sum(rows[:first])
+    x[start, 0], x[start, 17 % cols] = float("nan"), float("inf")
+    global_amax = torch.stack([
+        torch.nan_to_num(p.float().abs(), posinf=0.0).amax() * (torch.rand((), generator=gen) + 0.5) if p.numel() else torch.tensor(1.0)
+        for p in x.split(rows)
+    ])
+    return x, global_amax
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("blocks", ["dynamic", "static"])
+@pytest.mark.parametrize("rows", [[5, 0, 130, 1, 17], [64], [0, 3]])
+def test_segments_match_one_fake_quant_per_segment(backend, gen, dtype, blocks, rows):
+    # one segment with a global amax so small that its programs divide (scale_2 < 2^-90), mixed with normal ones
+    scales = [1.0, 1.0, 3e-30, 1e4, 0.01][: len(rows)]
+    x, global_amax = _segments(gen, rows, 48, dtype, scales)
+    # static block amax are calibrated, hence finite (the driver refuses NaN)
+    block_amax = _static_block_amax(gen, torch.nan_to_num(x, nan=0.0)) if blocks == "static" else None
+    expected = [
+        ref.nvfp4(part, amax, None if block_amax is None else part_blocks)["fake_quant"]
+        for part, amax, part_blocks in zip(x.split(rows), global_amax, (block_amax if block_amax is not None else x).split(rows))
+    ]
+    ref.assert_same_bits(nvfp4_fake_quant_segments(x, global_amax, rows, block_amax), torch.cat(expected))
+
+
+def test_segments_bad_arguments_raise_clear_errors(backend):
+    with pytest.raises(ValueError, match="one global amax per segment"):
+        nvfp4_fake_quant_segments(torch.ones(4, 32), torch.ones(3), [2, 2])
+    with pytest.raises(ValueError, match="summing to x's rows"):
+        nvfp4_fake_quant_segments(torch.ones(4, 32), torch.ones(2), [2, 1])
+    with pytest.raises(ValueError, match="multiple of 16"):
+        nvfp4_fake_quant_segments(torch.ones(4, 24), torch.ones(2), [2, 2])
