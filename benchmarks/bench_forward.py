@@ -77,8 +77,8 @@ def launch_costs(device: torch.device, calls: int = 2000) -> dict[str, float]:
 
     def triton_launcher():
         nvfp4_triton._nvfp4_fake_quant_kernel[(triton.cdiv(n_blocks, nvfp4_triton.FAKE_QUANT_BLOCKS),)](
-            x, y, quantizer._amax, quantizer._amax, n_blocks, STATIC=False, BLOCKS=nvfp4_triton.FAKE_QUANT_BLOCKS,
-            INTERPRETED=False, num_warps=nvfp4_triton.FAKE_QUANT_WARPS,
+            x, y, quantizer._amax, quantizer._amax, quantizer._amax, n_blocks, 1, STATIC=False, SEGMENTED=False,
+            BLOCKS=nvfp4_triton.FAKE_QUANT_BLOCKS, INTERPRETED=False, num_warps=nvfp4_triton.FAKE_QUANT_WARPS,
         )
 
     costs = {}

@@ -344,7 +344,7 @@ def batched_experts_case(ep: int, nan_in_expert: bool = False) -> dict:
     data = batches(count=4)
     if nan_in_expert:  # a NaN in the input of the first live expert of the first layer, on the last rank
         expert = layers[0].local_experts[0].linear_fc1
-        expert.register_forward_pre_hook(lambda m, args: (args[0].index_fill(0, torch.tensor([0]), float("nan")),))
+        expert.register_forward_pre_hook(lambda m, args: (args[0].index_fill(0, torch.tensor([0], device=args[0].device), float("nan")),))
     report = {"layers": len(layers)}
     for batched in (False, True):
         for layer in layers:
