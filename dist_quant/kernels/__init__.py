@@ -60,21 +60,11 @@ def nvfp4_fake_quant(
 def nvfp4_fake_quant_segments(
     x: torch.Tensor, global_amax: torch.Tensor, rows: Sequence[int], block_amax: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """NVFP4 fake quant of a 2-D x [sum(rows), n] made of consecutive row segments, each with its own global amax:
-    rows [sum(rows[:s]), sum(rows[:s + 1])) with global_amax[s]. The values of one `nvfp4_fake_quant` per segment
-    (blocks never cross rows), in one kernel launch: the experts of an MoE layer, whose inputs megatron lays out
-    one expert after another, or their weights stacked."""
-    if x.dim() != 2 or global_amax.shape != (len(rows),) or sum(rows) != x.shape[0]:
-        raise ValueError(
-            f"NVFP4 segments: need x [rows, n], one global amax per segment and segment rows summing to x's rows; "
-            f"got x {tuple(x.shape)}, global amax {tuple(global_amax.shape)}, {len(rows)} segments of {sum(rows)} rows"
-        )
+    if not use_triton(x):
+        return reference.nvfp4_fake_quant_segments(x, global_amax, rows, block_amax)
+    reference.check_segment_args(x, global_amax, rows)
     if x.numel() == 0:
         return x.clone()
-    if not use_triton(x):
-        blocks = [None] * len(rows) if block_amax is None else block_amax.split(list(rows))
-        parts = [reference.nvfp4_fake_quant(*args) for args in zip(x.split(list(rows)), global_amax, blocks)]
-        return torch.cat(parts) if parts else x.clone()
     global_amax = global_amax.to(x.device, torch.float32)
     reference.check_nvfp4_args(x, global_amax[:1], block_amax)
     blocks_per_row = x.shape[1] // reference.BLOCK_SIZE

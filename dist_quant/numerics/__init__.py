@@ -7,6 +7,7 @@ from dist_quant.numerics.nvfp4 import (
     nvfp4_block_amax,
     nvfp4_dequantize,
     nvfp4_fake_quant,
+    nvfp4_fake_quant_segments,
     nvfp4_quantize,
     nvfp4_scale_2,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "nvfp4_block_amax",
     "nvfp4_dequantize",
     "nvfp4_fake_quant",
+    "nvfp4_fake_quant_segments",
     "nvfp4_mse_block_amax",
     "nvfp4_quantize",
     "nvfp4_scale_2",

@@ -7,6 +7,8 @@ returns NaN at exactly the NaN positions. `nvfp4_quantize` rejects NaN: E2M1 can
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from dist_quant.numerics.fp8 import (
@@ -113,6 +115,26 @@ def nvfp4_fake_quant(
     codes, block_scale, scale_2 = _encode(x, global_amax, block_amax)
     y = _decode_blocks(codes, block_scale, scale_2).reshape(x.shape)
     return torch.where(x.isnan(), x.float(), y).to(x.dtype)
+
+
+def check_segment_args(x: torch.Tensor, global_amax: torch.Tensor, rows: Sequence[int]) -> None:
+    if x.dim() != 2 or global_amax.shape != (len(rows),) or sum(rows) != x.shape[0]:
+        raise ValueError(
+            f"NVFP4 segments: need x [rows, n], one global amax per segment and segment rows summing to x's rows; "
+            f"got x {tuple(x.shape)}, global amax {tuple(global_amax.shape)}, {len(rows)} segments of {sum(rows)} rows"
+        )
+
+
+def nvfp4_fake_quant_segments(
+    x: torch.Tensor, global_amax: torch.Tensor, rows: Sequence[int], block_amax: torch.Tensor | None = None
+) -> torch.Tensor:
+    """NVFP4 fake quant of a 2-D x [sum(rows), n] made of consecutive row segments, each with its own global amax:
+    rows [sum(rows[:s]), sum(rows[:s + 1])) with global_amax[s] (and the matching rows of block_amax). By
+    definition one `nvfp4_fake_quant` per segment (blocks never cross rows); the kernel does it in one launch."""
+    check_segment_args(x, global_amax, rows)
+    blocks = [None] * len(rows) if block_amax is None else block_amax.split(list(rows))
+    parts = [nvfp4_fake_quant(*args) for args in zip(x.split(list(rows)), global_amax, blocks)]
+    return torch.cat(parts) if parts else x.clone()
 
 
 def check_no_nan(x: torch.Tensor) -> None:
