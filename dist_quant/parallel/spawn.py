@@ -21,12 +21,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, out_dir: str, backend: str, fn, args) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+def _entry(rank: int, world: int, out_dir: str, backend: str, fn, args) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     if backend == "nccl":
         torch.cuda.set_device(rank)
-    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=90))
+    # Rendezvous through a file, not a free port: a port found free can be taken by another process (a gloo
+    # connection of a concurrent job) before rank 0 listens on it, and then both jobs hang.
+    dist.init_process_group(
+        backend, init_method=f"file://{os.path.join(out_dir, 'rendezvous')}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=90),
+    )
     try:
         torch.save(fn(*args), os.path.join(out_dir, f"rank{rank}.pt"))
     except BaseException:
@@ -46,8 +51,7 @@ def run_ranks(world: int, fn, *args, timeout: float = 240.0, backend: str = "glo
     failure, not a wait."""
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as out_dir:
-        port = free_port()
-        procs = [ctx.Process(target=_entry, args=(r, world, port, out_dir, backend, fn, args)) for r in range(world)]
+        procs = [ctx.Process(target=_entry, args=(r, world, out_dir, backend, fn, args)) for r in range(world)]
         for p in procs:
             p.start()
         for p in procs:
