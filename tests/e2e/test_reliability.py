@@ -1,9 +1,7 @@
 """The job under bad inputs, faults and attacks: no hang, no lost data, no code run from files, the real error
 of any rank reported once as one line."""
 
-import json
 import os
-import shutil
 import stat
 
 import pytest
