@@ -21,7 +21,6 @@ import torch
 import torch.distributed as dist
 
 from dist_quant.parallel.megatron_compat import layout_problem
-from dist_quant.parallel.spawn import free_port
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "models"
 # Built-in configs up to this many parameters get their random weights written once as a checkpoint (the same
@@ -130,12 +129,15 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def init_distributed(timeout: datetime.timedelta = datetime.timedelta(minutes=10)) -> torch.device:
     """NCCL with one GPU per rank where CUDA exists, gloo on CPU; a lone process without torchrun works too."""
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+        backend = "nccl" if cuda else "gloo"
+        if "RANK" not in os.environ:  # alone: an in-memory store, no port to find free (another job may take it)
+            os.environ.update(RANK="0", WORLD_SIZE="1")
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 

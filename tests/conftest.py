@@ -9,6 +9,8 @@ import torch
 # Without a GPU the Triton kernels run under the interpreter; it must be chosen before triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Spawned gloo ranks stay alive between jobs (see dist_quant.parallel.spawn): their imports cost more than most jobs.
+os.environ.setdefault("DIST_QUANT_KEEP_RANKS", "1")
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import torch
 from dist_quant.parallel.spawn import run_ranks
 from tests.distributed import workers
 
-pytestmark = pytest.mark.xdist_group("megatron")
+pytestmark = pytest.mark.xdist_group("batched-experts")  # one worker computes the module's fixtures
 
 
 @pytest.mark.parametrize("ep", [1, 2])

@@ -16,6 +16,7 @@ from dist_quant.parallel import megatron_compat
 from dist_quant.parallel.groups import ParallelGroups
 from dist_quant.parallel.layout import shard
 from dist_quant.quantizer import QuantizerMode, TensorQuantizer
+from tests.reference.tolerance import transformer_roundings
 
 # gloo on CPU here and in CI; DIST_QUANT_TEST_BACKEND=nccl runs the distributed tests on one GPU per rank, and
 # DIST_QUANT_TEST_MAX_RANKS keeps the layouts that fit the GPUs there.
@@ -29,6 +30,10 @@ def fitting(layouts: dict) -> dict:
 
 
 VOCAB, SEQ, BATCH, EXPERTS = 128, 16, 4, 4
+# the roundings along build_model's forward (tests.reference.tolerance)
+FORWARD_ROUNDINGS = transformer_roundings(
+    {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "head_dim": 16, "intermediate_size": 128}, SEQ
+)
 DEAD_EXPERTS = (1, 3)
 
 # Every amax granularity at once: per-channel FP8 attention weights, static-block NVFP4 MLP and expert weights

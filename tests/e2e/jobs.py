@@ -1,18 +1,43 @@
 """Running the job as a user does, for the end-to-end tests."""
 
+import contextlib
+import io
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_python(*args, timeout=300, env=None):
+def run_python(*args, timeout=600, env=None):
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
 
 
 def torchrun(ranks, *args, **kwargs):
-    return run_python("-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "-m", "dist_quant.cli", "calibrate", *args, **kwargs)
+    """`torchrun --standalone --nproc-per-node RANKS -m dist_quant.cli calibrate ARGS`: standalone, the rendezvous
+    takes a port the system gives it, so that concurrent jobs (other test workers, other runs) never meet."""
+    return run_python(
+        "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), "-m", "dist_quant.cli",
+        "calibrate", *args, **kwargs,
+    )
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    """`python -m dist_quant.cli ARGS` for a command that must end before any rank starts (a refused invocation,
+    --help, recipes): `dist_quant.cli.main` in this process, its exit status and what it printed. (A Python of
+    its own costs seconds of imports.) Reaching the job itself fails the test."""
+    from dist_quant import cli, job
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), mock.patch.object(
+        job, "run", side_effect=AssertionError("the invocation was accepted and the job would start")
+    ):
+        try:
+            code = cli.main(list(args))
+        except SystemExit as exit_:  # argparse: --help, or a usage error
+            code = exit_.code
+    return subprocess.CompletedProcess(["dist-quant", *args], code, out.getvalue(), err.getvalue())
 
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

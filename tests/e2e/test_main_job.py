@@ -8,10 +8,7 @@ import pytest
 from dist_quant.export import verify
 
 from dist_quant.job import CONFIGS
-from tests.e2e.jobs import run_python, tiny_checkpoint, tiny_qwen3_moe, torchrun
-
-pytestmark = pytest.mark.xdist_group("e2e")
-
+from tests.e2e.jobs import run_cli, run_python, tiny_checkpoint, tiny_qwen3_moe, torchrun
 
 def test_readme_main_job_at_small_size(tmp_path):
     out = tmp_path / "tiny-qwen3-moe-nvfp4"
@@ -54,7 +51,7 @@ def test_bad_invocations_fail_with_one_line(tmp_path, args, message):
     base = {"--model": "tiny-qwen3-moe", "--recipe": "nvfp4_default-fp8_cast_kv", "--out": str(tmp_path / "x")}
     for flag, value in zip(args[::2], args[1::2]):
         base[flag] = value
-    result = run_python("-m", "dist_quant.cli", "calibrate", *[item for pair in base.items() for item in pair])
+    result = run_cli("calibrate", *[item for pair in base.items() for item in pair])
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("dist-quant: error:") and message in result.stderr
 
@@ -126,8 +123,8 @@ def test_the_compute_dtype_defaults_to_the_checkpoints(tmp_path):
 
 def test_a_config_key_that_cannot_be_honoured_fails_before_any_rank_starts(tmp_path):
     source = tiny_qwen3_moe(tmp_path / "window", __import__("torch").float32, use_sliding_window=True, sliding_window=8)
-    result = run_python("-m", "dist_quant.cli", "calibrate", "--hf-model", str(source), "--recipe", "fp8_default-fp8_cast_kv",
-                  "--seq-len", "16", "--out", str(tmp_path / "out"))
+    result = run_cli("calibrate", "--hf-model", str(source), "--recipe", "fp8_default-fp8_cast_kv", "--seq-len", "16",
+                     "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and result.stdout == "" and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith("dist-quant: error: config.json: use_sliding_window = True: a 8-token sliding window")
 

@@ -9,9 +9,8 @@ import torch
 
 from dist_quant.export import OutputError, OutputTarget, verify
 from dist_quant.job import replica_samples
-from tests.e2e.jobs import run_python, tiny_qwen3_moe, torchrun
+from tests.e2e.jobs import run_cli, run_python, tiny_qwen3_moe, torchrun
 
-pytestmark = pytest.mark.xdist_group("e2e")
 TINY = ("--model", "tiny-qwen3-moe", "--recipe", "fp8_default-fp8_cast_kv", "--seq-len", "16")
 
 
@@ -82,8 +81,8 @@ def test_out_is_never_the_current_directory_a_mount_a_source_or_foreign_data(tmp
         **({"/dev/shm": "is a mount point"} if os.path.ismount("/dev/shm") else {}),
     }
     for out, text in cases.items():
-        result = run_python("-m", "dist_quant.cli", "calibrate", "--hf-model", str(source), "--recipe",
-                            "fp8_default-fp8_cast_kv", "--out", out, "--overwrite")
+        result = run_cli("calibrate", "--hf-model", str(source), "--recipe", "fp8_default-fp8_cast_kv", "--out", out,
+                         "--overwrite")
         assert result.returncode == 2 and result.stderr.count("\n") == 1 and text in result.stderr, (out, result.stderr)
     assert (foreign / "cat.jpg").read_bytes() == b"meow" and a_file.read_text() == "keep me"
 
@@ -132,7 +131,7 @@ def test_no_room_is_found_before_any_work():
 def test_bad_calibration_data_is_one_line(tmp_path, content, text):
     data = tmp_path / "calib.jsonl"
     data.write_bytes(content)
-    result = run_python("-m", "dist_quant.cli", "calibrate", *TINY, "--calib-data", str(data), "--out", str(tmp_path / "o"))
+    result = run_cli("calibrate", *TINY, "--calib-data", str(data), "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and text in result.stderr, result.stderr
 
 
@@ -157,7 +156,7 @@ def test_the_builtin_weights_are_named_by_their_config(tmp_path, monkeypatch):
 
 
 def test_help_names_the_collective_timeout():
-    result = run_python("-m", "dist_quant.cli", "calibrate", "--help")
+    result = run_cli("calibrate", "--help")
     assert "--timeout MINUTES" in result.stdout and "default 10" in result.stdout
 
 
@@ -165,6 +164,6 @@ def test_help_names_the_collective_timeout():
 def test_a_garbage_config_json_is_one_line(tmp_path, content):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_bytes(content)
-    result = run_python("-m", "dist_quant.cli", "calibrate", "--hf-model", str(tmp_path / "model"), "--recipe",
-                        "fp8_default-fp8_cast_kv", "--out", str(tmp_path / "o"))
+    result = run_cli("calibrate", "--hf-model", str(tmp_path / "model"), "--recipe", "fp8_default-fp8_cast_kv",
+                     "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "config.json: " in result.stderr, result.stderr

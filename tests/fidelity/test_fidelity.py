@@ -11,6 +11,7 @@ from dist_quant.parallel.spawn import run_ranks
 from tests.distributed.workers import BACKEND, fitting
 from tests.fidelity import oracle
 from tests.fidelity import workers
+from tests.reference.tolerance import assert_equal_up_to_rounding, transformer_roundings
 
 pytestmark = pytest.mark.xdist_group("fidelity")
 
@@ -39,6 +40,10 @@ def calibrated(references):
     }
 
 
+def _roundings(case: str) -> int:
+    return transformer_roundings(oracle.CASES[case][1], oracle.SEQ)
+
+
 def _tied(case: str) -> bool:
     return oracle.CASES[case][1]["tie_word_embeddings"]
 
@@ -59,7 +64,7 @@ def test_every_activation_amax_equals_transformers(references, calibrated, case,
 @pytest.mark.parametrize("case", oracle.CASES)
 def test_megatron_forward_equals_transformers(references, calibrated, case, layout):
     _, _, expected = references[case]
-    torch.testing.assert_close(calibrated[layout][case]["plain_logits"], expected, rtol=1e-4, atol=1e-4)
+    assert_equal_up_to_rounding(calibrated[layout][case]["plain_logits"], expected, _roundings(case))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -68,7 +73,7 @@ def test_routing_weight_after_fc2_leaves_the_moe_output_alone(calibrated, case, 
     """Quantizers attached (routing weight moved after linear_fc2) but disabled: megatron's own output, to
     float rounding."""
     run = calibrated[layout][case]
-    torch.testing.assert_close(run["disabled_logits"], run["plain_logits"], rtol=1e-5, atol=1e-5)
+    assert_equal_up_to_rounding(run["disabled_logits"], run["plain_logits"], _roundings(case))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

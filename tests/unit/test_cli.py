@@ -1,11 +1,6 @@
-"""The dist-quant command, run as a user would."""
+"""The dist-quant command's recipes and help (the e2e tests run it in processes of its own)."""
 
-import subprocess
-import sys
-
-
-def _run(*args):
-    return subprocess.run([sys.executable, "-m", "dist_quant.cli", *args], capture_output=True, text=True)
+from tests.e2e.jobs import run_cli as _run
 
 
 def test_recipes_lists_the_builtins():
