@@ -4,6 +4,8 @@ sharded Megatron model -> a stream of full Hugging Face tensors on one rank (gat
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -11,11 +13,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dist_quant.bridge.mappings import BridgeError, ShardInfo
+from dist_quant.bridge.mappings import BridgeError, Mapping, ShardInfo
 from dist_quant.bridge.models import ModelBridge
+from dist_quant.modules.base import model_device, structure_version
 from dist_quant.modules.megatron import experts_per_rank, logical_namer
 from dist_quant.parallel.agree import every_rank
-from dist_quant.parallel.groups import ParallelGroups
+from dist_quant.parallel.groups import GROUP_NAMES, ParallelGroups, group_ranks
 from dist_quant.parallel.layout import unshard
 
 
@@ -196,52 +199,171 @@ def load_hf_weights(model: nn.Module, bridge: ModelBridge, reader, groups: Paral
     return left_out
 
 
-def _inventory(groups: ParallelGroups, state: dict[str, torch.Tensor]) -> list[dict]:
-    """Every rank's coordinates and (logical name -> piece shape, dtype): one collective."""
-    mine = {
-        "coords": {n: groups.rank(n) for n in ("tp", "dp", "ep", "etp", "edp")},
-        "tensors": {name: (tuple(t.shape), t.dtype) for name, t in state.items()},
-    }
-    return every_rank(mine)
+@dataclass(frozen=True)
+class Planned:
+    """One logical Megatron tensor of an export stream: who holds its pieces, who yields it, its HF side."""
+
+    name: str
+    mapping: Mapping
+    hf_names: tuple[str, ...]
+    sources: tuple[int, ...]  # global ranks of model replica 0 holding its pieces, in piece order
+    shapes: tuple[tuple[int, ...], ...]  # each source's piece
+    dtype: torch.dtype
+    target: int  # the rank that yields it
+
+
+class ExportPlan:
+    """What an export stream moves, worked out once per model and layout (one collective) and reused: a 30B MoE
+    streams ~75,000 tensors, and finding each one's mapping and holders costs more than moving it. This rank's
+    tensors are looked up where the model keeps them (`slots`) at every stream, so new values, and the new
+    tensors a recalibration puts in place, are what streams; a plan whose tensors changed shape, dtype or
+    presence is stale (`stale`), and so is one made before dist_quant changed the model's quantizers."""
+
+    def __init__(self, model: nn.Module, bridge: ModelBridge, groups: ParallelGroups, dst: int | None, quant_state: bool):
+        registry = bridge.registry(quant_state=quant_state)
+        self.slots = _slots(model, groups.rank("ep"), quant_state)
+        self.signature = _signature(self.slots)
+        self.structure = structure_version(model)
+        mine = {
+            "coords": {n: groups.rank(n) for n in ("tp", "dp", "ep", "etp", "edp")},
+            "tensors": {name: held for name, held in self.signature.items() if held is not None},
+        }
+        inventory = every_rank(mine)
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.device = model_device(model)
+        layers: dict[str, list[Planned]] = {}
+        for name in sorted({name for rank in inventory for name in rank["tensors"]}, key=_natural):
+            mapping, _, hf_names = registry.megatron_to_hf(name)
+            if not mapping.exported:
+                continue
+            sources = _holders(inventory, name, mapping.expert, mapping.shard_dim is not None)
+            target = sources[0] if dst is None else dst
+            if self.rank != target and self.rank not in sources:
+                continue  # other ranks' business: this rank's stream never looks at it
+            held = [inventory[r]["tensors"][name] for r in sources]
+            planned = Planned(name, mapping, tuple(hf_names), tuple(sources), tuple(h[0] for h in held), held[0][1], target)
+            layers.setdefault(layer_key(name), []).append(planned)
+        self.layers = list(layers.items())
+
+    def stale(self, model: nn.Module) -> bool:
+        """Local: whether this rank's tensors or quantizers changed since planning."""
+        return self.structure != structure_version(model) or _signature(self.slots) != self.signature
+
+    def tensor(self, name: str) -> torch.Tensor:
+        container, key = self.slots[name]
+        return container[key].detach()
+
+
+def _slots(model: nn.Module, ep_rank: int, quant_state: bool) -> dict[str, tuple[dict, str]]:
+    """Logical name -> (the dict holding it, key) for every parameter and persistent buffer `state_dict` would
+    give (buffers that are None too, so that one appearing later makes a plan stale); quantizer buffers only
+    with quant_state."""
+    logical_name = logical_namer(model, ep_rank)
+    slots = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        persistent = [k for k in module._buffers if k not in module._non_persistent_buffers_set]
+        for container, keys in ((module._parameters, list(module._parameters)), (module._buffers, persistent)):
+            for key in keys:
+                name = f"{prefix}.{key}" if prefix else key
+                if quant_state or "_quantizer." not in name:
+                    slots[logical_name(name)] = (container, key)
+    return slots
+
+
+def _signature(slots: dict[str, tuple[dict, str]]) -> dict[str, tuple[tuple[int, ...], torch.dtype] | None]:
+    signature = {}
+    for name, (container, key) in slots.items():
+        tensor = container[key]
+        signature[name] = None if tensor is None else (tuple(tensor.shape), tensor.dtype)
+    return signature
+
+
+def export_plan(model: nn.Module, bridge: ModelBridge, groups: ParallelGroups, dst: int | None, quant_state: bool) -> ExportPlan:
+    """The model's plan for this stream, made or remade where any rank's is missing or stale. Collective."""
+    key = (dst, quant_state, id(bridge), tuple(group_ranks(getattr(groups, n)) for n in GROUP_NAMES))
+    plans = model.__dict__.setdefault("_dist_quant_export_plans", {})
+    plan = plans.get(key)
+    if any(every_rank(plan is None or plan.stale(model))):
+        plan = plans[key] = ExportPlan(model, bridge, groups, dst, quant_state)
+    return plan
+
+
+def layer_key(name: str) -> str:
+    """The unit a stream works in: `decoder.layers.N` for the tensors of a layer, else the module (embedding,
+    final norm, output layer)."""
+    match = _LAYER_PREFIX.match(name)
+    return match.group(1) if match else name.rsplit(".", 1)[0]
+
+
+_LAYER_PREFIX = re.compile(r"^(.*?\blayers\.\d+)\.")
+
+
+def export_hf_layers(
+    model: nn.Module, bridge: ModelBridge, groups: ParallelGroups, dst: int | None = 0, quant_state: bool = False
+) -> Iterator[tuple[str, list[tuple[Planned, torch.Tensor, bool]]]]:
+    """Per layer, in stream order, the full logical tensors this rank yields: (planned, tensor, owned), where
+    owned False means the tensor is the model's own (a caller handing it out copies it first). Pieces are sent
+    to the yielding rank by the ranks of model replica 0 that hold them: rank `dst`, or with `dst` None the
+    first rank holding a piece of the tensor (the one holding the first piece of its module's weight too), so
+    that every rank yields a share and nothing passes through one rank. Collective: every rank must exhaust
+    the generator."""
+    plan = export_plan(model, bridge, groups, dst, quant_state)
+    me = plan.rank
+    for key, entries in plan.layers:
+        layer = []
+        for planned in entries:
+            if planned.sources == (me,) and planned.target == me:  # whole here: no copy, no message
+                layer.append((planned, plan.tensor(planned.name), False))
+                continue
+            pieces = []
+            for source, shape in zip(planned.sources, planned.shapes):
+                if source == me == planned.target:
+                    pieces.append(plan.tensor(planned.name))
+                elif source == me:
+                    dist.send(plan.tensor(planned.name).contiguous(), planned.target)
+                elif me == planned.target:
+                    buffer = torch.empty(shape, dtype=planned.dtype, device=plan.device)
+                    dist.recv(buffer, source)
+                    pieces.append(buffer)
+            if me == planned.target:
+                mapping = planned.mapping
+                if len(pieces) == 1:  # unsharding one piece is the identity, strided or not
+                    layer.append((planned, pieces[0], planned.sources[0] != me))
+                else:
+                    layer.append((planned, unshard(pieces, mapping.shard_dim, mapping.stride), True))
+        if layer:
+            yield key, layer
+
+
+def owned(layer: list[tuple[Planned, torch.Tensor, bool]]) -> list[tuple[Planned, torch.Tensor]]:
+    """The layer's tensors with those that are the model's own replaced by copies: one concatenation per dtype,
+    not one copy per tensor."""
+    out = [(planned, tensor) for planned, tensor, _ in layer]
+    borrowed: dict[torch.dtype, list[int]] = {}
+    for i, (_, tensor, is_owned) in enumerate(layer):
+        if not is_owned:
+            borrowed.setdefault(tensor.dtype, []).append(i)
+    for indices in borrowed.values():
+        tensors = [out[i][1] for i in indices]
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        for i, tensor, copy in zip(indices, tensors, flat.split([t.numel() for t in tensors])):
+            out[i] = (out[i][0], copy.view(tensor.shape))
+    return out
 
 
 def export_hf_bundles(
     model: nn.Module, bridge: ModelBridge, groups: ParallelGroups, dst: int | None = 0, quant_state: bool = False
 ) -> Iterator[tuple[str, list[tuple[str, torch.Tensor]]]]:
-    """Yield, on rank `dst`, (logical Megatron name, [(HF name, full tensor), ...]) one tensor at a time, in an
-    order where each module's weight and quantizer buffers come together. Pieces are sent to `dst` by the ranks
-    of model replica 0 that hold them. `dst` None: each tensor goes to the first rank holding a piece of it (the
-    one holding the first piece of its module's weight too), so every rank yields a share and nothing passes
-    through one rank. Collective: every rank must exhaust the generator."""
-    registry = bridge.registry(quant_state=quant_state)
-    state = _state(model, groups.rank("ep"), quant_state)
-    inventory = _inventory(groups, state)
-    me = dist.get_rank() if dist.is_initialized() else 0
-    plan = sorted({name for rank in inventory for name in rank["tensors"]}, key=_natural)
-    for name in plan:
-        mapping, _, hf_names = registry.megatron_to_hf(name)
-        if not mapping.exported:
-            continue
-        sources = _holders(inventory, name, mapping.expert, mapping.shard_dim is not None)
-        target = sources[0] if dst is None else dst
-        pieces = []
-        for source in sources:
-            if source == me and me == target:
-                pieces.append(state[name].detach().clone())  # the stream's tensors never alias the model
-            elif source == me:
-                dist.send(state[name].detach().contiguous(), target)
-            elif me == target:
-                shape, dtype = inventory[source]["tensors"][name]
-                buffer = torch.empty(shape, dtype=dtype, device=state[next(iter(state))].device)
-                dist.recv(buffer, source)
-                pieces.append(buffer)
-        if me == target:
-            full = pieces[0] if mapping.shard_dim is None else unshard(pieces, mapping.shard_dim, mapping.stride)
-            yield name, list(zip(hf_names, mapping.to_hf(full)))
+    """Yield, on rank `dst`, (logical Megatron name, [(HF name, full tensor), ...]) one logical tensor at a time,
+    in an order where each module's weight and quantizer buffers come together (see `export_hf_layers`). The
+    tensors never alias the model. Collective: every rank must exhaust the generator."""
+    for _, layer in export_hf_layers(model, bridge, groups, dst, quant_state):
+        for planned, tensor in owned(layer):
+            yield planned.name, list(zip(planned.hf_names, planned.mapping.to_hf(tensor)))
 
 
 def export_hf_stream(
-    model: nn.Module, bridge: ModelBridge, groups: ParallelGroups, dst: int = 0, quant_state: bool = False
+    model: nn.Module, bridge: ModelBridge, groups: ParallelGroups, dst: int | None = 0, quant_state: bool = False
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, full tensor) pairs on rank `dst`; see export_hf_bundles."""
     for _, tensors in export_hf_bundles(model, bridge, groups, dst, quant_state):

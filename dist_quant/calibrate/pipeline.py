@@ -22,7 +22,7 @@ from torch import nn
 from dist_quant.calibrate.shared import form_shared_states
 from dist_quant.kernels import nvfp4_mse_block_amax
 from dist_quant.modules import QuantModule, convert_linear
-from dist_quant.modules.base import model_device
+from dist_quant.modules.base import model_device, structure_changed
 from dist_quant.modules.linear import LINEAR_QUANTIZERS
 from dist_quant.parallel.groups import ParallelGroups, default_groups, megatron_loaded
 from dist_quant.parallel.reduce import AmaxReducer, NonFiniteAmaxError
@@ -82,23 +82,26 @@ def attach_quantizers(model: nn.Module, recipe: Recipe, groups: ParallelGroups |
     # megatron's output layer tied to the embedding: no weight of its own, or (on a last pipeline stage) a copy
     tied_head = getattr(model, "output_layer", None) if getattr(model, "share_embeddings_and_output_weights", False) else None
     enabled = 0
-    for name, module in list(model.named_modules()):
-        if isinstance(module, QuantModule):
-            continue
-        kind = next((k for k in kinds if isinstance(module, k)), None)
-        if kind is None and not isinstance(module, nn.Linear):
-            continue
-        prefix = f"{name}." if name else ""
-        names = kinds[kind][1] if kind else LINEAR_QUANTIZERS
-        formats = {q: recipe.format_for(prefix + q) for q in names}
-        problem = _format_problem(module, formats, tied=module is tied_head)
-        if problem:
-            raise RecipeError(f"recipe {recipe.source}: {prefix}{problem}")
-        enabled += sum(fmt is not None for fmt in formats.values())
-        if kind is None:
-            convert_linear(module, formats, name)
-        else:
-            convert_megatron_module(module, kinds[kind][0], formats, layout_for(module, logical_name(name)), device)
+    try:
+        for name, module in list(model.named_modules()):
+            if isinstance(module, QuantModule):
+                continue
+            kind = next((k for k in kinds if isinstance(module, k)), None)
+            if kind is None and not isinstance(module, nn.Linear):
+                continue
+            prefix = f"{name}." if name else ""
+            names = kinds[kind][1] if kind else LINEAR_QUANTIZERS
+            formats = {q: recipe.format_for(prefix + q) for q in names}
+            problem = _format_problem(module, formats, tied=module is tied_head)
+            if problem:
+                raise RecipeError(f"recipe {recipe.source}: {prefix}{problem}")
+            enabled += sum(fmt is not None for fmt in formats.values())
+            if kind is None:
+                convert_linear(module, formats, name)
+            else:
+                convert_megatron_module(module, kinds[kind][0], formats, layout_for(module, logical_name(name)), device)
+    finally:  # even a recipe error midway leaves some layers converted
+        structure_changed(model)
     if enabled == 0:
         raise RecipeError(f"recipe {recipe.source} enables no quantizer in this model")
     if kinds:

@@ -8,6 +8,7 @@ directory is verified and renamed into place only when complete.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -21,18 +22,19 @@ import torch.distributed as dist
 from torch import nn
 
 import dist_quant
-from dist_quant.bridge.io import SafetensorsReader, export_hf_bundles, has_safetensors
+from dist_quant import kernels
+from dist_quant.bridge.io import Planned, SafetensorsReader, export_hf_layers, has_safetensors, owned
 from dist_quant.bridge.models import ModelBridge
+from dist_quant.export.buckets import bucketed
 from dist_quant.export.output import OutputError, OutputTarget
 from dist_quant.export.verify import VerificationError, kv_cache_scheme, verify
 from dist_quant.modules import QuantModule
 from dist_quant.modules.base import model_device
-from dist_quant.numerics import fp8_quantize, fp8_scale, nvfp4_dequantize, nvfp4_fake_quant, nvfp4_quantize
-from dist_quant.numerics.fp8 import divide, fp8_fake_quant
+from dist_quant.numerics.fp8 import E4M3_MAX, cast_e4m3, divide, fp8_scale
 from dist_quant.numerics.nvfp4 import SCALE_2_DIVISOR
 from dist_quant.parallel.agree import every_rank, first_error, with_rank
 from dist_quant.parallel.groups import ParallelGroups, default_groups
-from dist_quant.quantizer import FP8, NVFP4, QuantFormat, TensorQuantizer
+from dist_quant.quantizer import FP8, NVFP4, STATIC, QuantFormat, TensorQuantizer
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "vocab.json",
@@ -41,6 +43,8 @@ TOKENIZER_FILES = (
 _QUANTIZER = re.compile(r"^(.*)\.(weight|input|k_bmm|v_bmm)_quantizer\.(_amax|_global_amax|_block_amax)$")
 _LOCAL_EXPERT = re.compile(r"\.local_experts\.\d+\.")
 
+
+TRANSFER_BYTES = 256 << 20  # the checkpoint's tensors reach the host in transfers of about this size
 
 _NO_WEIGHTS = (
     "the recipe quantizes no linear weight: the checkpoint format describes quantized weights (for an FP8 KV cache "
@@ -83,21 +87,6 @@ def _check_activations(model: nn.Module) -> str | None:
     return None if missing is None else f"{missing} has no calibrated amax (it saw no data): calibrate before exporting"
 
 
-def _group_by_module(bundles) -> Iterator[tuple[str, list[tuple[str, torch.Tensor]]]]:
-    """Consecutive bundles of one Megatron module (its weight and quantizer buffers) as one group."""
-    current, items = None, []
-    for name, tensors in bundles:
-        match = _QUANTIZER.match(name)
-        module = match.group(1) if match else name.rsplit(".", 1)[0]
-        if module != current and items:
-            yield current, items
-            items = []
-        current = module
-        items += tensors
-    if items:
-        yield current, items
-
-
 class _ShardWriter:
     """Size-bounded safetensors shards of one rank, under temporary names (`prefix` tells ranks apart)."""
 
@@ -109,10 +98,11 @@ class _ShardWriter:
         self.pending_bytes, self.files, self.total = 0, [], 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        """`tensor` on the host; it may be a view of a larger buffer (never overlapping another one added)."""
         size = tensor.numel() * tensor.element_size()
         if self.pending and self.pending_bytes + size > self.max_bytes:
             self._flush()
-        self.pending[name] = tensor.detach().contiguous().cpu()
+        self.pending[name] = tensor
         self.pending_bytes += size
         self.total += size
 
@@ -141,8 +131,37 @@ def _write_index(directory: Path, files: list[tuple[str, list[str]]], total: int
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-class _ModuleQuantizer:
-    """Turns one group of HF tensors (weights and quantizer buffers) into checkpoint tensors."""
+@functools.cache  # ~75,000 names per stream of a 30B MoE, the same at every refit
+def _parse(name: str) -> tuple[str, str | None, str | None, str]:
+    """A logical Megatron name -> (its module, the quantizer role or None, the quantizer buffer or None, the key
+    its format is recorded under: experts by a name without their number)."""
+    match = _QUANTIZER.match(name)
+    module = match.group(1) if match else name.rsplit(".", 1)[0]
+    role, buffer = (match.group(2), match.group(3)) if match else (None, None)
+    return module, role, buffer, _LOCAL_EXPERT.sub(".local_experts.*.", module)
+
+
+class _Group:
+    """Weights of one format, dtype and width, quantized in one launch as row segments of one tensor."""
+
+    def __init__(self):
+        self.weights: list[torch.Tensor] = []
+        self.amax: list[torch.Tensor] = []
+        self.block_amax: list[torch.Tensor] = []
+
+    def add(self, weight: torch.Tensor, amax: torch.Tensor, block_amax: torch.Tensor | None) -> int:
+        self.weights.append(weight)
+        self.amax.append(amax.reshape(()))
+        if block_amax is not None:
+            self.block_amax.append(block_amax.reshape(weight.shape[0], -1))
+        return len(self.weights) - 1
+
+
+class _LayerQuantizer:
+    """Turns a layer's tensors (weights and quantizer buffers, from `export_hf_layers`) into checkpoint tensors.
+    The layer's quantized weights of one format, dtype and width are quantized together, in one kernel launch
+    (an MoE layer's experts and fused siblings alike); results stay on the device and are checked in bulk, with
+    one host sync per layer."""
 
     def __init__(self, formats: dict[str, QuantFormat], dtype_for: Callable[[str], torch.dtype]):
         self.formats = formats
@@ -158,62 +177,115 @@ class _ModuleQuantizer:
             self.excluded = sorted(set(self.excluded) | set(excluded))
             self.kv_algos |= kv_algos
 
-    def __call__(self, megatron_module: str, items: list[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-        buffers: dict[str, dict[str, torch.Tensor]] = {}
-        weights = []
-        for name, tensor in items:
-            match = _QUANTIZER.match(name)
-            if match:
-                buffers.setdefault(f"{match.group(1)}.{match.group(2)}", {})[match.group(3)] = tensor
-            else:
-                weights.append((name, tensor))
-        key = _LOCAL_EXPERT.sub(".local_experts.*.", megatron_module)
-        for kind in ("k", "v"):
-            amax = next((b["_amax"] for n, b in buffers.items() if n.endswith(f".{kind}_bmm")), None)
-            fmt = self.formats.get(f"{key}.{kind}_bmm_quantizer")
-            if fmt is not None and amax is not None:
-                parent = next(n for n in buffers if n.endswith(f".{kind}_bmm"))[: -len(f".{kind}_bmm")]
+    def __call__(self, layer: list[tuple[Planned, torch.Tensor, bool]]) -> list[tuple[str, torch.Tensor]]:
+        buffers: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+        for planned, tensor, _ in layer:
+            module, role, buffer, _ = _parse(planned.name)
+            if role is not None:
+                buffers.setdefault((module, role), {})[buffer] = tensor
+        groups: dict[tuple, _Group] = {}
+        plain, placed = [], {}  # unquantized tensors; quantized weight -> (its group key, index)
+        for i, (planned, tensor, is_owned) in enumerate(layer):
+            module, role, _, key = _parse(planned.name)
+            fmt = self.formats.get(f"{key}.weight_quantizer") if planned.name.endswith(".weight") else None
+            if role is not None:
+                continue
+            if fmt is None:
+                plain.append((planned, tensor, is_owned))
+                continue
+            if fmt.axis is not None:
+                raise ExportError(f"{planned.hf_names[0][: -len('.weight')]}: per-channel weight scales are not part of the checkpoint format")
+            state = buffers.get((module, "weight"), {})
+            amax = state.get("_global_amax", state.get("_amax"))
+            if amax is None:
+                warnings.warn(f"{module}: weight quantizer has no amax; taken from the weight (calibrate first)", stacklevel=2)
+                amax = tensor.float().abs().max()
+            static = fmt.kind == NVFP4 and fmt.block_type == STATIC
+            group_key = (fmt.kind, static, tensor.dtype, tensor.shape[-1])
+            placed[i] = group_key, groups.setdefault(group_key, _Group()).add(tensor, amax, state.get("_block_amax") if static else None)
+        checks: list[tuple[str, torch.Tensor]] = []
+        results = {key: self._quantize(key, group, checks) for key, group in groups.items()}
+        unquantized = dict(zip((p.name for p, _, _ in plain), (t for _, t in owned(plain))))
+        input_scales = self._input_scales(layer, placed, buffers)
+        out = []
+        for i, (planned, tensor, _) in enumerate(layer):
+            module, role, buffer, key = _parse(planned.name)
+            if role in ("k_bmm", "v_bmm") and buffer == "_amax" and f"{key}.{role}_quantizer" in self.formats:
+                kind, fmt = role[0], self.formats[f"{key}.{role}_quantizer"]
                 self.kv_algos.add("FP8" if fmt.kind == FP8 else "NVFP4")
-                yield f"{parent}.{kind}_proj.{kind}_scale", fp8_scale(amax).reshape(())
-        for name, weight in weights:
-            yield from self._weight(name, weight, buffers, key)
+                parent = planned.hf_names[0][: -len(f".{role}_quantizer._amax")]
+                out.append((f"{parent}.{kind}_proj.{kind}_scale", fp8_scale(tensor).reshape(())))
+            elif i in placed:
+                out += self._emit(planned, results[placed[i][0]], placed[i], input_scales.get(i))
+            elif planned.name in unquantized:
+                for hf_name, piece in zip(planned.hf_names, planned.mapping.to_hf(unquantized[planned.name])):
+                    if piece.dim() == 2 and hf_name.endswith(".weight") and not hf_name.endswith("embed_tokens.weight"):
+                        self.excluded.append(hf_name[: -len(".weight")])
+                    out.append((hf_name, piece.to(self.dtype_for(hf_name))))
+        if checks:  # one host sync for the layer
+            failed = [what for (what, _), bad in zip(checks, torch.stack([bad for _, bad in checks]).tolist()) if bad]
+            if failed:
+                raise ExportError(failed[0])
+        return out
 
-    def _weight(self, name, weight, buffers, key):
-        module = name[: -len(".weight")] if name.endswith(".weight") else None
-        fmt = self.formats.get(f"{key}.weight_quantizer") if module else None
-        if fmt is None:
-            if module and weight.dim() == 2 and not module.endswith("embed_tokens"):
-                self.excluded.append(module)
-            yield name, weight.to(self.dtype_for(name))
-            return
-        if fmt.axis is not None:
-            raise ExportError(f"{module}: per-channel weight scales are not part of the checkpoint format")
-        state = buffers.get(f"{module}.weight", {})
-        amax = state.get("_global_amax", state.get("_amax"))
-        if amax is None:
-            warnings.warn(f"{module}: weight quantizer has no amax; taken from the weight (calibrate first)", stacklevel=2)
-            amax = weight.float().abs().max()
-        if fmt.kind == NVFP4:
-            block = state.get("_block_amax") if fmt.block_type == "static" else None
-            packed, block_scale, scale_2 = nvfp4_quantize(weight, amax, block)
-            if not torch.equal(nvfp4_dequantize(packed, block_scale, scale_2, weight.dtype), nvfp4_fake_quant(weight, amax, block)):
-                raise ExportError(f"{module}: the exported weight does not dequantize to the fake-quant weight")
-            yield f"{module}.weight", packed
-            yield f"{module}.weight_scale", block_scale
-            yield f"{module}.weight_scale_2", scale_2.reshape(())
-        else:
-            q, scale = fp8_quantize(weight, amax)
-            if not torch.equal((q.float() * scale).to(weight.dtype), fp8_fake_quant(weight, amax)):
-                raise ExportError(f"{module}: the exported weight does not dequantize to the fake-quant weight")
-            yield f"{module}.weight", q
-            yield f"{module}.weight_scale", scale.reshape(())
-        self.quantized[module] = "NVFP4" if fmt.kind == NVFP4 else "FP8"
-        input_fmt = self.formats.get(f"{key}.input_quantizer")
-        if input_fmt is not None:
-            state = buffers.get(f"{module}.input", {})
-            input_amax = state.get("_global_amax", state.get("_amax"))
-            divisor = SCALE_2_DIVISOR if input_fmt.kind == NVFP4 else 448.0
-            yield f"{module}.input_scale", divide(input_amax.float(), divisor).reshape(())
+    def _quantize(self, key: tuple, group: _Group, checks: list) -> tuple:
+        """One group's weights, quantized: (per-weight packed or FP8 rows, per-weight block scales or None,
+        per-weight scale_2 or FP8 scale as 0-d views)."""
+        kind, static, dtype, _ = key
+        rows = [w.shape[0] for w in group.weights]
+        x = torch.cat(group.weights) if len(group.weights) > 1 else group.weights[0]
+        amax = torch.stack(group.amax)
+        if kind == FP8:
+            scale = fp8_scale(amax)
+            counts = torch.tensor(rows).to(x.device, non_blocking=True)
+            q = cast_e4m3(x.float() / scale.repeat_interleave(counts, output_size=sum(rows)).unsqueeze(1))
+            return q.split(rows), None, scale.unbind(0)
+        block_amax = torch.cat(group.block_amax) if static else None
+        packed, block_scale, scale_2 = kernels.nvfp4_quantize_segments(x, amax, rows, block_amax)
+        checks.append(("NaN in the weights (NVFP4 cannot encode it): " + _which(group), torch.isnan(x).any()))
+        mismatch = kernels.nvfp4_dequantize(packed, block_scale, scale_2, dtype, rows) != kernels.nvfp4_fake_quant_segments(x, amax, rows, block_amax)
+        checks.append(("the exported weights do not dequantize to the fake-quant weights: " + _which(group), mismatch.any()))
+        return packed.split(rows), block_scale.split(rows), scale_2.unbind(0)
+
+    def _input_scales(self, layer, placed, buffers) -> dict[int, torch.Tensor]:
+        """Each quantized weight's input_scale (input amax / 2688 for NVFP4, / 448 for FP8), all in one division
+        per divisor."""
+        by_divisor: dict[float, list[tuple[int, torch.Tensor]]] = {}
+        for i in placed:
+            module, _, _, key = _parse(layer[i][0].name)
+            fmt = self.formats.get(f"{key}.input_quantizer")
+            if fmt is not None:
+                state = buffers.get((module, "input"), {})
+                amax = state.get("_global_amax", state.get("_amax"))
+                by_divisor.setdefault(SCALE_2_DIVISOR if fmt.kind == NVFP4 else E4M3_MAX, []).append((i, amax.reshape(())))
+        scales = {}
+        for divisor, entries in by_divisor.items():
+            values = divide(torch.stack([a for _, a in entries]).float(), divisor).unbind(0)
+            scales.update(zip((i for i, _ in entries), values))
+        return scales
+
+    def _emit(self, planned: Planned, result: tuple, place: tuple, input_scale: torch.Tensor | None) -> list:
+        (kind, _, _, _), index = place
+        rows, blocks, scales = result
+        algo = "NVFP4" if kind == NVFP4 else "FP8"
+        pieces = planned.mapping.to_hf(rows[index])
+        block_pieces = planned.mapping.to_hf(blocks[index]) if blocks is not None else [None] * len(pieces)
+        out = []
+        for hf_name, piece, block_piece in zip(planned.hf_names, pieces, block_pieces):
+            module = hf_name[: -len(".weight")]
+            out.append((f"{module}.weight", piece))
+            if block_piece is not None:
+                out += [(f"{module}.weight_scale", block_piece), (f"{module}.weight_scale_2", scales[index])]
+            else:
+                out.append((f"{module}.weight_scale", scales[index]))
+            if input_scale is not None:
+                out.append((f"{module}.input_scale", input_scale))
+            self.quantized[module] = algo
+        return out
+
+
+def _which(group: _Group) -> str:
+    return f"{len(group.weights)} weights of shape {tuple(group.weights[0].shape)} and alike"
 
 
 def source_dtypes(bridge: ModelBridge, source_dir: str | os.PathLike | None) -> Callable[[str], torch.dtype]:
@@ -224,23 +296,36 @@ def source_dtypes(bridge: ModelBridge, source_dir: str | os.PathLike | None) -> 
     return lambda name: reader.dtype(name) if name in stored else bridge.dtype
 
 
+def checkpoint_layers(
+    model: nn.Module,
+    bridge: ModelBridge,
+    groups: ParallelGroups,
+    dst: int | None = 0,
+    quantizer: _LayerQuantizer | None = None,
+    source_dir: str | os.PathLike | None = None,
+) -> Iterator[tuple[str, list[tuple[str, torch.Tensor]]]]:
+    """(layer, [(name, tensor), ...]) with the tensors as the checkpoint holds them, on rank `dst` (None: each
+    module on the rank holding its first piece), one layer at a time (collective). Unquantized tensors keep the
+    dtype they have in `source_dir` (else the config's dtype)."""
+    quantizer = quantizer or _LayerQuantizer(_formats(model), source_dtypes(bridge, source_dir))
+    for key, layer in export_hf_layers(model, bridge, groups, dst, quant_state=True):
+        yield key, quantizer(layer)
+
+
 def checkpoint_tensors(
     model: nn.Module,
     bridge: ModelBridge,
     groups: ParallelGroups,
     dst: int | None = 0,
-    quantizer: _ModuleQuantizer | None = None,
+    quantizer: _LayerQuantizer | None = None,
     source_dir: str | os.PathLike | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) as the checkpoint holds them, on rank `dst` (None: each module on the rank holding its
-    first piece), one module at a time (collective). Unquantized tensors keep the dtype they have in
-    `source_dir` (else the config's dtype)."""
-    quantizer = quantizer or _ModuleQuantizer(_formats(model), source_dtypes(bridge, source_dir))
-    for megatron_module, items in _group_by_module(export_hf_bundles(model, bridge, groups, dst, quant_state=True)):
-        yield from quantizer(megatron_module, items)
+    """`checkpoint_layers`, one tensor at a time."""
+    for _, tensors in checkpoint_layers(model, bridge, groups, dst, quantizer, source_dir):
+        yield from tensors
 
 
-def _quant_config(quantizer: _ModuleQuantizer) -> dict:
+def _quant_config(quantizer: _LayerQuantizer) -> dict:
     algos = set(quantizer.quantized.values())
     if len(quantizer.kv_algos) > 1:
         raise ExportError(f"K and V caches in different formats: {sorted(quantizer.kv_algos)}")
@@ -279,7 +364,7 @@ def estimated_bytes(model: nn.Module, bridge: ModelBridge, groups: ParallelGroup
     return int(total.item())
 
 
-def _write_configs(directory: Path, bridge: ModelBridge, quantizer: _ModuleQuantizer, source_dir) -> None:
+def _write_configs(directory: Path, bridge: ModelBridge, quantizer: _LayerQuantizer, source_dir) -> None:
     hf_quant_config = _quant_config(quantizer)
     config = bridge.exported_config()
     q = hf_quant_config["quantization"]
@@ -342,11 +427,13 @@ def export_hf(
         if parallel:  # every rank writes into the directory dst claimed
             dist.broadcast_object_list(partial, src=dst)
         writer = _ShardWriter(partial[0], max_shard_bytes, f"r{me:05d}-") if parallel or me == dst else None
-        quantizer = _ModuleQuantizer(formats, source_dtypes(bridge, source_dir))
-        for name, tensor in checkpoint_tensors(model, bridge, groups, None if parallel else dst, quantizer):
-            writer.add(name, tensor)
-            if on_tensor is not None:
-                on_tensor(name)
+        quantizer = _LayerQuantizer(formats, source_dtypes(bridge, source_dir))
+        tensors = checkpoint_tensors(model, bridge, groups, None if parallel else dst, quantizer)
+        for bucket in bucketed(tensors, TRANSFER_BYTES):
+            for name, tensor in bucket.to("cpu").tensors():  # one transfer to the host per bucket
+                writer.add(name, tensor)
+                if on_tensor is not None:
+                    on_tensor(name)
         files = [writer.close()] if writer is not None else []
         if parallel:  # every rank's shards, in rank order
             files = every_rank(files[0])

@@ -67,11 +67,15 @@ def nvfp4_fake_quant_segments(
         return x.clone()
     global_amax = global_amax.to(x.device, torch.float32)
     reference.check_nvfp4_args(x, global_amax[:1], block_amax)
-    blocks_per_row = x.shape[1] // reference.BLOCK_SIZE
+    starts = _segment_starts(x.shape[1] // reference.BLOCK_SIZE, rows, x.device)
+    return _kernels().triton_nvfp4_fake_quant(x, global_amax, block_amax, starts)
+
+
+def _segment_starts(blocks_per_row: int, rows: Sequence[int], device: torch.device) -> torch.Tensor:
+    """The first block of each segment of rows, on the device."""
     starts = [0, *itertools.accumulate(n * blocks_per_row for n in rows[:-1])]
     # Pageable memory copied without waiting for the GPU: the host buffer is staged at once.
-    segment_starts = torch.tensor(starts, dtype=torch.int64).to(x.device, non_blocking=True)
-    return _kernels().triton_nvfp4_fake_quant(x, global_amax, block_amax, segment_starts)
+    return torch.tensor(starts, dtype=torch.int64).to(device, non_blocking=True)
 
 
 def nvfp4_quantize(
@@ -85,6 +89,43 @@ def nvfp4_quantize(
     return _kernels().triton_nvfp4_quantize(x, global_amax, block_amax)
 
 
+def nvfp4_quantize_segments(
+    x: torch.Tensor, global_amax: torch.Tensor, rows: Sequence[int], block_amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """See `numerics.nvfp4.nvfp4_quantize_segments`: x must hold no NaN (not checked: no host sync)."""
+    if not use_triton(x):
+        return reference.nvfp4_quantize_segments(x, global_amax, rows, block_amax)
+    reference.check_segment_args(x, global_amax, rows)
+    global_amax = global_amax.to(x.device, torch.float32)
+    reference.check_nvfp4_args(x, global_amax[:1], block_amax)
+    if x.numel() == 0:
+        return reference.nvfp4_quantize_segments(x, global_amax, rows, block_amax)
+    starts = _segment_starts(x.shape[1] // reference.BLOCK_SIZE, rows, x.device)
+    return _kernels().triton_nvfp4_quantize(x, global_amax, block_amax, starts)
+
+
+def nvfp4_dequantize(
+    packed: torch.Tensor,
+    block_scale: torch.Tensor,
+    scale_2: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+    rows: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """`numerics.nvfp4_dequantize`; with `rows`, of consecutive row segments of a 2-D `packed`, `scale_2` holding
+    one value per segment (the inverse of `nvfp4_quantize_segments`)."""
+    if not use_triton(packed):
+        if rows is None:
+            return reference.nvfp4_dequantize(packed, block_scale, scale_2, dtype)
+        parts = zip(packed.split(list(rows)), block_scale.split(list(rows)), scale_2)
+        return torch.cat([reference.nvfp4_dequantize(*part, dtype) for part in parts])
+    reference.check_dequantize_args(packed, block_scale)
+    if rows is not None:
+        reference.check_segment_args(packed, scale_2, rows)
+    scale_2 = scale_2.to(packed.device, torch.float32).contiguous()
+    starts = None if rows is None else _segment_starts(block_scale.shape[1], rows, packed.device)
+    return _kernels().triton_nvfp4_dequantize(packed.contiguous(), block_scale.contiguous(), scale_2, dtype, starts)
+
+
 def nvfp4_mse_block_amax(w: torch.Tensor, global_amax: torch.Tensor | float) -> torch.Tensor:
     if not use_triton(w):
         return mse.nvfp4_mse_block_amax(w, global_amax)
@@ -96,6 +137,6 @@ def nvfp4_mse_block_amax(w: torch.Tensor, global_amax: torch.Tensor | float) -> 
 
 
 __all__ = [
-    "BACKEND_ENV", "nvfp4_fake_quant", "nvfp4_fake_quant_segments", "nvfp4_mse_block_amax", "nvfp4_quantize",
-    "use_triton",
+    "BACKEND_ENV", "nvfp4_dequantize", "nvfp4_fake_quant", "nvfp4_fake_quant_segments", "nvfp4_mse_block_amax",
+    "nvfp4_quantize", "nvfp4_quantize_segments", "use_triton",
 ]

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from dist_quant.kernels.launch import INTERPRETED, Launcher
-from dist_quant.numerics.nvfp4 import BLOCK_SIZE, nvfp4_scale_2
+from dist_quant.numerics.nvfp4 import BLOCK_SIZE, nvfp4_scale_2, nvfp4_scales_2
 
 # Blocks per program and warps, from the launch sweep of benchmarks/bench_numerics.py on an H200.
 FAKE_QUANT_BLOCKS = 128
@@ -165,8 +165,8 @@ def _e2m1_code(x, scale, inverse, smallest_scale_2):
 
 @triton.jit
 def _nvfp4_quantize_kernel(
-    x_ptr, packed_ptr, scale_ptr, global_amax_ptr, block_amax_ptr, n_blocks,
-    STATIC: tl.constexpr, BLOCKS: tl.constexpr, INTERPRETED: tl.constexpr,
+    x_ptr, packed_ptr, scale_ptr, global_amax_ptr, block_amax_ptr, segment_starts_ptr, n_blocks, n_segments,
+    STATIC: tl.constexpr, SEGMENTED: tl.constexpr, BLOCKS: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
     row_ok = rows < n_blocks
@@ -178,9 +178,9 @@ def _nvfp4_quantize_kernel(
         amax = tl.load(block_amax_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     else:
         amax = tl.maximum(_block_amax(even, INTERPRETED), _block_amax(odd, INTERPRETED))
-    global_amax = tl.load(global_amax_ptr).to(tl.float32)
-    e4m3_scale, scale_2, scale, inverse, _ = _block_scales(amax, global_amax, False)
-    packed = _e2m1_code(even, scale, inverse, scale_2) | (_e2m1_code(odd, scale, inverse, scale_2) << 4)
+    global_amax = _global_amax(global_amax_ptr, rows, segment_starts_ptr, n_segments, SEGMENTED)
+    e4m3_scale, _, scale, inverse, smallest_scale_2 = _block_scales(amax, global_amax, SEGMENTED)
+    packed = _e2m1_code(even, scale, inverse, smallest_scale_2) | (_e2m1_code(odd, scale, inverse, smallest_scale_2) << 4)
     tl.store(packed_ptr + rows[:, None] * 8 + pairs, packed.to(tl.uint8), mask=row_ok[:, None])
     # E4M3 bits of the (exactly representable) scale: biased exponent 7, 3 mantissa bits, subnormal step 2^-9.
     bits = e4m3_scale.to(tl.int32, bitcast=True)
@@ -188,6 +188,37 @@ def _nvfp4_quantize_kernel(
     subnormal_code = (e4m3_scale * 512.0).to(tl.int32)
     code = tl.where(e4m3_scale >= 0.015625, normal_code, subnormal_code)
     tl.store(scale_ptr + rows, code.to(tl.uint8), mask=row_ok)
+
+
+@triton.jit
+def _nvfp4_dequantize_kernel(
+    packed_ptr, scale_ptr, scale_2_ptr, y_ptr, segment_starts_ptr, n_blocks, n_segments,
+    SEGMENTED: tl.constexpr, BLOCKS: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    """Codes times the E4M3 block scale (exact in float32), then times scale_2: the one rounding, as in the
+    reference. Decoded from the bits, without the backend's FP8 conversion."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
+    row_ok = rows < n_blocks
+    pairs = tl.arange(0, 8)[None, :]
+    packed = tl.load(packed_ptr + rows[:, None] * 8 + pairs, mask=row_ok[:, None], other=0).to(tl.int32)
+    bits = tl.load(scale_ptr + rows, mask=row_ok, other=0).to(tl.int32)
+    exponent, mantissa = (bits >> 3) & 15, bits & 7
+    normal = (((exponent + 120) << 23) | (mantissa << 20)).to(tl.float32, bitcast=True)
+    block_scale = tl.where(exponent == 0, mantissa.to(tl.float32) * 0.001953125, normal)[:, None]
+    scale_2 = _global_amax(scale_2_ptr, rows, segment_starts_ptr, n_segments, SEGMENTED)  # looked up alike
+    if SEGMENTED:
+        scale_2 = scale_2[:, None]
+    offs = rows[:, None] * 16 + 2 * pairs
+    _store_from_f32(y_ptr, offs, (_e2m1_value(packed & 15) * block_scale) * scale_2, row_ok[:, None], INTERPRETED)
+    _store_from_f32(y_ptr, offs + 1, (_e2m1_value(packed >> 4) * block_scale) * scale_2, row_ok[:, None], INTERPRETED)
+
+
+@triton.jit
+def _e2m1_value(code):
+    """The signed value of a 4-bit E2M1 code: 0, 0.5, 1, 1.5 (m < 4), 2, 3 (m - 2), 4, 6 (2m - 8); code 8 is -0.0."""
+    m = (code & 7).to(tl.float32)
+    value = tl.where(m < 4.0, m * 0.5, tl.where(m < 6.0, m - 2.0, m * 2.0 - 8.0))
+    return tl.where((code & 8) != 0, -value, value)
 
 
 def _launch_args(x: torch.Tensor, global_amax: torch.Tensor, block_amax: torch.Tensor | None):
@@ -209,8 +240,14 @@ def _fake_quant(static: bool, segmented: bool, blocks: int, warps: int) -> Launc
 
 
 @functools.cache
-def _quantize(static: bool, blocks: int) -> Launcher:
-    return Launcher(_nvfp4_quantize_kernel, {"STATIC": static, "BLOCKS": blocks, "INTERPRETED": INTERPRETED})
+def _quantize(static: bool, segmented: bool, blocks: int) -> Launcher:
+    constexprs = {"STATIC": static, "SEGMENTED": segmented, "BLOCKS": blocks, "INTERPRETED": INTERPRETED}
+    return Launcher(_nvfp4_quantize_kernel, constexprs)
+
+
+@functools.cache
+def _dequantize(segmented: bool, blocks: int) -> Launcher:
+    return Launcher(_nvfp4_dequantize_kernel, {"SEGMENTED": segmented, "BLOCKS": blocks, "INTERPRETED": INTERPRETED})
 
 
 def triton_nvfp4_fake_quant(
@@ -232,12 +269,39 @@ def triton_nvfp4_fake_quant(
 
 
 def triton_nvfp4_quantize(
-    x: torch.Tensor, global_amax: torch.Tensor, block_amax: torch.Tensor | None = None
+    x: torch.Tensor,
+    global_amax: torch.Tensor,
+    block_amax: torch.Tensor | None = None,
+    segment_starts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (packed, block scales, scale_2: a scalar, or one per segment); `segment_starts` as for fake quant."""
     x, n_blocks, static, block_amax_arg = _launch_args(x, global_amax, block_amax)
     packed = torch.empty((*x.shape[:-1], x.shape[-1] // 2), dtype=torch.uint8, device=x.device)
     scale = torch.empty((*x.shape[:-1], x.shape[-1] // BLOCK_SIZE), dtype=torch.uint8, device=x.device)
-    _quantize(static, QUANTIZE_BLOCKS)(
-        triton.cdiv(n_blocks, QUANTIZE_BLOCKS), x, packed, scale, global_amax, block_amax_arg, n_blocks
+    segmented = segment_starts is not None
+    starts_arg, n_segments = (segment_starts, segment_starts.numel()) if segmented else (global_amax, 1)
+    _quantize(static, segmented, QUANTIZE_BLOCKS)(
+        triton.cdiv(n_blocks, QUANTIZE_BLOCKS), x, packed, scale, global_amax, block_amax_arg, starts_arg, n_blocks,
+        n_segments,
     )
-    return packed, scale.view(torch.float8_e4m3fn), nvfp4_scale_2(global_amax)
+    scale_2 = nvfp4_scales_2(global_amax) if segmented else nvfp4_scale_2(global_amax)
+    return packed, scale.view(torch.float8_e4m3fn), scale_2
+
+
+def triton_nvfp4_dequantize(
+    packed: torch.Tensor,
+    block_scale: torch.Tensor,
+    scale_2: torch.Tensor,
+    dtype: torch.dtype,
+    segment_starts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Checked arguments (the dispatcher's), contiguous, on one device. `scale_2` one per segment if segmented."""
+    y = torch.empty((*packed.shape[:-1], packed.shape[-1] * 2), dtype=dtype, device=packed.device)
+    n_blocks = block_scale.numel()
+    segmented = segment_starts is not None
+    starts_arg, n_segments = (segment_starts, segment_starts.numel()) if segmented else (scale_2, 1)
+    _dequantize(segmented, QUANTIZE_BLOCKS)(
+        triton.cdiv(n_blocks, QUANTIZE_BLOCKS), packed, block_scale.view(torch.uint8), scale_2, y, starts_arg,
+        n_blocks, n_segments,
+    )
+    return y

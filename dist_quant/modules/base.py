@@ -48,3 +48,13 @@ def quantized_class(cls: type, mixin: type) -> type:
 def model_device(model: torch.nn.Module) -> torch.device:
     """Where the model's parameters live: every tensor dist_quant makes for it goes there."""
     return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def structure_version(model: torch.nn.Module) -> int:
+    """How many times dist_quant changed which quantizers the model has: caches of its tensors (export plans,
+    quantizer formats) are keyed by it."""
+    return model.__dict__.get("_dist_quant_structure", 0)
+
+
+def structure_changed(model: torch.nn.Module) -> None:
+    model.__dict__["_dist_quant_structure"] = structure_version(model) + 1

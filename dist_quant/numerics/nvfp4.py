@@ -52,7 +52,12 @@ def check_nvfp4_args(
 
 def nvfp4_scale_2(global_amax: torch.Tensor) -> torch.Tensor:
     """The per-tensor second-level scale (`weight_scale_2`): global_amax / 2688, float32 scalar."""
-    return divide(nonzero_amax(global_amax), SCALE_2_DIVISOR).reshape(())
+    return nvfp4_scales_2(global_amax).reshape(())
+
+
+def nvfp4_scales_2(global_amax: torch.Tensor) -> torch.Tensor:
+    """`nvfp4_scale_2` of each element of a tensor of global amax (elementwise, same shape)."""
+    return divide(nonzero_amax(global_amax), SCALE_2_DIVISOR)
 
 
 def to_blocks(x: torch.Tensor) -> torch.Tensor:
@@ -142,6 +147,12 @@ def check_no_nan(x: torch.Tensor) -> None:
         raise ValueError("NVFP4 quantize: the input holds NaN, which E2M1 cannot encode")
 
 
+def _pack(codes: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """E2M1 codes of a tensor of `shape` -> bytes [..., n/2]: element 2i in the low nibble, 2i+1 in the high."""
+    codes = codes.reshape(*shape[:-1], shape[-1] // 2, 2)
+    return codes[..., 0] | (codes[..., 1] << 4)
+
+
 def nvfp4_quantize(
     x: torch.Tensor, global_amax: torch.Tensor | float, block_amax: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -151,18 +162,33 @@ def nvfp4_quantize(
     """
     check_no_nan(x)
     codes, block_scale, scale_2 = _encode(x, global_amax, block_amax)
-    codes = codes.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
-    packed = codes[..., 0] | (codes[..., 1] << 4)
-    return packed, block_scale, scale_2
+    return _pack(codes, x.shape), block_scale, scale_2
 
 
-def nvfp4_dequantize(
-    packed: torch.Tensor,
-    block_scale: torch.Tensor,
-    scale_2: torch.Tensor,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """Inverse of `nvfp4_quantize`: -> tensor [..., 2 * packed.shape[-1]] in dtype."""
+def nvfp4_quantize_segments(
+    x: torch.Tensor, global_amax: torch.Tensor, rows: Sequence[int], block_amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`nvfp4_quantize` of a 2-D x [sum(rows), n] made of consecutive row segments, each with its own global amax
+    (see `nvfp4_fake_quant_segments`). -> (packed [sum(rows), n/2], block_scale [sum(rows), n/16], scale_2 [S]).
+    NaN is not checked here (that would cost a host sync per call): x must be free of it, which the batched
+    exporter checks for a whole layer at once."""
+    check_segment_args(x, global_amax, rows)
+    check_nvfp4_args(x, global_amax[:1], block_amax)
+    blocks = [None] * len(rows) if block_amax is None else block_amax.split(list(rows))
+    packed, scales = [], []
+    for part, amax, part_blocks in zip(x.split(list(rows)), global_amax, blocks):
+        codes, block_scale, _ = _encode(part, amax, part_blocks)
+        packed.append(_pack(codes, part.shape))
+        scales.append(block_scale)
+    empty = x.new_empty((0, x.shape[1] // 2), dtype=torch.uint8), x.new_empty((0, x.shape[1] // BLOCK_SIZE), dtype=torch.float8_e4m3fn)
+    return (
+        torch.cat(packed) if packed else empty[0],
+        torch.cat(scales) if scales else empty[1],
+        nvfp4_scales_2(global_amax),
+    )
+
+
+def check_dequantize_args(packed: torch.Tensor, block_scale: torch.Tensor) -> None:
     if packed.dtype != torch.uint8 or block_scale.dtype != torch.float8_e4m3fn:
         raise TypeError(
             f"expected packed uint8 and block_scale float8_e4m3fn, got {packed.dtype} and {block_scale.dtype}"
@@ -172,6 +198,17 @@ def nvfp4_dequantize(
         raise ValueError(
             f"block_scale shape {tuple(block_scale.shape)} does not fit packed shape {tuple(packed.shape)}"
         )
+
+
+def nvfp4_dequantize(
+    packed: torch.Tensor,
+    block_scale: torch.Tensor,
+    scale_2: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Inverse of `nvfp4_quantize`: -> tensor [..., 2 * packed.shape[-1]] in dtype."""
+    check_dequantize_args(packed, block_scale)
+    n = packed.shape[-1] * 2
     codes = torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(*packed.shape[:-1], n)
     codes = codes.reshape(*packed.shape[:-1], n // BLOCK_SIZE, BLOCK_SIZE)
     y = _decode_blocks(codes, block_scale, scale_2.reshape(()))

@@ -1,5 +1,6 @@
-"""Streaming refit: a calibrated sharded Megatron model's weights and quantizer state, as Hugging Face tensors,
-into a live transformers model (or any consumer), one tensor at a time."""
+"""Streaming refit: a calibrated sharded Megatron model's weights and quantizer state (or its real-quantized
+checkpoint tensors), as Hugging Face tensors, into a live transformers model or an inference engine: one tensor at
+a time, one layer at a time, or packed into flat buckets that an engine moves in one copy each."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from dist_quant.bridge.io import export_hf_stream
+from dist_quant.bridge.io import export_hf_layers, owned
 from dist_quant.bridge.models import ModelBridge
 from dist_quant.calibrate.pipeline import promote
+from dist_quant.export.buckets import Bucket, bucketed
+from dist_quant.export.checkpoint import checkpoint_layers
 from dist_quant.modules.base import model_device
-from dist_quant.export.checkpoint import checkpoint_tensors
 from dist_quant.parallel.groups import ParallelGroups, default_groups
 from dist_quant.quantizer import TensorQuantizer
 
@@ -26,17 +28,43 @@ class RefitError(ValueError):
     """A streamed tensor has no place in the receiving model."""
 
 
+def refit_layers(
+    model: nn.Module, bridge: ModelBridge, groups: ParallelGroups | None = None, dst: int | None = 0,
+    quantized: bool = False,
+) -> Iterator[tuple[str, list[tuple[str, torch.Tensor]]]]:
+    """(layer, [(HF name, tensor), ...]) one layer at a time: see `refit_stream`."""
+    groups = groups or default_groups()
+    if quantized:
+        yield from checkpoint_layers(model, bridge, groups, dst)
+        return
+    for key, layer in export_hf_layers(model, bridge, groups, dst, quant_state=True):
+        yield key, [
+            pair for planned, tensor in owned(layer) for pair in zip(planned.hf_names, planned.mapping.to_hf(tensor))
+        ]
+
+
 def refit_stream(
-    model: nn.Module, bridge: ModelBridge, groups: ParallelGroups | None = None, dst: int = 0, quantized: bool = False
+    model: nn.Module, bridge: ModelBridge, groups: ParallelGroups | None = None, dst: int | None = 0,
+    quantized: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) on rank `dst`: weights in their own dtype with every quantizer buffer (`*_quantizer._amax`,
     `_global_amax`, `_block_amax`, K/V BMM amax), or, with `quantized`, the real-quantized checkpoint tensors
-    (packed NVFP4 / FP8 weights and their scales). TP/EP-gathered one tensor at a time. Collective."""
-    groups = groups or default_groups()
-    if quantized:
-        yield from checkpoint_tensors(model, bridge, groups, dst)
-    else:
-        yield from export_hf_stream(model, bridge, groups, dst, quant_state=True)
+    (packed NVFP4 / FP8 weights and their scales, quantized a layer at a time on the model's device). `dst` None:
+    every rank yields the tensors whose first piece it holds, and nothing is gathered to one rank (an expert
+    parallel rank yields its experts). The tensors never alias the model. Collective: every rank exhausts it."""
+    for _, tensors in refit_layers(model, bridge, groups, dst, quantized):
+        yield from tensors
+
+
+def refit_buckets(
+    model: nn.Module, bridge: ModelBridge, groups: ParallelGroups | None = None, bucket_bytes: int = 1 << 30,
+    dst: int | None = None, quantized: bool = False,
+) -> Iterator[Bucket]:
+    """The refit stream (see `refit_stream`; by default every rank yields its own share) packed into flat buckets
+    on the model's device, of at most `bucket_bytes` each (a tensor larger than that gets a bucket of its own), in
+    stream order: an engine moves a bucket in one copy or broadcast and takes its tensors as views
+    (`Bucket.tensors`, or the table's offsets). Collective."""
+    yield from bucketed(refit_stream(model, bridge, groups, dst, quantized), bucket_bytes)
 
 
 def _in_memory(name: str) -> list[str]:
@@ -98,4 +126,4 @@ def apply_refit(hf_model: nn.Module, stream: Iterable[tuple[str, torch.Tensor]])
     return {"loaded": loaded, "skipped": skipped}
 
 
-__all__ = ["RefitError", "apply_refit", "refit_stream"]
+__all__ = ["Bucket", "RefitError", "apply_refit", "refit_buckets", "refit_layers", "refit_stream"]

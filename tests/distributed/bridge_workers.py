@@ -48,11 +48,13 @@ def probe_tokens() -> torch.Tensor:
     return torch.randint(0, 128, (2, SEQ), generator=torch.Generator().manual_seed(3))
 
 
-def write_checkpoints(root: Path) -> dict:
+def write_checkpoints(root: Path, archs: tuple[str, ...] = ARCHS) -> dict:
     from safetensors.torch import load_file
 
     out = {}
     for i, arch in enumerate(ARCHS):
+        if arch not in archs:
+            continue
         config, cls = hf_config(arch)
         torch.manual_seed(100 + i)
         model = cls(config).eval()
@@ -263,3 +265,38 @@ def pipeline_nan_case(path: str) -> str:
     except CalibrationError as error:
         return str(error)
     return "no error"
+
+
+def w4a4_mse_recipe() -> dict:
+    """NVFP4 weights with static MSE block scales and NVFP4 inputs (a head tied or not, left alone), FP8 K/V."""
+    nvfp4 = {"num_bits": "e2m1", "block_sizes": {-1: 16, "type": "dynamic"}}
+    return {"quantize": {"algorithm": {"method": "mse", "fp8_scale_sweep": True}, "quant_cfg": [
+        {"quantizer_name": "*", "enable": False},
+        {"quantizer_name": "*weight_quantizer", "cfg": {**nvfp4, "block_sizes": {-1: 16, "type": "static"}}},
+        {"quantizer_name": "*input_quantizer", "cfg": nvfp4},
+        {"quantizer_name": "*[kv]_bmm_quantizer", "cfg": {"num_bits": "e4m3"}},
+        {"quantizer_name": "*output_layer*", "enable": False},
+    ]}}
+
+
+def refit_forms(path: str, tp: int, ep: int, pp: int, recipe) -> dict:
+    """Calibrate at a layout, then every form of the refit, plain and quantized: the stream gathered to rank 0,
+    and the buckets of every rank's own share (tiny buckets, so that layers span several). -> per rank, on the
+    CPU: {quantized: {"stream": [(name, tensor)] on rank 0, "buckets": [{name: tensor}], "bucket_bytes": [...]}}."""
+    from dist_quant import quantize
+    from dist_quant.refit import refit_buckets, refit_stream
+
+    groups, bridge, model = loaded_model(path, tp, ep, pp)
+    gen = torch.Generator().manual_seed(11)
+    data = [torch.randint(0, 128, (4, SEQ), generator=gen) for _ in range(2)]
+    quantize(model, recipe, lambda m: forward_only(m, data, device()))
+    out = {}
+    for quantized in (False, True):
+        stream = [(name, tensor.cpu().clone()) for name, tensor in refit_stream(model, bridge, groups, quantized=quantized)]
+        buckets = list(refit_buckets(model, bridge, groups, bucket_bytes=4096, quantized=quantized))
+        out[quantized] = {
+            "stream": stream,
+            "buckets": [{name: tensor.cpu().clone() for name, tensor in bucket.tensors()} for bucket in buckets],
+            "bucket_bytes": [bucket.buffer.numel() for bucket in buckets],
+        }
+    return out

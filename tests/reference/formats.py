@@ -77,6 +77,17 @@ def nvfp4(x: torch.Tensor, global_amax: torch.Tensor, block_amax: torch.Tensor |
     }
 
 
+def dequantize(packed: torch.Tensor, scale_bytes: torch.Tensor, scale_2: torch.Tensor) -> torch.Tensor:
+    """float32 values of packed E2M1 bytes [..., n/2] with E4M3 block scale bytes [..., n/16] (no NaN bytes):
+    each code's value times its block scale (exact), times scale_2 (the one rounding)."""
+    n = packed.shape[-1] * 2
+    codes = torch.stack([packed.long() % 16, packed.long() // 16], -1).reshape(*packed.shape[:-1], n // 16, 16)
+    magnitude = E2M1_TABLE[codes % 8].to(F32)
+    values = torch.where(codes >= 8, -magnitude, magnitude)
+    y = values * E4M3_TABLE[scale_bytes.long()].to(F32).unsqueeze(-1) * scale_2.to(F32)
+    return y.reshape(*packed.shape[:-1], n)
+
+
 def pack_codes(codes: torch.Tensor) -> torch.Tensor:
     """Byte i holds element 2i in the low nibble and 2i+1 in the high nibble."""
     pairs = codes.reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2)

@@ -4,8 +4,14 @@ against the independent reference of SPEC.md section 1."""
 import pytest
 import torch
 
-from dist_quant.kernels import nvfp4_fake_quant, nvfp4_fake_quant_segments, nvfp4_quantize, use_triton
-from dist_quant.numerics import nvfp4_dequantize
+from dist_quant.kernels import (
+    nvfp4_dequantize,
+    nvfp4_fake_quant,
+    nvfp4_fake_quant_segments,
+    nvfp4_quantize,
+    nvfp4_quantize_segments,
+    use_triton,
+)
 from tests.reference import formats as ref
 from tests.reference.data import DTYPES, near_ties, spread
 
@@ -233,3 +239,39 @@ def test_segments_bad_arguments_raise_clear_errors(backend):
         nvfp4_fake_quant_segments(torch.ones(4, 32), torch.ones(2), [2, 1])
     with pytest.raises(ValueError, match="multiple of 16"):
         nvfp4_fake_quant_segments(torch.ones(4, 24), torch.ones(2), [2, 2])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("blocks", ["dynamic", "static"])
+@pytest.mark.parametrize("rows", [[5, 0, 130, 1, 17], [64], [0, 3]])
+def test_segments_quantize_like_one_quantize_per_segment(backend, gen, dtype, blocks, rows):
+    """The export's batched quantize of an MoE layer's experts: every byte as the reference gives it per segment
+    (Inf saturates; NaN is the caller's to refuse), and it dequantizes to the segmented fake quant."""
+    scales = [1.0, 1.0, 3e-30, 1e4, 0.01][: len(rows)]
+    x, global_amax = _segments(gen, rows, 48, dtype, scales)
+    x = torch.nan_to_num(x, nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+    block_amax = _static_block_amax(gen, x.nan_to_num(posinf=0.0, neginf=0.0)) if blocks == "static" else None
+    packed, block_scale, scale_2 = nvfp4_quantize_segments(x, global_amax, rows, block_amax)
+    parts = (block_amax if block_amax is not None else x).split(rows)
+    expected = [ref.nvfp4(p, g, None if block_amax is None else b) for p, g, b in zip(x.split(rows), global_amax, parts)]
+    assert packed.shape == (sum(rows), 24) and block_scale.shape == (sum(rows), 3) and scale_2.shape == (len(rows),)
+    assert torch.equal(packed, torch.cat([ref.pack_codes(e["codes"]) for e in expected]))
+    assert torch.equal(block_scale.view(torch.uint8), torch.cat([e["scale_codes"] for e in expected]).to(torch.uint8))
+    ref.assert_same_bits(scale_2, torch.stack([e["scale_2"] for e in expected]))
+    dequantized = nvfp4_dequantize(packed, block_scale, scale_2, dtype, rows)
+    ref.assert_same_bits(dequantized, nvfp4_fake_quant_segments(x, global_amax, rows, block_amax))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantize_of_every_code_and_scale_matches_reference(backend, gen, dtype):
+    """Random bytes reach all 16 codes (-0.0 included) and every finite E4M3 scale, subnormal ones too."""
+    packed = torch.randint(0, 256, (300, 24), generator=gen, dtype=torch.uint8)
+    scale_bytes = torch.randint(0, 0x7F, (300, 3), generator=gen, dtype=torch.uint8)  # 0x7F and up: NaN, negative
+    scale_2 = torch.rand((), generator=gen) * 1e-3
+    got = nvfp4_dequantize(packed, scale_bytes.view(torch.float8_e4m3fn), scale_2, dtype)
+    ref.assert_same_bits(got, ref.dequantize(packed, scale_bytes, scale_2).to(dtype))
+    rows = [100, 0, 200]
+    scales_2 = torch.rand(3, generator=gen) * 10
+    got = nvfp4_dequantize(packed, scale_bytes.view(torch.float8_e4m3fn), scales_2, dtype, rows)
+    parts = zip(packed.split(rows), scale_bytes.split(rows), scales_2)
+    ref.assert_same_bits(got, torch.cat([ref.dequantize(*part) for part in parts]).to(dtype))
