@@ -10,7 +10,11 @@
 #   faults   the same checkpoint with a NaN in an expert of the last rank: one line naming it, on NCCL
 #   export   export GB/s of moe-1b on 1 and on all GPUs, rank 0 writing vs every rank writing (bench_export.py)
 #   sync     one amax sync of 10,000 quantizers over NCCL (bench_sync.py)
-#   kernels  NVFP4 fake quant vs copy bandwidth and ModelOpt; MSE sweep vs reference, floor, ModelOpt
+#   kernels  the compiled kernels against the reference (test_kernels_cuda.py); NVFP4 fake quant vs copy bandwidth
+#            and ModelOpt; MSE sweep vs reference, floor, ModelOpt
+#   refit    real-quantized refits, buckets, recalibration and export of moe-1b and the 30B shape against their
+#            ceilings in the same call (bench_refit.py, one GPU)
+#   main1    the 30B-shaped main job on one GPU, 64 x 2048 tokens, batch 8 (calibrate + export + verify)
 #   big      a Qwen3-30B-A3B-shaped MoE (random weights drawn on the GPUs) at EP2 on 2 GPUs: 128 x 2048 tokens,
 #            exported by both ranks and verified (time per stage, tokens/s, peak memory, export GB/s)
 # Usage: benchmarks/run_gpu.sh [PART ...]  (default: all). A table of the steps, and the main-job summaries, are
@@ -21,7 +25,7 @@ cd "$(dirname "$0")/.."
 RESULTS=${RESULTS:-benchmarks/RESULTS.md}
 LOGS=${LOGS:-/tmp/dist_quant_gpu}
 WORK=${WORK:-/tmp/dist_quant_work}
-PARTS=${*:-layout fidelity forward main hf faults export sync kernels big}
+PARTS=${*:-layout fidelity forward main hf faults export sync kernels refit main1 big}
 mkdir -p "$LOGS" "$WORK"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 GPUS=$(nvidia-smi -L | wc -l)
@@ -91,8 +95,15 @@ fi
 want export && step bench_export python3 benchmarks/bench_export.py --model moe-1b --ranks 1 "$GPUS" --results "$RESULTS"
 want sync && step bench_sync python3 benchmarks/bench_sync.py --backend nccl --ranks "$GPUS" --peer-repeats 3 --results "$RESULTS"
 if want kernels; then
+  step kernels_cuda python3 -m pytest -q -p no:cacheprovider tests/unit/test_kernels_cuda.py
   step bench_numerics python3 benchmarks/bench_numerics.py --no-sweep --results "$RESULTS"
   step bench_mse python3 benchmarks/bench_mse.py --no-sweep --results "$RESULTS"
+fi
+want refit && step bench_refit python3 benchmarks/bench_refit.py --out-dir "$WORK/bench_refit" --results "$RESULTS"
+if want main1; then
+  step qwen3_30b_a3b_shape_1gpu timeout 540 python3 -m dist_quant.cli calibrate --model qwen3-30b-a3b-shape --random-weights \
+    --recipe nvfp4_default-fp8_cast_kv --calib-samples 64 --seq-len 2048 --batch-size 8 \
+    --out "$WORK/qwen3-30b-a3b-shape-1gpu" --overwrite
 fi
 if want big; then
   step qwen3_30b_a3b_shape_ep2 timeout 420 python3 -m torch.distributed.run --nproc-per-node 2 -m dist_quant.cli calibrate \

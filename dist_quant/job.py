@@ -249,14 +249,22 @@ def calibration_batches(args, checkpoint: Path | None, vocab_size: int, dp_rank:
 
 
 class Timer:
-    def __init__(self):
+    """Seconds per stage, and on a GPU the peak memory allocated during each."""
+
+    def __init__(self, device: torch.device | None = None):
         self.stages: dict[str, float] = {}
+        self.peaks: dict[str, int] = {}
+        self.gpu = device is not None and device.type == "cuda"
 
     @contextmanager
     def stage(self, name: str):
+        if self.gpu:
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         yield
         self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - start
+        if self.gpu:
+            self.peaks[name] = max(self.peaks.get(name, 0), torch.cuda.max_memory_allocated())
 
 
 def _sum_over_ranks(values: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -303,10 +311,10 @@ def run(args: argparse.Namespace) -> Path | None:
 
     # megatron-core warns about every optional accelerator it lacks (Apex, Transformer Engine) on every rank.
     warnings.filterwarnings("ignore", module=r"megatron(\.|$)")
-    timer = Timer()
     started = time.perf_counter()
     timeout = datetime.timedelta(minutes=args.timeout)
     device = init_distributed(timeout)
+    timer = Timer(device)
     lead = rank() == 0
     target = output_target(args)
     try:
@@ -354,7 +362,8 @@ def run(args: argparse.Namespace) -> Path | None:
             progress.close()
     finally:
         target.release()
-    peaks = every_rank(torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    peaks = every_rank((timer.peaks, weights) if timer.gpu else None)
     errors = weight_error_by_type(model, device)
     kinds: dict[str, int] = {}
     for name, q in model.named_modules():
@@ -366,6 +375,18 @@ def run(args: argparse.Namespace) -> Path | None:
         _print_summary(args, out, kinds, bootstrapped, collectives, timer, errors, time.perf_counter() - started, left_out, peaks)
     dist.destroy_process_group()
     return out
+
+
+def _memory_lines(peaks: list) -> list[str]:
+    """Per rank: the peak GPU memory of each stage, in GiB and as a multiple of the rank's weights."""
+    if peaks[0] is None:
+        return []
+    lines = ["  peak GPU memory per rank (GiB; x its weights):"]
+    for r, (stages, weights) in enumerate(peaks):
+        worst = max(stages.values())
+        per_stage = ", ".join(f"{name} {peak / 2**30:.1f}" for name, peak in stages.items())
+        lines.append(f"    rank {r}: {worst / 2**30:.1f} ({worst / weights:.2f}x of {weights / 2**30:.1f}): {per_stage}")
+    return lines
 
 
 def _print_summary(args, out, kinds, bootstrapped, collectives, timer, errors, total, left_out, peaks) -> None:
@@ -386,8 +407,7 @@ def _print_summary(args, out, kinds, bootstrapped, collectives, timer, errors, t
         "  time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in timer.stages.items()) + f"; total {total:.1f} s",
         f"  calibration: {tokens} tokens ({args.calib_samples} x {args.seq_len}), "
         f"{tokens / timer.stages['calibrate']:,.0f} tokens/s",
-        *([f"  peak GPU memory per rank: {', '.join(f'{p / 2**30:.1f}' for p in peaks)} GiB"]
-          if peaks[0] is not None else []),
+        *_memory_lines(peaks),
         f"  checkpoint: {out}, {written / 1e9:.2f} GB, exported at {written / 1e9 / timer.stages['export']:.2f} GB/s"
         f"  (check it with: dist-quant inspect {out})",
     ]

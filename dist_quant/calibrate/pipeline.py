@@ -22,7 +22,7 @@ from torch import nn
 from dist_quant.calibrate.shared import form_shared_states
 from dist_quant.kernels import nvfp4_mse_block_amax
 from dist_quant.modules import QuantModule, convert_linear
-from dist_quant.modules.base import model_device, structure_changed
+from dist_quant.modules.base import model_device, structure_changed, structure_version
 from dist_quant.modules.linear import LINEAR_QUANTIZERS
 from dist_quant.parallel.groups import ParallelGroups, default_groups, megatron_loaded
 from dist_quant.parallel.reduce import AmaxReducer, NonFiniteAmaxError
@@ -184,12 +184,38 @@ def collect_statistics(model: nn.Module, forward_loop: ForwardLoop | None) -> No
         q.mode = QuantizerMode.DISABLED
 
 
+def _weight_quantizers(model: nn.Module) -> list[tuple[TensorQuantizer, torch.Tensor]]:
+    """Every (weight quantizer, its weight) of the model, listed once per change of its quantizers (a 30B MoE has
+    ~55,000 modules: walking them costs more than calibrating every weight)."""
+    cached = model.__dict__.get("_dist_quant_weight_quantizers")
+    if cached is None or cached[0] != structure_version(model):
+        pairs = [pair for _, module in quant_modules(model) for pair in module.weight_quantizers()]
+        cached = model.__dict__["_dist_quant_weight_quantizers"] = (structure_version(model), pairs)
+    return cached[1]
+
+
+def _is_scalar(amax: torch.Tensor | None) -> bool:
+    return amax is not None and amax.dim() == 0
+
+
 def calibrate_weights(model: nn.Module) -> None:
-    """Weight amax straight from the weights: no forward pass, so also right after a training step."""
+    """Weight amax straight from the weights: no forward pass, so also right after a training step. Per-tensor
+    max amax (the common case) come from one multi-tensor max pass over all weights and land in their amax
+    buffers in one multi-tensor copy; per-channel and static-block amax weight by weight."""
+    together, amax = [], []
     with torch.no_grad():
-        for _, module in quant_modules(model):
-            for quantizer, weight in module.weight_quantizers():
+        for quantizer, weight in _weight_quantizers(model):
+            if quantizer.calibrator is None:
+                continue
+            fmt = quantizer.fmt
+            if fmt.axis is None and fmt.block_type != STATIC and weight.numel() and _is_scalar(quantizer._amax):
+                together.append(weight)
+                amax.append(quantizer._amax)
+                quantizer.saw_data = True
+            else:
                 quantizer.calibrate_from(weight)
+        if together:  # max |w| exactly: the same value vector_norm gives per tensor
+            torch._foreach_copy_(amax, torch._foreach_norm(together, float("inf"), dtype=torch.float32))
 
 
 def reduce_amax(reducer: AmaxReducer) -> None:

@@ -12,8 +12,9 @@ import torch.distributed as dist
 from torch import nn
 
 from dist_quant.modules import QuantModule
+from dist_quant.modules.base import structure_version
 from dist_quant.modules.shared import SharedQuantState
-from dist_quant.parallel.groups import ParallelGroups
+from dist_quant.parallel.groups import ParallelGroups, group_ranks
 from dist_quant.parallel.reduce import AmaxReducer
 from dist_quant.quantizer import NVFP4, TensorQuantizer
 from dist_quant.recipe import Algorithm
@@ -58,43 +59,77 @@ def _drop_earlier_states(model: nn.Module) -> None:
             module.__dict__["shared_state"] = None
 
 
+class _Sharing:
+    """Which quantizers share a global amax, worked out once per change of the model's quantizers, recipe
+    patterns and expert-parallel group (the membership is structural; a recalibration after a training step only
+    needs new values, and walking a 30B MoE's modules and matching its quantizer names costs more than that)."""
+
+    def __init__(self, model: nn.Module, algorithm: Algorithm, groups: ParallelGroups, key: tuple):
+        self.key = key
+        _drop_earlier_states(model)
+        members: dict[tuple[str, str], list[tuple[str, TensorQuantizer]]] = {}
+        for group, name, q in _nvfp4_members(model, algorithm):
+            members.setdefault(group, []).append((name, q))
+        counts = {group: len(m) for group, m in members.items()}
+        ep_group = groups.domains["ep"]
+        if ep_group is not None:  # experts of one group may sit on other EP ranks
+            everyone = [None] * dist.get_world_size(ep_group)
+            dist.all_gather_object(everyone, counts, group=ep_group)
+            counts = {}
+            for rank_counts in everyone:
+                for group, n in rank_counts.items():
+                    counts[group] = counts.get(group, 0) + n
+        self.shared = sorted(group for group, n in counts.items() if n > 1)  # singletons stay alone
+        self.members = {group: members.get(group, []) for group in self.shared}
+        device = next((q._amax.device for m in members.values() for _, q in m), torch.device("cpu"))
+        self.reducer = AmaxReducer(groups, device)
+        for group in self.shared:
+            self.reducer.register("ep", "|".join(group), torch.Size([]), lambda view: None)
+        self.reducer.allocate()
+        self.states = {}
+        for group in self.shared:
+            if self.members[group]:
+                names = [name for name, _ in self.members[group]]
+                self.states[group] = SharedQuantState(group[1], names, torch.zeros((), device=device))
+                _attach(model, names, group[0], self.states[group])
+
+    def update(self) -> None:
+        """Each group's value, the max of its members' amax over the expert-parallel ranks, into its state and
+        every member's `_global_amax`: a few multi-tensor launches and one all-reduce, whatever the groups."""
+        if not self.shared:
+            return
+        arena = self.reducer.arenas["ep"]
+        local = [(arena.offsets["|".join(g)], [q._amax for _, q in self.members[g]]) for g in self.shared if self.members[g]]
+        if local:
+            maxima = torch.stack([torch.stack(amax).max() for _, amax in local])
+            arena.flat.zero_().index_copy_(0, torch.tensor([o for o, _ in local], device=arena.flat.device), maxima)
+        self.reducer.sync(check_finite=False)
+        targets, values = [], []
+        for group, state in self.states.items():
+            value = arena.flat[arena.offsets["|".join(group)]]
+            targets.append(state.global_amax)
+            values.append(value)
+            for _, q in self.members[group]:
+                if q._global_amax is None or q._global_amax.dim() != 0:
+                    q._global_amax = torch.zeros((), device=value.device)
+                targets.append(q._global_amax)
+                values.append(value)
+                q.__dict__["shared_state"] = state  # a reference, not a submodule
+        torch._foreach_copy_(targets, values)
+
+
 def form_shared_states(model: nn.Module, algorithm: Algorithm, groups: ParallelGroups) -> int:
     """Give every group of siblings one global amax (collective over EP ranks). -> number of groups formed."""
-    _drop_earlier_states(model)
-    members: dict[tuple[str, str], list[tuple[str, TensorQuantizer]]] = {}
-    for group, name, q in _nvfp4_members(model, algorithm):
-        members.setdefault(group, []).append((name, q))
-    counts = {group: len(m) for group, m in members.items()}
-    ep_group = groups.domains["ep"]
-    if ep_group is not None:  # experts of one group may sit on other EP ranks
-        everyone = [None] * dist.get_world_size(ep_group)
-        dist.all_gather_object(everyone, counts, group=ep_group)
-        counts = {}
-        for rank_counts in everyone:
-            for group, n in rank_counts.items():
-                counts[group] = counts.get(group, 0) + n
-    shared = sorted(group for group, n in counts.items() if n > 1)  # singletons stay alone
-    if not shared:
-        return 0
-    device = next(q._amax.device for m in members.values() for _, q in m) if members else torch.device("cpu")
-    reducer = AmaxReducer(groups, device)
-    for group in shared:
-        local = [q._amax for _, q in members.get(group, [])]
-        reducer.register("ep", "|".join(group), torch.Size([]), lambda view, a=local: view.copy_(torch.stack(a).max()) if a else None)
-    reducer.allocate()
-    reducer.sync(check_finite=False)
-    values = reducer.values(reducer.arenas["ep"])
-    for group in shared:
-        if group not in members:
-            continue
-        role, key = group
-        names = [name for name, _ in members[group]]
-        state = SharedQuantState(key, names, values["|".join(group)].clone())
-        _attach(model, names, role, state)
-        for _, q in members[group]:
-            q._global_amax = state.global_amax.clone()
-            q.__dict__["shared_state"] = state  # a reference, not a submodule
-    return len(shared)
+    key = (
+        structure_version(model),
+        tuple(algorithm.sibling_patterns(role) for role in ROLES),
+        group_ranks(groups.domains["ep"]),
+    )
+    sharing = model.__dict__.get("_dist_quant_sharing")
+    if sharing is None or sharing.key != key:
+        sharing = model.__dict__["_dist_quant_sharing"] = _Sharing(model, algorithm, groups, key)
+    sharing.update()
+    return len(sharing.shared)
 
 
 def _attach(model: nn.Module, names: list[str], role: str, state: SharedQuantState) -> None:

@@ -129,3 +129,30 @@ def test_segments_on_cuda_match_one_fake_quant_per_segment(gen, dtype, blocks):
     expected = torch.cat([ref.nvfp4(p, g, b)["fake_quant"] for p, g, b in zip(x.split(rows), global_amax, parts)])
     cuda = lambda t: None if t is None else t.cuda()  # noqa: E731
     ref.assert_same_bits(nvfp4_fake_quant_segments(x.cuda(), global_amax.cuda(), rows, cuda(block_amax)).cpu(), expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("blocks", ["dynamic", "static"])
+def test_segment_quantize_and_dequantize_on_cuda_match_the_reference(gen, dtype, blocks):
+    """An MoE layer's experts quantized in one launch for export: every byte as the reference gives it per
+    segment, and the dequantize kernel returns the reference's values (and the fake quant's)."""
+    from dist_quant.kernels import nvfp4_dequantize, nvfp4_fake_quant_segments, nvfp4_quantize_segments
+
+    rows = torch.randint(0, 40, (128,), generator=gen).tolist()
+    rows[3] = rows[100] = 0
+    x = spread(gen, (sum(rows), 64), dtype)
+    global_amax = torch.stack([p.float().abs().amax() if p.numel() else torch.tensor(1.0) for p in x.split(rows)])
+    global_amax *= torch.rand(128, generator=gen) + 0.5
+    global_amax[7] = 1e-31
+    block_amax = x.float().reshape(len(x), -1, 16).abs().amax(-1) if blocks == "static" else None
+    parts = block_amax.split(rows) if block_amax is not None else [None] * len(rows)
+    expected = [ref.nvfp4(p, g, b) for p, g, b in zip(x.split(rows), global_amax, parts)]
+    cuda = lambda t: None if t is None else t.cuda()  # noqa: E731
+    packed, scale, scale_2 = nvfp4_quantize_segments(x.cuda(), global_amax.cuda(), rows, cuda(block_amax))
+    assert torch.equal(packed.cpu(), torch.cat([ref.pack_codes(e["codes"]) for e in expected]))
+    assert torch.equal(scale.view(torch.uint8).cpu(), torch.cat([e["scale_codes"] for e in expected]).to(torch.uint8))
+    dequantized = nvfp4_dequantize(packed, scale, scale_2, dtype, rows).cpu()
+    parts = zip(packed.cpu().split(rows), scale.view(torch.uint8).cpu().split(rows), scale_2.cpu())
+    ref.assert_same_bits(dequantized, torch.cat([ref.dequantize(*p) for p in parts]).to(dtype))
+    fake = nvfp4_fake_quant_segments(x.cuda(), global_amax.cuda(), rows, cuda(block_amax)).cpu()
+    ref.assert_same_bits(dequantized, fake)
