@@ -127,7 +127,21 @@ def _disk_ceiling(out: Path, scratch: Path, device) -> float:
     return total
 
 
-def measure(name: str, recipe: str, batch: int, seq: int, device, out_root: Path, repeats: int) -> dict:
+def _profiled(fn, top: int):
+    """fn() under cProfile, printing its `top` functions by cumulative time (export is bound by the host)."""
+    import cProfile
+    import io
+    import pstats
+
+    profile = cProfile.Profile()
+    result = profile.runcall(fn)
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("cumulative").print_stats(top)
+    print(text.getvalue(), flush=True)
+    return result
+
+
+def measure(name: str, recipe: str, batch: int, seq: int, device, out_root: Path, repeats: int, profile: int = 0) -> dict:
     from dist_quant import load_recipe
     from dist_quant.bridge import ModelBridge
     from dist_quant.calibrate import attach_quantizers, calibrate, recalibrate_weights
@@ -187,6 +201,8 @@ def measure(name: str, recipe: str, batch: int, seq: int, device, out_root: Path
     row("recalibrate_weights", seconds, weights, read_s, "read weights once")
     out = out_root / f"{name}-nvfp4"
     seconds, _, peak = _peak(lambda: export_hf(model, bridge, out, groups, overwrite=True))
+    if profile:
+        _profiled(lambda: export_hf(model, bridge, out, groups, overwrite=True), profile)
     written = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     disk_s = _disk_ceiling(out, out_root / f"{name}-ceiling", device)
     row("export_hf (verified)", seconds, written, disk_s, "GPU -> host -> shards", peak)
@@ -201,6 +217,7 @@ def main() -> int:
     parser.add_argument("--tokens", default="2x512", help="BATCHxSEQ of the calibration forward")
     parser.add_argument("--repeats", type=int, default=3, help="later calls timed; the best counts")
     parser.add_argument("--out-dir", default=None, help="where the export is written (default: a temporary directory)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="also profile one more export, printing its N slowest functions")
     parser.add_argument("--results", default=str(DEFAULT_RESULTS))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -217,7 +234,7 @@ def main() -> int:
     root = Path(args.out_dir or tempfile.mkdtemp(prefix="bench_refit-"))
     root.mkdir(parents=True, exist_ok=True)
     for name in args.model or ["moe-1b", "qwen3-30b-a3b-shape"]:
-        result = measure(name, args.recipe, batch, seq, device, root, args.repeats)
+        result = measure(name, args.recipe, batch, seq, device, root, args.repeats, args.profile)
         rows += result["rows"]
         notes.append(f"- {name}: {result['weights'] / GB:.1f} GB of bf16 weights; bytes: {result['bytes']}")
         print(md_table(headers, result["rows"]), flush=True)

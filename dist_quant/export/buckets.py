@@ -34,18 +34,45 @@ def aligned_size(tensor: torch.Tensor) -> int:
 
 
 def pack(tensors: list[tuple[str, torch.Tensor]]) -> Bucket:
-    """The tensors' bytes in one concatenation (one launch on a GPU), each padded to the alignment."""
-    padding = torch.zeros(ALIGNMENT, dtype=torch.uint8, device=tensors[0][1].device)
-    parts, table, offset = [], [], 0
+    """The tensors' bytes in one buffer, copied in one concatenation (one launch on a GPU) of a few memory runs:
+    tensors that lie back to back in one storage (the pieces of one quantized layer, the scales of its experts,
+    an unbind's scalars) are copied as one range, so tens of thousands of small tensors cost a few copies. Each
+    run keeps its alignment modulo ALIGNMENT; a tensor listed twice (fused siblings' shared scale) is stored once."""
+    located = []  # (name, tensor, storage address, byte offset in the storage, bytes)
     for name, tensor in tensors:
-        raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-        table.append((name, offset, tuple(tensor.shape), tensor.dtype))
-        parts.append(raw)
-        pad = -raw.numel() % ALIGNMENT
+        tensor = tensor.detach().contiguous()
+        start = tensor.storage_offset() * tensor.element_size()
+        located.append((name, tensor, tensor.untyped_storage().data_ptr(), start, tensor.numel() * tensor.element_size()))
+    runs: list[list] = []  # [storage tensor, start, end], in order of first appearance
+    run_of: dict[int, int] = {}  # entry index -> run index
+    by_storage: dict[int, list[int]] = {}
+    for i, entry in enumerate(located):
+        by_storage.setdefault(entry[2], []).append(i)
+    for indices in by_storage.values():
+        indices.sort(key=lambda i: located[i][3])
+        current = None
+        for i in indices:
+            _, tensor, _, start, size = located[i]
+            if current is None or start > runs[current][2]:
+                runs.append([tensor, start, start + size])
+                current = len(runs) - 1
+            runs[current][2] = max(runs[current][2], start + size)
+            run_of[i] = current
+    parts, placed, offset = [], [], 0
+    for tensor, start, end in runs:
+        pad = (start - offset) % ALIGNMENT  # the run keeps its place modulo ALIGNMENT, hence every typed view's
         if pad:
-            parts.append(padding[:pad])
-        offset += raw.numel() + pad
-    return Bucket(torch.cat(parts), table)
+            parts.append(torch.zeros(pad, dtype=torch.uint8, device=tensor.device))
+        offset += pad
+        storage = tensor.untyped_storage()
+        parts.append(torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage, start, (end - start,)))
+        placed.append(offset - start)  # bucket offset of byte 0 of the run's storage
+        offset += end - start
+    table = [
+        (name, placed[run_of[i]] + start, tuple(tensor.shape), tensor.dtype)
+        for i, (name, tensor, _, start, _) in enumerate(located)
+    ]
+    return Bucket(torch.cat(parts) if len(parts) > 1 else parts[0].clone(), table)
 
 
 def bucketed(tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[Bucket]:

@@ -95,14 +95,18 @@ class _ShardWriter:
 
         self.directory, self.max_bytes, self.save, self.prefix = directory, max_shard_bytes, save_file, prefix
         self.pending: dict[str, torch.Tensor] = {}
+        self.held: set[tuple[int, int]] = set()  # (address, bytes) of what pending holds
         self.pending_bytes, self.files, self.total = 0, [], 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """`tensor` on the host; it may be a view of a larger buffer (never overlapping another one added)."""
+        """`tensor` on the host; it may be a view of a larger buffer, even one already added (fused siblings'
+        shared scale), which is then copied: a safetensors file holds no tensor twice."""
         size = tensor.numel() * tensor.element_size()
         if self.pending and self.pending_bytes + size > self.max_bytes:
             self._flush()
-        self.pending[name] = tensor
+        where = (tensor.data_ptr(), size)
+        self.pending[name] = tensor.clone() if where in self.held else tensor
+        self.held.add(where)
         self.pending_bytes += size
         self.total += size
 
@@ -111,7 +115,7 @@ class _ShardWriter:
         self.save(self.pending, self.directory / file, metadata={"format": "pt"})
         (self.directory / file).chmod(0o644)  # safetensors writes 0600; a checkpoint is for others to read
         self.files.append((file, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
+        self.pending, self.pending_bytes, self.held = {}, 0, set()
 
     def close(self) -> tuple[list[tuple[str, list[str]]], int]:
         """-> (every shard file with the tensors it holds, the bytes written)."""

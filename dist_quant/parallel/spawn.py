@@ -78,6 +78,8 @@ def _serve(rank: int, conn) -> None:
             break
         ok = _run_job(rank, *job)
         conn.send(ok)
+        if not ok:  # gone, so that peers still waiting on it in a collective fail at once instead of timing out
+            os._exit(1)
     os._exit(0)
 
 
