@@ -36,41 +36,41 @@ def aligned_size(tensor: torch.Tensor) -> int:
 def pack(tensors: list[tuple[str, torch.Tensor]]) -> Bucket:
     """The tensors' bytes in one buffer, copied in one concatenation (one launch on a GPU) of a few memory runs:
     tensors that lie back to back in one storage (the pieces of one quantized layer, the scales of its experts,
-    an unbind's scalars) are copied as one range, so tens of thousands of small tensors cost a few copies. Each
-    run keeps its alignment modulo ALIGNMENT; a tensor listed twice (fused siblings' shared scale) is stored once."""
-    located = []  # (name, tensor, storage address, byte offset in the storage, bytes)
-    for name, tensor in tensors:
-        tensor = tensor.detach().contiguous()
-        start = tensor.storage_offset() * tensor.element_size()
-        located.append((name, tensor, tensor.untyped_storage().data_ptr(), start, tensor.numel() * tensor.element_size()))
-    runs: list[list] = []  # [storage tensor, start, end], in order of first appearance
-    run_of: dict[int, int] = {}  # entry index -> run index
-    by_storage: dict[int, list[int]] = {}
-    for i, entry in enumerate(located):
-        by_storage.setdefault(entry[2], []).append(i)
-    for indices in by_storage.values():
-        indices.sort(key=lambda i: located[i][3])
-        current = None
-        for i in indices:
-            _, tensor, _, start, size = located[i]
-            if current is None or start > runs[current][2]:
-                runs.append([tensor, start, start + size])
-                current = len(runs) - 1
-            runs[current][2] = max(runs[current][2], start + size)
-            run_of[i] = current
+    an unbind's scalars) are copied as one range, so tens of thousands of small tensors cost a few copies and a
+    few microseconds of host time each. Each run keeps its alignment modulo ALIGNMENT; a tensor listed twice
+    (fused siblings' shared scale) is stored once."""
+    located = []  # (storage address, byte offset in the storage, bytes, entry index)
+    held = []
+    for i, (_, tensor) in enumerate(tensors):
+        if not tensor.is_contiguous():
+            tensor = tensor.contiguous()
+        held.append(tensor)
+        size = tensor.element_size()
+        start = tensor.storage_offset() * size
+        located.append((tensor.data_ptr() - start, start, tensor.numel() * size, i))
+    located.sort()
+    runs: list[list] = []  # [a tensor of the run's storage, start, end]
+    run_of = [0] * len(tensors)
+    storage = None
+    for address, start, size, i in located:
+        if address != storage or start > runs[-1][2]:
+            runs.append([held[i], start, start + size])
+            storage = address
+        runs[-1][2] = max(runs[-1][2], start + size)
+        run_of[i] = len(runs) - 1
     parts, placed, offset = [], [], 0
     for tensor, start, end in runs:
         pad = (start - offset) % ALIGNMENT  # the run keeps its place modulo ALIGNMENT, hence every typed view's
         if pad:
             parts.append(torch.zeros(pad, dtype=torch.uint8, device=tensor.device))
         offset += pad
-        storage = tensor.untyped_storage()
-        parts.append(torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage, start, (end - start,)))
+        raw = torch.empty(0, dtype=torch.uint8, device=tensor.device)
+        parts.append(raw.set_(tensor.untyped_storage(), start, (end - start,)))
         placed.append(offset - start)  # bucket offset of byte 0 of the run's storage
         offset += end - start
     table = [
-        (name, placed[run_of[i]] + start, tuple(tensor.shape), tensor.dtype)
-        for i, (name, tensor, _, start, _) in enumerate(located)
+        (name, placed[run_of[i]] + tensor.storage_offset() * tensor.element_size(), tuple(tensor.shape), tensor.dtype)
+        for i, ((name, _), tensor) in enumerate(zip(tensors, held))
     ]
     return Bucket(torch.cat(parts) if len(parts) > 1 else parts[0].clone(), table)
 

@@ -26,6 +26,7 @@ from dist_quant import kernels
 from dist_quant.bridge.io import Planned, SafetensorsReader, export_hf_layers, has_safetensors, owned
 from dist_quant.bridge.models import ModelBridge
 from dist_quant.export.buckets import bucketed
+from dist_quant.export.shards import ShardWriter
 from dist_quant.export.output import OutputError, OutputTarget
 from dist_quant.export.verify import VerificationError, kv_cache_scheme, verify
 from dist_quant.modules import QuantModule
@@ -85,43 +86,6 @@ def _check_activations(model: nn.Module) -> str | None:
         seen = (torch.stack([q._amax.reshape(()) for _, q in activations]) > 0).tolist()  # one device sync
         missing = next((name for (name, _), ok in zip(activations, seen) if not ok), None)
     return None if missing is None else f"{missing} has no calibrated amax (it saw no data): calibrate before exporting"
-
-
-class _ShardWriter:
-    """Size-bounded safetensors shards of one rank, under temporary names (`prefix` tells ranks apart)."""
-
-    def __init__(self, directory: Path, max_shard_bytes: int, prefix: str = ""):
-        from safetensors.torch import save_file
-
-        self.directory, self.max_bytes, self.save, self.prefix = directory, max_shard_bytes, save_file, prefix
-        self.pending: dict[str, torch.Tensor] = {}
-        self.held: set[tuple[int, int]] = set()  # (address, bytes) of what pending holds
-        self.pending_bytes, self.files, self.total = 0, [], 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        """`tensor` on the host; it may be a view of a larger buffer, even one already added (fused siblings'
-        shared scale), which is then copied: a safetensors file holds no tensor twice."""
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes:
-            self._flush()
-        where = (tensor.data_ptr(), size)
-        self.pending[name] = tensor.clone() if where in self.held else tensor
-        self.held.add(where)
-        self.pending_bytes += size
-        self.total += size
-
-    def _flush(self) -> None:
-        file = f"shard-{self.prefix}{len(self.files):05d}.safetensors"
-        self.save(self.pending, self.directory / file, metadata={"format": "pt"})
-        (self.directory / file).chmod(0o644)  # safetensors writes 0600; a checkpoint is for others to read
-        self.files.append((file, list(self.pending)))
-        self.pending, self.pending_bytes, self.held = {}, 0, set()
-
-    def close(self) -> tuple[list[tuple[str, list[str]]], int]:
-        """-> (every shard file with the tensors it holds, the bytes written)."""
-        if self.pending:
-            self._flush()
-        return self.files, self.total
 
 
 def _write_index(directory: Path, files: list[tuple[str, list[str]]], total: int) -> None:
@@ -430,14 +394,18 @@ def export_hf(
         partial = [target.partial]
         if parallel:  # every rank writes into the directory dst claimed
             dist.broadcast_object_list(partial, src=dst)
-        writer = _ShardWriter(partial[0], max_shard_bytes, f"r{me:05d}-") if parallel or me == dst else None
+        writer = ShardWriter(partial[0], max_shard_bytes, f"r{me:05d}-") if parallel or me == dst else None
         quantizer = _LayerQuantizer(formats, source_dtypes(bridge, source_dir))
         tensors = checkpoint_tensors(model, bridge, groups, None if parallel else dst, quantizer)
-        for bucket in bucketed(tensors, TRANSFER_BYTES):
-            for name, tensor in bucket.to("cpu").tensors():  # one transfer to the host per bucket
-                writer.add(name, tensor)
-                if on_tensor is not None:
-                    on_tensor(name)
+        try:
+            for bucket in bucketed(tensors, TRANSFER_BYTES):
+                for name in writer.add(bucket):
+                    if on_tensor is not None:
+                        on_tensor(name)
+        except BaseException:
+            if writer is not None:  # no write goes on behind the caller's back
+                writer.abandon()
+            raise
         files = [writer.close()] if writer is not None else []
         if parallel:  # every rank's shards, in rank order
             files = every_rank(files[0])

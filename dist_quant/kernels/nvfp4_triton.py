@@ -209,16 +209,19 @@ def _nvfp4_dequantize_kernel(
     if SEGMENTED:
         scale_2 = scale_2[:, None]
     offs = rows[:, None] * 16 + 2 * pairs
-    _store_from_f32(y_ptr, offs, (_e2m1_value(packed & 15) * block_scale) * scale_2, row_ok[:, None], INTERPRETED)
-    _store_from_f32(y_ptr, offs + 1, (_e2m1_value(packed >> 4) * block_scale) * scale_2, row_ok[:, None], INTERPRETED)
+    for nibble in tl.static_range(2):
+        code = (packed >> (4 * nibble)) & 15
+        # the sign rides on the (never zero) block scale, as in fake quant: code 8 gives -0.0
+        signed_scale = tl.where((code & 8) != 0, -block_scale, block_scale)
+        y = (_e2m1_magnitude(code & 7) * signed_scale) * scale_2
+        _store_from_f32(y_ptr, offs + nibble, y, row_ok[:, None], INTERPRETED)
 
 
 @triton.jit
-def _e2m1_value(code):
-    """The signed value of a 4-bit E2M1 code: 0, 0.5, 1, 1.5 (m < 4), 2, 3 (m - 2), 4, 6 (2m - 8); code 8 is -0.0."""
-    m = (code & 7).to(tl.float32)
-    value = tl.where(m < 4.0, m * 0.5, tl.where(m < 6.0, m - 2.0, m * 2.0 - 8.0))
-    return tl.where((code & 8) != 0, -value, value)
+def _e2m1_magnitude(m):
+    """The magnitude of a 3-bit E2M1 code: 0, 0.5, 1, 1.5 (m < 4), 2, 3 (m - 2), 4, 6 (2m - 8)."""
+    m = m.to(tl.float32)
+    return tl.where(m < 4.0, m * 0.5, tl.where(m < 6.0, m - 2.0, m * 2.0 - 8.0))
 
 
 def _launch_args(x: torch.Tensor, global_amax: torch.Tensor, block_amax: torch.Tensor | None):
