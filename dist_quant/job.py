@@ -300,7 +300,7 @@ def run(args: argparse.Namespace) -> Path | None:
     from dist_quant.bridge import ModelBridge
     from dist_quant.bridge.io import SafetensorsReader, load_hf_weights
     from dist_quant.calibrate import attach_quantizers, calibrate
-    from dist_quant.calibrate.pipeline import amax_reducer
+    from dist_quant.calibrate.pipeline import amax_reducer, logits_discarded
     from dist_quant.export import estimated_bytes, export_hf
     from dist_quant.parallel import megatron_compat
     from dist_quant.parallel.agree import every_rank, raised_together
@@ -343,7 +343,8 @@ def run(args: argparse.Namespace) -> Path | None:
 
         def forward_loop(m):
             progress = tqdm(total=len(batches), desc="calibrating", unit="batch", disable=not lead)
-            forward_only(m, batches, device, on_batch=progress.update)
+            with logits_discarded(m):  # statistics only: the logits would take more memory than anything else
+                forward_only(m, batches, device, on_batch=progress.update, keep_logits=False)
             progress.close()
 
         with timer.stage("calibrate"):

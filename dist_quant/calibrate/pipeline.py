@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import torch
@@ -328,6 +329,25 @@ def cache_fake_quant_weights(model: nn.Module, enabled: bool = True) -> None:
         for quantizer, _ in module.weight_quantizers():
             quantizer.cache_output = enabled
             quantizer._cache = None
+
+
+@contextmanager
+def logits_discarded(model: nn.Module):
+    """For forward passes whose logits nobody reads (a calibration loop that only collects statistics): the
+    model's output layer sees its input (its input quantizer collects as usual) but computes no product and
+    returns an empty tensor. The logits are the largest activation (tokens x vocabulary: 5 GB for 8 x 2048
+    tokens over 152k), for nothing. An output layer with an enabled output quantizer still computes."""
+    from dist_quant.modules.megatron import QuantParallelLinear
+
+    head = getattr(model, "output_layer", None)
+    if not isinstance(head, QuantParallelLinear) or head.output_quantizer.enabled:
+        yield
+        return
+    head.discard_output = True
+    try:
+        yield
+    finally:
+        del head.discard_output
 
 
 def promote(model: nn.Module) -> None:

@@ -12,6 +12,7 @@ every tensor starts at a multiple of its element size.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,38 +26,51 @@ from dist_quant.export.buckets import Bucket
 _NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
-def write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> None:
-    """One safetensors file of host tensors (contiguous; views of larger buffers are written in place), 0644."""
-    ordered = sorted(tensors, key=lambda item: (-item[1].element_size(), item[0]))
+Entry = tuple[str, torch.dtype, tuple[int, ...], memoryview]  # name, dtype, shape, its bytes on the host
+
+
+def write_safetensors(path: Path, entries: list[Entry], metadata: dict[str, str]) -> None:
+    """One safetensors file from tensors' bytes on the host (slices of larger buffers, written in place), 0644."""
+    ordered = sorted(entries, key=lambda entry: (-entry[1].itemsize, entry[0]))
     header: dict = {"__metadata__": metadata}
     offset = 0
-    for name, tensor in ordered:
-        size = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": _NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
-        offset += size
+    for name, dtype, shape, data in ordered:
+        header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
-        for _, tensor in ordered:
-            if tensor.numel():
-                f.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+        for *_, data in ordered:
+            f.write(data)
     os.chmod(path, 0o644)  # a checkpoint is for others to read
+
+
+def host_entries(bucket: Bucket) -> list[Entry]:
+    """A bucket on the host, as write_safetensors takes it: one memoryview of the buffer, sliced per tensor."""
+    raw = memoryview(bucket.buffer.numpy())
+    return [
+        (name, dtype, shape, raw[offset : offset + math.prod(shape) * dtype.itemsize])
+        for name, offset, shape, dtype in bucket.table
+    ]
 
 
 class ShardWriter:
     """Size-bounded safetensors shards of one rank, under temporary names (`prefix` tells ranks apart). Buckets
     reach the host in one transfer each (into pinned memory, which torch's host allocator recycles once a
-    shard is written); a full shard is written by a background thread while the caller goes on. At most one
-    shard is pending and one being written, so host memory stays within about two shards."""
+    shard is written); full shards are written by WRITERS background threads (one thread's copies into the page
+    cache do not fill a disk) while the caller goes on. At most one shard per thread is being written and one
+    pending, so host memory stays within WRITERS + 1 shards."""
+
+    WRITERS = 2
 
     def __init__(self, directory: Path, max_shard_bytes: int, prefix: str = ""):
         self.directory, self.max_bytes, self.prefix = directory, max_shard_bytes, prefix
-        self.pending: list[tuple[str, torch.Tensor]] = []
+        self.pending: list[Entry] = []
         self.pending_bytes, self.files, self.total = 0, [], 0
-        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dist_quant-shards")
-        self.writing: Future | None = None
+        self.threads = ThreadPoolExecutor(max_workers=self.WRITERS, thread_name_prefix="dist_quant-shards")
+        self.writing: list[Future] = []
 
     def add(self, bucket: Bucket) -> list[str]:
         """A bucket's tensors, in its table's order. -> their names."""
@@ -64,40 +78,41 @@ class ShardWriter:
         if host.is_cuda:
             host = torch.empty(host.shape, dtype=host.dtype, pin_memory=True).copy_(bucket.buffer, non_blocking=True)
         names = []
-        for name, tensor in Bucket(host, bucket.table).tensors():
-            size = tensor.numel() * tensor.element_size()
+        for entry in host_entries(Bucket(host, bucket.table)):
+            size = len(entry[3])
             if self.pending and self.pending_bytes + size > self.max_bytes:
                 self._flush()
-            self.pending.append((name, tensor))
+            self.pending.append(entry)
             self.pending_bytes += size
             self.total += size
-            names.append(name)
+            names.append(entry[0])
         return names
 
     def _flush(self) -> None:
         if torch.cuda.is_available():
             torch.cuda.current_stream().synchronize()  # the transfers into the pending shard are done
-        self._wait()
+        if len(self.writing) == self.WRITERS:
+            self._wait(self.writing.pop(0))
         file = f"shard-{self.prefix}{len(self.files):05d}.safetensors"
-        self.writing = self.thread.submit(write_safetensors, self.directory / file, self.pending, {"format": "pt"})
-        self.files.append((file, [name for name, _ in self.pending]))
+        self.writing.append(self.threads.submit(write_safetensors, self.directory / file, self.pending, {"format": "pt"}))
+        self.files.append((file, [entry[0] for entry in self.pending]))
         self.pending, self.pending_bytes = [], 0
 
-    def _wait(self) -> None:
-        if self.writing is not None:
-            writing, self.writing = self.writing, None
-            writing.result()  # the thread's error, if any, is the caller's
+    @staticmethod
+    def _wait(writing: Future) -> None:
+        writing.result()  # the thread's error, if any, is the caller's
 
     def abandon(self) -> None:
-        """Stop: the shard being written finishes (its error, if any, dropped), the pending one is not written."""
-        self.thread.shutdown(wait=True)
+        """Stop: the shards being written finish (their errors, if any, dropped), the pending one is not written."""
+        self.threads.shutdown(wait=True)
 
     def close(self) -> tuple[list[tuple[str, list[str]]], int]:
         """Write what is pending and wait for the disk. -> (every shard file with its tensors, bytes written)."""
         try:
             if self.pending:
                 self._flush()
-            self._wait()
+            for writing in self.writing:
+                self._wait(writing)
         finally:
-            self.thread.shutdown(wait=True)
+            self.threads.shutdown(wait=True)
         return self.files, self.total

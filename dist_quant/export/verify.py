@@ -10,6 +10,7 @@ need.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -357,8 +358,9 @@ def _group(name: str) -> list[str]:
     return [match.group(3)] if match.group(3) else [match.group(2), match.group(1)]
 
 
-def _natural(name: str) -> list:
-    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]
+@functools.lru_cache(maxsize=1 << 18)  # checkpoints of 75,000 names are sorted several times
+def _natural(name: str) -> tuple:
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
 
 
 def _grouped(names: set[str], universe, one, many) -> list[str]:
@@ -418,51 +420,48 @@ def _check_values(expected, good: set[str], formats: dict[str, str], storage: St
     """The values: positive finite scales, no NaN bytes, finite unquantized tensors, shared sibling scales. Scalars
     and block scales are read and checked a file at a time, in a few array operations however many there are (a
     30B MoE has ~75,000)."""
+    found: list[tuple[str, str]] = []  # (name, problem), put in name order at the end
     by_role: dict[str, list[str]] = {"scale": [], "block": [], "other": []}
-    for name in sorted(good, key=_natural):
+    for name in good:
         if storage.tensors[name].dtype != torch.uint8:  # every byte of a packed weight is a valid pair of E2M1 codes
             role = expected[name].role
             by_role[role if role in ("scale", "block") else "other"].append(name)
-    scalars: dict[str, np.float32] = {}
     names = by_role["scale"]
-    if names:
-        values = np.concatenate([storage.raw(n) for n in names]).view(np.float32)
-        fine = np.isfinite(values) & (values > 0)
-        for name, value, ok in zip(names, values, fine):
-            if ok:
-                scalars[name] = value
-            else:
-                problems.append(f"{name} = {value.item()} is not a positive finite scale")
-    block_max: dict[str, np.float32] = {}
+    values = np.concatenate([storage.raw(n) for n in names]).view(np.float32) if names else np.zeros(0, np.float32)
+    fine = np.isfinite(values) & (values > 0)
+    found += [(names[i], f"{names[i]} = {values[i].item()} is not a positive finite scale") for i in np.flatnonzero(~fine)]
+    scalars = {name: value for name, value, ok in zip(names, values, fine) if ok}
     names = [n for n in by_role["block"] if math.prod(storage.tensors[n].shape)]
+    block_max: dict[str, np.float32] = {}
     if names:
         chunks = [storage.raw(n) for n in names]
         starts = np.cumsum([0] + [len(c) for c in chunks[:-1]])
         codes = np.concatenate(chunks)
-        nan = np.logical_or.reduceat(_nan_bytes(codes), starts)
-        not_positive = np.logical_or.reduceat(((codes & 0x80) != 0) | ((codes & 0x7F) == 0), starts)
-        largest = np.maximum.reduceat(codes, starts)  # positive E4M3 codes grow with their values
-        for name, has_nan, bad, code in zip(names, nan, not_positive, largest):
-            if has_nan:
-                problems.append(f"{name} holds NaN bytes")
-            elif bad:
-                problems.append(f"{name} holds zero or negative scales")
+        # Codes below 0x80 are the non-negative ones, growing with their values; 0x00 is zero, 0x7F NaN. A block
+        # whose extremes are in 0x01..0x7E is sound; the others are looked at closely.
+        largest, smallest = np.maximum.reduceat(codes, starts), np.minimum.reduceat(codes, starts)
+        for i in np.flatnonzero((largest >= 0x7F) | (smallest == 0)):
+            if _nan_bytes(chunks[i]).any():
+                found.append((names[i], f"{names[i]} holds NaN bytes"))
             else:
-                block_max[name[: -len(".weight_scale")]] = _E4M3_VALUES[code]
+                found.append((names[i], f"{names[i]} holds zero or negative scales"))
+        sound = np.flatnonzero((largest < 0x7F) & (smallest > 0))
+        block_max = {names[i][: -len(".weight_scale")]: _E4M3_VALUES[largest[i]] for i in sound}
     for name in by_role["other"]:
         stored, raw = storage.tensors[name], storage.raw(name)
         if stored.dtype == torch.float8_e4m3fn:
             if _nan_bytes(raw).any():
-                problems.append(f"{name} holds NaN bytes")
+                found.append((name, f"{name} holds NaN bytes"))
         elif expected[name].role == "float" and not torch.isfinite(_values(stored, raw)).all():
-            problems.append(f"{name} holds NaN or Inf")
+            found.append((name, f"{name} holds NaN or Inf"))
     for module, largest in block_max.items():
         # E2M1 codes are at most 6 in size: the largest dequantized value decides finiteness without the weight
         scale_2 = scalars.get(f"{module}.weight_scale_2")
         with np.errstate(over="ignore"):  # overflowing float32 is the finding, not a warning
             finite = scale_2 is None or np.isfinite(np.float32(E2M1_MAX) * largest * scale_2)
         if not finite:
-            problems.append(f"{module} dequantizes to non-finite values")
+            found.append((module, f"{module} dequantizes to non-finite values"))
+    problems += [problem for _, problem in sorted(found, key=lambda item: _natural(item[0]))]
     for module in formats:
         parent, _, leaf = module.rpartition(".")
         group = next((g for g in SIBLINGS if g[0] == leaf), None)

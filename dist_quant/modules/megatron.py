@@ -41,12 +41,18 @@ class QuantMegatronModule(QuantModule):
 
 class QuantParallelLinear(QuantMegatronModule):
     """ColumnParallelLinear / RowParallelLinear: input, weight and output quantizers. The weight is fake-quantized
-    in place of the parameter for the duration of the forward, so megatron's own code path runs unchanged."""
+    in place of the parameter for the duration of the forward, so megatron's own code path runs unchanged.
+    `discard_output` (see `calibrate.logits_discarded`): the input is seen, the product is not computed and an
+    empty output (last dimension 0) is returned."""
+
+    discard_output = False
 
     def forward(self, input_: torch.Tensor, *args, **kwargs):
         # A disabled quantizer is the identity: skipped without a call (MoE layers run hundreds of these).
         if self.input_quantizer._mode is not _DISABLED:
             input_ = self.input_quantizer(input_)
+        if self.discard_output:
+            return input_.new_empty((*input_.shape[:-1], 0)), None
         explicit = kwargs.get("weight", args[0] if args else None)
         if self.weight_quantizer._mode is _DISABLED:
             output, bias = super().forward(input_, *args, **kwargs)
@@ -65,11 +71,30 @@ class QuantParallelLinear(QuantMegatronModule):
         return output, bias
 
 
-class QuantDotProductAttention(QuantMegatronModule):
-    """Core attention with quantizers on K and V as they enter the attention products."""
+# Bytes of float32 attention scores one product of megatron's local attention may hold at once.
+SCORES_BUDGET = 512 << 20
 
-    def forward(self, query, key, value, *args, **kwargs):
-        return super().forward(query, self.k_bmm_quantizer(key), self.v_bmm_quantizer(value), *args, **kwargs)
+
+class QuantDotProductAttention(QuantMegatronModule):
+    """Core attention with quantizers on K and V as they enter the attention products. megatron's local attention
+    holds the scores of the whole batch, [batch x heads, s, s], several times over (in its dtype, in float32 for
+    the softmax, the probabilities): 13 GB for 8 sequences of 2048 tokens and 32 heads. Batches whose float32
+    scores exceed SCORES_BUDGET are computed a few sequences at a time (each sequence's attention is its own;
+    dropout in training keeps megatron's single call, whose random stream it follows)."""
+
+    def forward(self, query, key, value, attention_mask, *args, **kwargs):
+        key, value = self.k_bmm_quantizer(key), self.v_bmm_quantizer(value)
+        batch = query.shape[1]  # megatron's layout: [s, b, heads, head dim]
+        per_sequence = query.shape[2] * query.shape[0] * key.shape[0] * 4
+        chunk = max(1, SCORES_BUDGET // per_sequence)
+        if chunk >= batch or (self.training and self.attention_dropout.p > 0):
+            return super().forward(query, key, value, attention_mask, *args, **kwargs)
+        outputs = []
+        for start in range(0, batch, chunk):
+            rows = slice(start, start + chunk)
+            mask = attention_mask if attention_mask is None or attention_mask.shape[0] == 1 else attention_mask[rows]
+            outputs.append(super().forward(query[:, rows], key[:, rows], value[:, rows], mask, *args, **kwargs))
+        return torch.cat(outputs, dim=1)
 
     def weight_quantizers(self):
         return iter(())

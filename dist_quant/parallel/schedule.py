@@ -12,11 +12,13 @@ from dist_quant.parallel.megatron_compat import causal_attention_mask
 
 
 def forward_only(
-    model, batches: list[torch.Tensor], device: torch.device | str, on_batch: Callable[[], object] | None = None
+    model, batches: list[torch.Tensor], device: torch.device | str, on_batch: Callable[[], object] | None = None,
+    keep_logits: bool = True,
 ) -> list[torch.Tensor]:
     """Run the token batches ([batch, seq], all of one shape: they are the pipeline's microbatches) through the
     model on every rank of the pipeline; `on_batch()` after each (progress). Collective. -> the last stage's
-    logits, [batch, seq, vocab / TP] per batch; [] on the other stages."""
+    logits, [batch, seq, vocab / TP] per batch; [] on the other stages, or without `keep_logits` (every batch's
+    logits kept to the end: 40 GB for 8 batches of 8 x 2048 tokens over a 152k vocabulary)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if not batches:
@@ -31,11 +33,11 @@ def forward_only(
         logits = stage(next(data).to(device), positions, mask)
         if on_batch is not None:
             on_batch()
-        return logits, lambda output: (output.new_zeros(()), {"logits": output})
+        return logits, lambda output: (output.new_zeros(()), {"logits": output} if keep_logits else {})
 
     with torch.no_grad():
         stored = get_forward_backward_func()(
             forward_step_func=step, data_iterator=iter(batches), model=[model], num_microbatches=len(batches),
             seq_length=seq, micro_batch_size=batch, forward_only=True,
         )
-    return [entry["logits"] for entry in stored or []]
+    return [entry["logits"] for entry in stored or []] if keep_logits else []

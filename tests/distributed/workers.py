@@ -3,6 +3,7 @@ layout from one set of full weights, calibrated with dist_quant, and reported in
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -369,4 +370,37 @@ def batched_experts_case(ep: int, nan_in_expert: bool = False) -> dict:
             entry["quantizing_calls"] = calls[0]
             entry["one_launch"] = one_launch[0]
         report[batched] = entry
+    return report
+
+
+def memory_savers_case() -> dict:
+    """One MoE model: its logits with attention computed for the whole batch and a sequence at a time; its
+    calibrated state with the logits discarded (job-style) and kept. -> what the test compares."""
+    from dist_quant.calibrate.pipeline import logits_discarded
+    from dist_quant.modules import megatron as quantized
+    from dist_quant.parallel.schedule import forward_only
+
+    megatron_compat.initialize(1, 1)
+    groups = ParallelGroups.from_megatron()
+    data = batches(count=2)
+    # the head's input calibrated too: what a discarded output must still see
+    entries = [e for e in RECIPE["quantize"]["quant_cfg"] if e["quantizer_name"] != "*output_layer*"]
+    recipe = {"quantize": {**RECIPE["quantize"], "quant_cfg": entries}}
+    report = {}
+    for discard in (False, True):
+        model = build_model(moe=True)
+
+        def loop(m, discard=discard):
+            with logits_discarded(m) if discard else contextlib.nullcontext():
+                report[f"outputs, discarded {discard}"] = forward_only(m, data, device(), keep_logits=not discard)
+
+        quantize(model, recipe, loop, groups)
+        report[f"state, discarded {discard}"] = logical_quant_state(model, groups)
+    whole = _forward(model, data[0]).detach()
+    budget = quantized.SCORES_BUDGET
+    quantized.SCORES_BUDGET = 1  # one sequence at a time
+    try:
+        report["logits"] = (whole, _forward(model, data[0]).detach())
+    finally:
+        quantized.SCORES_BUDGET = budget
     return report
