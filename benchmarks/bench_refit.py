@@ -122,9 +122,9 @@ def _disk_ceiling(layout: list[tuple[str, tuple, torch.dtype]], scratch: Path, d
     total = 0.0
     for i, entries in enumerate(shards):
         gpu = {n: torch.empty(shape, dtype=dtype, device=device) for n, shape, dtype in entries}
-        seconds, _ = _synced(lambda: save_file({n: t.cpu() for n, t in gpu.items()}, scratch / f"{i}.safetensors", metadata={"format": "pt"}))
+        path = scratch / f"{i}.safetensors"
+        seconds, _ = _synced(lambda gpu=gpu, path=path: save_file({n: t.cpu() for n, t in gpu.items()}, path, metadata={"format": "pt"}))
         total += seconds
-        del gpu
     shutil.rmtree(scratch)
     return total
 

@@ -44,7 +44,8 @@ def _run_job(rank: int, world: int, out_dir: str, backend: str, fn, args) -> boo
         return False
     finally:
         _forget_megatron()
-        dist.destroy_process_group()
+        if dist.is_initialized():  # fn may have ended the group itself (the job does)
+            dist.destroy_process_group()
 
 
 def _forget_megatron() -> None:

@@ -2,6 +2,7 @@
 
 import contextlib
 import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,29 @@ def torchrun(ranks, *args, **kwargs):
         "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), "-m", "dist_quant.cli",
         "calibrate", *args, **kwargs,
     )
+
+
+def calibrate_on_ranks(ranks: int, *args, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The job as `torchrun --nproc-per-node RANKS -m dist_quant.cli calibrate ARGS` runs it, from the CLI's main
+    down, on kept gloo ranks (dist_quant.parallel.spawn) instead of fresh processes whose imports cost more than
+    these jobs (the README's command itself runs under torchrun, in test_readme_main_job_at_small_size). `env`:
+    variables set on the ranks for the job. -> the worst rank's exit status, what the ranks printed."""
+    from dist_quant.parallel.spawn import run_ranks
+
+    results = run_ranks(ranks, _cli_on_rank, ["calibrate", *args], env or {})
+    return subprocess.CompletedProcess(
+        ["dist-quant", "calibrate", *args], max(code for code, _, _ in results),
+        "".join(out for _, out, _ in results), "".join(err for _, _, err in results),
+    )
+
+
+def _cli_on_rank(argv: list[str], env: dict) -> tuple[int, str, str]:
+    from dist_quant import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with mock.patch.dict(os.environ, env), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(argv)
+    return code, out.getvalue(), err.getvalue()
 
 
 def run_cli(*args) -> subprocess.CompletedProcess:

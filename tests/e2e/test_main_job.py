@@ -1,14 +1,13 @@
 """The README's main job, run as a user would: torchrun, the CLI, a checkpoint that verifies; bad invocations."""
 
 import json
-import os
 
 import pytest
 
 from dist_quant.export import verify
 
 from dist_quant.job import CONFIGS
-from tests.e2e.jobs import run_cli, run_python, tiny_checkpoint, tiny_qwen3_moe, torchrun
+from tests.e2e.jobs import calibrate_on_ranks, run_cli, run_python, tiny_checkpoint, tiny_qwen3_moe, torchrun
 
 def test_readme_main_job_at_small_size(tmp_path):
     out = tmp_path / "tiny-qwen3-moe-nvfp4"
@@ -26,7 +25,7 @@ def test_hf_style_data_file_and_fp8_on_two_ranks(tmp_path):
     data = tmp_path / "calib.jsonl"
     data.write_text("\n".join(json.dumps({"text": f"sample {i}: the quick brown fox {i * i}"}) for i in range(20)))
     out = tmp_path / "fp8"
-    result = torchrun(2, "--model", "tiny-qwen3", "--recipe", "fp8_default-fp8_cast_kv", "--tp", "2",
+    result = calibrate_on_ranks(2, "--model", "tiny-qwen3", "--recipe", "fp8_default-fp8_cast_kv", "--tp", "2",
                        "--calib-data", str(data), "--calib-samples", "4", "--seq-len", "16", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert verify(out)["quant_algo"] == "FP8" and "mlp fc1" in result.stdout
@@ -62,16 +61,16 @@ def test_random_weights_drawn_on_the_ranks_need_no_checkpoint(tmp_path):
     source.mkdir()
     (source / "config.json").write_text((CONFIGS / "tiny-qwen3-moe.json").read_text())
     out = tmp_path / "random"
-    result = torchrun(2, "--hf-model", str(source), "--random-weights", "--recipe", "nvfp4_default-fp8_cast_kv",
+    result = calibrate_on_ranks(2, "--hf-model", str(source), "--random-weights", "--recipe", "nvfp4_default-fp8_cast_kv",
                       "--ep", "2", "--calib-samples", "4", "--seq-len", "16", "--export-writers", "all", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert verify(out)["quant_algo"] == "NVFP4" and sorted(p.name for p in source.iterdir()) == ["config.json"]
     assert "tokens/s" in result.stdout and "GB/s" in result.stdout
     # a built-in model the same way: its random checkpoint is never written to the cache
     cache = tmp_path / "cache"
-    result = torchrun(2, "--model", "tiny-qwen3-moe", "--random-weights", "--recipe", "nvfp4_default-fp8_cast_kv",
-                      "--ep", "2", "--calib-samples", "4", "--seq-len", "16", "--out", str(tmp_path / "builtin"),
-                      env={**os.environ, "DIST_QUANT_CACHE": str(cache)})
+    result = calibrate_on_ranks(2, "--model", "tiny-qwen3-moe", "--random-weights", "--recipe", "nvfp4_default-fp8_cast_kv",
+                                "--ep", "2", "--calib-samples", "4", "--seq-len", "16", "--out", str(tmp_path / "builtin"),
+                                env={"DIST_QUANT_CACHE": str(cache)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert verify(tmp_path / "builtin")["quant_algo"] == "NVFP4" and not (cache.exists() and any(cache.iterdir()))
 
@@ -90,7 +89,7 @@ def test_unquantized_tensors_keep_the_source_dtype(tmp_path):
 
     source = tiny_qwen3_moe(tmp_path / "bf16", torch.bfloat16)
     out = tmp_path / "out"
-    result = torchrun(2, "--hf-model", str(source), "--recipe", "nvfp4_default-fp8_cast_kv", "--ep", "2", "--dtype",
+    result = calibrate_on_ranks(2, "--hf-model", str(source), "--recipe", "nvfp4_default-fp8_cast_kv", "--ep", "2", "--dtype",
                        "float32", "--calib-samples", "4", "--seq-len", "16", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "TP 1 x EP 2 on 2 ranks, float32" in result.stdout
@@ -153,7 +152,7 @@ def test_the_main_job_on_each_architecture(tmp_path, arch):
                     "model.layers.2.enorm.weight": torch.ones(64, dtype=torch.bfloat16)}
         save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
     out = tmp_path / "out"
-    result = torchrun(2, "--hf-model", str(source), "--recipe", "nvfp4_default-fp8_cast_kv", *layout,
+    result = calibrate_on_ranks(2, "--hf-model", str(source), "--recipe", "nvfp4_default-fp8_cast_kv", *layout,
                       "--calib-samples", "4", "--seq-len", "32", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert verify(out)["quant_algo"] == "NVFP4" and ", bfloat16" in result.stdout
@@ -171,9 +170,9 @@ def test_pipeline_stages_with_an_uneven_split_export_what_one_rank_exports(tmp_p
 
     source = tiny_checkpoint(tmp_path / "source", "Qwen3Config", torch.float32, num_hidden_layers=3)
     common = ("--hf-model", str(source), "--recipe", "nvfp4_default-fp8_cast_kv", "--calib-samples", "4", "--seq-len", "16")
-    single = run_python("-m", "dist_quant.cli", "calibrate", *common, "--out", str(tmp_path / "tp1"))
-    staged = torchrun(4, *common, "--pp", "2", "--pp-first-layers", "2", "--tp", "2", "--export-writers", "all",
-                      "--out", str(tmp_path / "pp2"))
+    single = calibrate_on_ranks(1, *common, "--out", str(tmp_path / "tp1"))
+    staged = calibrate_on_ranks(4, *common, "--pp", "2", "--pp-first-layers", "2", "--tp", "2", "--export-writers", "all",
+                                "--out", str(tmp_path / "pp2"))
     assert single.returncode == 0 and staged.returncode == 0, staged.stderr[-3000:]
     assert "TP 2 x EP 1 x PP 2 on 4 ranks" in staged.stdout
     one, split = load_tensors(tmp_path / "tp1"), load_tensors(tmp_path / "pp2")

@@ -9,7 +9,7 @@ import torch
 
 from dist_quant.export import OutputError, OutputTarget, verify
 from dist_quant.job import replica_samples
-from tests.e2e.jobs import run_cli, run_python, tiny_qwen3_moe, torchrun
+from tests.e2e.jobs import calibrate_on_ranks, run_cli, tiny_qwen3_moe
 
 TINY = ("--model", "tiny-qwen3-moe", "--recipe", "fp8_default-fp8_cast_kv", "--seq-len", "16")
 
@@ -30,8 +30,8 @@ def test_every_replica_gets_as_many_samples_and_all_are_covered(count, replicas)
 @pytest.mark.parametrize("samples, batch", [(3, 1), (1, 1)], ids=["uneven", "one-sample"])
 def test_uneven_samples_over_expert_parallel_replicas_finish(tmp_path, samples, batch):
     """EP2 on 2 ranks: the MoE token exchange spans both data-parallel replicas, so they must take as many steps."""
-    result = torchrun(2, *TINY, "--ep", "2", "--calib-samples", str(samples), "--batch-size", str(batch),
-                      "--out", str(tmp_path / "out"), timeout=180)
+    result = calibrate_on_ranks(2, *TINY, "--ep", "2", "--calib-samples", str(samples), "--batch-size", str(batch),
+                                "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr[-3000:]
     verify(tmp_path / "out")
 
@@ -56,8 +56,8 @@ def test_an_error_of_any_rank_reaches_the_user_once(tmp_path, damage, text):
     else:
         tensors[name][0, 0] = float("nan")
     save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
-    result = torchrun(2, "--hf-model", str(source), "--recipe", "fp8_default-fp8_cast_kv", "--ep", "2",
-                      "--out", str(tmp_path / "out"), timeout=180)
+    result = calibrate_on_ranks(2, "--hf-model", str(source), "--recipe", "fp8_default-fp8_cast_kv", "--ep", "2",
+                                "--out", str(tmp_path / "out"))
     _one_line_error(result, text)
     assert "Connection closed" not in result.stderr and not (tmp_path / "out").exists()
 
@@ -89,12 +89,12 @@ def test_out_is_never_the_current_directory_a_mount_a_source_or_foreign_data(tmp
 
 def test_overwrite_replaces_a_checkpoint_in_one_step_and_cleans_what_killed_runs_left(tmp_path):
     out = tmp_path / "out"
-    first = run_python("-m", "dist_quant.cli", "calibrate", *TINY, "--calib-samples", "2", "--out", str(out))
+    first = calibrate_on_ranks(1, *TINY, "--calib-samples", "2", "--out", str(out))
     assert first.returncode == 0, first.stderr[-3000:]
     stale = tmp_path / ".out.partial-12345"  # left by a killed run
     stale.mkdir()
     (stale / "model-00001-of-00002.safetensors").write_bytes(b"half")
-    second = run_python("-m", "dist_quant.cli", "calibrate", *TINY, "--recipe", "nvfp4_default-fp8_cast_kv",
+    second = calibrate_on_ranks(1, *TINY, "--recipe", "nvfp4_default-fp8_cast_kv",
                         "--calib-samples", "2", "--out", str(out), "--overwrite")
     assert second.returncode == 0, second.stderr[-3000:]
     assert verify(out)["quant_algo"] == "NVFP4" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
@@ -106,7 +106,7 @@ def test_a_second_run_into_the_same_out_is_refused_while_the_first_holds_it(tmp_
     held = OutputTarget(tmp_path / "out")
     held.claim()
     try:
-        result = run_python("-m", "dist_quant.cli", "calibrate", *TINY, "--calib-samples", "2", "--out", str(tmp_path / "out"))
+        result = calibrate_on_ranks(1, *TINY, "--calib-samples", "2", "--out", str(tmp_path / "out"))
         _one_line_error(result, "another run is writing it")
     finally:
         held.release()
@@ -139,8 +139,7 @@ def test_a_cache_others_can_write_is_not_trusted(tmp_path):
     cache = tmp_path / "cache"
     cache.mkdir()
     cache.chmod(0o777)
-    env = {**os.environ, "DIST_QUANT_CACHE": str(cache)}
-    result = run_python("-m", "dist_quant.cli", "calibrate", *TINY, "--out", str(tmp_path / "o"), env=env)
+    result = calibrate_on_ranks(1, *TINY, "--out", str(tmp_path / "o"), env={"DIST_QUANT_CACHE": str(cache)})
     _one_line_error(result, "the cache of built-in models must be a directory of your own that no one else can write")
     assert list(cache.iterdir()) == []
 
