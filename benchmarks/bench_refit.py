@@ -151,7 +151,10 @@ def _profiled(fn, top: int):
     return result
 
 
-def measure(name: str, recipe: str, batch: int, seq: int, device, out_root: Path, repeats: int, profile: int = 0) -> dict:
+def measure(
+    name: str, recipe: str, batch: int, seq: int, device, out_root: Path, repeats: int, profile: int = 0,
+    export: bool = True,
+) -> dict:
     from dist_quant import load_recipe
     from dist_quant.bridge import ModelBridge
     from dist_quant.calibrate import attach_quantizers, calibrate, recalibrate_weights
@@ -197,8 +200,14 @@ def measure(name: str, recipe: str, batch: int, seq: int, device, out_root: Path
         later = min(_synced(lambda: _drain(refit_stream(model, bridge, groups, quantized=quantized)))[0] for _ in range(repeats))
         row(f"{label}, first call (plans)", first, size, clone_s, "clone", peak, f"{count:,} tensors")
         row(label, later, size, clone_s, "clone", None, f"{count:,} tensors")
-        seconds, (count, size), peak = _peak(lambda: _drain_buckets(refit_buckets(model, bridge, groups, 1 << 30, quantized=quantized)))
-        row(f"refit_buckets(1 GiB{', quantized' if quantized else ''})", seconds, size, clone_s, "clone", peak, f"{count:,} tensors")
+        buckets = lambda: _drain_buckets(refit_buckets(model, bridge, groups, 1 << 30, quantized=quantized))  # noqa: E731
+        label = f"refit_buckets(1 GiB{', quantized' if quantized else ''})"
+        first, (count, size), peak = _peak(buckets)  # the first also grows the allocator's cache by the buckets
+        later = min(_synced(buckets)[0] for _ in range(repeats))
+        row(f"{label}, first call", first, size, clone_s, "clone", peak, f"{count:,} tensors")
+        row(label, later, size, clone_s, "clone", None, f"{count:,} tensors")
+        if profile and quantized:
+            _profiled(buckets, profile)
     layers = bridge.hf_config["num_hidden_layers"]
     modules, differing = _checked_modules(model, bridge, groups, {0, layers - 1})
     bytes_note = f"{modules} modules of layers 0 and {layers - 1} vs torch reference: {'identical' if not differing else f'{differing} DIFFER'}"
@@ -209,6 +218,8 @@ def measure(name: str, recipe: str, batch: int, seq: int, device, out_root: Path
     recalibrate_weights(model)
     seconds = min(_synced(lambda: recalibrate_weights(model))[0] for _ in range(repeats))
     row("recalibrate_weights", seconds, weights, read_s, "read weights once")
+    if not export:
+        return {"rows": rows, "bytes": bytes_note, "weights": weights}
     out = out_root / f"{name}-nvfp4"
     layout = [(n, tuple(t.shape), t.dtype) for n, t in refit_stream(model, bridge, groups, quantized=True)]
     _warm_host_memory(2 * sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in layout))
@@ -230,6 +241,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="later calls timed; the best counts")
     parser.add_argument("--out-dir", default=None, help="where the export is written (default: a temporary directory)")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="also profile one more export, printing its N slowest functions")
+    parser.add_argument("--no-export", action="store_true", help="refits and recalibration only")
     parser.add_argument("--results", default=str(DEFAULT_RESULTS))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -246,7 +258,7 @@ def main() -> int:
     root = Path(args.out_dir or tempfile.mkdtemp(prefix="bench_refit-"))
     root.mkdir(parents=True, exist_ok=True)
     for name in args.model or ["moe-1b", "qwen3-30b-a3b-shape"]:
-        result = measure(name, args.recipe, batch, seq, device, root, args.repeats, args.profile)
+        result = measure(name, args.recipe, batch, seq, device, root, args.repeats, args.profile, not args.no_export)
         rows += result["rows"]
         notes.append(f"- {name}: {result['weights'] / GB:.1f} GB of bf16 weights; bytes: {result['bytes']}")
         print(md_table(headers, result["rows"]), flush=True)
