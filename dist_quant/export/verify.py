@@ -141,7 +141,6 @@ class Storage:
         # complete: every stored tensor's name is known, so a tensor not found is missing, not unreadable
         weight_map, self.lost, self.complete = _weight_map(directory, problems)
         self.tensors: dict[str, Stored] = {}
-        self._handles = {}
         files = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_FILE]
         if weight_map is None and not (directory / SINGLE_FILE).is_file():
             problems.append(f"no {SINGLE_FILE} or {INDEX_FILE}")
@@ -164,7 +163,6 @@ class Storage:
                 self.lost |= owned
                 self.complete = self.complete and weight_map is not None
                 continue
-            self._handles[file] = handle
             absent = sorted(owned - set(header))
             problems += [f"{INDEX_FILE} maps {n} to {file}, which does not hold it" for n in absent]
             for name, (dtype, shape) in header.items():
@@ -175,9 +173,6 @@ class Storage:
                     self.tensors[name] = Stored(file, SAFETENSORS_DTYPES.get(dtype, dtype), shape)
 
         self._directory, self._data = directory, {}
-
-    def read(self, name: str) -> torch.Tensor:
-        return self._handles[self.tensors[name].file].get_tensor(name)
 
     def raw(self, name: str) -> np.ndarray:
         """A tensor's bytes, mapped from its file (no copy, no per-tensor call into safetensors)."""
