@@ -53,6 +53,12 @@ class Architecture:
     partial_rotary: bool = False  # its transformers code rotates only the first part of each head
     # config.json keys set in exported checkpoints: what the export leaves out must not be announced
     export_overrides: dict = field(default_factory=dict)
+    # Where its KV-cache scales go in a checkpoint, so that both engines load them. vLLM 0.33 takes either form
+    # (model_loader/weight_utils.py maybe_remap_kv_scale_name). SGLang 0.5.23 remaps ModelOpt's
+    # "proj" form (self_attn.k_proj.k_scale) in its llama.py / qwen3.py loaders (Mistral is llama.py) and drops
+    # the "attn" form there; its qwen2.py, qwen3_moe.py, glm4_moe.py and mixtral.py loaders take only the "attn"
+    # form (self_attn.attn.k_scale), dropping the other (Mixtral raises a KeyError on it).
+    kv_scales: str = "proj"
 
 
 # -- config keys -------------------------------------------------------------------------------------------
@@ -260,15 +266,17 @@ ARCHITECTURES = {
     a.name: a
     for a in (
         Architecture("LlamaForCausalLM", LLAMA_KEYS, lambda c: Forward(**_biases(c))),
-        Architecture("Qwen2ForCausalLM", QWEN2_KEYS, lambda c: Forward(qkv_bias=True)),
+        Architecture("Qwen2ForCausalLM", QWEN2_KEYS, lambda c: Forward(qkv_bias=True), kv_scales="attn"),
         Architecture("Qwen3ForCausalLM", QWEN3_KEYS, lambda c: Forward(qk_norm=True, **_biases(c))),
-        Architecture("Qwen3MoeForCausalLM", QWEN3_MOE_KEYS, _qwen3_moe),
+        Architecture("Qwen3MoeForCausalLM", QWEN3_MOE_KEYS, _qwen3_moe, kv_scales="attn"),
         Architecture("MistralForCausalLM", MISTRAL_KEYS, lambda c: Forward()),
-        Architecture("MixtralForCausalLM", MIXTRAL_KEYS, _mixtral, MoENames("block_sparse_moe", "w1", "w3", "w2")),
+        Architecture(
+            "MixtralForCausalLM", MIXTRAL_KEYS, _mixtral, MoENames("block_sparse_moe", "w1", "w3", "w2"), kv_scales="attn"
+        ),
         Architecture(
             "Glm4MoeForCausalLM", GLM4_MOE_KEYS, _glm4_moe,
             MoENames(router_bias="gate.e_score_correction_bias", shared="shared_experts"),
-            partial_rotary=True, export_overrides={"num_nextn_predict_layers": 0},
+            partial_rotary=True, export_overrides={"num_nextn_predict_layers": 0}, kv_scales="attn",
         ),
     )
 }

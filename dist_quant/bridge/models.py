@@ -109,6 +109,11 @@ class ModelBridge:
     def qk_norm(self) -> bool:
         return self.forward.qk_norm
 
+    def kv_scale_name(self, attention: str, kind: str) -> str:
+        """The checkpoint name of the K ("k") or V ("v") cache scale of an HF attention module
+        (`model.layers.N.self_attn`): see `Architecture.kv_scales`."""
+        return f"{attention}.{kind}_proj.{kind}_scale" if self.spec.kv_scales == "proj" else f"{attention}.attn.{kind}_scale"
+
     @property
     def tied(self) -> bool:
         return bool(self.config.get("tie_word_embeddings", False))

@@ -28,7 +28,8 @@ from dist_quant.bridge.models import ModelBridge
 from dist_quant.export.buckets import bucketed
 from dist_quant.export.shards import ShardWriter
 from dist_quant.export.output import OutputError, OutputTarget
-from dist_quant.export.verify import VerificationError, kv_cache_scheme, verify
+from dist_quant.export.configs import MIXED, hf_quant_config, quantization_config
+from dist_quant.export.verify import VerificationError, verify
 from dist_quant.modules import QuantModule
 from dist_quant.modules.base import model_device
 from dist_quant.numerics.fp8 import E4M3_MAX, cast_e4m3, divide, fp8_scale
@@ -131,7 +132,8 @@ class _LayerQuantizer:
     (an MoE layer's experts and fused siblings alike); results stay on the device and are checked in bulk, with
     one host sync per layer."""
 
-    def __init__(self, formats: dict[str, QuantFormat], dtype_for: Callable[[str], torch.dtype]):
+    def __init__(self, bridge: ModelBridge, formats: dict[str, QuantFormat], dtype_for: Callable[[str], torch.dtype]):
+        self.kv_scale_name = bridge.kv_scale_name
         self.formats = formats
         self.dtype_for = dtype_for  # HF name -> the dtype an unquantized tensor is written in
         self.quantized: dict[str, str] = {}  # HF module -> "NVFP4" | "FP8"
@@ -181,8 +183,8 @@ class _LayerQuantizer:
             if role in ("k_bmm", "v_bmm") and buffer == "_amax" and f"{key}.{role}_quantizer" in self.formats:
                 kind, fmt = role[0], self.formats[f"{key}.{role}_quantizer"]
                 self.kv_algos.add("FP8" if fmt.kind == FP8 else "NVFP4")
-                parent = planned.hf_names[0][: -len(f".{role}_quantizer._amax")]
-                out.append((f"{parent}.{kind}_proj.{kind}_scale", fp8_scale(tensor).reshape(())))
+                attention = planned.hf_names[0][: -len(f".{role}_quantizer._amax")]
+                out.append((self.kv_scale_name(attention, kind), fp8_scale(tensor).reshape(())))
             elif i in placed:
                 out += self._emit(planned, results[placed[i][0]], placed[i], input_scales.get(i))
             elif planned.name in unquantized:
@@ -275,7 +277,7 @@ def checkpoint_layers(
     """(layer, [(name, tensor), ...]) with the tensors as the checkpoint holds them, on rank `dst` (None: each
     module on the rank holding its first piece), one layer at a time (collective). Unquantized tensors keep the
     dtype they have in `source_dir` (else the config's dtype)."""
-    quantizer = quantizer or _LayerQuantizer(_formats(model), source_dtypes(bridge, source_dir))
+    quantizer = quantizer or _LayerQuantizer(bridge, _formats(model), source_dtypes(bridge, source_dir))
     for key, layer in export_hf_layers(model, bridge, groups, dst, quant_state=True):
         yield key, quantizer(layer)
 
@@ -293,22 +295,18 @@ def checkpoint_tensors(
         yield from tensors
 
 
-def _quant_config(quantizer: _LayerQuantizer) -> dict:
+def _quant_config(quantizer: _LayerQuantizer, tied: bool) -> dict:
+    """hf_quant_config.json. A head tied to the embedding holds no tensor of its own, is never quantized, and is
+    listed as excluded all the same: vLLM otherwise builds a quantized head whose scales never load."""
     algos = set(quantizer.quantized.values())
     if len(quantizer.kv_algos) > 1:
         raise ExportError(f"K and V caches in different formats: {sorted(quantizer.kv_algos)}")
     if not algos:
         raise ExportError(_NO_WEIGHTS)
-    algo = algos.pop() if len(algos) == 1 else "MIXED_PRECISION"
-    quantization = {
-        "quant_algo": algo,
-        "kv_cache_quant_algo": next(iter(quantizer.kv_algos), None),
-        "group_size": 16,
-        "exclude_modules": sorted(quantizer.excluded),
-    }
-    if algo == "MIXED_PRECISION":
-        quantization["quantized_layers"] = {m: {"quant_algo": a} for m, a in sorted(quantizer.quantized.items())}
-    return {"producer": {"name": "dist_quant", "version": dist_quant.__version__}, "quantization": quantization}
+    algo = algos.pop() if len(algos) == 1 else MIXED
+    excluded = set(quantizer.excluded) | ({"lm_head"} if tied else set())
+    producer = {"name": "dist_quant", "version": dist_quant.__version__}
+    return hf_quant_config(producer, algo, next(iter(quantizer.kv_algos), None), sorted(excluded), quantizer.quantized)
 
 
 def estimated_bytes(model: nn.Module, bridge: ModelBridge, groups: ParallelGroups) -> int:
@@ -333,17 +331,10 @@ def estimated_bytes(model: nn.Module, bridge: ModelBridge, groups: ParallelGroup
 
 
 def _write_configs(directory: Path, bridge: ModelBridge, quantizer: _LayerQuantizer, source_dir) -> None:
-    hf_quant_config = _quant_config(quantizer)
+    hf_quant = _quant_config(quantizer, bridge.tied)
     config = bridge.exported_config()
-    q = hf_quant_config["quantization"]
-    config["quantization_config"] = {
-        "quant_method": "modelopt",
-        "quant_algo": q["quant_algo"],
-        "kv_cache_scheme": kv_cache_scheme(q["kv_cache_quant_algo"]),
-        "ignore": q["exclude_modules"],
-        **({"quantized_layers": q["quantized_layers"]} if "quantized_layers" in q else {}),
-    }
-    (directory / "hf_quant_config.json").write_text(json.dumps(hf_quant_config, indent=2))
+    config["quantization_config"] = quantization_config(hf_quant)
+    (directory / "hf_quant_config.json").write_text(json.dumps(hf_quant, indent=2))
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     for file in TOKENIZER_FILES:
         if source_dir is not None and (Path(source_dir) / file).is_file():
@@ -395,7 +386,7 @@ def export_hf(
         if parallel:  # every rank writes into the directory dst claimed
             dist.broadcast_object_list(partial, src=dst)
         writer = ShardWriter(partial[0], max_shard_bytes, f"r{me:05d}-") if parallel or me == dst else None
-        quantizer = _LayerQuantizer(formats, source_dtypes(bridge, source_dir))
+        quantizer = _LayerQuantizer(bridge, formats, source_dtypes(bridge, source_dir))
         tensors = checkpoint_tensors(model, bridge, groups, None if parallel else dst, quantizer)
         try:
             for bucket in bucketed(tensors, TRANSFER_BYTES):

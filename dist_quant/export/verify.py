@@ -25,17 +25,13 @@ import numpy as np
 import torch
 
 from dist_quant.bridge.io import INDEX_FILE, SAFETENSORS_DTYPES, SINGLE_FILE
+from dist_quant.export.configs import GROUP_SIZE, KV_ALGOS, MIXED, QUANT_ALGOS, quantization_config, required_quantization_keys
 
-QUANT_ALGOS = ("NVFP4", "FP8")
-MIXED = "MIXED_PRECISION"
-GROUP_SIZE = 16
 E2M1_MAX = 6.0
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-QUANT_KEYS = ("quant_algo", "kv_cache_quant_algo", "group_size", "exclude_modules")
-CONFIG_KEYS = ("quant_method", "quant_algo", "kv_cache_scheme", "ignore")
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 _GROUPS = re.compile(r"^((model\.layers\.\d+)\.mlp\.experts\.\d+)\.|^(model\.layers\.\d+)\.")
-_KV_SCALE = re.compile(r"\.self_attn\.(k_proj\.k|v_proj\.v)_scale$")
+_KV_SCALE = re.compile(r"\.self_attn\.(k_proj\.k|v_proj\.v|attn\.[kv])_scale$")
 
 
 class VerificationError(ValueError):
@@ -213,13 +209,14 @@ def _plan(quant: dict, problems: list[str]) -> Plan | None:
     section = quant.get("quantization")
     if not isinstance(section, dict):
         return problems.append("hf_quant_config.json: quantization is missing or not an object")
-    problems += [f"hf_quant_config.json: quantization.{k} is missing" for k in QUANT_KEYS if k not in section]
     algo, kv, exclude = (section.get(k) for k in ("quant_algo", "kv_cache_quant_algo", "exclude_modules"))
-    usable = {"quant_algo", "kv_cache_quant_algo", "exclude_modules"} <= set(section)
+    required = required_quantization_keys(algo) if algo in (*QUANT_ALGOS, MIXED) else ("quant_algo", "kv_cache_quant_algo")
+    problems += [f"hf_quant_config.json: quantization.{k} is missing" for k in required if k not in section and k != "quantized_layers"]
+    usable = {"quant_algo", "kv_cache_quant_algo"} <= set(section) and (algo == MIXED or "exclude_modules" in section)
     if "quant_algo" in section and algo not in (*QUANT_ALGOS, MIXED):
         problems.append(f"hf_quant_config.json: quantization.quant_algo is {algo!r}, expected NVFP4, FP8 or {MIXED}")
         usable = False
-    if kv not in (None, *QUANT_ALGOS):
+    if kv not in (None, *KV_ALGOS):
         problems.append(f"hf_quant_config.json: quantization.kv_cache_quant_algo is {kv!r}, expected FP8, NVFP4, null")
         usable = False
     if "group_size" in section and section["group_size"] != GROUP_SIZE:
@@ -238,59 +235,70 @@ def _plan(quant: dict, problems: list[str]) -> Plan | None:
         usable = usable and not bad
     elif "quantized_layers" in section:
         problems.append(f"hf_quant_config.json: quantization.quantized_layers is given, but quant_algo is {algo!r}")
-    return Plan(algo, kv, exclude, layers) if usable else None
+    return Plan(algo, kv, exclude or [], layers) if usable else None
 
 
-def kv_cache_scheme(algo: str | None) -> dict | None:
-    """config.json's kv_cache_scheme for a kv_cache_quant_algo."""
-    return None if algo is None else {"type": "float", "num_bits": 8 if algo == "FP8" else 4}
-
-
-def _check_config_quantization(config: dict, quant: dict, problems: list[str]) -> None:
-    """config.json's quantization_config (what vLLM reads) must say what hf_quant_config.json says."""
+def _check_config_quantization(config: dict, quant: dict, plan: Plan | None, problems: list[str]) -> None:
+    """config.json's quantization_config (what vLLM and SGLang read first) must be what ModelOpt's exporter makes
+    of hf_quant_config.json (`configs.quantization_config`), field for field."""
     qc = config.get("quantization_config")
     if not isinstance(qc, dict):
         return problems.append("config.json: quantization_config is missing or not an object")
-    section = quant.get("quantization") if isinstance(quant.get("quantization"), dict) else {}
-    problems += [f"config.json: quantization_config.{k} is missing" for k in CONFIG_KEYS if k not in qc]
-    if "quant_method" in qc and qc["quant_method"] != "modelopt":
-        problems.append(f"config.json: quantization_config.quant_method is {qc['quant_method']!r}, expected 'modelopt'")
-    if "quant_algo" in qc and "quant_algo" in section and qc["quant_algo"] != section["quant_algo"]:
+    if plan is None:
+        return None
+    producer = quant.get("producer")
+    expected = quantization_config({**quant, "producer": producer})
+    ignore, exclude = qc.get("ignore"), plan.exclude
+    for key, value in expected.items():
+        if key == "producer" and not isinstance(producer, dict):
+            continue  # reported with hf_quant_config.json
+        if key not in qc:
+            problems.append(f"config.json: quantization_config.{key} is missing")
+        elif key == "ignore" and plan.layers is None:
+            if not (isinstance(ignore, list) and all(isinstance(p, str) for p in ignore)):
+                problems.append("config.json: quantization_config.ignore must be a list of module patterns")
+            elif sorted(ignore) != sorted(exclude):
+                ignore_set, exclude_set = set(ignore), set(exclude)
+                problems.append(
+                    f"config.json: quantization_config.ignore differs from hf_quant_config.json's exclude_modules "
+                    f"(only in ignore: {sorted(ignore_set - exclude_set)}; only in exclude_modules: "
+                    f"{sorted(exclude_set - ignore_set)})"
+                )
+        elif not (key == "ignore" and plan.layers is None) and qc[key] != value:
+            problems.append(f"config.json: quantization_config.{key} is {json.dumps(qc[key])}, expected {json.dumps(value)}")
+    if "kv_cache_scheme" not in expected and qc.get("kv_cache_scheme") is not None:
         problems.append(
-            f"config.json: quantization_config.quant_algo is {qc['quant_algo']!r}, hf_quant_config.json says "
-            f"{section['quant_algo']!r}"
-        )
-    kv = section.get("kv_cache_quant_algo")
-    known_kv = "kv_cache_quant_algo" in section and kv in (None, *QUANT_ALGOS)
-    if "kv_cache_scheme" in qc and known_kv and qc["kv_cache_scheme"] != kv_cache_scheme(kv):
-        problems.append(
-            f"config.json: quantization_config.kv_cache_scheme is {json.dumps(qc['kv_cache_scheme'])}, expected "
-            f"{json.dumps(kv_cache_scheme(kv))} for kv_cache_quant_algo {json.dumps(kv)}"
-        )
-    ignore, exclude = qc.get("ignore"), section.get("exclude_modules")
-    if "ignore" in qc and not (isinstance(ignore, list) and all(isinstance(p, str) for p in ignore)):
-        problems.append("config.json: quantization_config.ignore must be a list of module patterns")
-    elif "ignore" in qc and isinstance(exclude, list) and sorted(map(str, exclude)) != sorted(ignore):
-        exclude, ignore = set(map(str, exclude)), set(ignore)
-        problems.append(
-            f"config.json: quantization_config.ignore differs from hf_quant_config.json's exclude_modules "
-            f"(only in ignore: {sorted(ignore - exclude)}; only in exclude_modules: {sorted(exclude - ignore)})"
+            f"config.json: quantization_config.kv_cache_scheme is {json.dumps(qc['kv_cache_scheme'])}, but "
+            "kv_cache_quant_algo is null"
         )
 
 
-def _model_shapes(config: dict, problems: list[str]) -> dict[str, torch.Size] | None:
-    """The unquantized checkpoint config.json describes. quantization_config is left out: the bridge refuses it
-    in a source checkpoint, and it is checked on its own."""
+def _model(config: dict, problems: list[str]):
+    """The bridge of the unquantized model config.json describes (None if it cannot be made). quantization_config
+    is left out: the bridge refuses it in a source checkpoint, and it is checked on its own."""
     from dist_quant.bridge.models import ModelBridge
 
     model = {k: v for k, v in config.items() if k != "quantization_config"}
     try:
         # shapes do not depend on the sequence length; seq_len=1 lets the keys that act only on long sequences
         # (sliding windows) pass, as the calibration that made the checkpoint judged them
-        return ModelBridge.from_hf(model, seq_len=1).hf_tensor_shapes()
+        bridge = ModelBridge.from_hf(model, seq_len=1)
+        bridge.hf_tensor_shapes()
+        return bridge
     except Exception as error:  # a broken config can fail anywhere in the bridge; either way it is the config's
         problems.append(f"config.json: cannot derive the model's tensors ({type(error).__name__}: {error})")
         return None
+
+
+def _check_tied_head(bridge, plan: Plan, problems: list[str]) -> None:
+    """A head tied to the embedding has no tensor of its own and is never quantized: the configs must exclude it,
+    or vLLM builds a quantized head, ties it to the embedding, and its scales never load (NVFP4: "was never
+    loaded"; FP8: sentinel scales). vllm 0.33 model_executor/layers/quantization/modelopt.py is_layer_excluded."""
+    if bridge.tied and plan.format_of("lm_head") is not None:
+        problems.append(
+            "lm_head is tied to the embedding and holds no tensor of its own, but the configs do not exclude it "
+            f"({plan.why('lm_head')}): vLLM would build a quantized head whose scales never load"
+        )
 
 
 # -- the tensors -----------------------------------------------------------------------------------------
@@ -314,9 +322,10 @@ def _stored_format(dtype) -> str | None:
     return {torch.uint8: "NVFP4", torch.float8_e4m3fn: "FP8"}.get(dtype, None if dtype in FLOATS else "?")
 
 
-def _expected(shapes, plan: Plan, stored: dict[str, Stored], problems: list[str]) -> tuple[dict, dict[str, str]]:
+def _expected(bridge, plan: Plan, stored: dict[str, Stored], problems: list[str]) -> tuple[dict, dict[str, str]]:
     """(tensor name -> Spec, quantized module -> format). A module stored in another format than the plan's is
     reported once and then checked as stored, so one mistake is not reported again for each of its scales."""
+    shapes = bridge.hf_tensor_shapes()
     expected, formats = {}, {}
     for name in sorted(shapes, key=_natural):
         shape, module = shapes[name], name[: -len(".weight")]
@@ -337,8 +346,7 @@ def _expected(shapes, plan: Plan, stored: dict[str, Stored], problems: list[str]
             expected |= _linear(module, tuple(shape), fmt)
             formats[module] = fmt
         if plan.kv is not None and name.endswith((".self_attn.k_proj.weight", ".self_attn.v_proj.weight")):
-            kind = name.split(".")[-2][0]
-            expected[f"{module}.{kind}_scale"] = SCALAR
+            expected[bridge.kv_scale_name(module.rsplit(".", 1)[0], name.split(".")[-2][0])] = SCALAR
     if plan.layers is not None:
         strangers = sorted(set(plan.layers) - {n[: -len(".weight")] for n in shapes})
         problems += [f"hf_quant_config.json: quantized_layers lists {m}, which the model has not" for m in strangers]
@@ -489,13 +497,15 @@ def verify(directory: str | Path) -> dict:
     if config is None or quant is None:
         _fail(directory, problems)
     plan = _plan(quant, problems)
-    _check_config_quantization(config, quant, problems)
-    shapes = _model_shapes(config, problems)
+    _check_config_quantization(config, quant, plan, problems)
+    bridge = _model(config, problems)
+    if bridge is not None and plan is not None:
+        _check_tied_head(bridge, plan, problems)
     with ExitStack() as stack:
         storage = Storage(directory, problems, stack)
         formats = {}
-        if plan is not None and shapes is not None and storage.complete:
-            expected, formats = _expected(shapes, plan, storage.tensors, problems)
+        if plan is not None and bridge is not None and storage.complete:
+            expected, formats = _expected(bridge, plan, storage.tensors, problems)
             good = _compare(expected, storage, plan, problems)
             _check_values(expected, good, formats, storage, problems)
     if problems:

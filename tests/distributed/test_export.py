@@ -45,7 +45,7 @@ def test_fp8_export_with_cast_kv(exports):
     tensors = load_tensors(out)
     assert tensors["model.layers.0.mlp.experts.1.gate_proj.weight"].dtype == torch.float8_e4m3fn
     assert tensors["model.layers.0.mlp.experts.1.gate_proj.weight_scale"].shape == ()
-    assert tensors["model.layers.1.self_attn.k_proj.k_scale"] == 1.0 == tensors["model.layers.1.self_attn.v_proj.v_scale"]
+    assert tensors["model.layers.1.self_attn.attn.k_scale"] == 1.0 == tensors["model.layers.1.self_attn.attn.v_scale"]
 
 
 @pytest.mark.parametrize("layout", ["tp2xep2", "pp2xtp2", "pp2xep2"])
@@ -71,7 +71,12 @@ def test_checkpoint_layout_and_configs(exports):
         "exclude_modules": ["lm_head", "model.layers.0.mlp.gate", "model.layers.1.mlp.gate"],
     }
     config = json.loads((out / "config.json").read_text())
-    assert config["quantization_config"]["kv_cache_scheme"] == {"type": "float", "num_bits": 8}
+    qc = config["quantization_config"]
+    # as ModelOpt 0.47 writes it, which vLLM and SGLang read first
+    nvfp4 = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": 16}
+    assert qc["config_groups"] == {"group_0": {"input_activations": nvfp4, "weights": nvfp4, "targets": ["Linear"]}}
+    assert qc["kv_cache_scheme"] == {"dynamic": False, "num_bits": 8, "type": "float"}
+    assert (qc["quant_method"], qc["quant_algo"], qc["ignore"]) == ("modelopt", "NVFP4", quant["exclude_modules"])
     assert (out / "generation_config.json").is_file() and len(list(out.glob("model-*-of-*.safetensors"))) > 1
     tensors = load_tensors(out)
     w = tensors["model.layers.0.self_attn.q_proj.weight"]
@@ -245,8 +250,8 @@ PLANTED = {
         [ONE_LINE, r"model\.embed_tokens\.weight holds NaN or Inf"],
     ),
     "zero-k-scale": (
-        "tp1", dict(edit_tensors=_replace(f"{LAYER0}.self_attn.k_proj.k_scale", torch.zeros_like)),
-        [ONE_LINE, r"model\.layers\.0\.self_attn\.k_proj\.k_scale = 0\.0 is not a positive finite scale"],
+        "tp1", dict(edit_tensors=_replace(f"{LAYER0}.self_attn.attn.k_scale", torch.zeros_like)),
+        [ONE_LINE, r"model\.layers\.0\.self_attn\.attn\.k_scale = 0\.0 is not a positive finite scale"],
     ),
     # every tensor of the model, and nothing else
     "missing-embeddings": ("tp1", dict(edit_tensors=_drop("model.embed_tokens.weight")), [ONE_LINE, r"model\.embed_tokens\.weight is missing"]),
@@ -309,8 +314,8 @@ PLANTED = {
     "group-size-32": ("tp1", dict(edit_quant=_quant("group_size", 32)), [ONE_LINE, r"quantization\.group_size is 32, expected 16"]),
     "kv-null-with-scales": (
         "tp1", dict(edit_quant=_quant("kv_cache_quant_algo", None), edit_config=_qc("kv_cache_scheme", None)),
-        [r"model\.layers\.0\.self_attn\.k_proj\.k_scale is stored, but kv_cache_quant_algo is null",
-         r"model\.layers\.1\.self_attn\.v_proj\.v_scale is stored, but kv_cache_quant_algo is null"],
+        [r"model\.layers\.0\.self_attn\.attn\.k_scale is stored, but kv_cache_quant_algo is null",
+         r"model\.layers\.1\.self_attn\.attn\.v_scale is stored, but kv_cache_quant_algo is null"],
     ),
     "exclude-emptied": (
         "tp1", dict(edit_quant=_quant("exclude_modules", []), edit_config=_qc("ignore", [])),
@@ -322,7 +327,7 @@ PLANTED = {
     # config.json's quantization_config against hf_quant_config.json
     "config-quant-algo": (
         "tp1", dict(edit_config=_qc("quant_algo", "FP8")),
-        [ONE_LINE, r"config\.json: quantization_config\.quant_algo is 'FP8', hf_quant_config\.json says 'NVFP4'"],
+        [ONE_LINE, r'config\.json: quantization_config\.quant_algo is "FP8", expected "NVFP4"'],
     ),
     "config-ignore": (
         "tp1", dict(edit_config=_qc("ignore", ["lm_head"])),
@@ -331,11 +336,11 @@ PLANTED = {
     ),
     "config-kv-scheme": (
         "tp1", dict(edit_config=_qc("kv_cache_scheme", {"type": "float", "num_bits": 4})),
-        [ONE_LINE, r'kv_cache_scheme is \{"type": "float", "num_bits": 4\}, expected \{"type": "float", "num_bits": 8\} '
-         r'for kv_cache_quant_algo "FP8"'],
+        [ONE_LINE, r'kv_cache_scheme is \{"type": "float", "num_bits": 4\}, expected \{"dynamic": false, "num_bits": 8, '
+         r'"type": "float"\}'],
     ),
     "config-quant-method": (
-        "tp1", dict(edit_config=_qc("quant_method", "fp8")), [ONE_LINE, r"quantization_config\.quant_method is 'fp8', expected 'modelopt'"],
+        "tp1", dict(edit_config=_qc("quant_method", "fp8")), [ONE_LINE, r'quantization_config\.quant_method is "fp8", expected "modelopt"'],
     ),
     # config.json's model against the stored shapes
     "config-fewer-experts": (

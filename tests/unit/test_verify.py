@@ -70,14 +70,31 @@ def write(directory: Path, source, algo="NVFP4", kv="FP8", exclude=("lm_head",),
             save_file({n: tensors[n] for n in part}, directory / file, metadata={"format": "pt"})
         weight_map = {n: f for f, part in files.items() for n in part}
         (directory / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    quantization = {"quant_algo": algo, "kv_cache_quant_algo": kv, "group_size": 16, "exclude_modules": list(exclude)}
+    # the configs as ModelOpt 0.47's exporter lays them out (get_quant_config, convert_hf_quant_config_format)
+    producer = {"name": "dist_quant", "version": "0"}
+    quantization = {"quant_algo": algo, "kv_cache_quant_algo": kv}
     if layers is not None:
-        quantization["quantized_layers"] = {m: {"quant_algo": a} for m, a in layers.items()}
-    (directory / "hf_quant_config.json").write_text(
-        json.dumps({"producer": {"name": "dist_quant", "version": "0"}, "quantization": quantization})
-    )
-    scheme = None if kv is None else {"type": "float", "num_bits": 8 if kv == "FP8" else 4}
-    quantization_config = {"quant_method": "modelopt", "quant_algo": algo, "kv_cache_scheme": scheme, "ignore": list(exclude)}
+        quantization["quantized_layers"] = {
+            m: {"quant_algo": a, **({"group_size": 16} if a == "NVFP4" else {})} for m, a in layers.items()
+        }
+    else:
+        quantization |= ({"group_size": 16} if algo == "NVFP4" else {}) | {"exclude_modules": list(exclude)}
+    (directory / "hf_quant_config.json").write_text(json.dumps({"producer": producer, "quantization": quantization}))
+
+    def group(fmt, targets):
+        tensors = {"dynamic": False, "num_bits": 4 if fmt == "NVFP4" else 8, "type": "float"}
+        tensors |= {"group_size": 16} if fmt == "NVFP4" else {}
+        return {"input_activations": tensors, "weights": tensors, "targets": targets}
+
+    if layers is None:
+        groups, listing = {"group_0": group(algo, ["Linear"])}, {"ignore": list(exclude)}
+    else:
+        fmts = sorted(set(layers.values()))
+        groups = {f"group_{i}": group(f, sorted(m for m, a in layers.items() if a == f)) for i, f in enumerate(fmts)}
+        listing = {"ignore": [], "quantized_layers": quantization["quantized_layers"]}
+    quantization_config = {"config_groups": groups, **listing, "quant_algo": algo, "producer": producer, "quant_method": "modelopt"}
+    if kv is not None:
+        quantization_config["kv_cache_scheme"] = {"dynamic": False, "num_bits": 8, "type": "float"} if kv == "FP8" else kv
     (directory / "config.json").write_text(json.dumps({**config, "quantization_config": quantization_config}))
     return directory
 
@@ -118,7 +135,7 @@ def mixed_layers(attention="FP8", mlp="NVFP4", q_proj=None) -> dict:
         ({"kv": "NVFP4", "dtype": torch.bfloat16}, ("NVFP4", "NVFP4", 2 * LINEARS), 3 * 2 * LINEARS + 4),
         ({"exclude": ["lm_head", "*self_attn*"]}, ("NVFP4", "FP8", 2 * 3), 3 * 2 * 3 + 4),
         ({"exclude": []}, ("NVFP4", "FP8", 2 * LINEARS + 1), 3 * (2 * LINEARS + 1) + 4),
-        ({"algo": "MIXED_PRECISION", "layers": mixed_layers()}, ("MIXED_PRECISION", "FP8", 2 * LINEARS), 2 * 8 + 3 * 6 + 4),
+        ({"algo": "MIXED_PRECISION", "layers": mixed_layers(), "exclude": []}, ("MIXED_PRECISION", "FP8", 2 * LINEARS), 2 * 8 + 3 * 6 + 4),
     ],
     ids=["nvfp4", "sharded", "fp8-no-kv", "bf16-nvfp4-kv", "mlp-only", "lm-head-quantized", "mixed"],
 )
@@ -283,16 +300,16 @@ CASES = {
     "mixed-format-disagrees": (
         {"algo": "MIXED_PRECISION", "layers": mixed_layers()},
         _quant(lambda q: q["quantized_layers"].__setitem__(f"{LAYER0}.mlp.down_proj", {"quant_algo": "FP8"})),
-        "model.layers.0.mlp.down_proj is stored as NVFP4, but quantized_layers says FP8",
+        ["model.layers.0.mlp.down_proj is stored as NVFP4, but quantized_layers says FP8", "config.json: quantization_config.quantized_layers is"],
     ),
     "mixed-module-unlisted": (
         {"algo": "MIXED_PRECISION", "layers": mixed_layers()}, _quant(lambda q: q["quantized_layers"].pop(f"{LAYER0}.mlp.up_proj")),
-        "model.layers.0.mlp.up_proj is stored as NVFP4, but quantized_layers does not list it",
+        ["model.layers.0.mlp.up_proj is stored as NVFP4, but quantized_layers does not list it", "config.json: quantization_config.quantized_layers is"],
     ),
     "mixed-lists-a-stranger": (
         {"algo": "MIXED_PRECISION", "layers": mixed_layers()},
         _quant(lambda q: q["quantized_layers"].__setitem__("model.layers.7.mlp.up_proj", {"quant_algo": "FP8"})),
-        "hf_quant_config.json: quantized_layers lists model.layers.7.mlp.up_proj, which the model has not",
+        ["hf_quant_config.json: quantized_layers lists model.layers.7.mlp.up_proj, which the model has not", "config.json: quantization_config.quantized_layers is"],
     ),
     "mixed-without-layers": (
         {"algo": "MIXED_PRECISION", "layers": mixed_layers()}, _quant(lambda q: q.pop("quantized_layers")),
@@ -318,6 +335,20 @@ CASES = {
         "hf_quant_config.json: producer needs name and version",
     ),
     "no-quantization-config": ({}, _config(lambda c: c.pop("quantization_config")), "config.json: quantization_config is missing or not an object"),
+    # vLLM's --kv-cache-dtype auto turns the FP8 cache on only with "dynamic": false (vllm 0.33 utils/torch_utils.py
+    # get_kv_cache_quant_algo_string), and SGLang takes the NVFP4 group size from config_groups
+    "kv-scheme-without-dynamic": (
+        {}, _config(lambda c: c["quantization_config"].__setitem__("kv_cache_scheme", {"num_bits": 8, "type": "float"})),
+        'config.json: quantization_config.kv_cache_scheme is {"num_bits": 8, "type": "float"}, expected {"dynamic": false',
+    ),
+    "no-config-groups": (
+        {}, _config(lambda c: c["quantization_config"].pop("config_groups")),
+        "config.json: quantization_config.config_groups is missing",
+    ),
+    "kv-scheme-without-kv-algo": (
+        {"kv": None}, _config(lambda c: c["quantization_config"].__setitem__("kv_cache_scheme", "FP8")),
+        'config.json: quantization_config.kv_cache_scheme is "FP8", but kv_cache_quant_algo is null',
+    ),
 }
 
 
@@ -366,3 +397,13 @@ def test_shards_linked_to_blobs_elsewhere_verify(sources, tmp_path):
         shard.rename(blobs / shard.name)
         shard.symlink_to(blobs / shard.name)
     assert verify(directory)["quantized_modules"] == 2 * LINEARS
+
+
+def test_a_head_tied_to_the_embedding_must_be_excluded(sources, tmp_path):
+    """No lm_head tensor, yet vLLM builds a head: unless the configs exclude it, a quantized one whose scales
+    never load (vllm 0.33 model_executor/layers/quantization/modelopt.py is_layer_excluded)."""
+    config, tensors = sources["llama"]
+    tied = ({**config, "tie_word_embeddings": True}, {n: t for n, t in tensors.items() if n != "lm_head.weight"})
+    assert verify(write(tmp_path / "excluded", tied))["excluded"] == ["lm_head"]
+    message = failure(write(tmp_path / "not-excluded", tied, exclude=[]))
+    assert "lm_head is tied to the embedding and holds no tensor of its own, but the configs do not exclude it" in message
