@@ -1,0 +1,163 @@
+"""Exports against the serving engines' loading contracts (tests/conformance/engines.py, from vLLM 0.33.0 and
+SGLang 0.5.23): for every architecture x {NVFP4, FP8, mixed}, and tied heads, each engine must detect the method,
+turn the FP8 KV cache on, quantize exactly the layers the checkpoint holds quantized, find every K/V scale, and
+find the one scale per fused layer and per expert that it keeps."""
+
+import json
+
+import pytest
+import torch
+
+from dist_quant.export import load_tensors
+from dist_quant.parallel.spawn import run_ranks
+from tests.conformance import engines, workers
+from tests.e2e.jobs import tiny_checkpoint
+
+pytestmark = pytest.mark.xdist_group("conformance")  # one worker computes the module's fixtures
+MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
+# name -> (transformers config class, its keys)
+ARCHITECTURES = {
+    "llama": ("LlamaConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {}),
+    "mistral": ("MistralConfig", {"sliding_window": 4096}),
+    "qwen3-moe": ("Qwen3MoeConfig", {**MOE, "num_experts": 4}),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "glm4-moe": ("Glm4MoeConfig", {**MOE, "n_routed_experts": 4, "n_group": 1, "topk_group": 1,
+                                   "first_k_dense_replace": 1, "n_shared_experts": 1}),
+    "llama-tied": ("LlamaConfig", {"tie_word_embeddings": True}),
+    "qwen3-tied": ("Qwen3Config", {"tie_word_embeddings": True}),
+}
+RECIPES = {"nvfp4": "nvfp4_default-fp8_kv", "fp8": "fp8_default-fp8_cast_kv", "mixed": workers.MIXED_RECIPE}
+METHODS = {"nvfp4": ("modelopt_fp4", "modelopt_fp4"), "fp8": ("modelopt", "modelopt_fp8"), "mixed": ("modelopt_mixed", "modelopt_mixed")}
+CASES = [(arch, fmt) for arch in ARCHITECTURES for fmt in RECIPES]
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    root = tmp_path_factory.mktemp("conformance")
+    sources = {
+        arch: str(tiny_checkpoint(root / arch, cls, torch.float32, **({"tie_word_embeddings": False} | keys)))
+        for arch, (cls, keys) in ARCHITECTURES.items()
+    }
+    cases = {f"{arch}-{fmt}": (sources[arch], RECIPES[fmt], str(root / f"{arch}-{fmt}")) for arch, fmt in CASES}
+    run_ranks(1, workers.export_cases, cases)
+    out = {}
+    for (arch, fmt), (_, _, directory) in zip(CASES, cases.values()):
+        config = json.loads((root / f"{arch}-{fmt}" / "config.json").read_text())
+        hf_quant = json.loads((root / f"{arch}-{fmt}" / "hf_quant_config.json").read_text())
+        out[arch, fmt] = (config, hf_quant, load_tensors(directory))
+    return out
+
+
+def _linears(config: dict) -> set[str]:
+    """Every linear module of the model (2-D weights but the embedding), a tied head included."""
+    from dist_quant.bridge import ModelBridge
+
+    shapes = ModelBridge.from_hf({k: v for k, v in config.items() if k != "quantization_config"}, seq_len=1).hf_tensor_shapes()
+    names = {n[: -len(".weight")] for n, s in shapes.items()
+             if n.endswith(".weight") and len(s) == 2 and "embed_tokens" not in n}
+    return names | ({"lm_head"} if config.get("tie_word_embeddings") else set())
+
+
+def _engine_layer(module: str) -> str:
+    """The layer an engine builds for a checkpoint module: fused q/k/v and gate/up, experts as one fused MoE."""
+    parent, _, leaf = module.rpartition(".")
+    if ".experts." in module:
+        return module[: module.index(".experts.") + len(".experts")]
+    if leaf in ("q_proj", "k_proj", "v_proj"):
+        return f"{parent}.qkv_proj"
+    if leaf in ("gate_proj", "up_proj"):
+        return f"{parent}.gate_up_proj"
+    return module
+
+
+@pytest.mark.parametrize("arch, fmt", CASES)
+def test_both_engines_detect_the_method_and_its_group_size(exports, arch, fmt):
+    config, hf_quant, _ = exports[arch, fmt]
+    qc = config["quantization_config"]
+    assert (engines.vllm_quant_method(qc), engines.sglang_quant_method(qc)) == METHODS[fmt]
+    if fmt == "nvfp4":
+        assert engines.vllm_nvfp4_required(hf_quant) == [] and engines.sglang_fp4_group_size(qc) == 16
+
+
+@pytest.mark.parametrize("arch, fmt", CASES)
+def test_the_fp8_kv_cache_is_on_in_both_engines(exports, arch, fmt):
+    qc = exports[arch, fmt][0]["quantization_config"]
+    assert engines.vllm_kv_cache_dtype(qc) == "fp8_e4m3"  # under --kv-cache-dtype auto
+    assert engines.sglang_kv_cache_algo(qc) == "FP8"  # so RadixAttention has k_scale / v_scale to load into
+
+
+@pytest.mark.parametrize("arch, fmt", CASES)
+def test_the_engines_quantize_exactly_the_layers_stored_quantized(exports, arch, fmt):
+    config, hf_quant, tensors = exports[arch, fmt]
+    qc = config["quantization_config"]
+    linears = _linears(config)
+    quantized = {m for m in linears if f"{m}.weight_scale" in tensors}
+    assert quantized and quantized != linears  # some layers of each kind
+    if fmt == "mixed":  # vLLM and SGLang take the layers from quantized_layers, by name
+        layers = qc["quantized_layers"]
+        assert set(layers) == quantized
+        assert {m: e["quant_algo"] for m, e in layers.items()} == {
+            m: "NVFP4" if tensors[f"{m}.weight"].dtype == torch.uint8 else "FP8" for m in quantized
+        }
+        return
+    for layer in {_engine_layer(m) for m in linears}:
+        members = {m for m in linears if _engine_layer(m) == layer}
+        stored = {m in quantized for m in members}
+        assert len(stored) == 1, f"{layer}: some members quantized, some not: an engine fuses them"
+        expected_excluded = not stored.pop()
+        assert engines.vllm_excluded(layer, qc["ignore"]) == expected_excluded, layer
+        if layer.rpartition(".")[2] not in engines.PACKED:  # SGLang matches fused layers by their own name
+            assert engines.sglang_excluded(layer, qc["ignore"]) == expected_excluded, layer
+
+
+@pytest.mark.parametrize("arch, fmt", CASES)
+def test_every_kv_scale_lands_in_both_engines(exports, arch, fmt):
+    config, _, tensors = exports[arch, fmt]
+    scales = [n for n in tensors if n.endswith(("k_scale", "v_scale"))]
+    assert len(scales) == 2 * config["num_hidden_layers"]
+    architecture = config["architectures"][0]
+    for name in scales:
+        layer = name[: name.index(".self_attn.")]
+        assert engines.vllm_kv_scale_target(name) == f"{layer}.self_attn.attn.{name[-7]}_scale", name
+        assert engines.sglang_kv_scale_loaded(architecture, name), name
+
+
+@pytest.mark.parametrize("arch, fmt", CASES)
+def test_fused_layers_and_experts_hold_the_scales_the_engines_keep(exports, arch, fmt):
+    """vLLM keeps one weight_scale_2 / input_scale per fused layer (the max, or the gate's for MoE) without
+    rescaling block scales: they must agree. Every expert needs every scale, dead experts too."""
+    config, _, tensors = exports[arch, fmt]
+    linears = _linears(config)
+    quantized = {m for m in linears if f"{m}.weight_scale" in tensors}
+    for layer in {_engine_layer(m) for m in quantized}:
+        members = sorted(m for m in quantized if _engine_layer(m) == layer)
+        if ".experts" in layer:
+            for member in members:
+                nvfp4 = tensors[f"{member}.weight"].dtype == torch.uint8
+                needed = ("weight_scale", "input_scale", *(("weight_scale_2",) if nvfp4 else ()))
+                assert all(f"{member}.{s}" in tensors for s in needed), member
+            members = [m for m in members if m.endswith(("gate_proj", "up_proj", ".w1", ".w3"))]
+            groups = {}
+            for m in members:  # each expert's gate and up are one fused weight
+                groups.setdefault(m.rpartition(".")[0], []).append(m)
+        else:
+            groups = {layer: members}
+        for fused in groups.values():
+            for scale in ("weight_scale_2", "input_scale"):
+                values = [tensors[f"{m}.{scale}"] for m in fused if f"{m}.{scale}" in tensors]
+                assert all(torch.equal(values[0], v) for v in values), (fused, scale)
+
+
+@pytest.mark.parametrize("fmt", RECIPES)
+@pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if a.endswith("-tied")])
+def test_a_tied_head_is_excluded_in_both_engines(exports, arch, fmt):
+    config, hf_quant, tensors = exports[arch, fmt]
+    assert "lm_head.weight" not in tensors
+    if fmt == "mixed":
+        assert "lm_head" not in config["quantization_config"]["quantized_layers"]
+        return
+    assert "lm_head" in hf_quant["quantization"]["exclude_modules"]
+    ignore = config["quantization_config"]["ignore"]
+    assert engines.vllm_excluded("lm_head", ignore) and engines.sglang_excluded("lm_head", ignore)

@@ -1,0 +1,35 @@
+"""What the conformance tests' rank runs: each case's checkpoint calibrated and exported at TP1."""
+
+from __future__ import annotations
+
+import torch
+
+# FP8 attention, NVFP4 MLPs and experts, calibrated FP8 K/V, the head and routers alone: a MIXED_PRECISION export
+MIXED_RECIPE = {"quantize": {"algorithm": "max", "quant_cfg": [
+    {"quantizer_name": "*", "enable": False},
+    {"quantizer_name": "*self_attention.linear_*.weight_quantizer", "cfg": {"num_bits": "e4m3"}},
+    {"quantizer_name": "*self_attention.linear_*.input_quantizer", "cfg": {"num_bits": "e4m3"}},
+    {"quantizer_name": "*mlp*weight_quantizer", "cfg": {"num_bits": "e2m1", "block_sizes": {-1: 16}}},
+    {"quantizer_name": "*mlp*input_quantizer", "cfg": {"num_bits": "e2m1", "block_sizes": {-1: 16}}},
+    {"quantizer_name": "*[kv]_bmm_quantizer", "cfg": {"num_bits": "e4m3"}},
+    {"quantizer_name": "*router*", "enable": False},
+    {"quantizer_name": "*output_layer*", "enable": False},
+]}}
+
+
+def export_cases(cases: dict[str, tuple[str, object, str]]) -> None:
+    """name -> (checkpoint, recipe, output directory)."""
+    from dist_quant import quantize
+    from dist_quant.export import export_hf
+    from dist_quant.parallel import megatron_compat
+    from dist_quant.parallel.groups import ParallelGroups
+    from dist_quant.parallel.schedule import forward_only
+    from tests.distributed.bridge_workers import load_checkpoint
+
+    megatron_compat.initialize(1, 1)
+    groups = ParallelGroups.from_megatron()
+    data = [torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))]
+    for path, recipe, out in cases.values():
+        bridge, model = load_checkpoint(path, 1, 1, groups, seq_len=16)
+        quantize(model, recipe, lambda m: forward_only(m, data, torch.device("cpu")), groups)
+        export_hf(model, bridge, out, groups, source_dir=path)
