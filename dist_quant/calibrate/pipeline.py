@@ -97,6 +97,12 @@ def attach_quantizers(model: nn.Module, recipe: Recipe, groups: ParallelGroups |
             if problem:
                 raise RecipeError(f"recipe {recipe.source}: {prefix}{problem}")
             enabled += sum(fmt is not None for fmt in formats.values())
+            shared_input = recipe.algorithm.expert_inputs == "shared" and ".local_experts." in name
+            if shared_input and formats.get("input_quantizer") is not None and formats["input_quantizer"].kind != NVFP4:
+                raise RecipeError(
+                    f"recipe {recipe.source}: algorithm.expert_inputs: shared gives NVFP4 expert inputs one global "
+                    f"amax; {prefix}input_quantizer is {formats['input_quantizer'].describe()}"
+                )
             if kind is None:
                 convert_linear(module, formats, name)
             else:

@@ -27,12 +27,12 @@ def _state_attr(role: str) -> str:
 
 
 def group_key(name: str, patterns: tuple[str, ...]) -> str | None:
-    """The group of a quantizer: the first capture group of the first pattern that fully matches its name (the
-    whole pattern when it captures nothing); None when no pattern matches."""
+    """The group of a quantizer: the capture groups of the first pattern that fully matches its name, joined by
+    "." (the whole pattern when it captures nothing); None when no pattern matches."""
     for pattern in patterns:
         match = re.fullmatch(pattern, name)
         if match:
-            return match.group(1) if match.re.groups else pattern
+            return ".".join(match.groups()) if match.re.groups else pattern
     return None
 
 

@@ -33,16 +33,26 @@ DEFAULT_SHARED_PATTERNS = {
 }
 
 
+# expert_inputs: shared -- every expert's linear_fc1 input of an MoE layer one group, every linear_fc2 input another
+EXPERT_INPUTS = ("per_expert", "shared")
+SHARED_EXPERT_INPUTS = r"(.*\.mlp\.experts)\.local_experts\.\d+\.(linear_fc[12])\.input_quantizer"
+
+
 @dataclass(frozen=True)
 class Algorithm:
     method: str = "max"
     fp8_scale_sweep: bool = False
     # Per role, replaces DEFAULT_SHARED_PATTERNS; [] turns that role's grouping off.
     shared_patterns: Mapping[str, tuple[str, ...]] | None = None
+    # "shared": one NVFP4 input amax for all experts of an MoE layer, per linear (the max over them, over every
+    # expert-parallel rank), as vLLM's FlashInfer MoE backends and SGLang use; "per_expert": each its own.
+    expert_inputs: str = "per_expert"
 
     def sibling_patterns(self, role: str) -> tuple[str, ...]:
-        """The regexes grouping `role` ("weight" or "input") quantizers: the recipe's, else the built-ins."""
-        return tuple({**DEFAULT_SHARED_PATTERNS, **(self.shared_patterns or {})}[role])
+        """The regexes grouping `role` ("weight" or "input") quantizers: the recipe's, else the built-ins; with
+        expert_inputs shared, the experts' inputs of a layer first."""
+        patterns = tuple({**DEFAULT_SHARED_PATTERNS, **(self.shared_patterns or {})}[role])
+        return (SHARED_EXPERT_INPUTS, *patterns) if role == "input" and self.expert_inputs == "shared" else patterns
 
 
 @dataclass(frozen=True)
@@ -166,7 +176,7 @@ def _parse_shared_patterns(r: _Reader, raw: Any) -> dict[str, tuple[str, ...]]:
 def _parse_algorithm(r: _Reader, raw: Any) -> Algorithm:
     if isinstance(raw, str):
         raw = {"method": raw}
-    raw = r.mapping(raw, "algorithm", ("method", "fp8_scale_sweep", "shared_patterns"))
+    raw = r.mapping(raw, "algorithm", ("method", "fp8_scale_sweep", "shared_patterns", "expert_inputs"))
     method = r.choice(raw.get("method", "max"), METHODS, "algorithm.method")
     sweep = r.typed(raw.get("fp8_scale_sweep", False), bool, "algorithm.fp8_scale_sweep", "true or false")
     if sweep and method != "mse":
@@ -174,7 +184,8 @@ def _parse_algorithm(r: _Reader, raw: Any) -> Algorithm:
     if method == "mse" and not sweep:
         raise r.fail("algorithm", "method mse needs fp8_scale_sweep: true (the FP8 scale sweep is the MSE search)")
     shared = _parse_shared_patterns(r, raw["shared_patterns"]) if "shared_patterns" in raw else None
-    return Algorithm(method, sweep, shared)
+    expert_inputs = r.choice(raw.get("expert_inputs", "per_expert"), EXPERT_INPUTS, "algorithm.expert_inputs")
+    return Algorithm(method, sweep, shared, expert_inputs)
 
 
 def parse_recipe(raw: Any, name: str, source: str) -> Recipe:

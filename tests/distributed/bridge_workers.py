@@ -300,3 +300,27 @@ def refit_forms(path: str, tp: int, ep: int, pp: int, recipe) -> dict:
             "bucket_bytes": [bucket.buffer.numel() for bucket in buckets],
         }
     return out
+
+
+def expert_input_scales(path: str, ep: int) -> dict:
+    """The checkpoint's model at EP `ep`, calibrated with the built-in NVFP4 recipe twice: experts' input amax per
+    expert, and shared per layer and linear. -> {expert_inputs: {HF name: input_scale}} on rank 0."""
+    import dataclasses
+
+    from dist_quant import load_recipe, quantize
+    from dist_quant.refit import refit_stream
+
+    recipe = load_recipe("nvfp4_default-fp8_kv")
+    data = [torch.randint(0, 128, (4, SEQ), generator=torch.Generator().manual_seed(11))]
+    megatron_compat.initialize(1, ep)
+    groups = ParallelGroups.from_megatron()
+    out = {}
+    for expert_inputs in ("per_expert", "shared"):
+        bridge, model = load_checkpoint(path, 1, ep, groups)
+        algorithm = dataclasses.replace(recipe.algorithm, expert_inputs=expert_inputs)
+        quantize(model, dataclasses.replace(recipe, algorithm=algorithm), lambda m: forward_only(m, data, device()), groups)
+        out[expert_inputs] = {
+            name: tensor.item() for name, tensor in refit_stream(model, bridge, groups, quantized=True)
+            if ".experts." in name and name.endswith(".input_scale")
+        }
+    return out

@@ -404,3 +404,16 @@ def memory_savers_case() -> dict:
     finally:
         quantized.SCORES_BUDGET = budget
     return report
+
+
+def attach_error(recipe) -> str | None:
+    """attach_quantizers of `recipe` on the tiny MoE: -> its RecipeError's message, None if it attached."""
+    from dist_quant.calibrate import attach_quantizers
+    from dist_quant.recipe import RecipeError
+
+    megatron_compat.initialize(1, 1)
+    try:
+        attach_quantizers(build_model(moe=True), recipe, ParallelGroups.from_megatron())
+    except RecipeError as error:
+        return str(error)
+    return None
