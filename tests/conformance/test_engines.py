@@ -27,6 +27,7 @@ ARCHITECTURES = {
                                    "first_k_dense_replace": 1, "n_shared_experts": 1}),
     "llama-tied": ("LlamaConfig", {"tie_word_embeddings": True}),
     "qwen3-tied": ("Qwen3Config", {"tie_word_embeddings": True}),
+    "qwen3-moe-tied": ("Qwen3MoeConfig", {**MOE, "num_experts": 4, "tie_word_embeddings": True}),
 }
 RECIPES = {"nvfp4": "nvfp4_default-fp8_kv", "fp8": "fp8_default-fp8_cast_kv", "mixed": workers.MIXED_RECIPE}
 METHODS = {"nvfp4": ("modelopt_fp4", "modelopt_fp4"), "fp8": ("modelopt", "modelopt_fp8"), "mixed": ("modelopt_mixed", "modelopt_mixed")}
