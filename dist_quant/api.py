@@ -7,7 +7,8 @@ import os
 from torch import nn
 
 from dist_quant.calibrate import ForwardLoop, attach_quantizers, calibrate
-from dist_quant.parallel.groups import ParallelGroups, default_groups
+from dist_quant.calibrate.pipeline import model_groups
+from dist_quant.parallel.groups import ParallelGroups
 from dist_quant.parallel.agree import first_error, with_rank
 from dist_quant.recipe import Recipe, RecipeError, load_recipe
 
@@ -27,13 +28,13 @@ def quantize(
     megatron's parallel_state) so that the result does not depend on the TP/EP layout.
     """
     recipe = load_recipe(recipe)
-    groups = groups or default_groups()
+    groups = model_groups(model, groups) if distributed_sync else ParallelGroups(alone=True)
     problem = None
     try:
         attach_quantizers(model, recipe, groups)
     except RecipeError as error:
         problem = str(error)
-    if distributed_sync:  # a layer only some ranks hold (a pipeline stage's) must stop every rank
+    if not groups.alone:  # a layer only some ranks hold (a pipeline stage's) must stop every rank
         first = first_error(problem)
         problem = with_rank(first) if first else None
     if problem:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+import dist_quant
 from dist_quant.recipe import builtin_recipe_names, load_recipe
 from dist_quant.recipe.schema import Recipe
 
@@ -131,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dist-quant",
         description="Calibrate and export FP8 / NVFP4 quantized models sharded with tensor and expert parallelism.",
     )
+    parser.add_argument("--version", action="version", version=f"dist-quant {dist_quant.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_calibrate(commands)
     recipes = commands.add_parser(

@@ -22,7 +22,8 @@ import torch.distributed as dist
 
 from dist_quant.parallel.megatron_compat import layout_problem
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "models"
+# The built-in models' config.json files, package data (they ship in the wheel)
+CONFIGS = Path(__file__).resolve().parent / "data" / "models"
 # Built-in configs up to this many parameters get their random weights written once as a checkpoint (the same
 # weights for every layout); larger ones need --random-weights.
 BUILTIN_CHECKPOINT_LIMIT = 4_000_000_000

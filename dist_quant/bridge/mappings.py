@@ -1,4 +1,4 @@
-"""Megatron <-> Hugging Face mappings: one class per way a tensor is laid out (SPEC.md sections 3 and 5).
+"""Megatron <-> Hugging Face mappings: one class per way a tensor is laid out (docs/mappings.md).
 
 A mapping pairs a Megatron parameter name with its Hugging Face name(s); `*` matches a layer or expert number
 (the k-th `*` on one side is the k-th on the other). Each mapping says how the full Megatron tensor is split
@@ -241,7 +241,7 @@ def _is_draft(name: str) -> bool:
 
 
 def kv_bmm_mappings(mapping: Mapping) -> list[Mapping]:
-    """K/V BMM amax mappings derived from a fused-QKV weight mapping (SPEC.md section 5): only an interleaved
+    """K/V BMM amax mappings derived from a fused-QKV weight mapping (docs/mappings.md): only an interleaved
     `.self_attention.linear_qkv.weight` whose q/k/v share one HF parent, not allowed to miss, not a draft/MTP
     layer. They are replicated and may miss on the HF side; wildcards and prefixes are kept as they are."""
     if type(mapping) is not QKVMapping or mapping.allow_missing_hf or not mapping.megatron.endswith(_QKV_SUFFIX):

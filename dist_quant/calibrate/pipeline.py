@@ -62,6 +62,18 @@ def _megatron_kinds() -> dict:
     return megatron_layer_kinds() if megatron_loaded() else {}
 
 
+def model_groups(model: nn.Module, groups: ParallelGroups | None = None) -> ParallelGroups:
+    """The groups a model's amax are reduced over: the caller's; else megatron's, for a model with megatron layers;
+    else none: a plain torch model (a transformers model, on one rank or a copy on each) is the rank's alone, and
+    quantizing it never starts a collective."""
+    if groups is not None:
+        return groups
+    kinds = tuple(_megatron_kinds())
+    if kinds and any(isinstance(module, kinds) for module in model.modules()):
+        return default_groups()
+    return ParallelGroups(alone=True)
+
+
 def attach_quantizers(model: nn.Module, recipe: Recipe, groups: ParallelGroups | None = None) -> int:
     """Convert every quantizable layer (megatron parallel linears and core attention, nn.Linear) in place,
     configured by the recipe, with its quantizers on the model's device; routed megatron experts apply their
@@ -74,7 +86,7 @@ def attach_quantizers(model: nn.Module, recipe: Recipe, groups: ParallelGroups |
         route_after_fc2,
     )
 
-    groups = groups or default_groups()
+    groups = model_groups(model, groups)
     kinds = _megatron_kinds()
     if kinds:
         route_after_fc2(model)
@@ -137,7 +149,7 @@ def _format_problem(module: nn.Module, formats: dict[str, QuantFormat | None], t
 
 
 def _reduction_domain(module: QuantModule, is_weight: bool, axis: int | None) -> str | None:
-    """SPEC section 4: activations over data and tensor parallel ranks; a weight amax over the ranks holding
+    """docs/sync.md: activations over data and tensor parallel ranks; a weight amax over the ranks holding
     its pieces, unless each rank owns its channels whole (per-channel along the sharded dim)."""
     layout = module.layout
     if not is_weight:
@@ -370,7 +382,7 @@ def calibrate(
 ) -> nn.Module:
     """Calibrate a model whose quantizers are attached, then switch it to fake quantization. With
     `distributed_sync`, amax are reduced over `groups` (megatron's by default); collective: every rank calls."""
-    groups = (groups or default_groups()) if distributed_sync else ParallelGroups()
+    groups = model_groups(model, groups) if distributed_sync else ParallelGroups(alone=True)
     reducer = bind_amax(model, groups, model_device(model))
     model._dist_quant_calibration = (reducer, recipe, groups)
     collect_statistics(model, forward_loop)

@@ -1,5 +1,5 @@
-"""Writing a calibrated sharded model as a Hugging Face checkpoint in the ModelOpt unified format (SPEC.md
-section 2), the format vLLM, SGLang and TensorRT-LLM load.
+"""Writing a calibrated sharded model as a Hugging Face checkpoint in the ModelOpt unified format
+(docs/checkpoint.md), the format vLLM, SGLang and TensorRT-LLM load.
 
 The bridge streams one logical Megatron tensor at a time, with its quantizer buffers, to one rank, which
 quantizes it per Hugging Face module and writes size-bounded safetensors shards into a temporary directory; the

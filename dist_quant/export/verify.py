@@ -1,4 +1,4 @@
-"""Checking an exported checkpoint against the model its own config.json describes (SPEC.md section 2), and
+"""Checking an exported checkpoint against the model its own config.json describes (docs/checkpoint.md), and
 reading it back.
 
 config.json, through the bridge, gives every tensor of the unquantized checkpoint with its shape;

@@ -1,4 +1,4 @@
-"""FP8 E4M3 numerics (SPEC.md section 1): pure torch functions, float32 inside."""
+"""FP8 E4M3 numerics (docs/formats.md): pure torch functions, float32 inside."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""MSE calibration of NVFP4 block scales by a sweep over the FP8 scale candidates (SPEC.md section 1).
+"""MSE calibration of NVFP4 block scales by a sweep over the FP8 scale candidates (docs/formats.md).
 
 For each 16-element block, every positive finite E4M3 value E (126 of them) is tried as the block scale, i.e.
 block_amax = c * global_amax with c = E / 448. The block is quantized exactly as fake quantization would

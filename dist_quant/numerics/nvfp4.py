@@ -1,4 +1,4 @@
-"""NVFP4 numerics (SPEC.md section 1): E2M1 codes in blocks of 16 with an E4M3 block scale and a float32
+"""NVFP4 numerics (docs/formats.md): E2M1 codes in blocks of 16 with an E4M3 block scale and a float32
 per-tensor scale_2. Pure torch reference; `dist_quant.kernels` holds Triton versions with the same results.
 
 Non-finite input: +-Inf saturates to +-6 x (its block scale); NaN does not enter the block amax and fake quant

@@ -63,6 +63,9 @@ class ParallelGroups:
     domains: dict[str, dist.ProcessGroup | None] = field(default_factory=dict)
     # for the domain groups made here; None: torch's default (30 minutes on gloo)
     timeout: datetime.timedelta | None = None
+    # a model this rank holds alone (a plain torch model, e.g. a transformers model on one rank of a job): nothing
+    # is reduced and no collective is issued, not even the world-wide agreements on errors
+    alone: bool = False
 
     def __post_init__(self):
         if not self.domains:

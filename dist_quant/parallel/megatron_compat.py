@@ -1,4 +1,4 @@
-"""What megatron-core (0.16 on CPU, 0.19 on GPU, no Transformer Engine) needs to run here (SPEC.md section 3).
+"""What megatron-core (0.16 on CPU, 0.19 on GPU, no Transformer Engine) needs to run here (docs/mappings.md).
 
 `apply()` is idempotent and changes only what is missing: without Transformer Engine, the MoE router calls
 `moe_utils.te_general_gemm`, which exists only when TE imports ("NameError: te_general_gemm"). Without CUDA:

@@ -88,7 +88,7 @@ class AmaxReducer:
     def _raise_if_non_finite(self) -> None:
         bad = [key for arena in self.arenas.values() for key in self._non_finite_keys(arena)]
         where = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "") if bad else None
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if not self.groups.alone and dist.is_initialized() and dist.get_world_size() > 1:
             flag = torch.tensor([float(bool(bad))], device=self.device)
             self._all_reduce(flag, dist.group.WORLD)
             if flag.item() > 0:  # only then: the names, from the first rank that has some

@@ -1,4 +1,4 @@
-"""Recipe schema (SPEC.md section 6): validated, immutable, resolved per quantizer name by fnmatch patterns."""
+"""Recipe schema (docs/recipes.md): validated, immutable, resolved per quantizer name by fnmatch patterns."""
 
 from __future__ import annotations
 

@@ -39,3 +39,4 @@ def test_nan_in_one_expert_input_is_reported_by_the_batched_pass():
     report = run_ranks(2, workers.batched_experts_case, 2, True, backend=workers.BACKEND)[0]
     for way in (False, True):
         assert "local_experts" in report[way]["error"] and "NaN or Inf" in report[way]["error"], report[way]["error"]
+

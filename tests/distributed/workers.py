@@ -417,3 +417,19 @@ def attach_error(recipe) -> str | None:
     except RecipeError as error:
         return str(error)
     return None
+
+
+def local_model_on_rank_0(tp: int) -> float | None:
+    """Under megatron's parallel state at TP `tp`, rank 0 alone quantizes a plain transformers model (as the QAT
+    example's refit target): -> a calibrated amax on rank 0; the other ranks do nothing and return."""
+    import transformers
+
+    megatron_compat.initialize(tp, 1)
+    if dist.get_rank() != 0:
+        return None
+    config = transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    model = transformers.Qwen3ForCausalLM(config).eval()
+    tokens = batches(count=1)[0]
+    quantize(model, "nvfp4_default-fp8_cast_kv", lambda m: m(tokens))
+    return model.model.layers[0].self_attn.q_proj.input_quantizer._amax.item()

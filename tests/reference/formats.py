@@ -1,7 +1,7 @@
-"""An independent reference of FP8 E4M3 and NVFP4, written from SPEC.md section 1.
+"""An independent reference of FP8 E4M3 and NVFP4, written from the format definition (docs/formats.md).
 
 It shares no code with dist_quant: values come from the bit definitions, rounding is a nearest-value search in a
-table with ties going to the even code, and every float32 operation follows the spec's formulas in order.
+table with ties going to the even code, and every float32 operation follows the documented formulas in order.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Bridge mappings in one process: tensor layouts against SPEC.md section 3, name lookups, derived quantizer-state
-mappings against SPEC.md section 5, and clear errors."""
+"""Bridge mappings in one process: tensor layouts and derived quantizer-state mappings against docs/mappings.md,
+name lookups, and clear errors."""
 
 import pytest
 import torch
@@ -33,7 +33,7 @@ def test_fused_qkv_rows_follow_the_spec_formula(gen):
     q, k, v = _qkv(gen)
     fused = QKV.to_megatron([q, k, v])
     hpg = NP // NG
-    for r in range(fused.shape[0]):  # SPEC.md section 3, written out
+    for r in range(fused.shape[0]):  # docs/mappings.md, written out
         b = r // D
         g, s = b // (hpg + 2), b % (hpg + 2)
         expected = q[(g * hpg + s) * D + r % D] if s < hpg else (k if s == hpg else v)[g * D + r % D]

@@ -27,3 +27,10 @@ def test_a_bad_recipe_exits_non_zero_with_one_line(tmp_path):
 def test_help_explains_the_commands():
     result = _run("--help")
     assert result.returncode == 0 and "recipes" in result.stdout
+
+
+def test_version_names_the_package_version():
+    import dist_quant
+
+    result = _run("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"dist-quant {dist_quant.__version__}"

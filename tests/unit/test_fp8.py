@@ -1,4 +1,4 @@
-"""FP8 E4M3 numerics against the independent reference of SPEC.md section 1."""
+"""FP8 E4M3 numerics against the independent reference of docs/formats.md (tests/reference/formats.py)."""
 
 import pytest
 import torch

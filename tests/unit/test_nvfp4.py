@@ -1,5 +1,5 @@
 """NVFP4 numerics, torch reference and Triton kernels alike (the `backend` fixture runs both), bit for bit
-against the independent reference of SPEC.md section 1."""
+against the independent reference of docs/formats.md (tests/reference/formats.py)."""
 
 import pytest
 import torch
@@ -66,7 +66,7 @@ def test_dequantized_export_equals_fake_quant(backend, gen, dtype):
 def test_every_e2m1_tie_point_rounds_to_the_even_code(backend):
     # global amax 2688 gives scale_2 = 1; the 6.0 makes the block scale 1: x / scale is x itself.
     ties = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0]
-    rounded = [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0]  # SPEC.md: ties go to the even code
+    rounded = [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0]  # docs/formats.md: ties go to the even code
     x = torch.tensor([6.0, *ties, *[-t for t in ties], 100.0]).reshape(1, 16)
     y = nvfp4_fake_quant(x, torch.tensor(2688.0), torch.tensor([[6.0]]))
     assert y.flatten().tolist() == [6.0, *rounded, *[-r for r in rounded], 6.0]

@@ -40,7 +40,7 @@ def sources(tmp_path_factory):
 
 
 def write(directory: Path, source, algo="NVFP4", kv="FP8", exclude=("lm_head",), layers=None, shards=1, dtype=torch.float32):
-    """A checkpoint as SPEC.md section 2 lays it out. layers: MIXED_PRECISION's module -> format."""
+    """A checkpoint as docs/checkpoint.md lays it out. layers: MIXED_PRECISION's module -> format."""
     config, state = source
     tensors = {}
     for name, weight in state.items():
