@@ -81,3 +81,23 @@ def tiny_checkpoint(path: Path, config_class: str, dtype, **config) -> Path:
 
 def tiny_qwen3_moe(path: Path, dtype, **config) -> Path:
     return tiny_checkpoint(path, "Qwen3MoeConfig", dtype, **{"moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2, **config})
+
+
+def readme_blocks() -> list[str]:
+    """The README's Python blocks, in order."""
+    text = (REPO / "README.md").read_text()
+    return [block.split("```", 1)[0] for block in text.split("```python\n")[1:]]
+
+
+def run_blocks_on_rank(blocks: list[str], directory: str) -> dict:
+    """Run README blocks in order in one namespace, in `directory` (where they write out/...). -> what the test
+    checks, on this rank."""
+    os.chdir(directory)
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
+    return {
+        "hf": sorted(namespace.get("hf", {})),
+        "out": None if namespace.get("out") is None else str(namespace["out"]),
+        "bucket": sorted(namespace.get("tensors", {})),
+    }
