@@ -81,6 +81,15 @@ def test_qat_refit_example_runs_and_agrees():
     assert "step 3" in result.stdout and "refit: HF vs Megatron logits differ by" in result.stdout
 
 
+def test_qat_refit_example_runs_data_parallel_as_its_docstring_says():
+    """`torchrun --nproc-per-node 2 launch/qat_refit_example.py`: rank 0 alone holds the transformers model it
+    refits into, and quantizing that model must not wait for the other rank."""
+    result = run_python("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "launch/qat_refit_example.py", "--steps", "3", "--recalibrate", "1", "--refit", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 3" in result.stdout and "refit: HF vs Megatron logits differ by" in result.stdout
+
+
 def test_unquantized_tensors_keep_the_source_dtype(tmp_path):
     """A bfloat16 checkpoint calibrated in float32 (EP2): embeddings, norms, router stay bfloat16, and config.json
     keeps its dtype."""
