@@ -1,7 +1,9 @@
 """Where a checkpoint is written, so that nothing is lost: the target must be a new path or an existing dist_quant
 checkpoint (never the current directory, a mount point, the source checkpoint or a directory holding it); one run
-at a time holds it (a lock file beside it); files go to a sibling `.partial` directory, checked for room before
-any work, and replace the target in one rename; what a killed run left behind is removed by the next."""
+at a time holds it (a lock file beside it, which names the runs whose temporaries may be left); files go to a
+sibling `.partial` directory, checked for room before any work, and replace the target in one rename. The next run
+finishes a commit that a killed run began and removes what it left, found by literal name from the lock's record,
+never by pattern: nothing of another path or of a live run is touched."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import fcntl
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 from dist_quant.bridge.io import is_inside
@@ -77,12 +80,12 @@ class OutputTarget:
         system takes writes; refuse when it lacks room for `estimated_bytes`. -> the partial directory."""
         self.check()
         parent, name = self.path.parent, self.path.name
+        lock_path = parent / f".{name}.lock"
         try:
             parent.mkdir(parents=True, exist_ok=True)
-            self._lock = open(parent / f".{name}.lock", "a")
+            self._lock = open(lock_path, "a+")
         except OSError as error:
             raise OutputError(f"{parent}: cannot write there ({error.strerror})") from None
-        lock_path = parent / f".{name}.lock"
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             # the lock file is removed on release: a file another run unlinked meanwhile is no lock
@@ -93,16 +96,25 @@ class OutputTarget:
             self._lock.close()
             self._lock = None
             raise OutputError(f"{self.path}: another run is writing it (it holds {lock_path})")
-        self.check()  # again, now that no other run can change it
-        for stale in [*parent.glob(f".{name}.partial-*"), *parent.glob(f".{name}.old-*")]:
-            shutil.rmtree(stale, ignore_errors=True)
+        # The runs the lock names are dead (none holds the lock): ours is recorded before their leftovers go, so
+        # that a run killed while cleaning leaves them named for the next one.
+        try:
+            dead = self._recorded_runs()
+            self._record_runs([*dead, os.getpid()])
+            for pid in dead:
+                self._finish(pid)
+            self._record_runs([os.getpid()])
+        except OSError as error:
+            self.release()
+            raise OutputError(f"{parent}: cannot clean up after an earlier run there ({error})") from None
+        self.check()  # again, now that no other run can change it (and an interrupted commit is finished)
         free = shutil.disk_usage(parent).free
         if free < estimated_bytes:
             self.release()
             raise OutputError(
                 f"{parent}: {free / 1e9:.2f} GB free, the checkpoint needs about {estimated_bytes / 1e9:.2f} GB"
             )
-        self.partial = parent / f".{name}.partial-{os.getpid()}"
+        self.partial, _ = self._temporaries(os.getpid())
         try:
             self.partial.mkdir()
         except OSError as error:
@@ -110,14 +122,51 @@ class OutputTarget:
             raise OutputError(f"{parent}: cannot write there ({error.strerror})") from None
         return self.partial
 
+    def _temporaries(self, pid: int) -> tuple[Path, Path]:
+        """The partial directory of run `pid` on this path, and where its commit puts the checkpoint it replaces."""
+        parent, name = self.path.parent, self.path.name
+        return parent / f".{name}.partial-{pid}", parent / f".{name}.old-{pid}"
+
+    def _recorded_runs(self) -> list[int]:
+        self._lock.seek(0)
+        return [int(line) for line in self._lock.read().split() if line.isdigit()]
+
+    def _record_runs(self, pids: list[int]) -> None:
+        self._lock.seek(0)
+        self._lock.truncate()
+        self._lock.write("".join(f"{pid}\n" for pid in dict.fromkeys(pids)))
+        self._lock.flush()
+        os.fsync(self._lock.fileno())
+
+    def _finish(self, pid: int) -> None:
+        """Clean up after dead run `pid` of this path. Its `.old` directory exists only from the first rename of a
+        commit without exchange, which begins once the verifier has passed the partial directory: killed before
+        the second rename, the target is missing, and the finished checkpoint is put in its place (the old one,
+        should the partial directory be gone)."""
+        partial, old = self._temporaries(pid)
+        if old.is_dir() and not os.path.lexists(self.path):
+            finished = partial.is_dir()
+            (partial if finished else old).rename(self.path)
+            warnings.warn(
+                f"{self.shown}: a run (process {pid}) was killed while replacing it; put back "
+                + ("the checkpoint it had finished" if finished else "the checkpoint it was replacing")
+            )
+        for leftover in (partial, old):
+            shutil.rmtree(leftover, ignore_errors=True)
+
     def commit(self) -> Path:
         """Put the partial directory in place of the target in one rename (an exchange when the target exists,
-        so the old checkpoint stays whole until the new one is there), then drop the old one."""
+        so the old checkpoint stays whole until the new one is there), then drop the old one. Without exchange
+        (NFS and others) two renames: the next run finishes a commit killed between them (`_finish`)."""
         if self.path.exists():
             if not _exchange(self.partial, self.path):
-                old = self.path.parent / f".{self.path.name}.old-{os.getpid()}"
+                _, old = self._temporaries(os.getpid())
                 self.path.rename(old)
-                self.partial.rename(self.path)
+                try:
+                    self.partial.rename(self.path)
+                except OSError:
+                    old.rename(self.path)
+                    raise
                 self.partial = old
             shutil.rmtree(self.partial)
         else:

@@ -9,7 +9,7 @@ import torch
 
 from dist_quant.export import OutputError, OutputTarget, verify
 from dist_quant.job import replica_samples
-from tests.e2e.jobs import calibrate_on_ranks, run_cli, tiny_qwen3_moe
+from tests.e2e.jobs import calibrate_on_ranks, run_cli, run_python, tiny_qwen3_moe
 
 TINY = ("--model", "tiny-qwen3-moe", "--recipe", "fp8_default-fp8_cast_kv", "--seq-len", "16")
 
@@ -91,15 +91,51 @@ def test_overwrite_replaces_a_checkpoint_in_one_step_and_cleans_what_killed_runs
     out = tmp_path / "out"
     first = calibrate_on_ranks(1, *TINY, "--calib-samples", "2", "--out", str(out))
     assert first.returncode == 0, first.stderr[-3000:]
-    stale = tmp_path / ".out.partial-12345"  # left by a killed run
+    stale = tmp_path / ".out.partial-12345"  # left by a killed run, with the lock file that names it
     stale.mkdir()
     (stale / "model-00001-of-00002.safetensors").write_bytes(b"half")
+    (tmp_path / ".out.lock").write_text("12345\n")
     second = calibrate_on_ranks(1, *TINY, "--recipe", "nvfp4_default-fp8_cast_kv",
                         "--calib-samples", "2", "--out", str(out), "--overwrite")
     assert second.returncode == 0, second.stderr[-3000:]
     assert verify(out)["quant_algo"] == "NVFP4" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     for file in out.glob("*.safetensors"):
         assert stat.S_IMODE(file.stat().st_mode) == 0o644
+
+
+# The job in a process of its own, on a C library without renameat2 (so its commit takes the two-rename path of
+# file systems without RENAME_EXCHANGE, such as NFS), killed with SIGKILL as it renames the finished checkpoint
+# into place: after the previous checkpoint has been moved aside.
+_JOB_KILLED_BETWEEN_RENAMES = """
+import os, signal, sys
+out = sys.argv[1]
+
+def hook(event, args):
+    if event == "ctypes.dlsym" and args[1] == "renameat2":
+        raise AttributeError("renameat2")
+    if event == "os.rename" and os.fspath(args[1]) == out:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+sys.addaudithook(hook)
+from dist_quant.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_commit_killed_between_its_two_renames_loses_nothing(tmp_path):
+    """The next run puts the killed run's finished checkpoint in place (and, without --overwrite, then refuses
+    to replace it) instead of deleting both copies."""
+    out = tmp_path / "out"
+    first = calibrate_on_ranks(1, *TINY, "--calib-samples", "2", "--out", str(out))
+    assert first.returncode == 0, first.stderr[-3000:]
+    killed = run_python("-c", _JOB_KILLED_BETWEEN_RENAMES, str(out), "calibrate", *TINY, "--recipe",
+                        "nvfp4_default-fp8_cast_kv", "--calib-samples", "2", "--out", str(out), "--overwrite")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert not out.exists() and len(list(tmp_path.glob(".out.old-*"))) == len(list(tmp_path.glob(".out.partial-*"))) == 1
+    again = calibrate_on_ranks(1, *TINY, "--calib-samples", "2", "--out", str(out))
+    _one_line_error(again, "exists: pass --overwrite to replace it")
+    assert "was killed while replacing it; put back the checkpoint it had finished" in again.stderr
+    assert verify(out)["quant_algo"] == "NVFP4" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_a_second_run_into_the_same_out_is_refused_while_the_first_holds_it(tmp_path):
