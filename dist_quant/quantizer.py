@@ -231,6 +231,21 @@ class TensorQuantizer(nn.Module):
             return self._cache[1]
         return self.fake_quant(x)
 
+    def buffer_shape(self, buffer: str, weight: torch.Tensor | None = None) -> torch.Size | None:
+        """The shape a calibrated buffer (one of AMAX_BUFFERS) of this quantizer has, for the tensor it quantizes
+        (`weight`, or an activation: None); None where this quantizer keeps no such buffer."""
+        fmt = self.fmt
+        if fmt is None or buffer == "_global_amax" and fmt.kind != NVFP4:
+            return None
+        if buffer == "_block_amax":
+            if fmt.block_type != STATIC or weight is None:
+                return None
+            return torch.Size([*weight.shape[:-1], weight.shape[-1] // BLOCK_SIZE])
+        if buffer == "_amax" and fmt.axis is not None and weight is not None:
+            axis = fmt.axis % weight.dim()
+            return torch.Size([n if d == axis else 1 for d, n in enumerate(weight.shape)])
+        return torch.Size([])
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Adopt the checkpoint's buffers whatever their shape: amax shapes are only known after calibration.
         for name in AMAX_BUFFERS:

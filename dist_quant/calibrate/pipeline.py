@@ -24,6 +24,7 @@ from dist_quant.calibrate.shared import form_shared_states
 from dist_quant.kernels import nvfp4_mse_block_amax
 from dist_quant.modules import QuantModule, convert_linear
 from dist_quant.modules.base import model_device, structure_changed, structure_version
+from dist_quant.modules.fused_experts import QuantFusedExperts, checkpoint_names, convert_fused_experts, is_fused_experts
 from dist_quant.modules.linear import LINEAR_QUANTIZERS
 from dist_quant.parallel.groups import ParallelGroups, default_groups, megatron_loaded
 from dist_quant.parallel.reduce import AmaxReducer, NonFiniteAmaxError
@@ -32,7 +33,9 @@ from dist_quant.quantizer import NVFP4, STATIC, QuantFormat, QuantizerMode, Tens
 from dist_quant.recipe import Recipe, RecipeError
 
 ForwardLoop = Callable[[nn.Module], None]
-_EXPERT_INDEX = re.compile(r"\.local_experts\.\d+\.")
+# an expert's number in a logical name: megatron's local_experts.E, transformers' fused experts.E (sibling experts
+# are the names without it)
+_EXPERT_INDEX = re.compile(r"\.(?:local_)?experts\.\d+\.")
 
 
 class CalibrationError(RuntimeError):
@@ -94,21 +97,34 @@ def attach_quantizers(model: nn.Module, recipe: Recipe, groups: ParallelGroups |
     device = model_device(model)
     # megatron's output layer tied to the embedding: no weight of its own, or (on a last pipeline stage) a copy
     tied_head = getattr(model, "output_layer", None) if getattr(model, "share_embeddings_and_output_weights", False) else None
+    fused_names = checkpoint_names(model)
     enabled = 0
+
+    def formats_for(name: str, module: nn.Module, quantizer_names=LINEAR_QUANTIZERS, weight=None, tied=False) -> dict:
+        """The recipe's formats for the named layer's quantizers, checked against its weight (`weight`, else
+        the module's own, if any)."""
+        nonlocal enabled
+        prefix = f"{name}." if name else ""
+        formats = {q: recipe.format_for(prefix + q) for q in quantizer_names}
+        weight = module._parameters.get("weight") if weight is None else weight
+        problem = _format_problem(weight, formats, tied, getattr(getattr(module, "config", None), "kv_channels", None))
+        if problem:
+            raise RecipeError(f"recipe {recipe.source}: {prefix}{problem}")
+        enabled += sum(fmt is not None for fmt in formats.values())
+        return formats
+
     try:
         for name, module in list(model.named_modules()):
-            if isinstance(module, QuantModule):
+            if isinstance(module, (QuantModule, QuantFusedExperts)):
+                continue
+            if fused_names is not None and is_fused_experts(module):
+                convert_fused_experts(module, fused_names, lambda slot, weight: formats_for(slot, module, weight=weight), name)
                 continue
             kind = next((k for k in kinds if isinstance(module, k)), None)
             if kind is None and not isinstance(module, nn.Linear):
                 continue
             prefix = f"{name}." if name else ""
-            names = kinds[kind][1] if kind else LINEAR_QUANTIZERS
-            formats = {q: recipe.format_for(prefix + q) for q in names}
-            problem = _format_problem(module, formats, tied=module is tied_head)
-            if problem:
-                raise RecipeError(f"recipe {recipe.source}: {prefix}{problem}")
-            enabled += sum(fmt is not None for fmt in formats.values())
+            formats = formats_for(name, module, kinds[kind][1] if kind else LINEAR_QUANTIZERS, tied=module is tied_head)
             shared_input = recipe.algorithm.expert_inputs == "shared" and ".local_experts." in name
             if shared_input and formats.get("input_quantizer") is not None and formats["input_quantizer"].kind != NVFP4:
                 raise RecipeError(
@@ -128,16 +144,18 @@ def attach_quantizers(model: nn.Module, recipe: Recipe, groups: ParallelGroups |
     return enabled
 
 
-def _format_problem(module: nn.Module, formats: dict[str, QuantFormat | None], tied: bool = False) -> str | None:
-    """Why a layer cannot take these formats (`<quantizer>: reason`); None when it can."""
-    weight = module._parameters.get("weight")
+def _format_problem(
+    weight: torch.Tensor | None, formats: dict[str, QuantFormat | None], tied: bool, kv_channels: int | None
+) -> str | None:
+    """Why a layer (its weight, or K/V BMM quantizers over heads of `kv_channels`) cannot take these formats
+    (`<quantizer>: reason`); None when it can."""
     if (tied or "weight_quantizer" in formats and weight is None) and any(formats.values()):
         return "*: this layer shares the embedding's weight (tied embeddings), which a checkpoint cannot hold quantized; disable its quantizers"
     # the length of the last dimension each quantizer sees: NVFP4 blocks of 16 run along it
     if weight is not None:
         lengths = {"weight_quantizer": weight.shape[-1], "input_quantizer": weight.shape[-1], "output_quantizer": weight.shape[0]}
     else:
-        lengths = dict.fromkeys(formats, getattr(getattr(module, "config", None), "kv_channels", None))
+        lengths = dict.fromkeys(formats, kv_channels)
     for q, fmt in formats.items():
         if fmt is None:
             continue
@@ -168,11 +186,8 @@ def bind_amax(model: nn.Module, groups: ParallelGroups, device: torch.device | s
             if not isinstance(q, TensorQuantizer) or q.calibrator is None:
                 continue
             weight = weights.get(id(q))
-            if weight is not None and q.fmt.axis is not None:
-                axis = q.fmt.axis % weight.dim()
-                shape = torch.Size([n if d == axis else 1 for d, n in enumerate(weight.shape)])
-            else:
-                axis, shape = None, torch.Size([])
+            axis = q.fmt.axis % weight.dim() if weight is not None and q.fmt.axis is not None else None
+            shape = q.buffer_shape("_amax", weight)
             domain = _reduction_domain(module, weight is not None, axis)
             reducer.register(domain, f"{module.layout.logical_name}.{attr}", shape, q.bind_amax)
     reducer.allocate()

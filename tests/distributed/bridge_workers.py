@@ -203,16 +203,18 @@ def weight_only_recipe(scope: tuple[str, ...] = ("*",)) -> dict:
     ]}}
 
 
-def refit_run(path: str, tp: int, ep: int, scope: tuple[str, ...], state_dir: str, pp: int = 1) -> dict:
-    """Calibrate weights only, stream a refit; take a training step, recalibrate, stream again. Also saves the
-    quantizer state of the first calibration."""
+def refit_run(path: str, tp: int, ep: int, recipe: dict, state_dir: str, pp: int = 1) -> dict:
+    """Calibrate with `recipe` (activations on a few random batches), stream a refit; take a training step,
+    recalibrate the weights, stream again. Also saves the quantizer state of the first calibration."""
     from dist_quant import quantize
     from dist_quant.calibrate import recalibrate_weights
     from dist_quant.calibrate.state import save_quant_state
     from dist_quant.refit import refit_stream
 
     groups, bridge, model = loaded_model(path, tp, ep, pp)
-    quantize(model, weight_only_recipe(scope))
+    gen = torch.Generator().manual_seed(11)
+    data = [torch.randint(0, 128, (4, SEQ), generator=gen) for _ in range(2)]
+    quantize(model, recipe, lambda m: forward_only(m, data, device()))
     save_quant_state(model, state_dir, groups)
     report = {"logits": _logits(model, groups), "stream": list(refit_stream(model, bridge, groups))}
     report["quantized_names"] = [name for name, _ in refit_stream(model, bridge, groups, quantized=True)]
@@ -226,24 +228,24 @@ def refit_run(path: str, tp: int, ep: int, scope: tuple[str, ...], state_dir: st
     return report
 
 
-def restore_run(path: str, tp: int, ep: int, scope: tuple[str, ...], state_dir: str, pp: int = 1) -> torch.Tensor:
+def restore_run(path: str, tp: int, ep: int, recipe: dict, state_dir: str, pp: int = 1) -> torch.Tensor:
     """A fresh model at another layout, quantizers attached, state restored from `state_dir`. -> logits."""
     from dist_quant import load_recipe
     from dist_quant.calibrate import attach_quantizers
     from dist_quant.calibrate.state import restore_quant_state
 
     groups, bridge, model = loaded_model(path, tp, ep, pp)
-    attach_quantizers(model, load_recipe(weight_only_recipe(scope)), groups)
+    attach_quantizers(model, load_recipe(recipe), groups)
     restore_quant_state(model, state_dir, groups)
     return _logits(model, groups)
 
 
-def restore_error(path: str, tp: int, ep: int, scope: tuple[str, ...], state_dir: str) -> str:
+def restore_error(path: str, tp: int, ep: int, recipe: dict, state_dir: str) -> str:
     """restore_run where it must fail: -> the QuantStateError's message."""
     from dist_quant.calibrate.state import QuantStateError
 
     try:
-        restore_run(path, tp, ep, scope, state_dir)
+        restore_run(path, tp, ep, recipe, state_dir)
     except QuantStateError as error:
         return str(error)
     return "restored"
@@ -277,6 +279,14 @@ def w4a4_mse_recipe() -> dict:
         {"quantizer_name": "*[kv]_bmm_quantizer", "cfg": {"num_bits": "e4m3"}},
         {"quantizer_name": "*output_layer*", "enable": False},
     ]}}
+
+
+def w4a4_recipe() -> dict:
+    """NVFP4 weights (static MSE block scales) and inputs everywhere but the output layer, no KV cache (which
+    transformers' attention cannot quantize)."""
+    recipe = w4a4_mse_recipe()
+    quant_cfg = [e for e in recipe["quantize"]["quant_cfg"] if e["quantizer_name"] != "*[kv]_bmm_quantizer"]
+    return {"quantize": {**recipe["quantize"], "quant_cfg": [*quant_cfg, {"quantizer_name": "*lm_head*", "enable": False}]}}
 
 
 def refit_forms(path: str, tp: int, ep: int, pp: int, recipe) -> dict:
