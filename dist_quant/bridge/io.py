@@ -39,6 +39,21 @@ def is_inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
+def is_checkpoint_file(path: Path, directory: Path) -> bool:
+    """Whether `path`, a file the checkpoint `directory` names, is the checkpoint's own, links followed: it lies
+    inside the directory or, in a snapshot of the Hugging Face cache (`models--ORG--NAME/snapshots/REVISION/`,
+    whose files huggingface_hub makes links to `../../blobs/HASH`), in the blobs/ of the same repository. Nothing
+    else: not a link to another file of the user's, nor into another repository or snapshot."""
+    real, root = path.resolve(), directory.resolve()
+    if is_inside(real, root):
+        return True
+    snapshots = next((p for p in root.parents if p.name == "snapshots"), None)
+    return (
+        snapshots is not None and snapshots.parent.name.startswith("models--")
+        and real.parent == snapshots.parent / "blobs"  # blobs/ itself a link resolves elsewhere: refused
+    )
+
+
 class SafetensorsReader:
     """A Hugging Face checkpoint directory (single file or sharded with an index), read lazily by slice. Index
     entries must name files inside the directory; unreadable files and entries are BridgeErrors naming them."""
@@ -62,10 +77,10 @@ class SafetensorsReader:
             raise BridgeError(f"{index}: not a safetensors index ({type(error).__name__}: {error})") from None
         if not isinstance(weight_map, dict):
             raise BridgeError(f"{index}: weight_map is not an object")
-        root, files = index.parent.resolve(), {}
+        files = {}
         for name, file in weight_map.items():
             path = index.parent / str(file)
-            if not isinstance(file, str) or Path(file).is_absolute() or not is_inside(path.resolve(), root):
+            if not isinstance(file, str) or Path(file).is_absolute() or not is_checkpoint_file(path, index.parent):
                 raise BridgeError(f"{index}: {name} points outside the checkpoint directory ({file!r})")
             if not path.is_file():
                 raise BridgeError(f"{index}: {name} is in {file}, which does not exist")
