@@ -68,6 +68,7 @@ def validate(args: argparse.Namespace) -> None:
     """Everything checkable before any rank starts heavy work: layout, files, calibration data, output path, the
     model's config.json; the same verdict on every rank. Resolves the default --dtype (the checkpoint's) and
     reads the calibration texts into `args.texts`."""
+    from dist_quant.export import check_exportable
     from dist_quant.recipe import load_recipe
 
     world = world_size()
@@ -88,9 +89,10 @@ def validate(args: argparse.Namespace) -> None:
     problem = output_target(args).problem()
     if problem:
         raise JobError(f"--out {problem}")
-    load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe)
     bridge = model_bridge(args)
     bridge.check_layout(args.tp, args.ep, pipeline_split(args))
+    check_exportable(recipe, bridge)  # a recipe the checkpoint cannot hold fails here, not after calibration
     args.dtype = args.dtype or _dtype_name(bridge.dtype)
     if args.model is not None and not args.random_weights:
         params = sum(shape.numel() for shape in bridge.hf_tensor_shapes().values())

@@ -28,7 +28,8 @@ from dist_quant.bridge.models import ModelBridge
 from dist_quant.export.buckets import bucketed
 from dist_quant.export.shards import ShardWriter
 from dist_quant.export.output import OutputError, OutputTarget
-from dist_quant.export.configs import MIXED, hf_quant_config, quantization_config
+from dist_quant.export.configs import LAYER_ALGOS, MIXED, hf_quant_config, quantization_config
+from dist_quant.export.problems import NO_WEIGHTS, ExportError, quantizer_problem
 from dist_quant.export.verify import VerificationError, verify
 from dist_quant.modules import QuantModule
 from dist_quant.modules.base import model_device
@@ -48,16 +49,6 @@ _LOCAL_EXPERT = re.compile(r"\.local_experts\.\d+\.")
 
 TRANSFER_BYTES = 256 << 20  # the checkpoint's tensors reach the host in transfers of about this size
 
-_NO_WEIGHTS = (
-    "the recipe quantizes no linear weight: the checkpoint format describes quantized weights (for an FP8 KV cache "
-    "alone, serve the unquantized model with the engine's FP8 KV cache)"
-)
-
-
-class ExportError(RuntimeError):
-    """The model cannot be exported as asked (raised on every rank)."""
-
-
 def _agree(error: str | None) -> None:
     """Raise the first rank's error on every rank, so none is left waiting in a collective."""
     first = first_error(error)
@@ -65,16 +56,20 @@ def _agree(error: str | None) -> None:
         raise ExportError(with_rank(first))
 
 
-def _formats(model: nn.Module) -> dict[str, QuantFormat]:
-    """Quantizer formats by logical name, from every rank (pipeline stages hold other layers); experts by a name
-    without their number (recipes treat them alike). Collective."""
-    formats = {}
+def _quantizers(model: nn.Module) -> dict[str, dict[str, QuantFormat | None]]:
+    """Every quantized module's quantizer formats (None: disabled) by its logical name, from every rank (pipeline
+    stages hold other layers); experts by a name without their number (recipes treat them alike). Collective."""
+    modules: dict[str, dict[str, QuantFormat | None]] = {}
     for _, module in model.named_modules():
         if isinstance(module, QuantModule):
-            for attr, q in module.named_children():
-                if isinstance(q, TensorQuantizer) and q.enabled:
-                    formats[_LOCAL_EXPERT.sub(".local_experts.*.", f"{module.layout.logical_name}.{attr}")] = q.fmt
-    return {name: fmt for rank_formats in every_rank(formats) for name, fmt in rank_formats.items()}
+            formats = modules.setdefault(_LOCAL_EXPERT.sub(".local_experts.*.", module.layout.logical_name), {})
+            formats.update((attr, q.fmt) for attr, q in module.named_children() if isinstance(q, TensorQuantizer))
+    return {name: formats for rank_modules in every_rank(modules) for name, formats in rank_modules.items()}
+
+
+def _formats(modules: dict[str, dict[str, QuantFormat | None]]) -> dict[str, QuantFormat]:
+    """The enabled quantizers' formats by their logical names."""
+    return {f"{module}.{q}": fmt for module, formats in modules.items() for q, fmt in formats.items() if fmt is not None}
 
 
 def _check_activations(model: nn.Module) -> str | None:
@@ -136,7 +131,9 @@ class _LayerQuantizer:
         self.kv_scale_name = bridge.kv_scale_name
         self.formats = formats
         self.dtype_for = dtype_for  # HF name -> the dtype an unquantized tensor is written in
-        self.quantized: dict[str, str] = {}  # HF module -> "NVFP4" | "FP8"
+        # HF module -> its quant_algo (configs.LAYER_ALGOS; None for the pairs without a checkpoint form, which a
+        # refit streams and export_hf refuses before writing)
+        self.quantized: dict[str, str | None] = {}
         self.excluded: list[str] = []
         self.kv_algos: set[str] = set()
 
@@ -237,7 +234,8 @@ class _LayerQuantizer:
     def _emit(self, planned: Planned, result: tuple, place: tuple, input_scale: torch.Tensor | None) -> list:
         (kind, _, _, _), index = place
         rows, blocks, scales = result
-        algo = "NVFP4" if kind == NVFP4 else "FP8"
+        inputs = self.formats.get(f"{_parse(planned.name)[3]}.input_quantizer")
+        algo = LAYER_ALGOS.get((kind, inputs.kind if inputs else None))
         pieces = planned.mapping.to_hf(rows[index])
         block_pieces = planned.mapping.to_hf(blocks[index]) if blocks is not None else [None] * len(pieces)
         out = []
@@ -277,7 +275,7 @@ def checkpoint_layers(
     """(layer, [(name, tensor), ...]) with the tensors as the checkpoint holds them, on rank `dst` (None: each
     module on the rank holding its first piece), one layer at a time (collective). Unquantized tensors keep the
     dtype they have in `source_dir` (else the config's dtype)."""
-    quantizer = quantizer or _LayerQuantizer(bridge, _formats(model), source_dtypes(bridge, source_dir))
+    quantizer = quantizer or _LayerQuantizer(bridge, _formats(_quantizers(model)), source_dtypes(bridge, source_dir))
     for key, layer in export_hf_layers(model, bridge, groups, dst, quant_state=True):
         yield key, quantizer(layer)
 
@@ -302,7 +300,7 @@ def _quant_config(quantizer: _LayerQuantizer, tied: bool) -> dict:
     if len(quantizer.kv_algos) > 1:
         raise ExportError(f"K and V caches in different formats: {sorted(quantizer.kv_algos)}")
     if not algos:
-        raise ExportError(_NO_WEIGHTS)
+        raise ExportError(NO_WEIGHTS)
     algo = algos.pop() if len(algos) == 1 else MIXED
     excluded = set(quantizer.excluded) | ({"lm_head"} if tied else set())
     producer = {"name": "dist_quant", "version": dist_quant.__version__}
@@ -376,9 +374,9 @@ def export_hf(
                 target.claim(needed)
             except OutputError as error:
                 problem = str(error)
-    formats = _formats(model)
-    if not any(name.endswith(".weight_quantizer") for name in formats):
-        problem = problem or _NO_WEIGHTS
+    modules = _quantizers(model)
+    problem = problem or quantizer_problem(modules)
+    formats = _formats(modules)
     try:
         _agree(problem or _check_activations(model))
         parallel = writers == "all" and dist.is_initialized() and dist.get_world_size() > 1

@@ -1,40 +1,76 @@
 """The two quantization configs of an exported checkpoint, laid out field for field as NVIDIA ModelOpt 0.47's
-exporter writes them (modelopt/torch/export/quant_utils.py `get_quant_config`, convert_hf_config.py
-`convert_hf_quant_config_format`). The exporter writes them and the verifier expects them from these functions
-alone; the README's Serving section says what the engines read in them.
+exporter writes them (modelopt/torch/export/quant_utils.py `get_quant_config` / `process_layer_quant_config`,
+convert_hf_config.py `convert_hf_quant_config_format`). The exporter writes them and the verifier expects them
+from these functions alone; the README's Serving section says what the engines read in them.
+
+A quantized layer's quant_algo follows from its weight and input formats (`LAYER_ALGOS`): NVFP4 weights with
+NVFP4 inputs are "NVFP4" (W4A4), NVFP4 weights with unquantized inputs "W4A16_NVFP4" (ModelOpt's
+`get_quantization_format` returns QUANTIZATION_W4A16_NVFP4 when the input quantizer is disabled), FP8 weights
+with FP8 inputs "FP8". Every other pair has no form that vLLM 0.33 and SGLang 0.5.23 load (`NO_FORM`).
 
 hf_quant_config.json: `{"producer": {name, version}, "quantization": {...}}` with `quant_algo` and
-`kv_cache_quant_algo` always; `group_size` (16) for NVFP4 only; `exclude_modules` for one format; for
-MIXED_PRECISION `quantized_layers` (module -> its quant_algo, and group_size for NVFP4) and no exclude_modules.
+`kv_cache_quant_algo` always; `group_size` (16) for the NVFP4 algos only; `exclude_modules` for one algo; for
+MIXED_PRECISION `quantized_layers` (module -> its quant_algo, and group_size for the NVFP4 algos) and no
+exclude_modules.
 
 config.json's `quantization_config` (what vLLM and SGLang read first): `quant_method: "modelopt"`, `quant_algo`,
 `producer`, `ignore` (the exclude list; [] for MIXED_PRECISION, which lists its `quantized_layers` instead),
-`config_groups` (per format: weights and input activations as {dynamic: false, num_bits, type: float, group_size
-for NVFP4}, targeting "Linear", or the layers of that format when mixed), and `kv_cache_scheme` only with a
-quantized KV cache: {dynamic: false, num_bits: 8, type: float} for FP8 (vLLM turns the FP8 cache on under
-`--kv-cache-dtype auto` only when dynamic is false), the string "NVFP4" for NVFP4.
+`config_groups` (per algo: weights and input activations as {dynamic: false, num_bits, type: float, group_size
+for NVFP4}, weights alone for W4A16_NVFP4, targeting "Linear", or the layers of that algo when mixed), and
+`kv_cache_scheme` only with a quantized KV cache: {dynamic: false, num_bits: 8, type: float} for FP8 (vLLM turns
+the FP8 cache on under `--kv-cache-dtype auto` only when dynamic is false), the string "NVFP4" for NVFP4.
 """
 
 from __future__ import annotations
 
+from dist_quant.quantizer import FP8, NVFP4
+
 GROUP_SIZE = 16
-QUANT_ALGOS = ("NVFP4", "FP8")
+W4A16 = "W4A16_NVFP4"
+# (weight format, input format or None) -> the layer's quant_algo. W4A16_NVFP4 is ModelOpt's name for
+# weight-only NVFP4: vLLM (model_executor/layers/quantization/modelopt.py, LINEAR_ALGOS and resolve) runs it
+# with no activation quantization and needs no input_scale (an "NVFP4" layer without one would fold a scale
+# that was never loaded: ModelOptNvFp4Config._from_config), SGLang (srt/layers/quantization/modelopt_quant.py,
+# ModelOptFp4Config.from_config: is_w4a16) likewise.
+LAYER_ALGOS = {(NVFP4, NVFP4): "NVFP4", (NVFP4, None): W4A16, (FP8, FP8): "FP8"}
+QUANT_ALGOS = tuple(LAYER_ALGOS.values())
+NVFP4_ALGOS = tuple(algo for (weight, _), algo in LAYER_ALGOS.items() if weight == NVFP4)  # packed, group_size 16
 MIXED = "MIXED_PRECISION"
 KV_ALGOS = ("FP8", "NVFP4")
+# Why the other pairs cannot be exported, from the engines' loaders.
+NO_FORM = {
+    (FP8, None): (
+        "FP8 weights with unquantized inputs (weight-only FP8) have no checkpoint form vLLM or SGLang load: their "
+        "ModelOpt FP8 layers quantize the input with a stored input_scale and start it at float32's lowest value "
+        "when the checkpoint has none (vLLM 0.33 modelopt.py KFp8StaticTensor, SGLang 0.5.23 "
+        "ModelOptFp8LinearMethod), and ModelOpt has no weight-only FP8 algo; quantize the inputs to e4m3 as well, "
+        "or use NVFP4 weights alone (W4A16_NVFP4, built-in recipe nvfp4_w4a16-fp8_cast_kv)"
+    ),
+    (NVFP4, FP8): (
+        "NVFP4 weights with FP8 inputs (ModelOpt's W4A8_NVFP4_FP8) are not a format vLLM loads (modelopt.py "
+        "LINEAR_ALGOS); quantize the inputs to e2m1 or leave them unquantized"
+    ),
+    (FP8, NVFP4): "FP8 weights with NVFP4 inputs are no ModelOpt format; give weights and inputs one format",
+}
+
+
+def input_quantized(algo: str) -> bool:
+    """Whether a layer of this quant_algo quantizes its input (and so stores an input_scale)."""
+    return next(inputs for (_, inputs), a in LAYER_ALGOS.items() if a == algo) is not None
 
 
 def required_quantization_keys(algo: str) -> tuple[str, ...]:
     """The keys hf_quant_config.json's quantization section holds for this quant_algo."""
     if algo == MIXED:
         return ("quant_algo", "kv_cache_quant_algo", "quantized_layers")
-    if algo == "NVFP4":
+    if algo in NVFP4_ALGOS:
         return ("quant_algo", "kv_cache_quant_algo", "group_size", "exclude_modules")
     return ("quant_algo", "kv_cache_quant_algo", "exclude_modules")
 
 
 def layer_entry(algo: str) -> dict:
     """A quantized layer's entry in MIXED_PRECISION's quantized_layers."""
-    return {"quant_algo": algo, **({"group_size": GROUP_SIZE} if algo == "NVFP4" else {})}
+    return {"quant_algo": algo, **({"group_size": GROUP_SIZE} if algo in NVFP4_ALGOS else {})}
 
 
 def hf_quant_config(
@@ -45,7 +81,7 @@ def hf_quant_config(
     if algo == MIXED:
         quantization["quantized_layers"] = {m: layer_entry(a) for m, a in sorted((layers or {}).items())}
     else:
-        if algo == "NVFP4":
+        if algo in NVFP4_ALGOS:
             quantization["group_size"] = GROUP_SIZE
         quantization["exclude_modules"] = sorted(exclude)
     return {"producer": producer, "quantization": quantization}
@@ -59,10 +95,13 @@ def kv_cache_scheme(algo: str | None) -> dict | str | None:
 
 
 def _group(algo: str, targets: list[str]) -> dict:
-    tensors = {"dynamic": False, "num_bits": 4 if algo == "NVFP4" else 8, "type": "float"}
-    if algo == "NVFP4":
+    """A config group (convert_hf_config.py `_quant_algo_to_group_config`): W4A16_NVFP4 has weights alone, which
+    vLLM reads as weight-only NVFP4 even under quant_algo NVFP4 (modelopt.py ModelOptNvFp4Config._from_config)."""
+    tensors = {"dynamic": False, "num_bits": 4 if algo in NVFP4_ALGOS else 8, "type": "float"}
+    if algo in NVFP4_ALGOS:
         tensors["group_size"] = GROUP_SIZE
-    return {"input_activations": dict(tensors), "weights": dict(tensors), "targets": targets}
+    inputs = {"input_activations": dict(tensors)} if input_quantized(algo) else {}
+    return {**inputs, "weights": dict(tensors), "targets": targets}
 
 
 def quantization_config(hf_quant: dict) -> dict:

@@ -25,7 +25,10 @@ import numpy as np
 import torch
 
 from dist_quant.bridge.io import INDEX_FILE, SAFETENSORS_DTYPES, SINGLE_FILE
-from dist_quant.export.configs import GROUP_SIZE, KV_ALGOS, MIXED, QUANT_ALGOS, quantization_config, required_quantization_keys
+from dist_quant.export.configs import (
+    GROUP_SIZE, KV_ALGOS, MIXED, NVFP4_ALGOS, QUANT_ALGOS, W4A16, input_quantized, quantization_config,
+    required_quantization_keys,
+)
 
 E2M1_MAX = 6.0
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -214,7 +217,7 @@ def _plan(quant: dict, problems: list[str]) -> Plan | None:
     problems += [f"hf_quant_config.json: quantization.{k} is missing" for k in required if k not in section and k != "quantized_layers"]
     usable = {"quant_algo", "kv_cache_quant_algo"} <= set(section) and (algo == MIXED or "exclude_modules" in section)
     if "quant_algo" in section and algo not in (*QUANT_ALGOS, MIXED):
-        problems.append(f"hf_quant_config.json: quantization.quant_algo is {algo!r}, expected NVFP4, FP8 or {MIXED}")
+        problems.append(f"hf_quant_config.json: quantization.quant_algo is {algo!r}, expected {', '.join(QUANT_ALGOS)} or {MIXED}")
         usable = False
     if kv not in (None, *KV_ALGOS):
         problems.append(f"hf_quant_config.json: quantization.kv_cache_quant_algo is {kv!r}, expected FP8, NVFP4, null")
@@ -231,7 +234,7 @@ def _plan(quant: dict, problems: list[str]) -> Plan | None:
             return problems.append(f"hf_quant_config.json: quantization.quantized_layers is missing ({MIXED} needs it)")
         layers = {m: e.get("quant_algo") if isinstance(e, dict) else None for m, e in entries.items()}
         bad = sorted(m for m, a in layers.items() if a not in QUANT_ALGOS)
-        problems += [f"hf_quant_config.json: quantized_layers.{m} needs a quant_algo of NVFP4 or FP8" for m in bad]
+        problems += [f"hf_quant_config.json: quantized_layers.{m} needs a quant_algo of {' or '.join(QUANT_ALGOS)}" for m in bad]
         usable = usable and not bad
     elif "quantized_layers" in section:
         problems.append(f"hf_quant_config.json: quantization.quantized_layers is given, but quant_algo is {algo!r}")
@@ -302,24 +305,28 @@ def _check_tied_head(bridge, plan: Plan, problems: list[str]) -> None:
 
 
 # -- the tensors -----------------------------------------------------------------------------------------
-def _linear(module: str, shape: tuple[int, int], fmt: str) -> dict[str, Spec]:
+def _linear(module: str, shape: tuple[int, int], algo: str) -> dict[str, Spec]:
+    """A quantized linear's tensors: an input_scale exactly when its algo quantizes the input (W4A16_NVFP4 has
+    none: vLLM 0.33 registers none for it, modelopt.py resolve)."""
     out, features = shape
-    if fmt == "NVFP4":
-        return {
+    if algo in NVFP4_ALGOS:
+        tensors = {
             f"{module}.weight": Spec((out, features // 2), (torch.uint8,), "weight"),
             f"{module}.weight_scale": Spec((out, features // GROUP_SIZE), (torch.float8_e4m3fn,), "block"),
             f"{module}.weight_scale_2": SCALAR,
-            f"{module}.input_scale": SCALAR,
         }
-    return {
-        f"{module}.weight": Spec((out, features), (torch.float8_e4m3fn,), "weight"),
-        f"{module}.weight_scale": SCALAR,
-        f"{module}.input_scale": SCALAR,
-    }
+    else:
+        tensors = {f"{module}.weight": Spec((out, features), (torch.float8_e4m3fn,), "weight"), f"{module}.weight_scale": SCALAR}
+    return tensors | ({f"{module}.input_scale": SCALAR} if input_quantized(algo) else {})
 
 
 def _stored_format(dtype) -> str | None:
+    """The weight format a stored weight's dtype shows: "NVFP4", "FP8", None (unquantized) or "?"."""
     return {torch.uint8: "NVFP4", torch.float8_e4m3fn: "FP8"}.get(dtype, None if dtype in FLOATS else "?")
+
+
+def _weight_format(algo: str | None) -> str | None:
+    return None if algo is None else "NVFP4" if algo in NVFP4_ALGOS else "FP8"
 
 
 def _expected(bridge, plan: Plan, stored: dict[str, Stored], problems: list[str]) -> tuple[dict, dict[str, str]]:
@@ -333,12 +340,13 @@ def _expected(bridge, plan: Plan, stored: dict[str, Stored], problems: list[str]
             expected[name] = Spec(tuple(shape), FLOATS, "float")
             continue
         fmt = plan.format_of(module)
-        actual = _stored_format(stored[name].dtype) if name in stored else fmt
-        if actual not in (fmt, "?"):
+        actual = _stored_format(stored[name].dtype) if name in stored else _weight_format(fmt)
+        if actual not in (_weight_format(fmt), "?"):
             got = f"unquantized ({stored[name].dtype} weight)" if actual is None else f"as {actual}"
             problems.append(f"{module} is stored {got}, but {plan.why(module)}")
-            fmt = actual
-        if fmt == "NVFP4" and shape[1] % GROUP_SIZE:
+            # checked as stored from here on; an NVFP4 weight as W4A4 or W4A16 by whether it has an input scale
+            fmt = actual if actual != "NVFP4" or f"{module}.input_scale" in stored else W4A16
+        if fmt in NVFP4_ALGOS and shape[1] % GROUP_SIZE:
             problems.append(f"{module}: {shape[1]} input features do not split into NVFP4 blocks of {GROUP_SIZE}")
         if fmt is None:
             expected[name] = Spec(tuple(shape), FLOATS, "float")

@@ -15,11 +15,41 @@ PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_pro
 
 # -- vLLM 0.33.0 --------------------------------------------------------------------------------------------
 def vllm_quant_method(qc: dict) -> str | None:
-    """vllm/model_executor/layers/quantization/modelopt.py, override_quantization_method: a config.json
-    quantization_config with quant_method "modelopt" selects the FP8, NVFP4 or mixed-precision method."""
+    """vllm/model_executor/layers/quantization/modelopt.py, override_quantization_method of ModelOptFp8Config
+    (quant_algo FP8), ModelOptNvFp4Config (any quant_algo holding "NVFP4" or "FP4", W4A16_NVFP4 too) and
+    ModelOptMixedPrecisionConfig (MIXED_PRECISION), on a quantization_config with quant_method "modelopt"."""
     if not str(qc.get("quant_method", "")).startswith("modelopt"):
         return None
-    return {"FP8": "modelopt", "NVFP4": "modelopt_fp4", "MIXED_PRECISION": "modelopt_mixed"}.get(qc.get("quant_algo"))
+    algo = str(qc.get("quant_algo", "")).upper()
+    if algo == "MIXED_PRECISION":
+        return "modelopt_mixed"
+    return "modelopt_fp4" if "NVFP4" in algo or "FP4" in algo else "modelopt" if algo == "FP8" else None
+
+
+def vllm_layer_algo(qc: dict, module: str) -> str:
+    """The linear algo vLLM runs a quantized checkpoint module with (modelopt.py): MIXED_PRECISION's
+    quantized_layers entry (ModelOptMixedPrecisionConfig._resolve_quant_algo); else quant_algo, where
+    ModelOptNvFp4Config._from_config turns NVFP4 into W4A16_NVFP4 when every config group's input_activations is
+    null (or absent)."""
+    if qc["quant_algo"] == "MIXED_PRECISION":
+        return qc["quantized_layers"][module]["quant_algo"].upper()
+    groups = qc.get("config_groups")
+    if qc["quant_algo"] == "NVFP4" and groups and all(g.get("input_activations") is None for g in groups.values()):
+        return "W4A16_NVFP4"
+    return qc["quant_algo"]
+
+
+# The parameters a quantized linear registers per algo, each loaded from the checkpoint tensor of its name; one
+# the checkpoint lacks keeps its initial value: FP8's input_scale float32's lowest (FP8_SCALE_SENTINEL), NVFP4's
+# torch.empty. modelopt.py resolve() and the QuantKeySchemes' create_weights: FP8 = KFp8StaticTensor as weight
+# and activation; NVFP4 = KNvfp4Static + KNvfp4Dynamic; W4A16_NVFP4 = KNvfp4Static alone (_DropInputScale takes
+# and drops an input_scale of older exports). ModelOptNvFp4FusedMoE registers input scales for W4A16 experts as
+# well, which its a16 kernels never read (use_a16: no activation key).
+VLLM_LAYER_PARAMS = {
+    "FP8": {"weight", "weight_scale", "input_scale"},
+    "NVFP4": {"weight", "weight_scale", "weight_scale_2", "input_scale"},
+    "W4A16_NVFP4": {"weight", "weight_scale", "weight_scale_2"},
+}
 
 
 def vllm_kv_cache_dtype(qc: dict) -> str:
@@ -80,11 +110,35 @@ def vllm_kv_scale_target(name: str) -> str:
 
 # -- SGLang 0.5.23 ------------------------------------------------------------------------------------------
 def sglang_quant_method(qc: dict) -> str | None:
-    """python/sglang/srt/configs/model_config.py, _parse_quant_hf_config: config.json's quantization_config
-    wins; quant_method modelopt becomes modelopt_fp8 / modelopt_fp4 / modelopt_mixed by quant_algo."""
+    """python/sglang/srt/configs/model_config.py, _parse_quant_hf_config / _parse_modelopt_quant_config:
+    config.json's quantization_config wins; quant_method modelopt becomes modelopt_fp4 for a quant_algo holding
+    "FP4" or "NVFP4" (W4A16_NVFP4 too), modelopt_fp8 for FP8, and for MIXED_PRECISION modelopt_mixed when a
+    quantized layer is NVFP4 or W4A16_NVFP4 (else w4afp8)."""
     if qc.get("quant_method") not in ("modelopt", None):
         return None
-    return {"FP8": "modelopt_fp8", "NVFP4": "modelopt_fp4", "MIXED_PRECISION": "modelopt_mixed"}.get(qc.get("quant_algo"))
+    algo = qc.get("quant_algo") or ""
+    if algo == "MIXED_PRECISION":
+        layers = qc.get("quantized_layers") or {}
+        nvfp4 = any(str(e.get("quant_algo", "")).upper() in ("NVFP4", "W4A16_NVFP4") for e in layers.values())
+        return "modelopt_mixed" if nvfp4 else "w4afp8"
+    return "modelopt_fp4" if "FP4" in algo or "NVFP4" in algo else "modelopt_fp8" if algo == "FP8" else None
+
+
+def sglang_layer_algo(qc: dict, module: str) -> str:
+    """The algo SGLang runs a quantized module with: MIXED_PRECISION's quantized_layers entry
+    (srt/layers/quantization/modelopt_quant.py ModelOptMixedPrecisionConfig._resolve_quant_algo), else quant_algo
+    as written: ModelOptFp4Config.from_config runs W4A16 only for quant_algo W4A16_NVFP4 (is_w4a16) and, unlike
+    vLLM, does not read config_groups for it."""
+    if qc["quant_algo"] == "MIXED_PRECISION":
+        return qc["quantized_layers"][module]["quant_algo"].upper()
+    return qc["quant_algo"]
+
+
+# modelopt_quant.py create_weights: ModelOptFp8LinearMethod (input_scale starts at float32's lowest),
+# ModelOptFp4LinearMethod (input_scale starts at 1.0: an NVFP4 layer without one quantizes its input as if its
+# amax were 2688), ModelOptNvFp4A16LinearMethod (an input_scale placeholder only to consume older exports' and
+# delete it); ModelOptNvFp4FusedMoEMethod fills missing expert input scales with 1.0 and uses ones for W4A16.
+SGLANG_LAYER_PARAMS = VLLM_LAYER_PARAMS
 
 
 def sglang_fp4_group_size(qc: dict) -> int | None:

@@ -1,7 +1,8 @@
 """Exports against the serving engines' loading contracts (tests/conformance/engines.py, from vLLM 0.33.0 and
-SGLang 0.5.23): for every architecture x {NVFP4, FP8, mixed}, and tied heads, each engine must detect the method,
-turn the FP8 KV cache on, quantize exactly the layers the checkpoint holds quantized, find every K/V scale, and
-find the one scale per fused layer and per expert that it keeps."""
+SGLang 0.5.23): for every architecture x {NVFP4, FP8, mixed, NVFP4 weight-only (W4A16), mixed with weight-only
+layers}, and tied heads, each engine must detect the method, turn the FP8 KV cache on, quantize exactly the layers
+the checkpoint holds quantized with the algo they were calibrated in, find every parameter it registers for them
+and every K/V scale, and find the one scale per fused layer and per expert that it keeps."""
 
 import json
 
@@ -29,8 +30,14 @@ ARCHITECTURES = {
     "qwen3-tied": ("Qwen3Config", {"tie_word_embeddings": True}),
     "qwen3-moe-tied": ("Qwen3MoeConfig", {**MOE, "num_experts": 4, "tie_word_embeddings": True}),
 }
-RECIPES = {"nvfp4": "nvfp4_default-fp8_kv", "fp8": "fp8_default-fp8_cast_kv", "mixed": workers.MIXED_RECIPE}
-METHODS = {"nvfp4": ("modelopt_fp4", "modelopt_fp4"), "fp8": ("modelopt", "modelopt_fp8"), "mixed": ("modelopt_mixed", "modelopt_mixed")}
+RECIPES = {
+    "nvfp4": "nvfp4_default-fp8_kv", "fp8": "fp8_default-fp8_cast_kv", "mixed": workers.MIXED_RECIPE,
+    "w4a16": "nvfp4_w4a16-fp8_cast_kv", "mixed-w4a16": workers.MIXED_W4A16_RECIPE,
+}
+METHODS = {
+    "nvfp4": ("modelopt_fp4", "modelopt_fp4"), "fp8": ("modelopt", "modelopt_fp8"), "mixed": ("modelopt_mixed", "modelopt_mixed"),
+    "w4a16": ("modelopt_fp4", "modelopt_fp4"), "mixed-w4a16": ("modelopt_mixed", "modelopt_mixed"),
+}
 CASES = [(arch, fmt) for arch in ARCHITECTURES for fmt in RECIPES]
 
 
@@ -78,7 +85,7 @@ def test_both_engines_detect_the_method_and_its_group_size(exports, arch, fmt):
     config, hf_quant, _ = exports[arch, fmt]
     qc = config["quantization_config"]
     assert (engines.vllm_quant_method(qc), engines.sglang_quant_method(qc)) == METHODS[fmt]
-    if fmt == "nvfp4":
+    if fmt in ("nvfp4", "w4a16"):
         assert engines.vllm_nvfp4_required(hf_quant) == [] and engines.sglang_fp4_group_size(qc) == 16
 
 
@@ -96,12 +103,10 @@ def test_the_engines_quantize_exactly_the_layers_stored_quantized(exports, arch,
     linears = _linears(config)
     quantized = {m for m in linears if f"{m}.weight_scale" in tensors}
     assert quantized and quantized != linears  # some layers of each kind
-    if fmt == "mixed":  # vLLM and SGLang take the layers from quantized_layers, by name
+    if fmt.startswith("mixed"):  # vLLM and SGLang take the layers from quantized_layers, by name
         layers = qc["quantized_layers"]
         assert set(layers) == quantized
-        assert {m: e["quant_algo"] for m, e in layers.items()} == {
-            m: "NVFP4" if tensors[f"{m}.weight"].dtype == torch.uint8 else "FP8" for m in quantized
-        }
+        assert {m: e["quant_algo"] for m, e in layers.items()} == {m: _stored_algo(tensors, m) for m in quantized}
         return
     for layer in {_engine_layer(m) for m in linears}:
         members = {m for m in linears if _engine_layer(m) == layer}
@@ -111,6 +116,29 @@ def test_the_engines_quantize_exactly_the_layers_stored_quantized(exports, arch,
         assert engines.vllm_excluded(layer, qc["ignore"]) == expected_excluded, layer
         if layer.rpartition(".")[2] not in engines.PACKED:  # SGLang matches fused layers by their own name
             assert engines.sglang_excluded(layer, qc["ignore"]) == expected_excluded, layer
+
+
+def _stored_algo(tensors: dict, module: str) -> str:
+    """The algo a quantized module was calibrated in, from its tensors alone: packed NVFP4 or FP8 weights, and
+    whether its input was quantized (an input_scale)."""
+    if tensors[f"{module}.weight"].dtype == torch.uint8:
+        return "NVFP4" if f"{module}.input_scale" in tensors else "W4A16_NVFP4"
+    return "FP8"
+
+
+@pytest.mark.parametrize("arch, fmt", CASES)
+def test_each_engine_runs_every_layer_in_its_algo_with_every_parameter_loaded(exports, arch, fmt):
+    """Weight-only layers must run weight-only (vLLM's W4A4 path would fold an input scale never loaded; SGLang's
+    would start it at 1.0), and every parameter an engine registers for a quantized layer must come from the
+    checkpoint: one left at its initial value is silently wrong at serve time."""
+    config, _, tensors = exports[arch, fmt]
+    qc = config["quantization_config"]
+    quantized = {m for m in _linears(config) if f"{m}.weight_scale" in tensors}
+    for module in quantized:
+        algo = _stored_algo(tensors, module)
+        stored = {p for p in ("weight", "weight_scale", "weight_scale_2", "input_scale") if f"{module}.{p}" in tensors}
+        assert engines.vllm_layer_algo(qc, module) == algo == engines.sglang_layer_algo(qc, module), module
+        assert stored == engines.VLLM_LAYER_PARAMS[algo] == engines.SGLANG_LAYER_PARAMS[algo], module
 
 
 @pytest.mark.parametrize("arch, fmt", CASES)
@@ -136,8 +164,7 @@ def test_fused_layers_and_experts_hold_the_scales_the_engines_keep(exports, arch
         members = sorted(m for m in quantized if _engine_layer(m) == layer)
         if ".experts" in layer:
             for member in members:
-                nvfp4 = tensors[f"{member}.weight"].dtype == torch.uint8
-                needed = ("weight_scale", "input_scale", *(("weight_scale_2",) if nvfp4 else ()))
+                needed = engines.VLLM_LAYER_PARAMS[_stored_algo(tensors, member)]
                 assert all(f"{member}.{s}" in tensors for s in needed), member
             members = [m for m in members if m.endswith(("gate_proj", "up_proj", ".w1", ".w3"))]
             groups = {}
@@ -156,7 +183,7 @@ def test_fused_layers_and_experts_hold_the_scales_the_engines_keep(exports, arch
 def test_a_tied_head_is_excluded_in_both_engines(exports, arch, fmt):
     config, hf_quant, tensors = exports[arch, fmt]
     assert "lm_head.weight" not in tensors
-    if fmt == "mixed":
+    if fmt.startswith("mixed"):
         assert "lm_head" not in config["quantization_config"]["quantized_layers"]
         return
     assert "lm_head" in hf_quant["quantization"]["exclude_modules"]

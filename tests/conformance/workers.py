@@ -16,6 +16,11 @@ MIXED_RECIPE = {"quantize": {"algorithm": "max", "quant_cfg": [
     {"quantizer_name": "*output_layer*", "enable": False},
 ]}}
 
+# FP8 attention (W8A8), NVFP4 weights alone in the MLPs and experts (W4A16_NVFP4): weight-only layers beside W8A8
+MIXED_W4A16_RECIPE = {"quantize": {"algorithm": "max", "quant_cfg": [
+    *(entry for entry in MIXED_RECIPE["quantize"]["quant_cfg"] if entry["quantizer_name"] != "*mlp*input_quantizer"),
+]}}
+
 
 def export_cases(cases: dict[str, tuple[str, object, str]]) -> None:
     """name -> (checkpoint, recipe, output directory)."""

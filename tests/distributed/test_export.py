@@ -25,6 +25,7 @@ LAYOUTS = {
     "tp1": (1, 1, 1, 1, RECIPE, "one"), "tp2xep2": (4, 2, 2, 1, RECIPE, "one"), "pp2xtp2": (4, 2, 1, 2, RECIPE, "one"),
     "pp2xep2": (4, 1, 2, 2, RECIPE, "all"), "fp8-tp2": (2, 2, 1, 1, "fp8_default-fp8_cast_kv", "one"),
     "tp2xep2-every-rank-writes": (4, 2, 2, 1, RECIPE, "all"),
+    "w4a16-tp2xep2": (4, 2, 2, 1, "nvfp4_w4a16-fp8_cast_kv", "one"),
 }
 
 
@@ -82,6 +83,41 @@ def test_checkpoint_layout_and_configs(exports):
     w = tensors["model.layers.0.self_attn.q_proj.weight"]
     assert w.dtype == torch.uint8 and w.shape == (64, 32) and tensors["model.layers.0.self_attn.q_proj.weight_scale"].shape == (64, 4)
     assert tensors["model.embed_tokens.weight"].dtype == torch.float32 and verify(out)["quantized_modules"] == 32
+
+
+def test_weight_only_nvfp4_exports_as_w4a16_with_the_same_weights_as_w4a4(exports):
+    """NVFP4 weights with unquantized inputs: quant_algo W4A16_NVFP4, a weights-only config group, no input
+    scale anywhere (as ModelOpt 0.47 writes it and vLLM / SGLang load it), and weights, block scales and scale_2
+    byte for byte those of the W4A4 export (weight amax do not depend on the inputs)."""
+    _, runs = exports
+    out = runs["w4a16-tp2xep2"][0]
+    assert verify(out)["quant_algo"] == "W4A16_NVFP4"
+    quant = json.loads((out / "hf_quant_config.json").read_text())["quantization"]
+    assert (quant["quant_algo"], quant["group_size"]) == ("W4A16_NVFP4", 16)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    nvfp4 = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": 16}
+    assert qc["config_groups"] == {"group_0": {"weights": nvfp4, "targets": ["Linear"]}} and qc["quant_algo"] == "W4A16_NVFP4"
+    w4a16, w4a4 = load_tensors(out), load_tensors(runs["tp2xep2"][0])
+    assert not any(name.endswith(".input_scale") for name in w4a16)
+    assert set(w4a16) == {name for name in w4a4 if not name.endswith(".input_scale")}
+    weights = [n for n in w4a16 if n.endswith((".weight", ".weight_scale", ".weight_scale_2"))]
+    assert any(n.endswith("experts.3.down_proj.weight_scale_2") for n in weights)
+    for name in weights:
+        assert torch.equal(w4a16[name].reshape(-1).view(torch.uint8), w4a4[name].reshape(-1).view(torch.uint8)), name
+
+
+def test_a_model_the_checkpoint_cannot_hold_is_refused_before_anything_is_written(exports, tmp_path):
+    checkpoint, _ = exports
+    out = tmp_path / "out"
+    fp8_weights_alone = {"quantize": {"algorithm": "max", "quant_cfg": [
+        {"quantizer_name": "*", "enable": False}, {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": "e4m3"}},
+    ]}}
+    report = run_ranks(2, workers.calibrate_and_export, str(checkpoint), str(out), 2, 1, fp8_weights_alone)[0]
+    assert re.match(
+        r"rank 0: decoder\.layers\.0\.self_attention\.linear_\w+\.weight_quantizer / input_quantizer: FP8 weights "
+        r"with unquantized inputs \(weight-only FP8\) have no checkpoint form", report["error"],
+    ), report["error"]
+    assert report["written"] == 0 and not out.exists() and list(tmp_path.iterdir()) == []
 
 
 def test_dequantized_checkpoint_in_transformers_matches_megatron_fake_quant(exports, tmp_path):
@@ -301,7 +337,7 @@ PLANTED = {
     # hf_quant_config.json against the tensors
     "bogus-algo": (
         "tp1", dict(edit_quant=_quant("quant_algo", "BOGUS")),
-        [r"quantization\.quant_algo is 'BOGUS', expected NVFP4, FP8 or MIXED_PRECISION"],
+        [r"quantization\.quant_algo is 'BOGUS', expected NVFP4, W4A16_NVFP4, FP8 or MIXED_PRECISION"],
     ),
     "fp8-over-nvfp4": (
         "tp1", dict(edit_quant=_quant("quant_algo", "FP8"), edit_config=_qc("quant_algo", "FP8")),

@@ -12,6 +12,7 @@ SPEC_RECIPES = {
     "nvfp4_default-fp8_kv",
     "nvfp4_experts_only_mse-fp8_cast_kv",
     "nvfp4_mlp_only_mse-fp8_cast_kv",
+    "nvfp4_w4a16-fp8_cast_kv",
 }
 NVFP4_CFG = "{num_bits: e2m1, block_sizes: {-1: 16, type: dynamic, scale_bits: e4m3}}"
 
@@ -48,6 +49,9 @@ def test_builtin_recipes_give_the_formats_their_names_promise():
     assert experts_only.format_for(attention) is None
     assert experts_only.format_for(expert) == QuantFormat(NVFP4, block_type=STATIC)
     assert experts_only.algorithm.method == "mse" and experts_only.algorithm.fp8_scale_sweep
+    weight_only = load_recipe("nvfp4_w4a16-fp8_cast_kv")
+    assert weight_only.format_for(attention) == QuantFormat(NVFP4, block_type=DYNAMIC)
+    assert weight_only.format_for(attention.replace("weight_quantizer", "input_quantizer")) is None
     mlp_only = load_recipe("nvfp4_mlp_only_mse-fp8_cast_kv")
     assert mlp_only.format_for("model.layers.0.mlp.down_proj.weight_quantizer").block_type == STATIC
     assert mlp_only.format_for("model.layers.0.mlp.shared_expert_gate.weight_quantizer") is None

@@ -18,6 +18,7 @@ TINY = dict(
 )
 LINEARS = 7  # q, k, v, o, gate, up, down per layer
 INDEX = "model.safetensors.index.json"
+NVFP4_ALGOS = ("NVFP4", "W4A16_NVFP4")  # packed weights and block scales; W4A16_NVFP4 without input scales
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def write(directory: Path, source, algo="NVFP4", kv="FP8", exclude=("lm_head",),
         fmt = None
         if name.endswith(".weight") and weight.dim() == 2 and "embed_tokens" not in name:
             fmt = layers.get(module) if layers is not None else None if any(fnmatchcase(module, p) for p in exclude) else algo
-        if fmt == "NVFP4":
+        if fmt in NVFP4_ALGOS:
             packed, block, scale_2 = nvfp4_quantize(weight, 0.5)  # one amax: fused siblings share scale_2
             tensors |= {name: packed, f"{module}.weight_scale": block, f"{module}.weight_scale_2": scale_2.reshape(())}
         elif fmt == "FP8":
@@ -56,7 +57,7 @@ def write(directory: Path, source, algo="NVFP4", kv="FP8", exclude=("lm_head",),
             tensors |= {name: q, f"{module}.weight_scale": scale.reshape(())}
         else:
             tensors[name] = weight.to(dtype)
-        if fmt is not None:
+        if fmt not in (None, "W4A16_NVFP4"):
             tensors[f"{module}.input_scale"] = torch.tensor(0.02)
         if kv and name.endswith(("k_proj.weight", "v_proj.weight")):
             tensors[f"{module}.{name.split('.')[-2][0]}_scale"] = torch.tensor(1.0)
@@ -75,16 +76,17 @@ def write(directory: Path, source, algo="NVFP4", kv="FP8", exclude=("lm_head",),
     quantization = {"quant_algo": algo, "kv_cache_quant_algo": kv}
     if layers is not None:
         quantization["quantized_layers"] = {
-            m: {"quant_algo": a, **({"group_size": 16} if a == "NVFP4" else {})} for m, a in layers.items()
+            m: {"quant_algo": a, **({"group_size": 16} if a in NVFP4_ALGOS else {})} for m, a in layers.items()
         }
     else:
-        quantization |= ({"group_size": 16} if algo == "NVFP4" else {}) | {"exclude_modules": list(exclude)}
+        quantization |= ({"group_size": 16} if algo in NVFP4_ALGOS else {}) | {"exclude_modules": list(exclude)}
     (directory / "hf_quant_config.json").write_text(json.dumps({"producer": producer, "quantization": quantization}))
 
     def group(fmt, targets):
-        tensors = {"dynamic": False, "num_bits": 4 if fmt == "NVFP4" else 8, "type": "float"}
-        tensors |= {"group_size": 16} if fmt == "NVFP4" else {}
-        return {"input_activations": tensors, "weights": tensors, "targets": targets}
+        tensors = {"dynamic": False, "num_bits": 4 if fmt in NVFP4_ALGOS else 8, "type": "float"}
+        tensors |= {"group_size": 16} if fmt in NVFP4_ALGOS else {}
+        inputs = {} if fmt == "W4A16_NVFP4" else {"input_activations": tensors}  # weight-only: weights alone
+        return {**inputs, "weights": tensors, "targets": targets}
 
     if layers is None:
         groups, listing = {"group_0": group(algo, ["Linear"])}, {"ignore": list(exclude)}
@@ -136,8 +138,13 @@ def mixed_layers(attention="FP8", mlp="NVFP4", q_proj=None) -> dict:
         ({"exclude": ["lm_head", "*self_attn*"]}, ("NVFP4", "FP8", 2 * 3), 3 * 2 * 3 + 4),
         ({"exclude": []}, ("NVFP4", "FP8", 2 * LINEARS + 1), 3 * (2 * LINEARS + 1) + 4),
         ({"algo": "MIXED_PRECISION", "layers": mixed_layers(), "exclude": []}, ("MIXED_PRECISION", "FP8", 2 * LINEARS), 2 * 8 + 3 * 6 + 4),
+        ({"algo": "W4A16_NVFP4"}, ("W4A16_NVFP4", "FP8", 2 * LINEARS), 2 * 2 * LINEARS + 4),
+        (
+            {"algo": "MIXED_PRECISION", "layers": mixed_layers("FP8", "W4A16_NVFP4"), "exclude": []},
+            ("MIXED_PRECISION", "FP8", 2 * LINEARS), 2 * 8 + 2 * 6 + 4,
+        ),
     ],
-    ids=["nvfp4", "sharded", "fp8-no-kv", "bf16-nvfp4-kv", "mlp-only", "lm-head-quantized", "mixed"],
+    ids=["nvfp4", "sharded", "fp8-no-kv", "bf16-nvfp4-kv", "mlp-only", "lm-head-quantized", "mixed", "w4a16", "mixed-w4a16"],
 )
 def test_a_good_checkpoint_passes_and_is_summarized(sources, tmp_path, kwargs, summary, added):
     source = sources["llama"]
@@ -344,6 +351,22 @@ CASES = {
     "no-config-groups": (
         {}, _config(lambda c: c["quantization_config"].pop("config_groups")),
         "config.json: quantization_config.config_groups is missing",
+    ),
+    # weight-only NVFP4 holds no input scales (vLLM registers none for W4A16_NVFP4), and says so in its configs
+    "w4a16-with-input-scale": (
+        {"algo": "W4A16_NVFP4"}, _tensor(f"{LAYER0}.mlp.up_proj.input_scale", torch.tensor(0.02)),
+        "model.layers.0.mlp.up_proj.input_scale is not expected by config.json and hf_quant_config.json",
+    ),
+    "w4a16-declared-w4a4": (
+        {"algo": "W4A16_NVFP4"},
+        lambda d: [_quant(lambda q: q.__setitem__("quant_algo", "NVFP4"))(d),
+                   _config(lambda c: c["quantization_config"].__setitem__("quant_algo", "NVFP4"))(d)],
+        ["model.layers.0.self_attn.q_proj.input_scale is missing", "config.json: quantization_config.config_groups is"],
+    ),
+    "w4a16-group-with-inputs": (
+        {"algo": "W4A16_NVFP4"},
+        _config(lambda c: c["quantization_config"]["config_groups"]["group_0"].__setitem__("input_activations", {"num_bits": 4})),
+        'config.json: quantization_config.config_groups is {"group_0": {"weights": ',
     ),
     "kv-scheme-without-kv-algo": (
         {"kv": None}, _config(lambda c: c["quantization_config"].__setitem__("kv_cache_scheme", "FP8")),

@@ -1,0 +1,146 @@
+"""What the checkpoint format cannot hold, found from the quantizers' formats alone (docs/checkpoint.md, "What
+cannot be exported"): before any model is built, from a recipe and the model's config (`check_exportable`, the
+calibrate job's startup check), and by `export_hf` from a quantized model's own quantizers, before it writes.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Mapping
+
+from dist_quant.bridge.mappings import ColumnParallelMapping, kv_bmm_mappings
+from dist_quant.bridge.models import ModelBridge
+from dist_quant.export.configs import LAYER_ALGOS, NO_FORM
+from dist_quant.modules.linear import LINEAR_QUANTIZERS
+from dist_quant.quantizer import QuantFormat
+from dist_quant.recipe import Recipe
+
+KV_QUANTIZERS = ("k_bmm_quantizer", "v_bmm_quantizer")
+NO_WEIGHTS = (
+    "the recipe quantizes no linear weight: the checkpoint format describes quantized weights (for an FP8 KV cache "
+    "alone, serve the unquantized model with the engine's FP8 KV cache)"
+)
+# an MoE layer's routed experts, numbered (a recipe's names) or not ("*": the exporter's logical names)
+_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.local_experts\.[^.]+\.linear_fc[12]$")
+_NUMBER = re.compile(r"[0-9]+")
+_NUMBERED_PATTERN = re.compile(r"[0-9?]|\[[^\]]*[-!^0-9]")  # fnmatch syntax that can match a digit on its own
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported as asked (raised on every rank)."""
+
+
+def _describe(fmt: QuantFormat | None) -> str:
+    return "unquantized" if fmt is None else fmt.describe()
+
+
+def layer_algo(formats: Mapping[str, QuantFormat | None]) -> str | None:
+    """A linear's quant_algo from its quantizers' formats; None when its weight is not quantized. Only for
+    formats `layer_problem` accepts."""
+    weight, inputs = formats.get("weight_quantizer"), formats.get("input_quantizer")
+    return None if weight is None else LAYER_ALGOS[weight.kind, inputs.kind if inputs else None]
+
+
+def layer_problem(formats: Mapping[str, QuantFormat | None]) -> str | None:
+    """Why a linear with these quantizer formats has no place in the checkpoint, as '<quantizer>: why'."""
+    weight, inputs = formats.get("weight_quantizer"), formats.get("input_quantizer")
+    if formats.get("output_quantizer") is not None:
+        return (
+            "output_quantizer: the checkpoint format has no output scales (ModelOpt exports input and weight "
+            "scales; vLLM and SGLang quantize a layer's input and weight only): disable it"
+        )
+    if weight is None:
+        if inputs is None:
+            return None
+        return "input_quantizer: the input of a layer whose weight stays unquantized has no scale in the checkpoint"
+    if weight.axis is not None:
+        return (
+            f"weight_quantizer: per-channel FP8 weight scales (axis: {weight.axis}) are not part of the checkpoint "
+            "format, whose FP8 weights have one scale each (quant_algo FP8)"
+        )
+    pair = (weight.kind, inputs.kind if inputs else None)
+    return None if pair in LAYER_ALGOS else f"weight_quantizer / input_quantizer: {NO_FORM[pair]}"
+
+
+def _kinds(formats: Mapping[str, QuantFormat | None]) -> str:
+    """A core attention's K and V cache formats, as the checkpoint's one kv_cache_quant_algo would have them."""
+    k, v = (formats.get(q) for q in KV_QUANTIZERS)
+    return f"K {k.kind if k else 'unquantized'}, V {v.kind if v else 'unquantized'}"
+
+
+def quantizer_problem(modules: Mapping[str, Mapping[str, QuantFormat | None]]) -> str | None:
+    """`modules`: every linear and core attention of a model by its megatron name (experts numbered, or as `*`)
+    -> its quantizers' formats (None: disabled). -> the first thing the checkpoint cannot hold, naming the
+    module, or None."""
+    experts: dict[str, tuple[str, str | None]] = {}  # MoE layer -> (its first expert linear, that one's algo)
+    kv: tuple[str, str] | None = None  # (the first core attention, its K/V formats)
+    weights = False
+    for module, formats in modules.items():
+        if any(q in formats for q in KV_QUANTIZERS):
+            kinds = _kinds(formats)
+            k, v = (formats.get(q) for q in KV_QUANTIZERS)
+            if (k and k.kind) != (v and v.kind):
+                return f"{module}: {kinds}: the checkpoint has one KV cache format (kv_cache_quant_algo) for K and V"
+            kv = kv or (module, kinds)
+            if kinds != kv[1]:
+                return f"{module}: {kinds}, but {kv[0]}: {kv[1]}: the engines give every layer's KV cache one format"
+            continue
+        problem = layer_problem(formats)
+        if problem:
+            return f"{module}.{problem}"
+        weights = weights or formats.get("weight_quantizer") is not None
+        moe = _EXPERT.match(module)
+        if moe:
+            algo = layer_algo(formats) or "unquantized"
+            first, first_algo = experts.setdefault(moe.group(1), (module, algo))
+            if algo != first_algo:
+                return (
+                    f"{module} is {algo}, {first} {first_algo}: vLLM and SGLang run an MoE layer's experts as one "
+                    "fused layer of one format (vLLM 0.33 modelopt.py ModelOptMixedPrecisionConfig._resolve_quant_algo "
+                    "takes the first expert's; is_layer_excluded excludes all or none)"
+                )
+    return None if weights else NO_WEIGHTS
+
+
+def _modules(bridge: ModelBridge) -> dict[str, tuple[str, ...]]:
+    """Every megatron module that carries quantizers (`attach_quantizers`), by its name in the model, experts by
+    their number -> the quantizers it carries. The linears are the parallel weight mappings but the embedding
+    (megatron's VocabParallelEmbedding is no linear) and a head tied to it (no weight of its own: refused at
+    attach); each fused-QKV mapping gives its core attention (`kv_bmm_mappings`)."""
+    patterns: dict[str, tuple[tuple[str, ...], tuple[int, ...] | None]] = {}
+    for mapping in bridge.mappings():
+        if isinstance(mapping, ColumnParallelMapping) and mapping.megatron.endswith(".weight") and mapping.exported:
+            if not mapping.hf[0].endswith("embed_tokens.weight"):
+                patterns[mapping.megatron[: -len(".weight")]] = (LINEAR_QUANTIZERS, mapping.layers)
+            for kv in kv_bmm_mappings(mapping):
+                patterns[kv.megatron.rsplit(".", 2)[0]] = (KV_QUANTIZERS, mapping.layers)
+    layers, experts = range(bridge.config.require("num_hidden_layers")), range(bridge.num_experts)
+    out = {}
+    for pattern, (quantizers, only) in patterns.items():
+        names = [pattern]
+        for values in (layers if only is None else only, experts)[: pattern.count("*")]:
+            names = [name.replace("*", str(value), 1) for name in names for value in values]
+        out.update(dict.fromkeys(names, quantizers))
+    return out
+
+
+def check_exportable(recipe: Recipe, bridge: ModelBridge) -> None:
+    """ExportError (one line naming the recipe and the quantizer) when the recipe would quantize the model the
+    bridge describes in a way the checkpoint cannot hold: checked before any rank builds the model, so that
+    no calibration runs for a checkpoint that cannot be written."""
+    # A 30B MoE has 37,000 quantizer names. Where no pattern can tell one number from another (none holds a
+    # digit, `?` or a bracket class that may match one: digits then only ever fall into a `*`), names that differ
+    # only in their numbers resolve alike, and each such family is resolved once.
+    numbered = any(_NUMBERED_PATTERN.search(entry.quantizer_name) for entry in recipe.quant_cfg)
+    resolved: dict[str, QuantFormat | None] = {}
+
+    def format_for(name: str) -> QuantFormat | None:
+        key = name if numbered else _NUMBER.sub("0", name)
+        if key not in resolved:
+            resolved[key] = recipe.format_for(name)
+        return resolved[key]
+
+    modules = {name: {q: format_for(f"{name}.{q}") for q in quantizers} for name, quantizers in _modules(bridge).items()}
+    problem = quantizer_problem(modules)
+    if problem:
+        raise ExportError(f"recipe {recipe.source}: {problem}")

@@ -1,0 +1,75 @@
+"""Recipes through the whole job: weight-only NVFP4 exports as the engines load it, and a recipe the checkpoint
+cannot hold is refused at startup, in one line, before any rank starts."""
+
+import json
+
+import pytest
+
+from dist_quant.export import load_tensors, verify
+from tests.e2e.jobs import calibrate_on_ranks, run_cli
+
+NVFP4 = "{num_bits: e2m1, block_sizes: {-1: 16, type: dynamic, scale_bits: e4m3}}"
+
+
+def recipe_file(path, *entries: str):
+    path.write_text("quantize:\n  algorithm: {method: max}\n  quant_cfg:\n  - {quantizer_name: '*', enable: false}\n"
+                    + "".join(f"  - {entry}\n" for entry in entries))
+    return path
+
+
+def test_weight_only_nvfp4_with_its_head_exports_as_w4a16_and_verifies(tmp_path):
+    """What issue 25 met: NVFP4 weights only, the head included, failed verification after calibration ("lm_head.
+    input_scale is missing")."""
+    recipe = recipe_file(tmp_path / "w4a16.yaml", f"{{quantizer_name: '*weight_quantizer', cfg: {NVFP4}}}",
+                         "{quantizer_name: '*[kv]_bmm_quantizer', cfg: {num_bits: e4m3, use_constant_amax: true}}")
+    out = tmp_path / "out"
+    result = calibrate_on_ranks(2, "--model", "tiny-qwen3-moe", "--recipe", str(recipe), "--ep", "2",
+                                "--seq-len", "16", "--calib-samples", "2", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert verify(out)["quant_algo"] == "W4A16_NVFP4"
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_algo"] == "W4A16_NVFP4"
+    tensors = load_tensors(out)
+    assert tensors["lm_head.weight"].dtype.itemsize == 1 and "lm_head.weight_scale_2" in tensors
+    assert not any(name.endswith(".input_scale") for name in tensors)
+
+
+REFUSED = {
+    "fp8-weight-only": (
+        ("{quantizer_name: '*weight_quantizer', cfg: {num_bits: e4m3}}",), "tiny-qwen3-moe",
+        ": decoder.layers.0.self_attention.linear_qkv.weight_quantizer / input_quantizer: FP8 weights with "
+        "unquantized inputs (weight-only FP8) have no checkpoint form vLLM or SGLang load",
+    ),
+    "per-channel-fp8": (
+        ("{quantizer_name: '*weight_quantizer', cfg: {num_bits: e4m3, axis: 0}}",
+         "{quantizer_name: '*input_quantizer', cfg: {num_bits: e4m3}}"), "tiny-qwen3",
+        ": decoder.layers.0.self_attention.linear_qkv.weight_quantizer: per-channel FP8 weight scales (axis: 0)",
+    ),
+    "output-quantizer": (
+        (f"{{quantizer_name: '*weight_quantizer', cfg: {NVFP4}}}",
+         "{quantizer_name: '*linear_fc2.output_quantizer', cfg: {num_bits: e4m3}}"), "tiny-qwen3",
+        ": decoder.layers.0.mlp.linear_fc2.output_quantizer: the checkpoint format has no output scales",
+    ),
+    "kv-only": (
+        ("{quantizer_name: '*[kv]_bmm_quantizer', cfg: {num_bits: e4m3}}",), "tiny-qwen3-moe",
+        ": the recipe quantizes no linear weight",
+    ),
+}
+
+
+@pytest.mark.parametrize("entries, model, text", REFUSED.values(), ids=REFUSED.keys())
+def test_a_recipe_the_checkpoint_cannot_hold_fails_at_startup_in_one_line(tmp_path, entries, model, text):
+    recipe = recipe_file(tmp_path / "recipe.yaml", *entries)
+    result = run_cli("calibrate", "--model", model, "--recipe", str(recipe), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"dist-quant: error: recipe {recipe}{text}"), result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_builtin_recipe_for_experts_alone_is_refused_for_a_dense_model(tmp_path):
+    result = run_cli("calibrate", "--model", "tiny-qwen3", "--recipe", "nvfp4_experts_only_mse-fp8_cast_kv",
+                     "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and result.stderr == (
+        "dist-quant: error: recipe nvfp4_experts_only_mse-fp8_cast_kv (built-in): the recipe quantizes no linear "
+        "weight: the checkpoint format describes quantized weights (for an FP8 KV cache alone, serve the "
+        "unquantized model with the engine's FP8 KV cache)\n"
+    ), result.stderr

@@ -1,0 +1,139 @@
+"""check_exportable: a recipe the checkpoint cannot hold is refused from the recipe and config.json alone, with
+one line naming the recipe and the quantizer; every built-in recipe passes for every built-in model."""
+
+import pytest
+
+from dist_quant.bridge import ModelBridge
+from dist_quant.export import ExportError, check_exportable
+from dist_quant.job import CONFIGS, builtin_models
+from dist_quant.recipe import builtin_recipe_names, load_recipe
+
+OFF = {"quantizer_name": "*", "enable": False}
+NVFP4 = {"num_bits": "e2m1", "block_sizes": {-1: 16}}
+FP8 = {"num_bits": "e4m3"}
+EXPERT = "decoder.layers.0.mlp.experts.local_experts"
+
+
+def recipe(*entries) -> dict:
+    return {"quantize": {"algorithm": "max", "quant_cfg": [OFF, *entries]}}
+
+
+def on(pattern: str, cfg: dict | None = None) -> dict:
+    return {"quantizer_name": pattern, "cfg": cfg} if cfg else {"quantizer_name": pattern, "enable": True}
+
+
+def off(pattern: str) -> dict:
+    return {"quantizer_name": pattern, "enable": False}
+
+
+W4A4 = (on("*weight_quantizer", NVFP4), on("*input_quantizer", NVFP4))
+
+
+@pytest.fixture(scope="module")
+def moe():
+    return ModelBridge.from_hf(CONFIGS / "tiny-qwen3-moe.json")
+
+
+def refusal(bridge, raw: dict) -> str:
+    with pytest.raises(ExportError) as caught:
+        check_exportable(load_recipe(raw), bridge)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("recipe <dict>: ")
+    return message.removeprefix("recipe <dict>: ")
+
+
+@pytest.mark.parametrize("model", builtin_models())
+def test_every_builtin_recipe_is_exportable_for_every_builtin_model_with_experts(model):
+    """...but a recipe for experts alone quantizes no weight of a dense model, whose export would fail."""
+    bridge = ModelBridge.from_hf(CONFIGS / f"{model}.json")
+    for name in builtin_recipe_names():
+        if "experts_only" in name and not bridge.moe:
+            with pytest.raises(ExportError, match=f"recipe {name} .built-in.: the recipe quantizes no linear weight"):
+                check_exportable(load_recipe(name), bridge)
+        else:
+            check_exportable(load_recipe(name), bridge)
+
+
+REFUSED = {
+    "fp8-weight-only": (
+        recipe(on("*weight_quantizer", FP8)),
+        "decoder.layers.0.self_attention.linear_qkv.weight_quantizer / input_quantizer: FP8 weights with unquantized "
+        "inputs (weight-only FP8) have no checkpoint form vLLM or SGLang load",
+    ),
+    "nvfp4-weights-fp8-inputs": (
+        recipe(on("*weight_quantizer", NVFP4), on("*input_quantizer", FP8)),
+        "decoder.layers.0.self_attention.linear_qkv.weight_quantizer / input_quantizer: NVFP4 weights with FP8 "
+        "inputs (ModelOpt's W4A8_NVFP4_FP8) are not a format vLLM loads",
+    ),
+    "fp8-weights-nvfp4-inputs": (
+        recipe(on("*weight_quantizer", FP8), on("*input_quantizer", NVFP4)),
+        "decoder.layers.0.self_attention.linear_qkv.weight_quantizer / input_quantizer: FP8 weights with NVFP4 inputs",
+    ),
+    "per-channel-fp8": (
+        recipe(on("*weight_quantizer", {"num_bits": "e4m3", "axis": 0}), on("*input_quantizer", FP8)),
+        "decoder.layers.0.self_attention.linear_qkv.weight_quantizer: per-channel FP8 weight scales (axis: 0) are not "
+        "part of the checkpoint format",
+    ),
+    "output-quantizer": (
+        recipe(*W4A4, on("*linear_proj.output_quantizer", FP8)),
+        "decoder.layers.0.self_attention.linear_proj.output_quantizer: the checkpoint format has no output scales",
+    ),
+    "input-of-an-unquantized-weight": (
+        recipe(*W4A4, off("*linear_fc2.weight_quantizer")),
+        "decoder.layers.0.mlp.experts.local_experts.0.linear_fc2.input_quantizer: the input of a layer whose weight "
+        "stays unquantized has no scale in the checkpoint",
+    ),
+    "kv-only": (
+        recipe(on("*[kv]_bmm_quantizer", FP8)),
+        "the recipe quantizes no linear weight: the checkpoint format describes quantized weights",
+    ),
+    "nothing": (recipe(), "the recipe quantizes no linear weight"),
+    "k-without-v": (
+        recipe(*W4A4, on("*k_bmm_quantizer", FP8)),
+        "decoder.layers.0.self_attention.core_attention: K fp8, V unquantized: the checkpoint has one KV cache format",
+    ),
+    "kv-in-one-layer": (
+        recipe(*W4A4, on("decoder.layers.1.*[kv]_bmm_quantizer", FP8)),
+        "decoder.layers.1.self_attention.core_attention: K fp8, V fp8, but decoder.layers.0.self_attention."
+        "core_attention: K unquantized, V unquantized: the engines give every layer's KV cache one format",
+    ),
+    "experts-fc1-w4a4-fc2-w4a16": (
+        recipe(*W4A4, off("*linear_fc2.input_quantizer")),
+        f"{EXPERT}.0.linear_fc2 is W4A16_NVFP4, {EXPERT}.0.linear_fc1 NVFP4: vLLM and SGLang run an MoE layer's experts "
+        "as one fused layer of one format",
+    ),
+    "one-expert-unquantized": (
+        recipe(*W4A4, off(f"{EXPERT}.3.*")),
+        f"{EXPERT}.3.linear_fc1 is unquantized, {EXPERT}.0.linear_fc1 NVFP4: vLLM and SGLang run",
+    ),
+}
+
+
+@pytest.mark.parametrize("raw, expected", REFUSED.values(), ids=REFUSED.keys())
+def test_a_recipe_the_checkpoint_cannot_hold_is_refused_naming_the_quantizer(moe, raw, expected):
+    assert refusal(moe, raw).startswith(expected)
+
+
+ACCEPTED = {
+    "w4a16": recipe(on("*weight_quantizer", NVFP4)),
+    "fp8-attention-w4a16-mlp": recipe(
+        on("*self_attention.linear_*.weight_quantizer", FP8), on("*self_attention.linear_*.input_quantizer", FP8),
+        on("*mlp*weight_quantizer", NVFP4),
+    ),
+    "w4a4-attention-w4a16-experts": recipe(*W4A4, off("*experts*input_quantizer")),
+    "experts-only": recipe(on("*experts*weight_quantizer", NVFP4), on("*experts*input_quantizer", NVFP4)),
+    "kv-in-every-layer-and-head": recipe(*W4A4, on("*[kv]_bmm_quantizer", NVFP4)),
+}
+
+
+@pytest.mark.parametrize("raw", ACCEPTED.values(), ids=ACCEPTED.keys())
+def test_the_forms_the_engines_load_pass(moe, raw):
+    check_exportable(load_recipe(raw), moe)
+
+
+def test_a_dense_model_has_no_expert_rule_and_names_its_own_modules():
+    dense = ModelBridge.from_hf(CONFIGS / "tiny-qwen3.json")
+    check_exportable(load_recipe(recipe(*W4A4, off("*linear_fc2.input_quantizer"))), dense)  # mixed W4A4 / W4A16
+    assert refusal(dense, recipe(on("*linear_fc2.weight_quantizer", FP8))).startswith(
+        "decoder.layers.0.mlp.linear_fc2.weight_quantizer / input_quantizer: FP8 weights with unquantized inputs"
+    )
