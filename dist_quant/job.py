@@ -69,6 +69,7 @@ def validate(args: argparse.Namespace) -> None:
     model's config.json; the same verdict on every rank. Resolves the default --dtype (the checkpoint's) and
     reads the calibration texts into `args.texts`."""
     from dist_quant.export import check_exportable
+    from dist_quant.export.side_files import check_side_files
     from dist_quant.recipe import load_recipe
 
     world = world_size()
@@ -82,6 +83,8 @@ def validate(args: argparse.Namespace) -> None:
         raise JobError(f"{problem}; run torchrun with a matching --nproc-per-node, e.g. {args.tp * args.ep * args.pp}")
     if args.hf_model is not None and not (Path(args.hf_model) / "config.json").is_file():
         raise JobError(f"--hf-model {args.hf_model}: no config.json there")
+    if args.hf_model is not None:
+        check_side_files(args.hf_model)  # that the export will copy: refused now, not after the calibration
     if args.model is not None and args.model not in builtin_models():
         raise JobError(f"--model {args.model}: unknown; built-in models: {', '.join(builtin_models()) or 'none found'}")
     if args.calib_data is not None and not Path(args.calib_data).is_file():

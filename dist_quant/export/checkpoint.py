@@ -12,7 +12,6 @@ import functools
 import json
 import os
 import re
-import shutil
 import warnings
 from pathlib import Path
 from typing import Callable, Iterator
@@ -27,6 +26,7 @@ from dist_quant.bridge.io import Planned, SafetensorsReader, export_hf_layers, h
 from dist_quant.bridge.models import ModelBridge
 from dist_quant.export.buckets import bucketed
 from dist_quant.export.shards import ShardWriter
+from dist_quant.export.side_files import copy_side_files
 from dist_quant.export.output import OutputError, OutputTarget
 from dist_quant.export.configs import LAYER_ALGOS, MIXED, hf_quant_config, quantization_config
 from dist_quant.export.problems import NO_WEIGHTS, ExportError, quantizer_problem
@@ -39,10 +39,6 @@ from dist_quant.parallel.agree import every_rank, first_error, with_rank
 from dist_quant.parallel.groups import ParallelGroups, default_groups
 from dist_quant.quantizer import FP8, NVFP4, STATIC, QuantFormat, TensorQuantizer
 
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "vocab.json",
-    "merges.txt", "generation_config.json", "chat_template.jinja",
-)
 _QUANTIZER = re.compile(r"^(.*)\.(weight|input|k_bmm|v_bmm)_quantizer\.(_amax|_global_amax|_block_amax)$")
 _LOCAL_EXPERT = re.compile(r"\.local_experts\.\d+\.")
 
@@ -334,9 +330,8 @@ def _write_configs(directory: Path, bridge: ModelBridge, quantizer: _LayerQuanti
     config["quantization_config"] = quantization_config(hf_quant)
     (directory / "hf_quant_config.json").write_text(json.dumps(hf_quant, indent=2))
     (directory / "config.json").write_text(json.dumps(config, indent=2))
-    for file in TOKENIZER_FILES:
-        if source_dir is not None and (Path(source_dir) / file).is_file():
-            shutil.copy2(Path(source_dir) / file, directory / file)
+    if source_dir is not None:
+        copy_side_files(source_dir, directory)
 
 
 def export_hf(

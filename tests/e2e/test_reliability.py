@@ -2,14 +2,17 @@
 of any rank reported once as one line."""
 
 import os
+import shutil
 import stat
 
 import pytest
 import torch
 
 from dist_quant.export import OutputError, OutputTarget, verify
+from dist_quant.export.side_files import SIDE_FILES
 from dist_quant.job import replica_samples
 from tests.e2e.jobs import calibrate_on_ranks, run_cli, run_python, tiny_qwen3_moe
+from tests.reference.hf_cache import cache_snapshot
 
 TINY = ("--model", "tiny-qwen3-moe", "--recipe", "fp8_default-fp8_cast_kv", "--seq-len", "16")
 
@@ -60,6 +63,42 @@ def test_an_error_of_any_rank_reaches_the_user_once(tmp_path, damage, text):
                                 "--out", str(tmp_path / "out"))
     _one_line_error(result, text)
     assert "Connection closed" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_side_file_linked_out_of_the_checkpoint_is_refused_before_any_work(tmp_path):
+    """`ln -s ~/.ssh/id_rsa SRC/chat_template.jinja`: the export, made to be shared, would hold the key."""
+    source = tiny_qwen3_moe(tmp_path / "source", torch.float32)
+    secret = tmp_path / "home" / ".ssh" / "id_rsa"
+    secret.parent.mkdir(parents=True)
+    secret.write_text("-----BEGIN OPENSSH PRIVATE KEY-----")
+    secret.chmod(0o600)
+    (source / "chat_template.jinja").unlink(missing_ok=True)  # the tokenizer's, when it has one
+    (source / "chat_template.jinja").symlink_to(secret)
+    result = run_cli("calibrate", "--hf-model", str(source), "--recipe", "fp8_default-fp8_cast_kv", "--out",
+                     str(tmp_path / "out"))
+    text = f"{source / 'chat_template.jinja'} is a link to {secret}, outside the checkpoint"
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and text in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_sharded_checkpoint_in_the_hugging_face_cache_is_calibrated_as_downloaded(tmp_path):
+    """huggingface_hub's layout: the snapshot's files, side files included, are links into the repository's blobs."""
+    import transformers
+
+    source, sharded = tiny_qwen3_moe(tmp_path / "source", torch.float32), tmp_path / "sharded"
+    transformers.AutoModelForCausalLM.from_pretrained(source).save_pretrained(sharded, max_shard_size="300KB")
+    for file in source.iterdir():  # the tokenizer and generation config
+        if not (sharded / file.name).exists():
+            shutil.copy(file, sharded)
+    snapshot = cache_snapshot(tmp_path / "hub", "org/tiny-qwen3-moe", sharded)
+    assert (snapshot / "model.safetensors.index.json").is_symlink() and (snapshot / "generation_config.json").is_symlink()
+    result = calibrate_on_ranks(2, "--hf-model", str(snapshot), "--recipe", "fp8_default-fp8_cast_kv", "--ep", "2",
+                                "--calib-samples", "2", "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    verify(tmp_path / "out")
+    for name in {f.name for f in snapshot.iterdir()} & set(SIDE_FILES):
+        copied = tmp_path / "out" / name
+        assert not copied.is_symlink() and copied.read_bytes() == (snapshot / name).read_bytes(), name
 
 
 def test_out_is_never_the_current_directory_a_mount_a_source_or_foreign_data(tmp_path):

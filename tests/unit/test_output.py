@@ -113,7 +113,9 @@ def test_a_commit_killed_between_its_two_renames_is_finished_by_the_next_run(tmp
     dead = _killed_run(out, "new", "second rename")
     assert not out.exists() and _content(tmp_path / f".out.old-{dead}") == "previous"
     target = OutputTarget(out)
-    with pytest.raises(OutputError, match="exists: pass --overwrite to replace it"):
+    with pytest.raises(OutputError, match="exists: pass --overwrite to replace it"), pytest.warns(
+        UserWarning, match=rf"out: a run \(process {dead}\) was killed while replacing it; put back the checkpoint it had finished"
+    ):
         target.claim()
     target.release()
     assert _content(out) == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
