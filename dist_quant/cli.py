@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import dist_quant
 from dist_quant.recipe import builtin_recipe_names, load_recipe
@@ -48,9 +49,16 @@ def _recipes(args: argparse.Namespace) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    from dist_quant.export import verify
+    import time
 
+    from dist_quant.export import verify
+    from dist_quant.progress import duration, say
+
+    files = sorted(Path(args.directory).glob("*.safetensors"))  # none where it is no directory: verify says so
+    say(f"verifying {args.directory}: {len(files)} safetensors files, {sum(f.stat().st_size for f in files) / 1e9:.2f} GB")
+    started = time.perf_counter()
     summary = verify(args.directory)
+    say(f"verified in {duration(time.perf_counter() - started)}")
     print(f"{args.directory}: {summary['quant_algo']} weights, KV cache {summary['kv_cache_quant_algo'] or 'not quantized'}")
     print(f"  {summary['quantized_modules']} quantized modules, {summary['tensors']} tensors")
     print(f"  not quantized: {', '.join(summary['excluded']) or 'none'}")
@@ -68,6 +76,7 @@ def _calibrate(args: argparse.Namespace) -> None:
 
 
 def _add_calibrate(commands) -> None:
+    from dist_quant.bridge.architectures import ARCHITECTURES
     from dist_quant.job import builtin_models
 
     calibrate = commands.add_parser(
@@ -75,12 +84,16 @@ def _add_calibrate(commands) -> None:
         help="calibrate a TP/EP-sharded model and export a quantized HF checkpoint (run under torchrun)",
         description="Load a model (a Hugging Face checkpoint, or a built-in tiny config with random weights), "
         "shard it with megatron-core over the ranks torchrun started (gloo on CPU, NCCL on GPUs), calibrate it "
-        "with a recipe on calibration text, and export a checkpoint vLLM loads. Example: torchrun "
+        "with a recipe on calibration data, and export a checkpoint vLLM loads. Example: torchrun "
         "--nproc-per-node 4 -m dist_quant.cli calibrate --model tiny-qwen3-moe --recipe "
         "nvfp4_default-fp8_cast_kv --tp 2 --ep 2 --out out/tiny",
     )
     source = calibrate.add_mutually_exclusive_group(required=True)
-    source.add_argument("--hf-model", metavar="DIR", help="a local Hugging Face checkpoint (Llama, Qwen3, Qwen3-MoE)")
+    source.add_argument(
+        "--hf-model", metavar="DIR",
+        help=f"a Hugging Face checkpoint directory of one of the architectures {', '.join(ARCHITECTURES)} (a hub "
+        "model must be downloaded first: hf download ORG/NAME --local-dir DIR)",
+    )
     source.add_argument("--model", metavar="NAME", help=f"a built-in config with random weights: {', '.join(builtin_models())}")
     calibrate.add_argument("--recipe", required=True, help="built-in recipe name (see `dist-quant recipes`) or YAML path")
     calibrate.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
@@ -92,9 +105,28 @@ def _add_calibrate(commands) -> None:
     )
     calibrate.add_argument("--pp-first-layers", type=int, default=None, metavar="N", help="layers on the first pipeline stage (uneven split)")
     calibrate.add_argument("--pp-last-layers", type=int, default=None, metavar="N", help="layers on the last pipeline stage (uneven split)")
-    calibrate.add_argument("--calib-data", metavar="FILE", help="text, or .jsonl with a 'text' field (default: built-in text)")
-    calibrate.add_argument("--calib-samples", type=int, default=32, help="calibration sequences (default 32)")
-    calibrate.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (default 64)")
+    calibrate.add_argument(
+        "--calib-data", metavar="FILE|DIR|NAME",
+        help="calibration data: a text file (one sample document per paragraph, paragraphs separated by blank "
+        "lines), a .jsonl file (one document per line), a dataset directory (datasets' save_to_disk, or a dataset "
+        "repository on disk) or a Hugging Face dataset name (e.g. abisee/cnn_dailymail); records give text, chat "
+        "messages (the tokenizer's chat template) or token ids. Default: a built-in text, repeated as needed "
+        "(enough to try the job). Datasets need pip install 'dist_quant[data]'",
+    )
+    calibrate.add_argument("--calib-subset", metavar="NAME", help="the dataset's subset (configuration), e.g. 3.0.0 for abisee/cnn_dailymail")
+    calibrate.add_argument("--calib-split", metavar="SPLIT", help="the dataset's split (default train), slices too: 'train[:1000]'")
+    calibrate.add_argument(
+        "--calib-column", metavar="NAME",
+        help="the column (jsonl field) to read; default: the first of input_ids (token ids), messages (chat), text",
+    )
+    calibrate.add_argument("--calib-samples", type=int, default=32, help="calibration samples, at most (default 32)")
+    calibrate.add_argument("--seq-len", type=int, default=64, help="tokens per sample (default 64)")
+    calibrate.add_argument(
+        "--pack", choices=("concat", "truncate"), default="concat",
+        help="how documents become samples of --seq-len tokens, with no padding: concat joins them (each ended by "
+        "the tokenizer's EOS token) and cuts the stream (default); truncate takes each document's first --seq-len "
+        "tokens and skips shorter ones",
+    )
     calibrate.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     calibrate.add_argument(
         "--out", required=True, metavar="DIR",
@@ -123,6 +155,11 @@ def _add_calibrate(commands) -> None:
         "--dtype", choices=("float32", "bfloat16", "float16"), default=None,
         help="compute dtype on the ranks (default: the checkpoint's, from dtype / torch_dtype in config.json, float32 "
         "where it names none); unquantized tensors are exported in the checkpoint's own dtypes either way",
+    )
+    calibrate.add_argument(
+        "--report", metavar="DIR",
+        help="write a calibration report into DIR: every quantizer's amax and every quantized weight's error as "
+        "JSON, and a PNG of both by layer (needs pip install 'dist_quant[report]')",
     )
     calibrate.set_defaults(run=_calibrate)
 

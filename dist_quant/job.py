@@ -1,5 +1,6 @@
 """The calibrate job behind `dist-quant calibrate`: model from an HF checkpoint or a built-in tiny config,
-calibration text, TP/EP-sharded calibration, export, and a summary a person can read. Run on every rank."""
+calibration data (dist_quant/calibration_data.py), TP/EP-sharded calibration, export, a summary a person can
+read and, with --report, a calibration report (dist_quant/report.py). Run on every rank."""
 
 from __future__ import annotations
 
@@ -14,27 +15,22 @@ import tempfile
 import time
 import warnings
 from contextlib import contextmanager
-from importlib import resources
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from dist_quant.parallel.megatron_compat import layout_problem
+from dist_quant.progress import Progress, duration, say
 
 # The built-in models' config.json files, package data (they ship in the wheel)
 CONFIGS = Path(__file__).resolve().parent / "data" / "models"
 # Built-in configs up to this many parameters get their random weights written once as a checkpoint (the same
 # weights for every layout); larger ones need --random-weights.
 BUILTIN_CHECKPOINT_LIMIT = 4_000_000_000
-_LAYER_TYPES = (
-    (r"\.linear_qkv$", "attention qkv"),
-    (r"\.linear_proj$", "attention out"),
-    (r"\.experts\..*\.linear_fc1$", "experts fc1"),
-    (r"\.experts\..*\.linear_fc2$", "experts fc2"),
-    (r"\.linear_fc1$", "mlp fc1"),
-    (r"\.linear_fc2$", "mlp fc2"),
-)
+# A Hugging Face hub id (`owner/name`), which --hf-model may be given by mistake for a directory
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 class JobError(ValueError):
@@ -67,7 +63,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def validate(args: argparse.Namespace) -> None:
     """Everything checkable before any rank starts heavy work: layout, files, calibration data, output path, the
     model's config.json; the same verdict on every rank. Resolves the default --dtype (the checkpoint's) and
-    reads the calibration texts into `args.texts`."""
+    makes the calibration samples (`args.calibration`)."""
     from dist_quant.export import check_exportable
     from dist_quant.export.side_files import check_side_files
     from dist_quant.recipe import load_recipe
@@ -81,17 +77,16 @@ def validate(args: argparse.Namespace) -> None:
     problem = layout_problem(world, args.tp, args.ep, args.etp, args.pp)
     if problem:
         raise JobError(f"{problem}; run torchrun with a matching --nproc-per-node, e.g. {args.tp * args.ep * args.pp}")
-    if args.hf_model is not None and not (Path(args.hf_model) / "config.json").is_file():
-        raise JobError(f"--hf-model {args.hf_model}: no config.json there")
     if args.hf_model is not None:
+        _check_hf_model(args.hf_model)
         check_side_files(args.hf_model)  # that the export will copy: refused now, not after the calibration
     if args.model is not None and args.model not in builtin_models():
         raise JobError(f"--model {args.model}: unknown; built-in models: {', '.join(builtin_models()) or 'none found'}")
-    if args.calib_data is not None and not Path(args.calib_data).is_file():
-        raise JobError(f"--calib-data {args.calib_data}: no such file")
     problem = output_target(args).problem()
     if problem:
         raise JobError(f"--out {problem}")
+    if args.report is not None:
+        _check_report(args.report, args.out)
     recipe = load_recipe(args.recipe)
     bridge = model_bridge(args)
     bridge.check_layout(args.tp, args.ep, pipeline_split(args))
@@ -105,7 +100,45 @@ def validate(args: argparse.Namespace) -> None:
                 f"first ({params * bridge.dtype.itemsize / 1e9:.0f} GB from one CPU); add --random-weights to draw "
                 "them on each rank's device"
             )
-    args.texts = _texts(args.calib_data)
+    args.calibration = calibration(args, bridge)
+
+
+def _check_hf_model(value: str) -> None:
+    path = Path(value)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise JobError(f"--hf-model {value}: no config.json there")
+    elif _HUB_ID.fullmatch(value) and not path.exists():
+        raise JobError(
+            f"--hf-model {value}: not a directory; --hf-model takes a checkpoint on disk, so download it first: "
+            f"hf download {value} --local-dir DIR (pip install huggingface_hub), then --hf-model DIR"
+        )
+    else:
+        raise JobError(f"--hf-model {value}: no such directory")
+
+
+def _check_report(value: str, out: str) -> None:
+    """--report: a directory that can be made or written, outside the checkpoint (which holds only what it verifies)."""
+    from dist_quant.bridge.io import is_inside
+
+    path = Path(os.path.abspath(value))
+    if path.exists() and not path.is_dir():
+        raise JobError(f"--report {value} exists and is not a directory")
+    if is_inside(path, Path(os.path.abspath(out))):
+        raise JobError(f"--report {value} is inside --out {out}: give a directory of its own")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise JobError(f"--report {value}: cannot write in {existing}")
+
+
+def calibration(args: argparse.Namespace, bridge):
+    """The calibration samples (dist_quant/calibration_data.py): the built-in models' byte vocabularies, or the
+    checkpoint's tokenizer (a checkpoint without one takes token ids only)."""
+    from dist_quant import calibration_data
+
+    encoding = calibration_data.checkpoint_encoding(args.hf_model) if args.hf_model else calibration_data.ByteEncoding()
+    spec = calibration_data.DataSpec(args.calib_data, args.calib_subset, args.calib_split, args.calib_column)
+    return calibration_data.load(spec, encoding, args.calib_samples, args.seq_len, args.pack, bridge.config.require("vocab_size"))
 
 
 def pipeline_split(args: argparse.Namespace):
@@ -184,6 +217,8 @@ def builtin_checkpoint(name: str, seed: int) -> Path:
         if rank() == 0 and not directory.is_dir():
             import transformers
 
+            say(f"writing the random weights of {name} to {directory} (once: later runs read them)")
+
             from dist_quant.bridge import ModelBridge
 
             raw = builtin_config(name)
@@ -199,30 +234,6 @@ def builtin_checkpoint(name: str, seed: int) -> Path:
     return directory
 
 
-def _texts(path: str | None) -> list[str]:
-    """The calibration texts: a text file whole, or the `text` field of each line of a .jsonl file."""
-    if path is None:
-        return [resources.files("dist_quant.data").joinpath("calibration.txt").read_text()]
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise JobError(f"--calib-data {path}: not UTF-8 text (byte {error.start}): give a text or .jsonl file") from None
-    if not path.endswith(".jsonl"):
-        return [text]
-    texts = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise JobError(f"--calib-data {path}: line {number} is not JSON ({error.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise JobError(f"--calib-data {path}: line {number} needs a string 'text' field")
-        texts.append(record["text"])
-    return texts
-
-
 def replica_samples(count: int, replica: int, replicas: int, batch: int = 1) -> list[int]:
     """Indices of the samples one data-parallel replica calibrates on: its strided share, wrapped around so that
     every replica gets the same number, ceil(count / replicas) rounded up to whole batches. Every replica then
@@ -233,25 +244,12 @@ def replica_samples(count: int, replica: int, replicas: int, batch: int = 1) -> 
     return [(replica + k * replicas) % count for k in range(-(-share // batch) * batch)]
 
 
-def calibration_batches(args, checkpoint: Path | None, vocab_size: int, dp_rank: int, dp_size: int) -> list[torch.Tensor]:
-    """Token batches of this data-parallel rank's share, as many and of one shape [batch, seq_len] on every rank
-    (batch: --batch-size, or the share if smaller): the checkpoint's tokenizer if it has one, else bytes (the
-    built-in models' vocabularies hold every byte)."""
-    texts = args.texts
-    if checkpoint is not None and (checkpoint / "tokenizer_config.json").is_file():
-        import transformers
-
-        tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
-        stream = [t for text in texts for t in tokenizer(text)["input_ids"]]
-    else:
-        stream = [b % vocab_size for text in texts for b in text.encode()]
-    need = args.calib_samples * args.seq_len
-    if not stream:
-        raise JobError("the calibration data is empty")
-    stream = (stream * (need // len(stream) + 1))[:need]
-    samples = torch.tensor(stream).reshape(args.calib_samples, args.seq_len)
-    batch = min(args.batch_size, -(-args.calib_samples // dp_size))
-    return list(samples[replica_samples(args.calib_samples, dp_rank, dp_size, batch)].split(batch))
+def calibration_batches(samples: torch.Tensor, batch_size: int, dp_rank: int, dp_size: int) -> list[torch.Tensor]:
+    """This data-parallel rank's share of the samples [count, seq_len] as token batches, as many and of one shape
+    [batch, seq_len] on every rank (batch: `batch_size`, or the share if smaller)."""
+    count = samples.shape[0]
+    batch = min(batch_size, -(-count // dp_size))
+    return list(samples[replica_samples(count, dp_rank, dp_size, batch)].split(batch))
 
 
 class Timer:
@@ -273,46 +271,137 @@ class Timer:
             self.peaks[name] = max(self.peaks.get(name, 0), torch.cuda.max_memory_allocated())
 
 
-def _sum_over_ranks(values: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Summed over every rank (on the collective backend's device: NCCL needs CUDA tensors)."""
-    values = values.to(device)
-    dist.all_reduce(values)
-    return values.cpu()
+def _on_lead(value) -> list | None:
+    """Every rank's `value` (picklable), in rank order, on rank 0; None on the others. Collective."""
+    if world_size() == 1:
+        return [value]
+    everyone = [None] * world_size() if rank() == 0 else None
+    dist.gather_object(value, everyone, dst=0)
+    return everyone
 
 
-def weight_error_by_type(model, device: torch.device) -> dict[str, float]:
-    """Relative MSE ||fq(w) - w||^2 / ||w||^2 of every quantized weight, per layer type, over all ranks."""
+def local_quantization(model, amax: bool) -> dict:
+    """This rank's part of the model's quantization, by logical name (global layer and expert numbers):
+    `quantizers`, every enabled quantizer's (role, format); with `amax`, `amax`, the largest value of each one's
+    calibrated amax (None where it has none); `errors`, every quantized weight's squared quantization error and
+    squared norm (fake-quantized against unquantized, in float64) over the shard this rank holds: sums, so that
+    a sharded weight's are the sums of its shards'. One transfer to the host each."""
     from dist_quant.calibrate.pipeline import quant_modules
+    from dist_quant.quantizer import TensorQuantizer
 
-    types = [t for _, t in _LAYER_TYPES]
-    sums = torch.zeros(2, len(types), dtype=torch.float64)
+    quantizers, amax_of, error_of = {}, {}, {}
     with torch.no_grad():
         for _, module in quant_modules(model):
+            logical = module.layout.logical_name
+            for attr, q in module.named_children():
+                if isinstance(q, TensorQuantizer) and q.enabled:
+                    fmt = q.fmt.describe() + (" (constant amax)" if q.fmt.use_constant_amax else "")
+                    quantizers[f"{logical}.{attr}"] = (attr.removesuffix("_quantizer"), fmt)
+                    if amax and q._amax is not None:
+                        amax_of[f"{logical}.{attr}"] = q._amax.float().max()
             for quantizer, weight in module.weight_quantizers():
                 if quantizer.enabled:
-                    kind = next((t for p, t in _LAYER_TYPES if re.search(p, module.layout.logical_name)), None)
-                    if kind is not None:
-                        error = (quantizer(weight).double() - weight.double()).square().sum()
-                        sums[:, types.index(kind)] += torch.stack([error, weight.double().square().sum()]).cpu()
-    sums = _sum_over_ranks(sums, device)  # every replica adds the whole model: the ratio is unchanged
-    return {t: (sums[0, i] / sums[1, i]).item() for i, t in enumerate(types) if sums[1, i] > 0}
+                    difference = (quantizer(weight).double() - weight.double()).square().sum()
+                    error_of[logical] = torch.stack([difference, weight.double().square().sum()])
+    amax_values = torch.stack(list(amax_of.values())).tolist() if amax_of else []
+    error_values = torch.stack(list(error_of.values())).tolist() if error_of else []
+    return {
+        "quantizers": quantizers,
+        "amax": dict.fromkeys(quantizers) | dict(zip(amax_of, amax_values)) if amax else {},
+        "errors": dict(zip(error_of, map(tuple, error_values))),
+    }
+
+
+def merged_quantization(states: list[dict]) -> dict:
+    """Every rank's `local_quantization`, merged: each quantizer once (replicas and TP shards hold the same
+    one), its amax the largest any rank holds, each weight's sums added over the ranks holding it (every shard of
+    a weight has as many replicas, so replicas change no ratio of its sums)."""
+    quantizers, amax, errors = {}, {}, {}
+    for state in states:
+        quantizers.update(state["quantizers"])
+        for name, value in state["amax"].items():
+            amax[name] = value if amax.get(name) is None else max(amax[name], value)
+        for name, (error, norm) in state["errors"].items():
+            total = errors.setdefault(name, [0.0, 0.0])
+            total[0] += error
+            total[1] += norm
+    return {"quantizers": quantizers, "amax": amax, "errors": errors}
+
+
+def weight_error_by_type(errors: dict[str, list[float]]) -> dict[str, float]:
+    """Relative MSE ||fq(w) - w||^2 / ||w||^2 of the quantized weights of each module type, from the merged sums."""
+    from dist_quant.report import MODULE_TYPES, module_type
+
+    sums: dict[str, list[float]] = {}
+    for name, (error, norm) in errors.items():
+        total = sums.setdefault(module_type(name), [0.0, 0.0])
+        total[0] += error
+        total[1] += norm
+    return {kind: sums[kind][0] / sums[kind][1] for kind in MODULE_TYPES if kind in sums and sums[kind][1] > 0}
+
+
+def _exported_weights(model, bridge, groups, writers: str) -> set[str]:
+    """The checkpoint names of the weights this rank writes (progress counts them): from the export's plan, which
+    export_hf then reuses. Collective."""
+    from dist_quant.bridge.io import export_plan
+
+    parallel = writers == "all" and world_size() > 1
+    plan = export_plan(model, bridge, groups, None if parallel else 0, quant_state=True)
+    return {
+        name for _, entries in plan.layers for planned in entries
+        if planned.target == plan.rank and "_quantizer." not in planned.name for name in planned.hf_names
+    }
+
+
+def _export(model, bridge, target, groups, source, writers: str):
+    """export_hf with progress (this rank's weights written) on rank 0; an error names --out, not the
+    temporary directory it was written in."""
+    from dist_quant.export import export_hf
+
+    lead = rank() == 0
+    weights = _exported_weights(model, bridge, groups, writers)
+    share = " (rank 0's share)" if writers == "all" and world_size() > 1 else ""
+    with Progress(f"exporting{share}", "weights", len(weights), lead) as progress:
+
+        def written(name: str) -> None:
+            if name in weights:
+                progress.update()
+                if progress.done == progress.total:
+                    progress.close()
+                    say("writing the last shards and verifying the checkpoint", lead)
+
+        try:
+            return export_hf(model, bridge, target, groups, source_dir=source, on_tensor=written, writers=writers)
+        except user_errors() as error:
+            raise named_for_user(error, target) from None
+
+
+def named_for_user(error: Exception, target) -> Exception:
+    """The error with the target's temporary directory (where the checkpoint is written until it is complete and
+    verified) named as the user named --out."""
+    if target.partial is None or str(target.partial) not in str(error):
+        return error
+    return type(error)(str(error).replace(str(target.partial), target.shown))
+
+
+def layout_text(args: argparse.Namespace) -> str:
+    world = world_size()
+    pp = f" x PP {args.pp}" if args.pp > 1 else ""
+    return f"TP {args.tp} x EP {args.ep}{pp} on {world} rank{'s' if world != 1 else ''}"
 
 
 def run(args: argparse.Namespace) -> Path | None:
     """The whole job on this rank (after `validate`). -> the checkpoint directory on rank 0. Steps that hold no
     collective end in an agreement over the world, so an error on any rank stops every rank with it."""
-    from tqdm import tqdm
-
     from dist_quant.bridge import ModelBridge
     from dist_quant.bridge.io import SafetensorsReader, load_hf_weights
     from dist_quant.calibrate import attach_quantizers, calibrate
     from dist_quant.calibrate.pipeline import amax_reducer, logits_discarded
-    from dist_quant.export import estimated_bytes, export_hf
+    from dist_quant.export import estimated_bytes
     from dist_quant.parallel import megatron_compat
-    from dist_quant.parallel.agree import every_rank, raised_together
+    from dist_quant.parallel.agree import raised_together
     from dist_quant.parallel.groups import ParallelGroups
     from dist_quant.parallel.schedule import forward_only
-    from dist_quant.quantizer import TensorQuantizer
     from dist_quant.recipe import load_recipe
 
     # megatron-core warns about every optional accelerator it lacks (Apex, Transformer Engine) on every rank.
@@ -336,10 +425,15 @@ def run(args: argparse.Namespace) -> Path | None:
                 bridge = model_bridge(args) if checkpoint is None else ModelBridge.from_hf(checkpoint, seq_len=args.seq_len)
                 megatron_compat.seed(args.seed)
                 dtype = getattr(torch, args.dtype)
+                say(f"building the model: {bridge.config.require('num_hidden_layers')} layers, {layout_text(args)}", lead)
+                building = time.perf_counter()
                 model = bridge.build(args.tp, args.ep, args.etp, dtype, pipeline_split(args), device).to(device).eval()
-                left_out = [] if args.random_weights else load_hf_weights(model, bridge, SafetensorsReader(checkpoint), groups)
-                vocab = bridge.hf_config["vocab_size"]
-                batches = calibration_batches(args, checkpoint, vocab, groups.rank("dp"), groups.size("dp"))
+                say(f"built in {duration(time.perf_counter() - building)}", lead)
+                left_out = []
+                if not args.random_weights:
+                    with Progress("reading weights", "tensors", enabled=lead) as progress:
+                        left_out = load_hf_weights(model, bridge, SafetensorsReader(checkpoint), groups, progress.at)
+                batches = calibration_batches(args.calibration.samples, args.batch_size, groups.rank("dp"), groups.size("dp"))
                 recipe = load_recipe(args.recipe)
                 attach_quantizers(model, recipe, groups)
             needed = estimated_bytes(model, bridge, groups)
@@ -348,38 +442,39 @@ def run(args: argparse.Namespace) -> Path | None:
                     target.claim(needed)
 
         def forward_loop(m):
-            progress = tqdm(total=len(batches), desc="calibrating", unit="batch", disable=not lead)
-            with logits_discarded(m):  # statistics only: the logits would take more memory than anything else
+            # statistics only: the logits would take more memory than anything else
+            with Progress("calibrating", "batches", len(batches), lead) as progress, logits_discarded(m):
                 forward_only(m, batches, device, on_batch=progress.update, keep_logits=False)
-            progress.close()
 
         with timer.stage("calibrate"):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 calibrate(model, recipe, forward_loop, groups)
-        local = sum(int(str(w.message).split()[0]) for w in caught if "bootstrapped" in str(w.message))
-        bootstrapped = int(_sum_over_ranks(torch.tensor([float(local)]), device).item())
+        bootstrapped = sum(int(str(w.message).split()[0]) for w in caught if "bootstrapped" in str(w.message))
         collectives = amax_reducer(model).collectives
         with timer.stage("export"):
-            progress = tqdm(desc="exporting", unit="tensor", disable=not lead)
-            out = export_hf(
-                model, bridge, target, groups, source_dir=checkpoint, on_tensor=lambda _: progress.update(),
-                writers=args.export_writers,
-            )
-            progress.close()
+            out = _export(model, bridge, target, groups, checkpoint, args.export_writers)
     finally:
         target.release()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    peaks = every_rank((timer.peaks, weights) if timer.gpu else None)
-    errors = weight_error_by_type(model, device)
-    kinds: dict[str, int] = {}
-    for name, q in model.named_modules():
-        if isinstance(q, TensorQuantizer) and q.enabled:
-            role = name.rsplit(".", 1)[-1].replace("_quantizer", "")
-            key = f"{role} {q.fmt.describe()}" + (" (constant amax)" if q.fmt.use_constant_amax else "")
-            kinds[key] = kinds.get(key, 0) + 1
+    local = local_quantization(model, amax=args.report is not None)
+    states = _on_lead({**local, "bootstrapped": bootstrapped, "peaks": (timer.peaks, weights) if timer.gpu else None})
     if lead:
-        _print_summary(args, out, kinds, bootstrapped, collectives, timer, errors, time.perf_counter() - started, left_out, peaks)
+        quantization = merged_quantization(states)
+        report_lines = []
+        if args.report is not None:
+            from dist_quant import report
+
+            built = report.build(quantization, bridge.registry(quant_state=True), {
+                "model": args.model or args.hf_model, "recipe": args.recipe, "layout": layout_text(args),
+                "dtype": args.dtype, "calibration data": args.calibration.describe(), "checkpoint": str(out),
+            })
+            report_lines = report.write(args.report, built)
+        summary = Summary(
+            args, out, quantization, sum(s["bootstrapped"] for s in states), collectives, timer,
+            time.perf_counter() - started, left_out, [s["peaks"] for s in states], report_lines,
+        )
+        print(summary.text(), flush=True)
     dist.destroy_process_group()
     return out
 
@@ -396,26 +491,45 @@ def _memory_lines(peaks: list) -> list[str]:
     return lines
 
 
-def _print_summary(args, out, kinds, bootstrapped, collectives, timer, errors, total, left_out, peaks) -> None:
-    tokens = args.calib_samples * args.seq_len
-    written = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
-    lines = [
-        "",
-        f"dist-quant calibrate: {args.model or args.hf_model}, recipe {args.recipe}, TP {args.tp} x EP {args.ep}"
-        + (f" x PP {args.pp}" if args.pp > 1 else "") + f" on {world_size()} ranks, {args.dtype}",
-        "  quantizers on rank 0 by kind and format:",
-        *[f"    {count:6d}  {kind}" for kind, count in sorted(kinds.items())],
-        f"  experts' activation quantizers bootstrapped (no calibration tokens): {bootstrapped}",
-        *([f"  left out: {len(left_out)} tensors of multi-token-prediction layers (outside the forward, not "
-           "calibrated; the export announces none)"] if left_out else []),
-        f"  amax all-reduces issued by the calibration syncs on rank 0: {collectives}",
-        "  weight quantization error (relative MSE) by layer type:",
-        *[f"    {kind:14s} {value:.3e}" for kind, value in errors.items()],
-        "  time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in timer.stages.items()) + f"; total {total:.1f} s",
-        f"  calibration: {tokens} tokens ({args.calib_samples} x {args.seq_len}), "
-        f"{tokens / timer.stages['calibrate']:,.0f} tokens/s",
-        *_memory_lines(peaks),
-        f"  checkpoint: {out}, {written / 1e9:.2f} GB, exported at {written / 1e9 / timer.stages['export']:.2f} GB/s"
-        f"  (check it with: dist-quant inspect {out})",
-    ]
-    print("\n".join(lines), flush=True)
+@dataclass
+class Summary:
+    """What the job did, for a person: printed by rank 0 at the end."""
+
+    args: argparse.Namespace
+    out: Path
+    quantization: dict  # merged_quantization
+    bootstrapped: int
+    collectives: int
+    timer: Timer
+    total: float  # seconds
+    left_out: list[str]
+    peaks: list  # per rank: (peak bytes per stage, bytes of weights), or None without a GPU
+    report_lines: list[str]
+
+    def text(self) -> str:
+        args, timer, calibration = self.args, self.timer, self.args.calibration
+        kinds: dict[str, int] = {}
+        for role, fmt in self.quantization["quantizers"].values():
+            kinds[f"{role} {fmt}"] = kinds.get(f"{role} {fmt}", 0) + 1
+        errors = weight_error_by_type(self.quantization["errors"])
+        written = sum(f.stat().st_size for f in Path(self.out).glob("*.safetensors"))
+        lines = [
+            "",
+            f"dist-quant calibrate: {args.model or args.hf_model}, recipe {args.recipe}, {layout_text(args)}, {args.dtype}",
+            f"  calibration data: {calibration.describe()}",
+            "  quantizers in the model by kind and format (every rank's, each counted once):",
+            *[f"    {count:6d}  {kind}" for kind, count in sorted(kinds.items())],
+            f"  experts' activation quantizers bootstrapped (no calibration tokens): {self.bootstrapped}",
+            *([f"  left out: {len(self.left_out)} tensors of multi-token-prediction layers (outside the forward, not "
+               "calibrated; the export announces none)"] if self.left_out else []),
+            f"  amax all-reduces issued by the calibration syncs on rank 0: {self.collectives}",
+            "  weight quantization error (relative MSE) by layer type:",
+            *[f"    {kind:14s} {value:.3e}" for kind, value in errors.items()],
+            "  time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in timer.stages.items()) + f"; total {self.total:.1f} s",
+            f"  calibration: {calibration.tokens:,} tokens, {calibration.tokens / timer.stages['calibrate']:,.0f} tokens/s",
+            *_memory_lines(self.peaks),
+            f"  checkpoint: {self.out}, {written / 1e9:.2f} GB, exported at {written / 1e9 / timer.stages['export']:.2f} GB/s"
+            f"  (check it with: dist-quant inspect {self.out})",
+            *[f"  {line}" for line in self.report_lines],
+        ]
+        return "\n".join(lines)

@@ -7,7 +7,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -190,17 +190,21 @@ def check_checkpoint(bridge: ModelBridge, reader) -> list[str]:
     return left_out
 
 
-def load_hf_weights(model: nn.Module, bridge: ModelBridge, reader, groups: ParallelGroups) -> list[str]:
+def load_hf_weights(
+    model: nn.Module, bridge: ModelBridge, reader, groups: ParallelGroups,
+    on_progress: Callable[[int, int], object] | None = None,
+) -> list[str]:
     """Fill a sharded megatron model from an HF checkpoint; each rank reads only the slices it holds, after
     checking the whole checkpoint against config.json. BridgeError names what is unmapped, missing, extra, of
-    another shape or dtype, or not finite. -> the checkpoint's tensors left out (multi-token-prediction layers)."""
+    another shape or dtype, or not finite. `on_progress(done, total)` after each of this rank's tensors.
+    -> the checkpoint's tensors left out (multi-token-prediction layers)."""
     registry = bridge.registry()
     weights = _state(model, groups.rank("ep"))
     left_out = check_checkpoint(bridge, reader)
     registry.check(megatron_names=weights, hf_names=[n for n in reader.names() if n not in left_out])
     info = shard_info(model, groups)
     with torch.no_grad():
-        for name, tensor in weights.items():
+        for done, (name, tensor) in enumerate(weights.items(), 1):
             mapping, _, hf_names = registry.megatron_to_hf(name)
             piece = mapping.load(reader, hf_names, info)
             if not torch.isfinite(piece).all():
@@ -211,6 +215,8 @@ def load_hf_weights(model: nn.Module, bridge: ModelBridge, reader, groups: Paral
                     f"{tuple(tensor.shape)}"
                 )
             tensor.copy_(piece)
+            if on_progress is not None:
+                on_progress(done, len(weights))
     return left_out
 
 

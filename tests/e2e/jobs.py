@@ -68,14 +68,36 @@ TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_la
             num_key_value_heads=2, head_dim=16)
 
 
-def tiny_checkpoint(path: Path, config_class: str, dtype, **config) -> Path:
-    """A checkpoint transformers writes for a tiny model of `config_class` (random weights)."""
+CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+
+
+def byte_tokenizer():
+    """A real tokenizer over TINY's 256-token vocabulary: byte-level BPE without merges (one token per UTF-8 byte,
+    token id = byte value), byte 0 as its EOS token, and a chat template."""
+    import tokenizers
+    import transformers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    characters = bytes_to_unicode()
+    model = tokenizers.Tokenizer(tokenizers.models.BPE(vocab={characters[b]: b for b in range(256)}, merges=[]))
+    model.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    model.decoder = tokenizers.decoders.ByteLevel()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=model, eos_token=characters[0])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_checkpoint(path: Path, config_class: str, dtype, tokenizer: bool = True, **config) -> Path:
+    """A checkpoint transformers writes for a tiny model of `config_class` (random weights), with the byte
+    tokenizer unless `tokenizer` is False."""
     import torch
     import transformers
 
     torch.manual_seed(0)
     hf_config = getattr(transformers, config_class)(**{**TINY, **config})
     transformers.AutoModelForCausalLM.from_config(hf_config).to(dtype).save_pretrained(path)
+    if tokenizer:
+        byte_tokenizer().save_pretrained(path)
     return path
 
 

@@ -1,9 +1,11 @@
 """The README's main job, run as a user would: torchrun, the CLI, a checkpoint that verifies; bad invocations."""
 
 import json
+import re
 
 import pytest
 
+from dist_quant.bridge import ModelBridge
 from dist_quant.export import verify
 
 from dist_quant.job import CONFIGS
@@ -16,9 +18,19 @@ def test_readme_main_job_at_small_size(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = verify(out)
     assert summary["quant_algo"] == "NVFP4" and summary["kv_cache_quant_algo"] == "FP8"
-    for line in ("TP 2 x EP 2 on 4 ranks", "weight quantization error", "experts fc1", "time per stage", f"checkpoint: {out}"):
+    for line in ("TP 2 x EP 2 on 4 ranks", "weight quantization error", "experts fc1", "time per stage", f"checkpoint: {out}",
+                 "calibration data: the built-in text (dist_quant/data/calibration.txt); bytes (the built-in model's "
+                 "byte vocabulary); 8 samples x 32 = 256 tokens"):
         assert line in result.stdout, line
     assert "UserWarning" not in result.stderr  # megatron's optional-dependency warnings stay quiet
+    # stderr is a pipe here: plain progress lines, each stage ending with its total, no carriage returns
+    assert "\r" not in result.stderr
+    for stage in ("building the model: 2 layers, TP 2 x EP 2 on 4 ranks", "reading weights: ", "calibrating: 1/1 batches in ",
+                  "writing the last shards and verifying the checkpoint"):
+        assert stage in result.stderr, stage
+    exported = [line for line in result.stderr.splitlines() if line.startswith("exporting: ")][-1]
+    every_tensor = len(ModelBridge.from_hf(CONFIGS / "tiny-qwen3-moe.json").hf_tensor_shapes())  # rank 0 writes all
+    assert re.fullmatch(rf"exporting: {every_tensor}/{every_tensor} weights in [\d.]+ s", exported), exported
 
 
 def test_hf_style_data_file_and_fp8_on_two_ranks(tmp_path):
@@ -56,16 +68,22 @@ def test_bad_invocations_fail_with_one_line(tmp_path, args, message):
 
 
 def test_random_weights_drawn_on_the_ranks_need_no_checkpoint(tmp_path):
-    # --hf-model with only a config.json: nothing else is read, nothing is written but the export
+    # --hf-model with only a config.json (no tokenizer: token ids to calibrate on): nothing else is read, nothing
+    # is written but the export
     source = tmp_path / "config-only"
     source.mkdir()
     (source / "config.json").write_text((CONFIGS / "tiny-qwen3-moe.json").read_text())
+    ids = tmp_path / "ids.jsonl"
+    ids.write_text("\n".join(json.dumps({"input_ids": [(7 * i + j) % 512 for j in range(40)]}) for i in range(4)))
     out = tmp_path / "random"
     result = calibrate_on_ranks(2, "--hf-model", str(source), "--random-weights", "--recipe", "nvfp4_default-fp8_cast_kv",
-                      "--ep", "2", "--calib-samples", "4", "--seq-len", "16", "--export-writers", "all", "--out", str(out))
+                                "--ep", "2", "--calib-data", str(ids), "--calib-samples", "4", "--seq-len", "16",
+                                "--export-writers", "all", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert verify(out)["quant_algo"] == "NVFP4" and sorted(p.name for p in source.iterdir()) == ["config.json"]
     assert "tokens/s" in result.stdout and "GB/s" in result.stdout
+    assert f"calibration data: {ids} (jsonl, column input_ids); token ids as given; 4 samples x 16 = 64 tokens" in result.stdout
+    assert "exporting (rank 0's share): " in result.stderr
     # a built-in model the same way: its random checkpoint is never written to the cache
     cache = tmp_path / "cache"
     result = calibrate_on_ranks(2, "--model", "tiny-qwen3-moe", "--random-weights", "--recipe", "nvfp4_default-fp8_cast_kv",
@@ -73,6 +91,48 @@ def test_random_weights_drawn_on_the_ranks_need_no_checkpoint(tmp_path):
                                 env={"DIST_QUANT_CACHE": str(cache)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert verify(tmp_path / "builtin")["quant_algo"] == "NVFP4" and not (cache.exists() and any(cache.iterdir()))
+
+
+def test_a_chat_dataset_on_disk_is_calibrated_through_the_chat_template(tmp_path):
+    """A dataset directory as `datasets` saves it, its `messages` rendered by the checkpoint's chat template, one
+    sample per conversation: the summary names the data, the tokenizer, the samples and tokens."""
+    datasets = pytest.importorskip("datasets")
+    import torch
+
+    source = tiny_qwen3_moe(tmp_path / "source", torch.float32)
+    conversations = [[{"role": "user", "content": f"what is {i} squared?"}, {"role": "assistant", "content": f"{i * i}"}]
+                     for i in range(3)]
+    data = tmp_path / "chat"
+    datasets.Dataset.from_dict({"messages": conversations}).save_to_disk(str(data))
+    result = calibrate_on_ranks(1, "--hf-model", str(source), "--recipe", "fp8_default-fp8_cast_kv", "--calib-data", str(data),
+                                "--pack", "truncate", "--calib-samples", "4", "--seq-len", "16", "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if "calibration data:" in line)
+    assert line == (f"  calibration data: saved dataset {data} (3 rows), column messages; the tokenizer of {source} "
+                    "(TokenizersBackend); 3 samples x 16 = 48 tokens (--pack truncate, 3 documents; --calib-samples 4 "
+                    "asked, the data holds 3)")
+    assert "TP 1 x EP 1 on 1 rank, float32" in result.stdout
+
+
+def test_a_checkpoint_without_a_tokenizer_or_a_hub_id_is_one_line(tmp_path):
+    import torch
+
+    source = tiny_qwen3_moe(tmp_path / "source", torch.float32, tokenizer=False)
+    result = run_cli("calibrate", "--hf-model", str(source), "--recipe", "fp8_default-fp8_cast_kv", "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"dist-quant: error: --hf-model {source} has no tokenizer (")
+    assert "give --calib-data of token ids" in result.stderr
+    result = run_cli("calibrate", "--hf-model", "Qwen/Qwen3-8B", "--recipe", "fp8_default-fp8_cast_kv", "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "--hf-model Qwen/Qwen3-8B: not a directory" in result.stderr
+    assert "hf download Qwen/Qwen3-8B --local-dir DIR" in result.stderr
+
+
+def test_the_help_names_every_architecture():
+    from dist_quant.bridge.architectures import ARCHITECTURES
+
+    help_text = " ".join(run_cli("calibrate", "--help").stdout.split())
+    assert all(name in help_text for name in ARCHITECTURES) and len(ARCHITECTURES) == 7
 
 
 def test_qat_refit_example_runs_and_agrees():

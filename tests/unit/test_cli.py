@@ -34,3 +34,29 @@ def test_version_names_the_package_version():
 
     result = _run("--version")
     assert result.returncode == 0 and result.stdout.strip() == f"dist-quant {dist_quant.__version__}"
+
+
+def test_inspect_says_what_it_verifies_and_an_error_has_a_line_of_its_own(tmp_path):
+    missing = tmp_path / "missing"
+    result = _run("inspect", str(missing))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [f"verifying {missing}: 0 safetensors files, 0.00 GB",
+                                          f"dist-quant: error: {missing} is not a directory"]
+
+
+def test_an_export_error_names_out_as_the_user_gave_it_not_the_temporary_directory(tmp_path, monkeypatch):
+    from dist_quant.export import OutputTarget, VerificationError, verify
+    from dist_quant.job import named_for_user
+
+    monkeypatch.chdir(tmp_path)
+    target = OutputTarget("out/model")
+    partial = target.claim()
+    try:
+        try:
+            verify(partial)  # an empty directory, as the verifier sees a failed export
+        except VerificationError as error:
+            named = named_for_user(error, target)
+        assert str(partial) not in str(named) and type(named) is VerificationError
+        assert str(named).startswith("out/model: ") and "config.json is missing" in str(named)
+    finally:
+        target.release()
