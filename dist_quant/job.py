@@ -110,8 +110,8 @@ def _check_hf_model(value: str) -> None:
             raise JobError(f"--hf-model {value}: no config.json there")
     elif _HUB_ID.fullmatch(value) and not path.exists():
         raise JobError(
-            f"--hf-model {value}: not a directory; --hf-model takes a checkpoint on disk, so download it first: "
-            f"hf download {value} --local-dir DIR (pip install huggingface_hub), then --hf-model DIR"
+            f"--hf-model {value}: no such directory; --hf-model takes a checkpoint on disk: for the Hugging Face model "
+            f"{value}, download it first (hf download {value} --local-dir DIR) and give --hf-model DIR"
         )
     else:
         raise JobError(f"--hf-model {value}: no such directory")
