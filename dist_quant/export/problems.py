@@ -30,10 +30,6 @@ class ExportError(RuntimeError):
     """The model cannot be exported as asked (raised on every rank)."""
 
 
-def _describe(fmt: QuantFormat | None) -> str:
-    return "unquantized" if fmt is None else fmt.describe()
-
-
 def layer_algo(formats: Mapping[str, QuantFormat | None]) -> str | None:
     """A linear's quant_algo from its quantizers' formats; None when its weight is not quantized. Only for
     formats `layer_problem` accepts."""
@@ -62,28 +58,30 @@ def layer_problem(formats: Mapping[str, QuantFormat | None]) -> str | None:
     return None if pair in LAYER_ALGOS else f"weight_quantizer / input_quantizer: {NO_FORM[pair]}"
 
 
-def _kinds(formats: Mapping[str, QuantFormat | None]) -> str:
-    """A core attention's K and V cache formats, as the checkpoint's one kv_cache_quant_algo would have them."""
-    k, v = (formats.get(q) for q in KV_QUANTIZERS)
-    return f"K {k.kind if k else 'unquantized'}, V {v.kind if v else 'unquantized'}"
+def _kv_kinds(formats: Mapping[str, QuantFormat | None]) -> tuple[str, str]:
+    """A core attention's K and V cache formats ("fp8", "nvfp4" or "unquantized"): what kv_cache_quant_algo says."""
+    return tuple(fmt.kind if fmt else "unquantized" for fmt in (formats.get(q) for q in KV_QUANTIZERS))
 
 
 def quantizer_problem(modules: Mapping[str, Mapping[str, QuantFormat | None]]) -> str | None:
     """`modules`: every linear and core attention of a model by its megatron name (experts numbered, or as `*`)
     -> its quantizers' formats (None: disabled). -> the first thing the checkpoint cannot hold, naming the
     module, or None."""
-    experts: dict[str, tuple[str, str | None]] = {}  # MoE layer -> (its first expert linear, that one's algo)
-    kv: tuple[str, str] | None = None  # (the first core attention, its K/V formats)
+    experts: dict[str, tuple[str, str]] = {}  # MoE layer -> (its first expert linear, that one's algo)
+    kv: tuple[str, tuple[str, str]] | None = None  # (the first core attention, its K and V formats)
     weights = False
     for module, formats in modules.items():
         if any(q in formats for q in KV_QUANTIZERS):
-            kinds = _kinds(formats)
-            k, v = (formats.get(q) for q in KV_QUANTIZERS)
-            if (k and k.kind) != (v and v.kind):
-                return f"{module}: {kinds}: the checkpoint has one KV cache format (kv_cache_quant_algo) for K and V"
+            kinds = _kv_kinds(formats)
+            said = "K {}, V {}".format(*kinds)
+            if kinds[0] != kinds[1]:
+                return f"{module}: {said}: the checkpoint has one KV cache format (kv_cache_quant_algo) for K and V"
             kv = kv or (module, kinds)
             if kinds != kv[1]:
-                return f"{module}: {kinds}, but {kv[0]}: {kv[1]}: the engines give every layer's KV cache one format"
+                return (
+                    f"{module}: {said}, but {kv[0]}: K {kv[1][0]}, V {kv[1][1]}: the engines give every layer's KV "
+                    "cache one format"
+                )
             continue
         problem = layer_problem(formats)
         if problem:

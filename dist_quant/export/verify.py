@@ -20,6 +20,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 _GROUPS = re.compile(r"^((model\.layers\.\d+)\.mlp\.experts\.\d+)\.|^(model\.layers\.\d+)\.")
 _KV_SCALE = re.compile(r"\.self_attn\.(k_proj\.k|v_proj\.v|attn\.[kv])_scale$")
+ACTIVATION_SCALES = (".input_scale", ".k_scale", ".v_scale")
 
 
 class VerificationError(ValueError):
@@ -427,8 +429,19 @@ def _values(stored: Stored, raw: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(raw.copy()).view(stored.dtype).reshape(stored.shape)
 
 
-def _check_values(expected, good: set[str], formats: dict[str, str], storage: Storage, problems: list[str]) -> None:
-    """The values: positive finite scales, no NaN bytes, finite unquantized tensors, shared sibling scales. Scalars
+def _sibling_group(module: str) -> str:
+    """The fused siblings a module belongs to (`parent.{q_proj,k_proj,v_proj}`), or the module alone."""
+    parent, _, leaf = module.rpartition(".")
+    group = next((g for g in SIBLINGS if leaf in g), None)
+    return f"{parent}.{{{','.join(group)}}}" if group else module
+
+
+def _check_values(
+    expected, good: set[str], formats: dict[str, str], storage: Storage, problems: list[str], warnings: list[str],
+    on_progress: Callable[[int, int], None] | None,
+) -> None:
+    """The values: positive finite scales, activation scales whose reciprocal is finite, no NaN bytes, finite
+    unquantized tensors, shared sibling scales; a warning where no value of a weight reaches FP8's top. Scalars
     and block scales are read and checked a file at a time, in a few array operations however many there are (a
     30B MoE has ~75,000)."""
     found: list[tuple[str, str]] = []  # (name, problem), put in name order at the end
@@ -437,13 +450,35 @@ def _check_values(expected, good: set[str], formats: dict[str, str], storage: St
         if storage.tensors[name].dtype != torch.uint8:  # every byte of a packed weight is a valid pair of E2M1 codes
             role = expected[name].role
             by_role[role if role in ("scale", "block") else "other"].append(name)
+    nbytes = {name: storage.tensors[name].dtype.itemsize * math.prod(storage.tensors[name].shape) for name in good}
+    done, total = 0, sum(nbytes[n] for names in by_role.values() for n in names)
+
+    def read(names: list[str]) -> None:
+        nonlocal done
+        done += sum(nbytes[n] for n in names)
+        if on_progress is not None:
+            on_progress(done, total)
+
+    read([])
     names = by_role["scale"]
     values = np.concatenate([storage.raw(n) for n in names]).view(np.float32) if names else np.zeros(0, np.float32)
     fine = np.isfinite(values) & (values > 0)
     found += [(names[i], f"{names[i]} = {values[i].item()} is not a positive finite scale") for i in np.flatnonzero(~fine)]
+    # The engines quantize activations by x * (1 / scale) or x / scale (vLLM 0.33 modelopt.py KNvfp4Dynamic:
+    # input_global_scale_inv; SGLang 0.5.23 modelopt_quant.py: 1 / w13_input_scale): a positive scale below
+    # 1 / float32's max makes that infinite.
+    activation = np.array([n.endswith(ACTIVATION_SCALES) for n in names], dtype=bool)
+    with np.errstate(divide="ignore", over="ignore"):
+        overflows = fine & activation & ~np.isfinite(np.float32(1) / values)
+    found += [
+        (names[i], f"{names[i]} = {values[i].item()}: its reciprocal, which the engines compute to quantize "
+                   "activations, overflows float32")
+        for i in np.flatnonzero(overflows)
+    ]
     scalars = {name: value for name, value, ok in zip(names, values, fine) if ok}
+    read(names)
     names = [n for n in by_role["block"] if math.prod(storage.tensors[n].shape)]
-    block_max: dict[str, np.float32] = {}
+    block_max: dict[str, np.uint8] = {}  # module -> its largest block scale code
     if names:
         chunks = [storage.raw(n) for n in names]
         starts = np.cumsum([0] + [len(c) for c in chunks[:-1]])
@@ -457,22 +492,29 @@ def _check_values(expected, good: set[str], formats: dict[str, str], storage: St
             else:
                 found.append((names[i], f"{names[i]} holds zero or negative scales"))
         sound = np.flatnonzero((largest < 0x7F) & (smallest > 0))
-        block_max = {names[i][: -len(".weight_scale")]: _E4M3_VALUES[largest[i]] for i in sound}
+        block_max = {names[i][: -len(".weight_scale")]: largest[i] for i in sound}
+    read(by_role["block"])
+    fp8_max: dict[str, np.uint8] = {}  # FP8 weight -> its largest magnitude code
     for name in by_role["other"]:
         stored, raw = storage.tensors[name], storage.raw(name)
         if stored.dtype == torch.float8_e4m3fn:
             if _nan_bytes(raw).any():
                 found.append((name, f"{name} holds NaN bytes"))
+            elif len(raw):
+                fp8_max[name[: -len(".weight")]] = (raw & 0x7F).max()
         elif expected[name].role == "float" and not torch.isfinite(_values(stored, raw)).all():
             found.append((name, f"{name} holds NaN or Inf"))
+        read([name])
     for module, largest in block_max.items():
         # E2M1 codes are at most 6 in size: the largest dequantized value decides finiteness without the weight
         scale_2 = scalars.get(f"{module}.weight_scale_2")
         with np.errstate(over="ignore"):  # overflowing float32 is the finding, not a warning
-            finite = scale_2 is None or np.isfinite(np.float32(E2M1_MAX) * largest * scale_2)
+            finite = scale_2 is None or np.isfinite(np.float32(E2M1_MAX) * _E4M3_VALUES[largest] * scale_2)
         if not finite:
             found.append((module, f"{module} dequantizes to non-finite values"))
     problems += [problem for _, problem in sorted(found, key=lambda item: _natural(item[0]))]
+    warnings += _unreached_top(block_max, "block scale", "weight_scale_2", "amax / 2688 (= amax / 6 / 448)")
+    warnings += _unreached_top(fp8_max, "weight value", "weight_scale", "amax / 448")
     for module in formats:
         parent, _, leaf = module.rpartition(".")
         group = next((g for g in SIBLINGS if g[0] == leaf), None)
@@ -489,17 +531,44 @@ def _check_values(expected, good: set[str], formats: dict[str, str], storage: St
                 problems.append(f"{parent}.{{{','.join(group)}}}.{scale} differ: fused siblings share one scale")
 
 
+def _unreached_top(largest: dict[str, np.uint8], what: str, scale: str, calibrated: str) -> list[str]:
+    """Warnings for the weights (fused siblings together: they share one scale) none of whose `what`s is 448.
+    Max calibration makes `scale` the weight's (the siblings') `calibrated`, so the block or value holding the
+    amax comes out at exactly 448, the top of FP8's range; short of it, the scale was not made from this weight's
+    amax (block scales searched by MSE may legitimately stay below)."""
+    groups: dict[str, np.uint8] = {}
+    for module, code in largest.items():
+        group = _sibling_group(module)
+        groups[group] = max(groups.get(group, code), code)
+    return [
+        f"{group}: no {what} reaches 448, the top of FP8's range (the largest is {_E4M3_VALUES[code].item():g}): "
+        f"{scale} is not the weight's {calibrated} that max calibration sets (expected only for MSE-searched blocks)"
+        for group, code in sorted(groups.items(), key=lambda item: _natural(item[0])) if code < _E4M3_TOP
+    ]
+
+
 _E4M3_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+_E4M3_TOP = 0x7E  # 448, E4M3's largest code
 
 
-def verify(directory: str | Path) -> dict:
+def verify(directory: str | Path, on_progress: Callable[[int, int], None] | None = None) -> dict:
     """Check the checkpoint against the model its config.json describes: every tensor present, none unexpected,
-    dtypes and shapes, config fields and their agreement, the index, finite positive scales, finite tensors and
-    fused siblings' shared scales. -> a summary; raises VerificationError listing every problem."""
+    dtypes and shapes, config fields and their agreement, the index, finite positive scales (activation scales
+    with a finite reciprocal), finite tensors and fused siblings' shared scales (docs/checkpoint.md). -> a
+    summary: quant_algo, kv_cache_quant_algo, quantized_modules, tensors, excluded, and warnings (lines: weights
+    none of whose block scales or FP8 values reaches 448, which max calibration guarantees); raises
+    VerificationError listing every problem.
+
+    `on_progress(done_bytes, total_bytes)`, if given, is called as the value checks read tensor data: first with
+    0, then after the scalar scales, after the block scales and after each FP8 weight and unquantized tensor,
+    last with done_bytes == total_bytes. total_bytes is the tensor data the checks read (packed NVFP4 weights
+    are not read), known once the headers are; a checkpoint whose configs or headers are broken fails before
+    any call."""
     directory = Path(directory)
     if not directory.is_dir():
         raise VerificationError(f"{directory} is not a directory")
     problems: list[str] = []
+    warnings: list[str] = []
     config = _read_json(directory / "config.json", problems)
     quant = _read_json(directory / "hf_quant_config.json", problems)
     if config is None or quant is None:
@@ -515,7 +584,7 @@ def verify(directory: str | Path) -> dict:
         if plan is not None and bridge is not None and storage.complete:
             expected, formats = _expected(bridge, plan, storage.tensors, problems)
             good = _compare(expected, storage, plan, problems)
-            _check_values(expected, good, formats, storage, problems)
+            _check_values(expected, good, formats, storage, problems, warnings, on_progress)
     if problems:
         _fail(directory, problems)
     return {
@@ -524,4 +593,5 @@ def verify(directory: str | Path) -> dict:
         "quantized_modules": len(formats),
         "tensors": len(storage.tensors),
         "excluded": plan.exclude,
+        "warnings": warnings,
     }

@@ -44,16 +44,20 @@ def write(directory: Path, source, algo="NVFP4", kv="FP8", exclude=("lm_head",),
     """A checkpoint as docs/checkpoint.md lays it out. layers: MIXED_PRECISION's module -> format."""
     config, state = source
     tensors = {}
+    # max calibration: a weight's scale from its amax, fused siblings' from the largest of theirs (one scale_2)
+    amax = {}
+    for name, weight in state.items():
+        amax[_siblings(name)] = max(amax.get(_siblings(name), 0.0), weight.abs().max().item())
     for name, weight in state.items():
         module = name.removesuffix(".weight")
         fmt = None
         if name.endswith(".weight") and weight.dim() == 2 and "embed_tokens" not in name:
             fmt = layers.get(module) if layers is not None else None if any(fnmatchcase(module, p) for p in exclude) else algo
         if fmt in NVFP4_ALGOS:
-            packed, block, scale_2 = nvfp4_quantize(weight, 0.5)  # one amax: fused siblings share scale_2
+            packed, block, scale_2 = nvfp4_quantize(weight, amax[_siblings(name)])
             tensors |= {name: packed, f"{module}.weight_scale": block, f"{module}.weight_scale_2": scale_2.reshape(())}
         elif fmt == "FP8":
-            q, scale = fp8_quantize(weight, 0.5)
+            q, scale = fp8_quantize(weight, amax[_siblings(name)])
             tensors |= {name: q, f"{module}.weight_scale": scale.reshape(())}
         else:
             tensors[name] = weight.to(dtype)
@@ -99,6 +103,12 @@ def write(directory: Path, source, algo="NVFP4", kv="FP8", exclude=("lm_head",),
         quantization_config["kv_cache_scheme"] = {"dynamic": False, "num_bits": 8, "type": "float"} if kv == "FP8" else kv
     (directory / "config.json").write_text(json.dumps({**config, "quantization_config": quantization_config}))
     return directory
+
+
+def _siblings(name: str) -> str:
+    """The fused siblings (q/k/v, gate/up) a tensor's module belongs to, or the module."""
+    parent, _, leaf = name.removesuffix(".weight").rpartition(".")
+    return parent + {"q_proj": ".qkv", "k_proj": ".qkv", "v_proj": ".qkv", "gate_proj": ".gate_up", "up_proj": ".gate_up"}.get(leaf, f".{leaf}")
 
 
 def edit_json(path: Path, edit) -> None:
@@ -151,6 +161,7 @@ def test_a_good_checkpoint_passes_and_is_summarized(sources, tmp_path, kwargs, s
     out = verify(write(tmp_path / "ckpt", source, **kwargs))
     assert (out["quant_algo"], out["kv_cache_quant_algo"], out["quantized_modules"]) == summary
     assert out["tensors"] == len(source[1]) + added and out["excluded"] == list(kwargs.get("exclude", ["lm_head"]))
+    assert out["warnings"] == []  # every weight's scales from its amax, as max calibration makes them
 
 
 def test_a_sliding_window_config_verifies_since_shapes_do_not_depend_on_length(sources, tmp_path):
@@ -278,6 +289,17 @@ CASES = {
         {}, _tensor(f"{LAYER0}.self_attn.k_proj.k_scale", torch.tensor(float("inf"))),
         "model.layers.0.self_attn.k_proj.k_scale = inf is not a positive finite scale",
     ),
+    # the engines quantize activations by x * (1 / scale): a denormal scale is positive and finite, its
+    # reciprocal is not
+    "input-scale-with-infinite-reciprocal": (
+        {}, _tensor(f"{LAYER0}.mlp.down_proj.input_scale", torch.tensor(1e-45)),
+        "model.layers.0.mlp.down_proj.input_scale = 1.401298464324817e-45: its reciprocal, which the engines compute "
+        "to quantize activations, overflows float32",
+    ),
+    "kv-scale-with-infinite-reciprocal": (
+        {"algo": "FP8"}, _tensor(f"{LAYER0}.self_attn.v_proj.v_scale", torch.tensor(2.0 ** -128)),
+        "model.layers.0.self_attn.v_proj.v_scale = 2.938735877055719e-39: its reciprocal",
+    ),
     "overflowing-scale-2": (
         {}, _tensor(f"{LAYER0}.mlp.down_proj.weight_scale_2", torch.tensor(1e38)),
         "model.layers.0.mlp.down_proj dequantizes to non-finite values",
@@ -386,6 +408,59 @@ def test_each_planted_mistake_is_named(sources, tmp_path, kwargs, plant, pattern
         assert message.startswith(f"{directory}: ") and "\n" not in message and patterns in message, message
     else:
         assert all(p in message for p in patterns), message
+
+
+def test_the_smallest_activation_scale_with_a_finite_reciprocal_passes(sources, tmp_path):
+    directory = write(tmp_path / "ckpt", sources["llama"])
+    smallest = torch.tensor(2.0 ** -128).nextafter(torch.tensor(1.0))  # 1 / it: 3.4028e38; 1 / 2^-128 is inf
+    _tensor(f"{LAYER0}.mlp.down_proj.input_scale", smallest)(directory)
+    _tensor(f"{LAYER0}.self_attn.k_proj.k_scale", smallest)(directory)
+    assert verify(directory)["warnings"] == []
+
+
+def _halved(weight: str, *modules: str, scale_doubled: bool = True):
+    """Every block scale (NVFP4) or weight value (FP8) of the modules halved, and with `scale_doubled` their
+    per-tensor scale doubled: what a calibration writes when the scale is twice the amax's (it dequantizes
+    alike); without, a weight of half the values under the same scale (a sibling of a larger one)."""
+    def shrink(tensors):
+        for module in modules:
+            scale = f"{module}.weight_scale_2" if weight == "nvfp4" else f"{module}.weight_scale"
+            halved = f"{module}.weight_scale" if weight == "nvfp4" else f"{module}.weight"
+            tensors[halved] = (tensors[halved].float() / 2).to(torch.float8_e4m3fn)
+            tensors[scale] = tensors[scale] * (2 if scale_doubled else 1)
+
+    return lambda d: edit_tensors(d / "model.safetensors", shrink)
+
+
+@pytest.mark.parametrize("algo", ["NVFP4", "W4A16_NVFP4", "FP8"])
+def test_a_weight_whose_scale_is_not_its_amax_is_a_warning_not_an_error(sources, tmp_path, algo):
+    """Max calibration makes the block (NVFP4) or value (FP8) holding a weight's amax exactly 448; fused siblings
+    share one scale, so one of them reaching it is enough."""
+    directory = write(tmp_path / "ckpt", sources["llama"], algo=algo)
+    weight = "fp8" if algo == "FP8" else "nvfp4"
+    _halved(weight, f"{LAYER0}.self_attn.o_proj")(directory)
+    _halved(weight, f"{LAYER0}.mlp.gate_proj", scale_doubled=False)(directory)  # its sibling up_proj reaches 448
+    what = "weight value" if weight == "fp8" else "block scale"
+    assert verify(directory)["warnings"] == [
+        f"{LAYER0}.self_attn.o_proj: no {what} reaches 448, the top of FP8's range (the largest is 224): "
+        + ("weight_scale is not the weight's amax / 448" if weight == "fp8" else
+           "weight_scale_2 is not the weight's amax / 2688 (= amax / 6 / 448)")
+        + " that max calibration sets (expected only for MSE-searched blocks)"
+    ]
+    _halved(weight, f"{LAYER0}.mlp.gate_proj", f"{LAYER0}.mlp.up_proj")(directory)
+    assert [w.split(":")[0] for w in verify(directory)["warnings"]] == [
+        f"{LAYER0}.mlp.{{gate_proj,up_proj}}", f"{LAYER0}.self_attn.o_proj",  # in name order
+    ]
+
+
+@pytest.mark.parametrize("algo", ["NVFP4", "FP8"])
+def test_progress_counts_the_bytes_the_checks_read_up_to_their_total(sources, tmp_path, algo):
+    directory = write(tmp_path / "ckpt", sources["llama"], algo=algo, shards=3)
+    calls = []
+    verify(directory, on_progress=lambda done, total: calls.append((done, total)))
+    read = sum(t.numel() * t.element_size() for t in load_tensors(directory).values() if t.dtype != torch.uint8)
+    assert calls[0] == (0, read) and calls[-1] == (read, read) and len(calls) > 3
+    assert all(total == read and a <= b for (a, total), (b, _) in zip(calls, calls[1:]))
 
 
 def test_not_a_directory(tmp_path):
