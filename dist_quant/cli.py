@@ -48,17 +48,20 @@ def _recipes(args: argparse.Namespace) -> None:
         print(f"{name:<38} {load_recipe(name).description}")
 
 
-def _inspect(args: argparse.Namespace) -> None:
-    import time
+def _megabytes(done: int, total: int) -> tuple[int, int]:
+    """Bytes as whole MB: the total rounded up (any data is at least 1 MB), done rounded down until it is all."""
+    whole = -(-total // 10**6)
+    return (whole if done >= total else done // 10**6), whole
 
+
+def _inspect(args: argparse.Namespace) -> None:
     from dist_quant.export import verify
-    from dist_quant.progress import duration, say
+    from dist_quant.progress import Progress, say
 
     files = sorted(Path(args.directory).glob("*.safetensors"))  # none where it is no directory: verify says so
     say(f"verifying {args.directory}: {len(files)} safetensors files, {sum(f.stat().st_size for f in files) / 1e9:.2f} GB")
-    started = time.perf_counter()
-    summary = verify(args.directory)
-    say(f"verified in {duration(time.perf_counter() - started)}")
+    with Progress("checking values", "MB") as progress:
+        summary = verify(args.directory, on_progress=lambda done, total: progress.at(*_megabytes(done, total)))
     print(f"{args.directory}: {summary['quant_algo']} weights, KV cache {summary['kv_cache_quant_algo'] or 'not quantized'}")
     print(f"  {summary['quantized_modules']} quantized modules, {summary['tensors']} tensors")
     print(f"  not quantized: {', '.join(summary['excluded']) or 'none'}")
@@ -66,6 +69,8 @@ def _inspect(args: argparse.Namespace) -> None:
         "  verify: OK (every tensor config.json describes, with its dtype and shape; configs and index agree; "
         "finite scales; shared sibling scales)"
     )
+    for warning in summary["warnings"]:
+        print(f"  warning: {warning}")
 
 
 def _calibrate(args: argparse.Namespace) -> None:

@@ -45,7 +45,7 @@ class Progress:
         self.update(done - self.done)
 
     def update(self, count: int = 1) -> None:
-        if not self.enabled or not self.total:
+        if not self.enabled or not self.total or count <= 0:
             return
         before, self.done = self.done, self.done + count
         if self.stream.isatty():

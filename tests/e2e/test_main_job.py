@@ -31,6 +31,10 @@ def test_readme_main_job_at_small_size(tmp_path):
     exported = [line for line in result.stderr.splitlines() if line.startswith("exporting: ")][-1]
     every_tensor = len(ModelBridge.from_hf(CONFIGS / "tiny-qwen3-moe.json").hf_tensor_shapes())  # rank 0 writes all
     assert re.fullmatch(rf"exporting: {every_tensor}/{every_tensor} weights in [\d.]+ s", exported), exported
+    # `dist-quant inspect` on it, as the summary suggests: what it verifies, how far it is, OK
+    inspected = run_cli("inspect", str(out))
+    assert inspected.returncode == 0 and "verify: OK" in inspected.stdout, inspected.stderr
+    assert re.fullmatch(rf"verifying {out}: 1 safetensors files, 0\.00 GB\nchecking values: 1/1 MB in [\d.]+ s\n", inspected.stderr)
 
 
 def test_hf_style_data_file_and_fp8_on_two_ranks(tmp_path):
