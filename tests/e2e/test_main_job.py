@@ -9,7 +9,7 @@ from dist_quant.bridge import ModelBridge
 from dist_quant.export import verify
 
 from dist_quant.job import CONFIGS
-from tests.e2e.jobs import calibrate_on_ranks, run_cli, run_python, tiny_checkpoint, tiny_qwen3_moe, torchrun
+from tests.e2e.jobs import calibrate_on_ranks, run_cli, tiny_checkpoint, tiny_qwen3_moe, torchrun
 
 def test_readme_main_job_at_small_size(tmp_path):
     out = tmp_path / "tiny-qwen3-moe-nvfp4"
