@@ -17,7 +17,7 @@ from torch import nn
 
 from dist_quant.modules import QuantModule
 from dist_quant.modules.base import model_device
-from dist_quant.parallel.agree import every_rank
+from dist_quant.parallel.agree import every_rank, first_error, with_rank
 from dist_quant.parallel.groups import ParallelGroups, default_groups
 from dist_quant.parallel.layout import shard, unshard
 from dist_quant.quantizer import AMAX_BUFFERS, QuantizerMode, TensorQuantizer
@@ -89,14 +89,19 @@ def assemble(entries: Iterator[tuple[str, torch.Tensor, tuple | None, int]]) -> 
     splits = {}
     for key, value, split, index in entries:
         seen = pieces.setdefault(key, {})
-        if index in seen and not torch.equal(seen[index], value):
-            raise ValueError(f"ranks disagree on {key}")
+        if index in seen and not _same_bits(seen[index], value):
+            raise QuantStateError(f"ranks saved different copies of {key}")
         seen[index] = value
         splits[key] = split
     return {
         key: by_piece[0] if splits[key] is None else unshard([by_piece[i] for i in sorted(by_piece)], *splits[key])
         for key, by_piece in pieces.items()
     }
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit, NaN included (torch.equal says NaN differs from itself)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
 def _read_files(directory: Path) -> tuple[list[tuple[str, torch.Tensor, tuple | None, int]], dict]:
@@ -139,7 +144,10 @@ def restore_quant_state(model: nn.Module, directory: str | os.PathLike, groups: 
     groups = groups or default_groups()
     directory = Path(directory)
     entries, saved_shapes = _read_files(directory)
-    full = assemble(iter(entries))
+    try:
+        full = assemble(iter(entries))
+    except (RuntimeError, IndexError) as error:  # pieces whose saved split does not fit them
+        raise QuantStateError(f"{directory}: the saved pieces do not assemble ({error})") from None
     model_amax = {key for key, _, buffer, _ in quantizer_buffers(model) if buffer == "_amax"}
     here = weight_shapes(model, groups)
     everyone = every_rank((model_amax, here))  # ranks hold other experts, stages other layers
@@ -147,17 +155,38 @@ def restore_quant_state(model: nn.Module, directory: str | os.PathLike, groups: 
     here = {name: shape for _, shapes in everyone for name, shape in shapes.items()}
     saved_amax = {key for key in full if key.endswith("._amax")}
     _check_model(directory, model_amax, saved_amax, here, saved_shapes)
+    values, problem = _this_ranks_values(model, full, groups)
+    first = first_error(problem)  # a piece of one rank only may be bad: every rank stops, nothing loaded
+    if first is not None:
+        raise QuantStateError(f"{directory}: {with_rank(first)}")
     device = model_device(model)
-    restored = 0
+    for q, buffer, value in values:
+        q.load_state_dict({buffer: value}, strict=False)
+        q.to(device)
+    for _, q, _, _ in quantizer_buffers(model):
+        q.mode = QuantizerMode.QUANTIZING
+    return len(values)
+
+
+def _this_ranks_values(model: nn.Module, full: dict[str, torch.Tensor], groups: ParallelGroups):
+    """-> ([(quantizer, buffer, this rank's piece)], the first problem or None): each piece checked against the
+    shape the quantizer's format and weight give it (saved split metadata can be wrong), finite and not
+    negative."""
+    weights = {id(q): w for _, m in model.named_modules() if isinstance(m, QuantModule) for q, w in m.weight_quantizers()}
+    values = []
     for key, q, buffer, split in quantizer_buffers(model):
         if key not in full:
             continue
         value = full[key]
-        if split:
-            value = shard(value, split[0], groups.rank(split[2]), groups.size(split[2]), split[1])
-        q.load_state_dict({buffer: value}, strict=False)
-        q.to(device)
-        restored += 1
-    for _, q, _, _ in quantizer_buffers(model):
-        q.mode = QuantizerMode.QUANTIZING
-    return restored
+        expected = q.buffer_shape(buffer, weights.get(id(q)))
+        try:
+            if split:
+                value = shard(value, split[0], groups.rank(split[2]), groups.size(split[2]), split[1])
+        except (RuntimeError, IndexError, ValueError) as error:
+            return [], f"{key}: saved as split along dim {split[0]}, which its shape {tuple(value.shape)} does not allow ({error})"
+        if expected is None or value.shape != expected:
+            return [], f"{key}: this rank's piece has shape {tuple(value.shape)}, the quantizer here takes {None if expected is None else tuple(expected)}"
+        if not (torch.isfinite(value).all() and (value >= 0).all()):
+            return [], f"{key}: an amax must be finite and not negative"
+        values.append((q, buffer, value))
+    return values, None

@@ -1,6 +1,8 @@
 """Refit: a sharded Megatron model's weights and quantizer state streamed into a transformers model carrying
 dist_quant quantizers, before and after a training step; and quantizer state restored at another layout."""
 
+import re
+
 import pytest
 import torch
 
@@ -214,3 +216,37 @@ def test_kv_cache_amax_are_counted_not_applied(runs):
     kv = [("model.layers.0.self_attn.k_bmm_quantizer._amax", torch.tensor(3.0))]
     counts = apply_refit(_hf_model(path, recipe), report["stream"] + kv)
     assert counts == {"loaded": len(report["stream"]), "kv_cache_skipped": 1}
+
+
+def _edited_state(source, target, edit):
+    """A copy of a saved quant state with edit(saved) applied to every rank's file."""
+    import shutil
+
+    shutil.copytree(source, target)
+    for file in target.glob("*.pt"):
+        saved = torch.load(file, weights_only=True)
+        edit(saved)
+        torch.save(saved, file)
+    return str(target)
+
+
+BLOCK_AMAX = "decoder.layers.0.mlp.linear_fc1.weight_quantizer._block_amax"
+AMAX = "decoder.layers.0.self_attention.linear_qkv.weight_quantizer._amax"
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda saved: saved["state"][BLOCK_AMAX].update(split=(1, 1)), rf"{BLOCK_AMAX}: this rank's piece has shape \(128, 8\), the quantizer here takes \(256, 4\)"),
+        (lambda saved: saved["state"][AMAX]["tensor"].fill_(float("nan")), f"{AMAX}: an amax must be finite and not negative"),
+        (lambda saved: saved["state"][AMAX].update(tensor=torch.ones(3)), rf"{AMAX}: this rank's piece has shape \(3,\), the quantizer here takes \(\)"),
+    ],
+    ids=["split-lies", "nan", "shape"],
+)
+def test_restore_checks_every_piece_before_loading_any(runs, tmp_path, edit, match):
+    """Saved state whose metadata or values are wrong is refused at the TP1 restore of a TP2 state (it used to
+    report "restored" and fail later in the forward, or name the wrong problem)."""
+    path, recipe, state_dir, _ = runs["qwen3-tp2"]
+    edited = _edited_state(state_dir, tmp_path / "edited", edit)
+    message = run_ranks(1, workers.restore_error, path, 1, 1, recipe, edited)[0]
+    assert re.search(match, message), message
