@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Write a Hugging Face checkpoint made by transformers (random weights), for `dist-quant calibrate --hf-model`
 runs that must start from a checkpoint as users have them: the model class, config.json and safetensors files
-are transformers' own, not ours.
+are transformers' own, not ours. It gets the tests' byte-level tokenizer (one token per byte), since the job
+calibrates a checkpoint on its tokenizer's tokens (or on token ids given as data).
 
     python3 benchmarks/make_hf_checkpoint.py --out /tmp/qwen3-moe-bf16 --dtype bfloat16
 """
@@ -9,9 +10,13 @@ are transformers' own, not ours.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from tests.e2e.jobs import byte_tokenizer  # noqa: E402 - the tokenizer the tests' checkpoints have
 
 # A Qwen3-MoE shaped like Qwen3-30B-A3B in its ratios, small enough to write in seconds: 0.5B parameters.
 QWEN3_MOE = dict(
@@ -34,6 +39,7 @@ def main() -> None:
     config = transformers.Qwen3MoeConfig(**QWEN3_MOE)
     model = transformers.Qwen3MoeForCausalLM(config).to(getattr(torch, args.dtype))
     model.save_pretrained(args.out)
+    byte_tokenizer().save_pretrained(args.out)
     if args.nan:
         from safetensors.torch import load_file, save_file
 
