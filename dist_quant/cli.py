@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -80,6 +81,34 @@ def _calibrate(args: argparse.Namespace) -> None:
     job.run(args)
 
 
+def _launch(args: argparse.Namespace) -> int:
+    from dist_quant.launcher import launch
+
+    if args.nproc_per_node < 1:
+        build_parser().error("launch: --nproc-per-node must be at least 1")
+    build_parser().parse_args(["calibrate", *args.arguments])  # usage errors and --help here, not on every rank
+    return launch(args.nproc_per_node, ["calibrate", *args.arguments], args.verbose)
+
+
+def _add_launch(commands) -> None:
+    launch = commands.add_parser(
+        "launch",
+        help="run `calibrate` on N local ranks (as torchrun --standalone does), failing with one line and exit status 2",
+        description="Start N ranks of `dist-quant calibrate` on this machine through torch's elastic launcher, with "
+        "torchrun --standalone's rendezvous (a store on a free port), and end as the job does: one line "
+        "(dist-quant: error: rank N: ...) and exit status 2 when it fails, 1 for an internal error (its traceback "
+        "above) or a rank killed. torchrun itself runs the same job but exits 1 and prints its report after the "
+        "job's line; --verbose shows that report and the launcher's log. Example: dist-quant launch "
+        "--nproc-per-node 4 calibrate --model tiny-qwen3-moe --recipe nvfp4_default-fp8_cast_kv --tp 2 --ep 2 "
+        "--out out/tiny. For several machines run torchrun on each.",
+    )
+    launch.add_argument("--nproc-per-node", type=int, default=1, metavar="N", help="ranks to start (default 1): one per GPU")
+    launch.add_argument("--verbose", action="store_true", help="also show torchrun's report of a failed job and its log")
+    launch.add_argument("job", choices=["calibrate"], help="the command each rank runs")
+    launch.add_argument("arguments", nargs=argparse.REMAINDER, help="its arguments (see dist-quant calibrate --help)")
+    launch.set_defaults(run=_launch)
+
+
 def _add_calibrate(commands) -> None:
     from dist_quant.bridge.architectures import ARCHITECTURES
     from dist_quant.job import builtin_models
@@ -88,10 +117,10 @@ def _add_calibrate(commands) -> None:
         "calibrate",
         help="calibrate a TP/EP-sharded model and export a quantized HF checkpoint (run under torchrun)",
         description="Load a model (a Hugging Face checkpoint, or a built-in tiny config with random weights), "
-        "shard it with megatron-core over the ranks torchrun started (gloo on CPU, NCCL on GPUs), calibrate it "
-        "with a recipe on calibration data, and export a checkpoint vLLM loads. Example: torchrun "
-        "--nproc-per-node 4 -m dist_quant.cli calibrate --model tiny-qwen3-moe --recipe "
-        "nvfp4_default-fp8_cast_kv --tp 2 --ep 2 --out out/tiny",
+        "shard it with megatron-core over the ranks `dist-quant launch` (or torchrun) started (gloo on CPU, NCCL "
+        "on GPUs), calibrate it with a recipe on calibration data, and export a checkpoint vLLM loads. Example: "
+        "dist-quant launch --nproc-per-node 4 calibrate --model tiny-qwen3-moe --recipe nvfp4_default-fp8_cast_kv "
+        "--tp 2 --ep 2 --out out/tiny",
     )
     source = calibrate.add_mutually_exclusive_group(required=True)
     source.add_argument(
@@ -176,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"dist-quant {dist_quant.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_launch(commands)
     _add_calibrate(commands)
     recipes = commands.add_parser(
         "recipes",
@@ -196,17 +226,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _failed(message: str, reporter: bool) -> int:
+    """One line for the user, once: the reporting rank prints it, or `dist-quant launch`, which started the ranks,
+    from the error file every rank leaves (so that no rank can be ended before it has told). -> exit status 2."""
+    from dist_quant.launcher import LAUNCHED, record_error
+
+    record_error(message)
+    if reporter and LAUNCHED not in os.environ:
+        print(f"dist-quant: error: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from dist_quant.job import rank, user_errors
+    from dist_quant.parallel.agree import RankError
 
     try:
-        args.run(args)
+        return args.run(args) or 0
     except (*user_errors(), FileNotFoundError) as error:
-        if rank() == 0:  # every rank raises the same first error: print it once
-            print(f"dist-quant: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+        # every rank raises the same first error: rank 0 tells it, unless the error names another (a stall)
+        return _failed(str(error), error.reporter if isinstance(error, RankError) else rank() == 0)
 
 
 if __name__ == "__main__":

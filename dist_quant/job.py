@@ -378,10 +378,9 @@ def _export(model, bridge, target, groups, source, writers: str):
 
 def named_for_user(error: Exception, target) -> Exception:
     """The error with the target's temporary directory (where the checkpoint is written until it is complete and
-    verified) named as the user named --out."""
-    if target.partial is None or str(target.partial) not in str(error):
-        return error
-    return type(error)(str(error).replace(str(target.partial), target.shown))
+    verified) named as the user named --out, in the same words on every rank."""
+    message = target.shown_in(str(error))
+    return error if message == str(error) else type(error)(message)
 
 
 def layout_text(args: argparse.Namespace) -> str:
@@ -392,7 +391,24 @@ def layout_text(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> Path | None:
     """The whole job on this rank (after `validate`). -> the checkpoint directory on rank 0. Steps that hold no
-    collective end in an agreement over the world, so an error on any rank stops every rank with it."""
+    collective end in an agreement over the world, so an error on any rank stops every rank with it; a rank that
+    stops answering (stopped, hung, gone) is named by the others once a collective has waited --timeout minutes
+    for it and the roll call that follows as long."""
+    from dist_quant.parallel.agree import stalls_named
+
+    # megatron-core warns about every optional accelerator it lacks (Apex, Transformer Engine) on every rank.
+    warnings.filterwarnings("ignore", module=r"megatron(\.|$)")
+    started = time.perf_counter()
+    timeout = datetime.timedelta(minutes=args.timeout)
+    device = init_distributed(timeout)
+    with stalls_named(timeout, user_errors()):
+        out = _calibrate_and_export(args, device, timeout, started)
+    dist.destroy_process_group()
+    return out
+
+
+def _calibrate_and_export(args: argparse.Namespace, device: torch.device, timeout: datetime.timedelta, started: float) -> Path | None:
+    """`run`'s work, in the process group it made: build, read, calibrate, export, summary."""
     from dist_quant.bridge import ModelBridge
     from dist_quant.bridge.io import SafetensorsReader, load_hf_weights
     from dist_quant.calibrate import attach_quantizers, calibrate
@@ -404,11 +420,6 @@ def run(args: argparse.Namespace) -> Path | None:
     from dist_quant.parallel.schedule import forward_only
     from dist_quant.recipe import load_recipe
 
-    # megatron-core warns about every optional accelerator it lacks (Apex, Transformer Engine) on every rank.
-    warnings.filterwarnings("ignore", module=r"megatron(\.|$)")
-    started = time.perf_counter()
-    timeout = datetime.timedelta(minutes=args.timeout)
-    device = init_distributed(timeout)
     timer = Timer(device)
     lead = rank() == 0
     target = output_target(args)
@@ -475,7 +486,6 @@ def run(args: argparse.Namespace) -> Path | None:
             time.perf_counter() - started, left_out, [s["peaks"] for s in states], report_lines,
         )
         print(summary.text(), flush=True)
-    dist.destroy_process_group()
     return out
 
 

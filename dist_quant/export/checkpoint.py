@@ -390,7 +390,11 @@ def export_hf(
             if writer is not None:  # no write goes on behind the caller's back
                 writer.abandon()
             raise
-        files = [writer.close()] if writer is not None else []
+        try:
+            files, problem = [writer.close()] if writer is not None else [], None
+        except ExportError as error:  # a write failed (a full disk): every rank stops with it
+            problem = str(error)
+        _agree(problem)
         if parallel:  # every rank's shards, in rank order
             files = every_rank(files[0])
             quantizer.gather()

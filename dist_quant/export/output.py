@@ -12,6 +12,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -19,6 +20,8 @@ from pathlib import Path
 from dist_quant.bridge.io import is_inside
 
 PRODUCER = "dist_quant"
+# A run's temporaries beside the target: the checkpoint being written, and the one a commit replaces
+_PARTIAL, _OLD = ".{name}.partial-{pid}", ".{name}.old-{pid}"
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
 
@@ -125,7 +128,13 @@ class OutputTarget:
     def _temporaries(self, pid: int) -> tuple[Path, Path]:
         """The partial directory of run `pid` on this path, and where its commit puts the checkpoint it replaces."""
         parent, name = self.path.parent, self.path.name
-        return parent / f".{name}.partial-{pid}", parent / f".{name}.old-{pid}"
+        return parent / _PARTIAL.format(name=name, pid=pid), parent / _OLD.format(name=name, pid=pid)
+
+    def shown_in(self, message: str) -> str:
+        """`message` with the partial directory of any run on this path named as the user named the target: the
+        same words on every rank, also on those that did not claim it (which know no pid)."""
+        partial = re.escape(str(self.path.parent / _PARTIAL.format(name=self.path.name, pid=""))) + r"\d+"
+        return re.sub(partial, lambda _: self.shown, message)
 
     def _recorded_runs(self) -> list[int]:
         self._lock.seek(0)

@@ -22,6 +22,7 @@ import torch
 
 from dist_quant.bridge.io import SAFETENSORS_DTYPES
 from dist_quant.export.buckets import Bucket
+from dist_quant.export.problems import ExportError
 
 _NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
@@ -61,7 +62,11 @@ class ShardWriter:
     reach the host in one transfer each (into pinned memory, which torch's host allocator recycles once a
     shard is written); full shards are written by WRITERS background threads (one thread's copies into the page
     cache do not fill a disk) while the caller goes on. At most one shard per thread is being written and one
-    pending, so host memory stays within WRITERS + 1 shards."""
+    pending, so host memory stays within WRITERS + 1 shards.
+
+    A write that fails (a full disk) stops the writing, not the caller: the caller goes on through the export's
+    collectives, so that the other ranks are not left waiting for it, and `close` raises the error, for the
+    ranks to agree on."""
 
     WRITERS = 2
 
@@ -70,7 +75,8 @@ class ShardWriter:
         self.pending: list[Entry] = []
         self.pending_bytes, self.files, self.total = 0, [], 0
         self.threads = ThreadPoolExecutor(max_workers=self.WRITERS, thread_name_prefix="dist_quant-shards")
-        self.writing: list[Future] = []
+        self.writing: list[tuple[Future, Path]] = []
+        self.error: str | None = None  # the first failed write's, as the user is told it
 
     def add(self, bucket: Bucket) -> list[str]:
         """A bucket's tensors, in its table's order. -> their names."""
@@ -94,20 +100,26 @@ class ShardWriter:
         if len(self.writing) == self.WRITERS:
             self._wait(self.writing.pop(0))
         file = f"shard-{self.prefix}{len(self.files):05d}.safetensors"
-        self.writing.append(self.threads.submit(write_safetensors, self.directory / file, self.pending, {"format": "pt"}))
+        if self.error is None:  # after a failed write the rest is dropped: the export fails
+            path = self.directory / file
+            self.writing.append((self.threads.submit(write_safetensors, path, self.pending, {"format": "pt"}), path))
         self.files.append((file, [entry[0] for entry in self.pending]))
         self.pending, self.pending_bytes = [], 0
 
-    @staticmethod
-    def _wait(writing: Future) -> None:
-        writing.result()  # the thread's error, if any, is the caller's
+    def _wait(self, writing: tuple[Future, Path]) -> None:
+        future, path = writing
+        try:
+            future.result()
+        except OSError as error:
+            self.error = self.error or write_error(error, path)
 
     def abandon(self) -> None:
         """Stop: the shards being written finish (their errors, if any, dropped), the pending one is not written."""
         self.threads.shutdown(wait=True)
 
     def close(self) -> tuple[list[tuple[str, list[str]]], int]:
-        """Write what is pending and wait for the disk. -> (every shard file with its tensors, bytes written)."""
+        """Write what is pending and wait for the disk. -> (every shard file with its tensors, bytes written).
+        Raises ExportError naming the first write that failed."""
         try:
             if self.pending:
                 self._flush()
@@ -115,4 +127,13 @@ class ShardWriter:
                 self._wait(writing)
         finally:
             self.threads.shutdown(wait=True)
+        if self.error is not None:
+            raise ExportError(self.error)
         return self.files, self.total
+
+
+def write_error(error: OSError, path: Path) -> str:
+    """A failed write as one line, what the system said and the file: `no space left on device writing
+    /out/x.safetensors`."""
+    reason = error.strerror or str(error)
+    return f"{reason[:1].lower()}{reason[1:]} writing {path}"

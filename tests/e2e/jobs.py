@@ -3,12 +3,14 @@
 import contextlib
 import io
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 from unittest import mock
 
 REPO = Path(__file__).resolve().parents[2]
+FAULTS = REPO / "tests" / "e2e" / "faults"  # faults injected into a job's ranks (its sitecustomize)
 
 
 def run_python(*args, timeout=600, env=None):
@@ -24,10 +26,32 @@ def torchrun(ranks, *args, **kwargs):
     )
 
 
+def launch(ranks, *args, verbose=False, fault=None, **kwargs):
+    """`dist-quant launch --nproc-per-node RANKS calibrate ARGS` (the rendezvous takes a port the system gives it,
+    so that concurrent jobs never meet). `fault`: (kind, rank) of a real fault in that rank, see
+    tests/e2e/faults/sitecustomize.py."""
+    env = None
+    if fault is not None:
+        path = os.pathsep.join(filter(None, [str(FAULTS), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": path, "DIST_QUANT_TEST_FAULT": ":".join(map(str, fault))}
+    return run_python(
+        "-m", "dist_quant.cli", "launch", "--nproc-per-node", str(ranks), *(["--verbose"] if verbose else []),
+        "calibrate", *args, env=env, **kwargs,
+    )
+
+
+def readme_main_command() -> list[str]:
+    """The arguments of the README's main command, `dist-quant ARGS`."""
+    text = (REPO / "README.md").read_text()
+    line = next(line for block in text.split("```bash\n")[1:] for line in block.split("```")[0].splitlines() if "dist-quant launch" in line)
+    return shlex.split(line.split("&&")[-1])[1:]
+
+
 def calibrate_on_ranks(ranks: int, *args, env: dict | None = None) -> subprocess.CompletedProcess:
     """The job as `torchrun --nproc-per-node RANKS -m dist_quant.cli calibrate ARGS` runs it, from the CLI's main
     down, on kept gloo ranks (dist_quant.parallel.spawn) instead of fresh processes whose imports cost more than
-    these jobs (the README's command itself runs under torchrun, in test_readme_main_job_at_small_size). `env`:
+    these jobs (the README's command itself runs under `dist-quant launch`, in test_readme_main_job_at_small_size,
+    and so do the tests of faults in test_reliability). `env`:
     variables set on the ranks for the job. -> the worst rank's exit status, what the ranks printed."""
     from dist_quant.parallel.spawn import run_ranks
 

@@ -11,7 +11,7 @@ import torch
 from dist_quant.export import OutputError, OutputTarget, verify
 from dist_quant.export.side_files import SIDE_FILES
 from dist_quant.job import replica_samples
-from tests.e2e.jobs import calibrate_on_ranks, run_cli, run_python, tiny_qwen3_moe
+from tests.e2e.jobs import calibrate_on_ranks, launch, run_cli, run_python, tiny_qwen3_moe
 from tests.reference.hf_cache import cache_snapshot
 
 TINY = ("--model", "tiny-qwen3-moe", "--recipe", "fp8_default-fp8_cast_kv", "--seq-len", "16")
@@ -63,6 +63,38 @@ def test_an_error_of_any_rank_reaches_the_user_once(tmp_path, damage, text):
                                 "--out", str(tmp_path / "out"))
     _one_line_error(result, text)
     assert "Connection closed" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def _last_line_alone(result, line):
+    """The job ended with `line`, its only error line, after no traceback of any rank's."""
+    assert result.stderr.splitlines()[-1] == line and result.stderr.count("dist-quant: error:") == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Connection closed" not in result.stderr, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("writers, full", [("one", 0), ("all", 1)], ids=["rank-0-writes-all", "every-rank-writes"])
+def test_a_full_disk_ends_the_job_in_one_line_and_leaves_nothing(tmp_path, writers, full):
+    """A real ENOSPC (the rank's first shard is /dev/full) in the background writer of the rank that writes it:
+    the other rank, still in the export's collectives, is not left waiting for it, and both stop with its line."""
+    out = tmp_path / "out"
+    result = launch(2, *TINY, "--ep", "2", "--calib-samples", "2", "--export-writers", writers, "--out", str(out),
+                    fault=("full-disk", full))
+    assert result.returncode == 2, result.stderr[-3000:]
+    _last_line_alone(result, f"dist-quant: error: rank {full}: no space left on device writing {out}/shard-r{full:05d}-00000.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_stopped_rank_is_named_within_the_timeout(tmp_path):
+    """Rank 0 (which holds the output's lock) receives SIGSTOP as it writes its first shard: rank 1 waits
+    --timeout minutes for it in a collective, and as long again for its answer, and names it; the launcher ends
+    the stopped rank at once and, with --verbose, keeps torchrun's report before the line."""
+    result = launch(2, *TINY, "--ep", "2", "--calib-samples", "2", "--export-writers", "all", "--timeout", "0.1",
+                    "--out", str(tmp_path / "out"), verbose=True, fault=("stop", 0), timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    report = result.stderr[result.stderr.index("dist_quant.cli FAILED"):]
+    assert "exitcode  : -15" in report and "Root Cause (first observed failure)" in report, report
+    line = "dist-quant: error: rank 0 did not answer within 0.1 minutes (stopped or hung?)"
+    assert result.stderr.splitlines()[-1] == line and result.stderr.count("dist-quant: error:") == 1, result.stderr[-3000:]
+    assert "Timed out waiting" not in result.stderr and not (tmp_path / "out").exists()
 
 
 def test_a_side_file_linked_out_of_the_checkpoint_is_refused_before_any_work(tmp_path):
