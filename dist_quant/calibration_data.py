@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -38,6 +39,7 @@ BUILTIN_TEXT = "dist_quant/data/calibration.txt"
 DEFAULT_COLUMNS = {"input_ids": "token ids", "messages": "chat", "text": "text"}
 _NEEDS = {"text": "a string", "chat": "a list of {role, content} messages in its", "token ids": "a list of token ids in its"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+_TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")  # each a JSON object
 # A Hugging Face hub id: `name` or `owner/name`, no file suffix a local file would have
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 _LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet", ".md")
@@ -83,13 +85,27 @@ class TokenizerEncoding:
         self.separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
     def text(self, text: str) -> list[int]:
-        return self.tokenizer(text, verbose=False)["input_ids"]
+        return self._encoded(text, add_special_tokens=True)
 
     def chat(self, messages) -> list[int]:
         if not self.tokenizer.chat_template:
             raise JobError(f"--calib-data holds chat messages, which need a chat template, and {self.name} has none")
-        rendered = self.tokenizer.apply_chat_template(messages, tokenize=False)
-        return self.tokenizer(rendered, add_special_tokens=False, verbose=False)["input_ids"]
+        with self._failures("rendering --calib-data's chat messages with its chat template"):
+            rendered = self.tokenizer.apply_chat_template(messages, tokenize=False)
+        return self._encoded(rendered, add_special_tokens=False)
+
+    def _encoded(self, text: str, add_special_tokens: bool) -> list[int]:
+        with self._failures("tokenizing --calib-data"):
+            return self.tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"]
+
+    @contextmanager
+    def _failures(self, doing: str):
+        """Whatever the checkpoint's tokenizer files make transformers raise (tokenizers' own errors are plain
+        Exceptions), as one line naming it."""
+        try:
+            yield
+        except Exception as error:  # noqa: BLE001 - the user's tokenizer files, read by transformers
+            raise JobError(f"{self.name} fails {doing} ({type(error).__name__}: {error})".splitlines()[0]) from None
 
 
 def checkpoint_encoding(directory: str | Path, flag: str = "--hf-model"):
@@ -97,13 +113,30 @@ def checkpoint_encoding(directory: str | Path, flag: str = "--hf-model"):
     directory = Path(directory)
     if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
         return NoTokenizer(f"{flag} {directory} has no tokenizer ({', '.join(_TOKENIZER_FILES)})")
+    for name in _TOKENIZER_JSON:  # read here, so that transformers never meets one that is no JSON object
+        if (directory / name).is_file():
+            _, problem = json_object((directory / name).read_bytes())
+            if problem:
+                raise JobError(f"{flag} {directory}: its {name} is {problem}")
     import transformers
 
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
-    except (OSError, ValueError, TypeError) as error:
+    except Exception as error:  # noqa: BLE001 - the user's files; tokenizers' own errors are plain Exceptions
         raise JobError(f"{flag} {directory}: its tokenizer does not load ({type(error).__name__}: {error})".splitlines()[0]) from None
     return TokenizerEncoding(tokenizer, str(directory))
+
+
+def json_object(data: bytes | str) -> tuple[dict | None, str | None]:
+    """-> (the object, None) where `data` is a JSON object; else (None, what it is instead, in words: 'not JSON
+    (...)'), nesting too deep for Python's decoder included."""
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        return None, "not JSON that can be read (nested too deep)"
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        return None, f"not JSON ({error.msg if isinstance(error, json.JSONDecodeError) else 'not UTF-8 text'})"
+    return (value, None) if isinstance(value, dict) else (None, "not a JSON object")
 
 
 @dataclass(frozen=True)
@@ -167,10 +200,12 @@ def load(spec: DataSpec, encoding, count: int, seq_len: int, pack: str, vocab_si
     separator = [] if kind == "token ids" else encoding.separator  # token ids are the user's exact stream
     samples, read, skipped = _packed(documents, separator, count, seq_len, pack, repeat, spec.shown)
     repeated = repeat and read > len(documents)
-    outside = samples[(samples < 0) | (samples >= vocab_size)]
-    if outside.numel():
-        raise JobError(f"--calib-data {spec.shown}: token id {outside[0].item()} is outside the model's vocabulary (vocab_size {vocab_size})")
+    # checked before any tensor holds them: a JSON integer may be beyond int64
+    outside = next((t for sample in samples for t in sample if not 0 <= t < vocab_size), None)
+    if outside is not None:
+        raise JobError(f"--calib-data {spec.shown}: token id {outside} is outside the model's vocabulary (vocab_size {vocab_size})")
     name = "token ids as given" if kind == "token ids" else encoding.name
+    samples = torch.tensor(samples, dtype=torch.long)
     return CalibrationSet(samples, data, name, pack, min(read, len(documents)) if repeated else read, skipped, count, repeated)
 
 
@@ -188,8 +223,8 @@ def paragraphs(lines: Iterable[str]) -> Iterator[str]:
 
 
 def _packed(documents: Iterable[list[int]], separator: list[int], count: int, seq_len: int, pack: str,
-            repeat: bool, shown: str) -> tuple[torch.Tensor, int, int]:
-    """-> (samples [n <= count, seq_len], documents read (counting repeats), documents skipped). `repeat`:
+            repeat: bool, shown: str) -> tuple[list[list[int]], int, int]:
+    """-> (n <= count samples of seq_len tokens, documents read (counting repeats), documents skipped). `repeat`:
     cycle through the documents (a list) until the samples are full."""
     samples: list[list[int]] = []
     stream: list[int] = []
@@ -215,7 +250,7 @@ def _packed(documents: Iterable[list[int]], separator: list[int], count: int, se
             start += seq_len
         del stream[:start]
     if samples:
-        return torch.tensor(samples, dtype=torch.long), read, skipped
+        return samples, read, skipped
     if not total:
         raise JobError(f"--calib-data {shown}: no documents (nothing to calibrate on)")
     if pack == "truncate":
@@ -309,6 +344,15 @@ def _value(spec: DataSpec, where: str, record: dict, column: str, kind: str):
     value = record.get(column)
     if not _holds(kind, value):
         raise JobError(f"--calib-data {spec.source}: {where} needs {_NEEDS[kind]} '{column}' field")
+    texts = [value] if kind == "text" else [] if kind == "token ids" else [t for m in value for t in (m["role"], m["content"])]
+    for text in texts:  # JSON can escape half a UTF-16 pair, which no tokenizer encodes
+        try:
+            text.encode()
+        except UnicodeEncodeError as error:
+            raise JobError(
+                f"--calib-data {spec.source}: {where}: its '{column}' holds {text[error.start]!r}, half a UTF-16 "
+                "surrogate pair, which is no text"
+            ) from None
     return value
 
 
@@ -330,12 +374,9 @@ def _jsonl(path: str) -> Iterator[tuple[str, dict]]:
     for number, line in _lines(path):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise JobError(f"--calib-data {path}: line {number} is not JSON ({error.msg})") from None
-        if not isinstance(record, dict):
-            raise JobError(f"--calib-data {path}: line {number} is not a JSON object")
+        record, problem = json_object(line)
+        if problem:
+            raise JobError(f"--calib-data {path}: line {number} is {problem}")
         yield f"line {number}", record
 
 

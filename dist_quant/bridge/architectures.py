@@ -4,10 +4,11 @@ dense MLP and MoE mappings are written once and composed; the bridge itself hold
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-from dist_quant.bridge.config import COMMON, HFConfig, Rule, inert, only, used
+from dist_quant.bridge.config import COMMON, MAX_COUNT, HFConfig, Rule, inert, only, rope_check, used
 from dist_quant.bridge.mappings import (
     ColumnParallelMapping,
     GatedMLPMapping,
@@ -73,6 +74,8 @@ def _sliding_window(layers: Callable[[HFConfig, int], list[int]], window_key: st
             return None
         if window is None:
             return "use_sliding_window is set but sliding_window is not: the window size is unknown"
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            return f"the sliding window size must be a number of tokens above 0, not {window!r}"
         sliding = layers(config, config.require("num_hidden_layers"))
         if not sliding:
             return None
@@ -119,17 +122,33 @@ def _layer_list(value, config: HFConfig, seq_len):
     return None
 
 
+def routed_experts(config: HFConfig) -> int:
+    """The number of routed experts, under whichever key the architecture's config names it."""
+    return config.get("num_experts") or config.get("n_routed_experts") or config.require("num_local_experts")
+
+
+def _top_k(value, config: HFConfig, seq_len):
+    experts = routed_experts(config)
+    return f"expected at most the {experts} routed experts" if value > experts else None
+
+
 def _group_limited(value, config: HFConfig, seq_len):
     """transformers scores each expert group by its top-2 experts; megatron-core by its top-(topk / groups
-    chosen): the same where that is 2, or where there is one group (no limit at all)."""
+    chosen): the same where that is 2, or where there is one group (no limit at all). The top-k experts must
+    come from the groups chosen: megatron-core masks the others out, transformers picks them at score 0."""
     groups, chosen, topk = value, config.get("topk_group", 1), config.get("num_experts_per_tok", 1)
-    experts = config.get("n_routed_experts") or config.get("num_local_experts", 0)
-    if not isinstance(groups, int) or groups < 1 or experts % groups:
+    experts = routed_experts(config)
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or experts % groups:
         return f"expected a number of groups that divides the {experts} experts"
-    if groups > 1 and (not isinstance(chosen, int) or not 1 <= chosen <= groups or topk // chosen != 2):
+    if groups > 1 and (not 1 <= chosen <= groups or topk // chosen != 2):
         return (
             f"group-limited routing with topk_group = {chosen} and top-{topk}: transformers scores groups by their "
             "top-2 experts, megatron-core by their top-(top-k / topk_group); implemented where that is 2"
+        )
+    if topk > chosen * (experts // groups):
+        return (
+            f"top-{topk} routing over topk_group = {chosen} of {groups} groups of {experts // groups} experts: "
+            f"the groups chosen hold {chosen * (experts // groups)}"
         )
     return None
 
@@ -145,21 +164,23 @@ def _sigmoid_norm(value, config: HFConfig, seq_len):
 DENSE_MLP = {"intermediate_size": used(int, "an integer (MLP width)", positive=True)}
 QWEN_SLIDING = {
     "use_sliding_window": Rule(
-        "read: sliding attention, refused where it acts", _sliding_window(_marked_layers, "sliding_window")
+        "read: sliding attention, refused where it acts", relation=_sliding_window(_marked_layers, "sliding_window")
     ),
-    "sliding_window": used((int, type(None)), "an integer or null"),
+    "sliding_window": used((int, type(None)), "an integer or null", positive=True),
     "max_window_layers": used((int, type(None)), "an integer or null"),
     "layer_types": Rule("read: which layers slide", _layer_types),
 }
 MISTRAL_SLIDING = {
-    "sliding_window": Rule("read: sliding attention on every layer, refused where it acts", _sliding_window(_every_layer)),
+    "sliding_window": Rule(
+        "read: sliding attention on every layer, refused where it acts", relation=_sliding_window(_every_layer)
+    ),
     "attention_bias": inert("Mistral's attention has no biases whatever the config says"),
 }
 MOE_TRAINING = {
     "router_aux_loss_coef": inert("a training loss"),
     "output_router_logits": inert("what transformers returns, not what it computes"),
 }
-TOPK = {"num_experts_per_tok": used(int, "an integer (top-k)", positive=True)}
+TOPK = {"num_experts_per_tok": used(int, "an integer (top-k)", positive=True, relation=_top_k)}
 
 LLAMA_KEYS = {
     **COMMON, **DENSE_MLP,
@@ -174,36 +195,39 @@ QWEN3_KEYS = {**COMMON, **DENSE_MLP, **QWEN_SLIDING}
 QWEN3_MOE_KEYS = {
     **COMMON, **DENSE_MLP, **MOE_TRAINING, **TOPK,
     "use_sliding_window": Rule(
-        "read: sliding attention on every layer, refused where it acts", _sliding_window(_every_layer, "sliding_window")
+        "read: sliding attention on every layer, refused where it acts",
+        relation=_sliding_window(_every_layer, "sliding_window"),
     ),
-    "sliding_window": used((int, type(None)), "an integer or null"),
+    "sliding_window": used((int, type(None)), "an integer or null", positive=True),
     "max_window_layers": inert("transformers' Qwen3-MoE slides every layer or none"),
-    "num_experts": used(int, "an integer", positive=True),
-    "num_local_experts": used(int, "an integer (num_experts, as transformers 5 writes it)", positive=True),
+    "num_experts": used(int, "an integer", positive=True, at_most=MAX_COUNT),
+    "num_local_experts": used(int, "an integer (num_experts, as transformers 5 writes it)", positive=True, at_most=MAX_COUNT),
     "moe_intermediate_size": used(int, "an integer (expert width)", positive=True),
     "norm_topk_prob": used(bool, "true or false"),
     "decoder_sparse_step": used(int, "an integer (every N-th layer is MoE)", positive=True),
-    "mlp_only_layers": Rule("read: the dense layers", _layer_list),
+    "mlp_only_layers": Rule("read: the dense layers", relation=_layer_list),
 }
 MISTRAL_KEYS = {**COMMON, **DENSE_MLP, **MISTRAL_SLIDING}
 MIXTRAL_KEYS = {
     **COMMON, **MISTRAL_SLIDING, **MOE_TRAINING, **TOPK,
     "intermediate_size": used(int, "an integer (expert width)", positive=True),
-    "num_local_experts": used(int, "an integer", positive=True),
+    "num_local_experts": used(int, "an integer", positive=True, at_most=MAX_COUNT),
     "router_jitter_noise": inert("noise is added in training only"),
 }
 GLM4_MOE_KEYS = {
     **COMMON, **DENSE_MLP, **MOE_TRAINING, **TOPK,
-    "partial_rotary_factor": Rule("read: the rotated part of each head (with the rope)"),
+    "partial_rotary_factor": Rule(
+        "read: the rotated part of each head (with the rope)", rope_check("partial_rotary_factor")
+    ),
     "use_qk_norm": used(bool, "true or false"),
-    "first_k_dense_replace": used(int, "an integer (leading dense layers)"),
-    "n_routed_experts": used(int, "an integer", positive=True),
-    "num_local_experts": used(int, "an integer (n_routed_experts)", positive=True),
-    "n_shared_experts": used(int, "an integer (shared experts, summed into one MLP)"),
+    "first_k_dense_replace": used(int, "an integer (leading dense layers)", at_least=0),
+    "n_routed_experts": used(int, "an integer", positive=True, at_most=MAX_COUNT),
+    "num_local_experts": used(int, "an integer (n_routed_experts)", positive=True, at_most=MAX_COUNT),
+    "n_shared_experts": used(int, "an integer (shared experts, summed into one MLP)", at_least=0),
     "moe_intermediate_size": used(int, "an integer (expert width)", positive=True),
     "routed_scaling_factor": used((float, int), "a number", positive=True),
-    "norm_topk_prob": Rule("read: renormalized top-k sigmoid weights", _sigmoid_norm),
-    "n_group": Rule("read: group-limited routing", _group_limited),
+    "norm_topk_prob": Rule("read: renormalized top-k sigmoid weights", relation=_sigmoid_norm),
+    "n_group": Rule("read: group-limited routing", relation=_group_limited),
     "topk_group": used(int, "an integer (groups chosen)", positive=True),
     "num_nextn_predict_layers": inert("multi-token-prediction layers are outside the forward; their tensors are "
                                       "left out of the export, which then announces none"),
@@ -228,7 +252,7 @@ def _qwen3_moe(config: HFConfig) -> Forward:
     return Forward(
         qk_norm=True, **_biases(config),
         moe_layers=tuple(i for i in range(layers) if i not in dense and (i + 1) % step == 0),
-        num_experts=config.get("num_experts") or config.require("num_local_experts"),
+        num_experts=routed_experts(config),
         router=_softmax_router(config.get("norm_topk_prob", False)),
     )
 
@@ -236,7 +260,7 @@ def _qwen3_moe(config: HFConfig) -> Forward:
 def _mixtral(config: HFConfig) -> Forward:
     return Forward(
         moe_layers=tuple(range(config.require("num_hidden_layers"))),
-        num_experts=config.require("num_local_experts"),
+        num_experts=routed_experts(config),
         router=_softmax_router(True),  # softmax over the top-k logits
     )
 
@@ -256,7 +280,7 @@ def _glm4_moe(config: HFConfig) -> Forward:
         qk_norm=bool(config.get("use_qk_norm", False)),
         qkv_bias=bool(config.get("attention_bias", False)),
         moe_layers=tuple(range(config.get("first_k_dense_replace", 0), layers)),
-        num_experts=config.get("n_routed_experts") or config.require("num_local_experts"),
+        num_experts=routed_experts(config),
         shared_expert_width=config.require("moe_intermediate_size") * shared if shared else None,
         router=router,
     )
@@ -346,6 +370,18 @@ def model_mappings(architecture: Architecture, config: HFConfig, forward: Forwar
     else:
         table.append(ColumnParallelMapping("output_layer.weight", "lm_head.weight"))
     return table
+
+
+def parameter_counts(architecture: Architecture, config: HFConfig, forward: Forward, head_dim: int) -> dict[str, int]:
+    """The parameters of the unquantized Hugging Face checkpoint, by the Hugging Face names of each exported mapping
+    (over its layers and experts), multiplied out from the shapes without listing a name: a config that describes
+    trillions is weighed before anything counts them out. They sum to `hf_tensor_shapes`' elements."""
+    shapes = megatron_shapes(config, forward, head_dim)
+    layers, counts = config.require("num_hidden_layers"), {}
+    for mapping in filter(lambda m: m.exported, model_mappings(architecture, config, forward, head_dim)):
+        repeats = (layers if mapping.layers is None else len(mapping.layers), forward.num_experts)
+        counts[", ".join(mapping.hf)] = math.prod((*shapes[mapping.megatron], *repeats[: mapping.megatron.count("*")]))
+    return counts
 
 
 def megatron_shapes(config: HFConfig, forward: Forward, head_dim: int) -> dict[str, tuple[int, ...]]:

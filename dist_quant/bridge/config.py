@@ -4,11 +4,16 @@ Every key of the file is looked up in the table: a key the bridge reads is check
 changes nothing in the forward is accepted as such, a key whose value the bridge cannot compute exactly is refused,
 and a key the table does not know is refused too, since nothing vouches that it leaves the forward alone. Each
 refusal is one line naming the key and its value, raised before any rank builds a model.
+
+A key's rule checks its value in two passes: first the value alone (its type, its range), then, once every key's
+own value has passed, against the other keys (`relation`: e.g. num_key_value_heads must divide
+num_attention_heads), so that a relation never meets another key's value of the wrong type.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,36 +24,52 @@ from dist_quant.bridge.rope import RopeSpec
 
 ROPE_KEYS = ("rope_scaling", "rope_parameters")  # transformers' priority
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Layers and experts are counted out one by one (their names, megatron's modules) before the model's size can be
+# weighed against the ranks' memory: counts beyond this, far above any model's (a few hundred), are refused.
+MAX_COUNT = 65_536
 
 
 @dataclass(frozen=True)
 class Rule:
-    """What the bridge does with one config key. `check(value, config, seq_len)` -> why the value cannot be
-    honoured, or None. `note` says it in words (docs, error messages)."""
+    """What the bridge does with one config key. `check(value, config, seq_len)` -> why the value alone cannot be
+    honoured, or None; `relation(value, config, seq_len)` -> why it cannot be honoured with the other keys' values,
+    asked once every key's own check has passed. `note` says it in words (docs, error messages)."""
 
     note: str
     check: Callable[..., str | None] | None = None
+    relation: Callable[..., str | None] | None = None
 
     def problem(self, value, config: "HFConfig", seq_len: int | None) -> str | None:
         return self.check(value, config, seq_len) if self.check else None
+
+    def related_problem(self, value, config: "HFConfig", seq_len: int | None) -> str | None:
+        return self.relation(value, config, seq_len) if self.relation else None
 
 
 def inert(why: str) -> Rule:
     return Rule(f"changes nothing in the forward: {why}")
 
 
-def used(kind: type | tuple, what: str, positive: bool = False) -> Rule:
-    """A value the bridge reads into the model."""
+def used(kind: type | tuple, what: str, positive: bool = False, at_least: int | None = None,
+         at_most: int | None = None, relation: Callable[..., str | None] | None = None) -> Rule:
+    """A value the bridge reads into the model: of `kind`, finite, above 0 where `positive`, within `at_least` and
+    `at_most` where given, and then fitting the other keys (`relation`)."""
     kinds = kind if isinstance(kind, tuple) else (kind,)
 
     def check(value, config, seq_len):
         if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
             return f"expected {what}"
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"expected {what}, not {value}"
         if positive and not value > 0:
             return f"expected {what} above 0"
+        if at_least is not None and value < at_least:
+            return f"expected {what} of at least {at_least}"
+        if at_most is not None and value > at_most:
+            return f"expected {what} of at most {at_most:,}"
         return None
 
-    return Rule(f"read: {what}", check)
+    return Rule(f"read: {what}", check, relation)
 
 
 def only(allowed: tuple, why: str) -> Rule:
@@ -68,14 +89,55 @@ def _dtype(value, config, seq_len):
     return None if value in DTYPES else f"expected one of {', '.join(DTYPES)}"
 
 
-def _rope(key: str) -> Callable:
-    """The rope's problem, reported once, under the key that defines it."""
+def rope_check(key: str) -> Callable:
+    """The rope's problem, reported once, under the key that defines it: the rope parameters, else rope_theta,
+    else partial_rotary_factor."""
 
     def check(value, config, seq_len):
-        owner = next((k for k in ROPE_KEYS if config.raw.get(k) is not None), "rope_theta")
+        owners = (*ROPE_KEYS, "rope_theta", "partial_rotary_factor")
+        owner = next((k for k in owners if config.raw.get(k) is not None), None)
         return config.rope.problem(config.partial_rotary) if key == owner else None
 
     return check
+
+
+def _query_groups(value, config, seq_len):
+    heads = config.get("num_attention_heads")
+    if heads is not None and heads % value:
+        return f"expected a divisor of num_attention_heads ({heads}): every query group serves as many heads"
+    return None
+
+
+def _head_size(key: str) -> Callable:
+    """The per-head size: head_dim where config.json gives it, else hidden_size / num_attention_heads, which must
+    then divide evenly (transformers' Llama config refuses the rest); its rotated part must be an even number of
+    channels (rotary embeddings turn channels in pairs; transformers and megatron-core fail on an odd one).
+    Reported once: under head_dim where given, else under num_attention_heads."""
+
+    def relation(value, config, seq_len):
+        given = config.raw.get("head_dim") is not None
+        hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+        if key != ("head_dim" if given else "num_attention_heads") or not given and hidden is None:
+            return None
+        if not given and hidden % heads:
+            return (
+                f"hidden_size ({hidden}) is not a multiple of num_attention_heads ({heads}), and config.json gives no "
+                "head_dim (the per-head size is then hidden_size / num_attention_heads)"
+            )
+        size = value if given else hidden // heads
+        fraction = config.rope.partial_rotary_factor
+        if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            return None  # the rope's rule says why
+        rotary = int(size * fraction)
+        if rotary < 2 or rotary % 2:
+            factor = f" x partial_rotary_factor {fraction}" if fraction != 1 else ""
+            return (
+                f"each head rotates {rotary} of its {size} channels (head size{factor}): rotary embeddings turn "
+                "channels in pairs, so that must be an even number"
+            )
+        return None
+
+    return relation
 
 
 # Keys every architecture accepts: identity, bookkeeping, tokens, output flags, training-only settings.
@@ -103,18 +165,18 @@ COMMON = {
     "torch_dtype": Rule("read: as dtype (transformers 4 name)", _dtype),
     "vocab_size": used(int, "an integer", positive=True),
     "hidden_size": used(int, "an integer", positive=True),
-    "num_hidden_layers": used(int, "an integer", positive=True),
-    "num_attention_heads": used(int, "an integer", positive=True),
-    "num_key_value_heads": used((int, type(None)), "an integer (query groups)"),
-    "head_dim": used((int, type(None)), "an integer (per-head size)"),
+    "num_hidden_layers": used(int, "an integer", positive=True, at_most=MAX_COUNT),
+    "num_attention_heads": used(int, "an integer", positive=True, relation=_head_size("num_attention_heads")),
+    "num_key_value_heads": used((int, type(None)), "an integer (query groups)", positive=True, relation=_query_groups),
+    "head_dim": used((int, type(None)), "an integer (per-head size)", positive=True, relation=_head_size("head_dim")),
     "max_position_embeddings": used(int, "an integer", positive=True),
     "rms_norm_eps": used((float, int), "a number", positive=True),
     "tie_word_embeddings": used(bool, "true or false"),
     "attention_bias": used(bool, "true or false (q/k/v/o biases)"),
     "hidden_act": only(("silu",), "only the SiLU-gated MLP is implemented"),
-    "rope_scaling": Rule("read: rope type and parameters (transformers 4 name; wins, as in transformers)", _rope("rope_scaling")),
-    "rope_parameters": Rule("read: rope type and parameters", _rope("rope_parameters")),
-    "rope_theta": Rule("read: the rope base, unless the rope parameters give one", _rope("rope_theta")),
+    "rope_scaling": Rule("read: rope type and parameters (transformers 4 name; wins, as in transformers)", rope_check("rope_scaling")),
+    "rope_parameters": Rule("read: rope type and parameters", rope_check("rope_parameters")),
+    "rope_theta": Rule("read: the rope base, unless the rope parameters give one", rope_check("rope_theta")),
     "quantization_config": refused("the checkpoint is already quantized; calibrate its unquantized source"),
     "auto_map": refused("the checkpoint ships its own modeling code, which dist_quant does not run"),
 }
@@ -159,6 +221,10 @@ class HFConfig:
                     "dist_quant cannot vouch that the forward ignores it"
                 )
             problem = None if value is None else rule.problem(value, self, seq_len)  # null: as if absent
+            if problem:
+                raise BridgeError(f"config.json: {key} = {_short(value)}: {problem}")
+        for key, value in self.raw.items():
+            problem = None if value is None else self.table[key].related_problem(value, self, seq_len)
             if problem:
                 raise BridgeError(f"config.json: {key} = {_short(value)}: {problem}")
 

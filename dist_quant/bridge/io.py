@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dist_quant.bridge.config import DTYPES
 from dist_quant.bridge.mappings import BridgeError, Mapping, ShardInfo
 from dist_quant.bridge.models import ModelBridge
 from dist_quant.modules.base import model_device, structure_version
@@ -28,6 +29,18 @@ SAFETENSORS_DTYPES = {
     "I64": torch.int64, "BOOL": torch.bool,
 }
 INDEX_FILE, SINGLE_FILE = "model.safetensors.index.json", "model.safetensors"
+# The dtypes a source checkpoint's tensors are read in: those the bridge computes in and exports unquantized
+# tensors in. An FP8 checkpoint is quantized already; float64 and integer tensors are no weights to calibrate.
+SOURCE_DTYPES = tuple(DTYPES.values())
+
+
+def unread_dtype(where: str, dtype: torch.dtype | str) -> BridgeError:
+    """The error for a source tensor (`where`: its name and file) of a dtype dist_quant does not read."""
+    quantized = "F8" in str(dtype) or "float8" in str(dtype)
+    return BridgeError(
+        f"{where}: {dtype}, not a dtype dist_quant reads ({', '.join(DTYPES)})"
+        + (": an FP8 checkpoint is quantized already; calibrate its unquantized source" if quantized else "")
+    )
 
 
 def has_safetensors(directory: str | Path) -> bool:
@@ -73,6 +86,8 @@ class SafetensorsReader:
     def _index(index: Path) -> dict[str, Path]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
+        except RecursionError:
+            raise BridgeError(f"{index}: not a safetensors index (JSON nested too deep to read)") from None
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
             raise BridgeError(f"{index}: not a safetensors index ({type(error).__name__}: {error})") from None
         if not isinstance(weight_map, dict):
@@ -99,6 +114,10 @@ class SafetensorsReader:
     def names(self) -> list[str]:
         return list(self._files)
 
+    def where(self, name: str) -> str:
+        """A tensor as an error names it: after its file."""
+        return f"{self._files[name]}: {name}"
+
     def _slice(self, name: str):
         if name not in self._files:
             raise BridgeError(f"the checkpoint has no tensor {name!r}")
@@ -114,7 +133,10 @@ class SafetensorsReader:
         return torch.Size(self._slice(name).get_shape())
 
     def dtype(self, name: str) -> torch.dtype:
-        return SAFETENSORS_DTYPES[self._slice(name).get_dtype()]
+        stored = self._slice(name).get_dtype()
+        if stored not in SAFETENSORS_DTYPES:
+            raise unread_dtype(self.where(name), stored)
+        return SAFETENSORS_DTYPES[stored]
 
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int = 0) -> torch.Tensor:
         piece = self._slice(name)
@@ -134,6 +156,9 @@ class StateDictReader:
 
     def names(self) -> list[str]:
         return list(self.tensors)
+
+    def where(self, name: str) -> str:
+        return name
 
     def _tensor(self, name: str) -> torch.Tensor:
         if name not in self.tensors:
@@ -171,8 +196,9 @@ def _state(model: nn.Module, ep_rank: int, quant_state: bool = False) -> dict[st
 
 
 def check_checkpoint(bridge: ModelBridge, reader) -> list[str]:
-    """The checkpoint holds exactly the tensors its config.json describes, with their shapes, in a floating-point
-    dtype: BridgeError naming the first that is missing, extra, of another shape or dtype (headers only).
+    """The checkpoint holds exactly the tensors its config.json describes, with their shapes, in a dtype it is read
+    in (SOURCE_DTYPES): BridgeError naming the first that is missing, extra, of another shape or dtype (headers
+    only).
     -> the tensors left out as outside the forward (multi-token-prediction layers)."""
     expected = bridge.hf_tensor_shapes()
     left_out = [name for name in reader.names() if name not in expected and bridge.outside_forward(name)]
@@ -185,8 +211,8 @@ def check_checkpoint(bridge: ModelBridge, reader) -> list[str]:
     for name, shape in expected.items():
         if reader.shape(name) != shape:
             raise BridgeError(f"{name}: shape {tuple(reader.shape(name))}, config.json describes {tuple(shape)}")
-        if not reader.dtype(name).is_floating_point:
-            raise BridgeError(f"{name}: {reader.dtype(name)}, expected a floating-point tensor")
+        if reader.dtype(name) not in SOURCE_DTYPES:
+            raise unread_dtype(reader.where(name), reader.dtype(name))
     return left_out
 
 

@@ -32,6 +32,8 @@ def read_config(config: dict | str | os.PathLike) -> dict:
         raise BridgeError(f"{path}: no such config.json")
     try:
         raw = json.loads(path.read_text())
+    except RecursionError:
+        raise BridgeError(f"{path}: not a JSON config (nested too deep to read)") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise BridgeError(f"{path}: not a JSON config ({error})") from None
     if not isinstance(raw, dict):
@@ -143,13 +145,26 @@ class ModelBridge:
         return {**self.hf_config, **self.spec.export_overrides}
 
     # -- megatron side -----------------------------------------------------------------------------------
-    def check_layout(self, tp: int = 1, ep: int = 1, pipeline: PipelineSplit = PipelineSplit()) -> None:
-        """BridgeError unless TP splits the query groups, EP the experts and the pipeline the layers."""
-        groups = self.config.get("num_key_value_heads", self.config.require("num_attention_heads"))
+    def check_layout(self, tp: int = 1, ep: int = 1, pipeline: PipelineSplit = PipelineSplit(), etp: int | None = None) -> None:
+        """BridgeError unless TP splits the query groups, the vocabulary (megatron pads none) and the MLP widths,
+        EP the experts, ETP (default TP) the experts' width, and the pipeline the layers."""
+        c, etp = self.config, tp if etp is None else etp
+        groups = c.get("num_key_value_heads", c.require("num_attention_heads"))
         if groups % tp:
             raise BridgeError(f"num_key_value_heads={groups} is not divisible by TP={tp}")
         if self.moe and self.num_experts % ep:
             raise BridgeError(f"num_experts={self.num_experts} is not divisible by EP={ep}")
+        widths = [("vocab_size", c.require("vocab_size"), "TP", tp)]
+        if len(self.forward.moe_layers) < c.require("num_hidden_layers"):
+            widths.append(("intermediate_size", c.require("intermediate_size"), "TP", tp))
+        if self.moe:
+            expert_width = "moe_intermediate_size" if c.get("moe_intermediate_size") else "intermediate_size"
+            widths.append((expert_width, c.require(expert_width), "ETP", etp))
+        if self.forward.shared_expert_width:
+            widths.append(("the shared experts' width", self.forward.shared_expert_width, "TP", tp))
+        for name, width, split, size in widths:
+            if width % size:
+                raise BridgeError(f"{name}={width} is not divisible by {split}={size}")
         problem = pipeline.problem(self.config.require("num_hidden_layers"))
         if problem:
             raise BridgeError(problem)
@@ -164,7 +179,7 @@ class ModelBridge:
         heads = c.require("num_attention_heads")
         groups = c.get("num_key_value_heads", heads)
         layers = c.require("num_hidden_layers")
-        self.check_layout(tp, ep, pipeline)
+        self.check_layout(tp, ep, pipeline, etp)
         expert_width = c.get("moe_intermediate_size") or c.require("intermediate_size")
         moe = (
             dict(

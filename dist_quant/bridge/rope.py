@@ -24,6 +24,11 @@ _PARAMETERS = {
         "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate",
     },
 }
+# Numeric parameters: those divided by or whose logarithm is taken must be above 0 (beta_fast and beta_slow may be
+# 0, which stands for their defaults as in transformers); the others finite.
+_ABOVE_ZERO = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings", "attention_factor")
+_AT_LEAST_ZERO = ("beta_fast", "beta_slow")
+_FINITE = ("mscale", "mscale_all_dim")
 _REFUSED = {
     "dynamic": "dynamic NTK scaling: transformers keeps the plain base up to max_position_embeddings while vLLM "
     "always uses the scaled base, so no calibration matches both",
@@ -64,13 +69,23 @@ class RopeSpec:
         unknown = sorted(set(self.params) - _PARAMETERS[self.rope_type])
         if unknown:
             return f"{unknown[0]} = {self.params[unknown[0]]!r} is not understood for rope_type {self.rope_type!r}"
+        numbers = dict(self.params)
+        if self.rope_type in ("llama3", "yarn"):  # the types that read the original length
+            numbers["original_max_position_embeddings"] = self._original_length()
+        for name, number in numbers.items():
+            if name not in (*_ABOVE_ZERO, *_AT_LEAST_ZERO, *_FINITE) or number is None:
+                continue
+            if not _is_number(number) or not math.isfinite(number):
+                return f"{name} = {number!r} must be a finite number"
+            if name in _ABOVE_ZERO and number <= 0 or name in _AT_LEAST_ZERO and number < 0:
+                return f"{name} = {number!r} must be {'above 0' if name in _ABOVE_ZERO else '0 or more'}"
         fraction = self.partial_rotary_factor
         if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
             return f"partial_rotary_factor = {fraction!r} must be a number in (0, 1]"
         if fraction != 1.0 and not partial_rotary:
             return f"partial_rotary_factor = {fraction} (partial rotary) is not what this architecture computes"
-        if not isinstance(self.theta, (int, float)) or isinstance(self.theta, bool) or self.theta <= 1:
-            return f"rope_theta = {self.theta!r} must be a number above 1"
+        if not _is_number(self.theta) or not 1 < self.theta < math.inf:
+            return f"rope_theta = {self.theta!r} must be a finite number above 1"
         needed = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}
         for name in needed.get(self.rope_type, ()):
             if not isinstance(self.params.get(name), (int, float)):
@@ -130,6 +145,10 @@ class RopeSpec:
             "yarn_mscale": mscale if both else None,
             "yarn_mscale_all_dim": mscale_all_dim if both else None,
         }
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _mscale(scale: float, mscale: float = 1.0) -> float:

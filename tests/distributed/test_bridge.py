@@ -50,7 +50,7 @@ def test_broken_checkpoints_are_one_line_errors_naming_the_tensor_or_file(checkp
         "extra": "the checkpoint holds model.layers.0.mlp.extra.weight, which config.json does not describe",
         "shape": "model.layers.1.self_attn.o_proj.weight: shape (64, 32), config.json describes (64, 64)",
         "missing": "the checkpoint lacks model.norm.weight, which config.json describes",
-        "int32": "model.layers.0.input_layernorm.weight: torch.int32, expected a floating-point tensor",
+        "int32": "model.layers.0.input_layernorm.weight: torch.int32, not a dtype dist_quant reads",
         "outside-index": "points outside the checkpoint directory ('../outside.safetensors')",
         "garbage-file": "model.safetensors: not a readable safetensors file",
     }
