@@ -76,7 +76,8 @@ def launch(nproc_per_node: int, job: list[str], verbose: bool = False) -> int:
 
 def _verdict(failures: dict) -> tuple[str, int]:
     """The line and exit status of a failed job from its ranks' failures (elastic's ProcessFailure by rank): the
-    first line a rank left, else what ended the first rank that failed."""
+    first line a rank left, else what ended the rank that failed first. Ranks ended with SIGTERM come last: the
+    agent ends every rank that is left that way, within the second (elastic's timestamps) of the first failure."""
     # a rank exits 2 once its line is in its error file (cli.main), which elastic reads as a dict
     told = sorted(
         (f.timestamp, rank, f.message["message"]) for rank, f in failures.items()
@@ -85,7 +86,9 @@ def _verdict(failures: dict) -> tuple[str, int]:
     internal = any(f.exitcode == _TRACEBACK_STATUS for f in failures.values())
     if told:
         return told[0][2], _TRACEBACK_STATUS if internal else 2
-    rank, failure = min(failures.items(), key=lambda item: (item[1].timestamp, item[0]))
+    rank, failure = min(
+        failures.items(), key=lambda item: (item[1].exitcode == -signal.SIGTERM, item[1].timestamp, item[0])
+    )
     if failure.exitcode < 0:
         return f"rank {rank} was killed by {failure.signal_name()}", 1
     traceback = " (its traceback is above)" if failure.exitcode == _TRACEBACK_STATUS else ""

@@ -17,15 +17,6 @@ def run_python(*args, timeout=600, env=None):
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
 
 
-def torchrun(ranks, *args, **kwargs):
-    """`torchrun --standalone --nproc-per-node RANKS -m dist_quant.cli calibrate ARGS`: standalone, the rendezvous
-    takes a port the system gives it, so that concurrent jobs (other test workers, other runs) never meet."""
-    return run_python(
-        "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), "-m", "dist_quant.cli",
-        "calibrate", *args, **kwargs,
-    )
-
-
 def launch(ranks, *args, verbose=False, fault=None, **kwargs):
     """`dist-quant launch --nproc-per-node RANKS calibrate ARGS` (the rendezvous takes a port the system gives it,
     so that concurrent jobs never meet). `fault`: (kind, rank) of a real fault in that rank, see

@@ -1,4 +1,5 @@
-"""The README's main job, run as a user would: torchrun, the CLI, a checkpoint that verifies; bad invocations."""
+"""The README's main job, run as a user would: dist-quant launch, the CLI, a checkpoint that verifies; bad
+invocations."""
 
 import json
 import re
@@ -9,12 +10,14 @@ from dist_quant.bridge import ModelBridge
 from dist_quant.export import verify
 
 from dist_quant.job import CONFIGS
-from tests.e2e.jobs import calibrate_on_ranks, run_cli, tiny_checkpoint, tiny_qwen3_moe, torchrun
+from tests.e2e.jobs import calibrate_on_ranks, launch, readme_main_command, run_cli, run_python, tiny_checkpoint, tiny_qwen3_moe
 
 def test_readme_main_job_at_small_size(tmp_path):
+    """The README's command as it stands there, with fewer and shorter samples, into a directory of the test's."""
+    command = readme_main_command()
+    assert command[:4] == ["launch", "--nproc-per-node", "4", "calibrate"], command
     out = tmp_path / "tiny-qwen3-moe-nvfp4"
-    result = torchrun(4, "--model", "tiny-qwen3-moe", "--recipe", "nvfp4_default-fp8_cast_kv", "--tp", "2", "--ep", "2",
-                       "--calib-samples", "8", "--seq-len", "32", "--out", str(out))
+    result = run_python("-m", "dist_quant.cli", *command, "--calib-samples", "8", "--seq-len", "32", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     summary = verify(out)
     assert summary["quant_algo"] == "NVFP4" and summary["kv_cache_quant_algo"] == "FP8"
@@ -35,6 +38,20 @@ def test_readme_main_job_at_small_size(tmp_path):
     inspected = run_cli("inspect", str(out))
     assert inspected.returncode == 0 and "verify: OK" in inspected.stdout, inspected.stderr
     assert re.fullmatch(rf"verifying {out}: 1 safetensors files, 0\.00 GB\nchecking values: 1/1 MB in [\d.]+ s\n", inspected.stderr)
+
+
+def test_launch_passes_the_jobs_line_and_exit_status_through():
+    """Every rank refuses --out . at startup: one line, exit status 2 (torchrun would exit 1 and add its report)."""
+    result = launch(2, "--model", "tiny-qwen3-moe", "--recipe", "nvfp4_default-fp8_cast_kv", "--out", ".")
+    assert (result.returncode, result.stderr) == (2, "dist-quant: error: --out . exists: pass --overwrite to replace it\n")
+
+
+def test_launch_explains_itself_and_checks_the_jobs_usage_before_starting_ranks():
+    help_text = " ".join(run_cli("launch", "--help").stdout.split())
+    for text in ("--nproc-per-node N", "torchrun --standalone", "exit status 2", "--verbose", "calibrate"):
+        assert text in help_text, text
+    refused = run_cli("launch", "--nproc-per-node", "2", "calibrate", "--model", "tiny-qwen3-moe")
+    assert refused.returncode == 2 and "the following arguments are required: --recipe, --out" in refused.stderr
 
 
 def test_hf_style_data_file_and_fp8_on_two_ranks(tmp_path):
