@@ -29,6 +29,8 @@ CONFIGS = Path(__file__).resolve().parent / "data" / "models"
 # Built-in configs up to this many parameters get their random weights written once as a checkpoint (the same
 # weights for every layout); larger ones need --random-weights.
 BUILTIN_CHECKPOINT_LIMIT = 4_000_000_000
+# --timeout at most: a collective that waits longer has hung, and more only hides it (inf is no timedelta at all)
+MAX_TIMEOUT_MINUTES = 7 * 24 * 60
 # A Hugging Face hub id (`owner/name`), which --hf-model may be given by mistake for a directory
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -72,8 +74,8 @@ def validate(args: argparse.Namespace) -> None:
     for name in ("tp", "ep", "etp", "pp", "pp_first_layers", "pp_last_layers", "calib_samples", "seq_len", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise JobError(f"--{name.replace('_', '-')} must be at least 1")
-    if not args.timeout > 0:
-        raise JobError("--timeout must be a positive number of minutes")
+    if not 0 < args.timeout <= MAX_TIMEOUT_MINUTES:
+        raise JobError(f"--timeout must be a positive number of minutes, at most {MAX_TIMEOUT_MINUTES} (a week), not {args.timeout:g}")
     problem = layout_problem(world, args.tp, args.ep, args.etp, args.pp)
     if problem:
         raise JobError(f"{problem}; run torchrun with a matching --nproc-per-node, e.g. {args.tp * args.ep * args.pp}")
@@ -89,18 +91,57 @@ def validate(args: argparse.Namespace) -> None:
         _check_report(args.report, args.out)
     recipe = load_recipe(args.recipe)
     bridge = model_bridge(args)
-    bridge.check_layout(args.tp, args.ep, pipeline_split(args))
-    check_exportable(recipe, bridge)  # a recipe the checkpoint cannot hold fails here, not after calibration
     args.dtype = args.dtype or _dtype_name(bridge.dtype)
+    _check_size(args, bridge)  # before anything counts out the layers and experts, or allocates them
+    bridge.check_layout(args.tp, args.ep, pipeline_split(args), args.etp)
+    check_exportable(recipe, bridge)  # a recipe the checkpoint cannot hold fails here, not after calibration
+    if args.hf_model is not None and not args.random_weights:
+        from dist_quant.bridge.io import SafetensorsReader, check_checkpoint
+
+        check_checkpoint(bridge, SafetensorsReader(args.hf_model))  # every tensor's name, shape and dtype (headers)
     if args.model is not None and not args.random_weights:
-        params = sum(shape.numel() for shape in bridge.hf_tensor_shapes().values())
-        if params > BUILTIN_CHECKPOINT_LIMIT:
-            raise JobError(
-                f"--model {args.model}: {params / 1e9:.1f}B parameters, too many to write as a random checkpoint "
-                f"first ({params * bridge.dtype.itemsize / 1e9:.0f} GB from one CPU); add --random-weights to draw "
-                "them on each rank's device"
-            )
+        cache_root()  # where the random weights are written: refused now if it cannot be
     args.calibration = calibration(args, bridge)
+
+
+def _check_size(args: argparse.Namespace, bridge) -> None:
+    """JobError where the model cannot be made: a built-in one too large to write as a checkpoint from one CPU
+    first; any whose share of one rank cannot fit in its memory (every parameter is held by some rank, so with W
+    ranks one of them holds at least 1/W of the model in the compute dtype; a rank's memory is its GPU's, or its
+    share of the host's)."""
+    from dist_quant.bridge.architectures import parameter_counts
+
+    counts = parameter_counts(bridge.spec, bridge.config, bridge.forward, bridge.head_dim)
+    params, world = sum(counts.values()), world_size()
+    if args.model is not None and not args.random_weights and params > BUILTIN_CHECKPOINT_LIMIT:
+        raise JobError(
+            f"--model {args.model}: {params / 1e9:.1f}B parameters, too many to write as a random checkpoint "
+            f"first ({params * bridge.dtype.itemsize / 1e9:.0f} GB from one CPU); add --random-weights to draw "
+            "them on each rank's device"
+        )
+    size = params * getattr(torch, args.dtype).itemsize
+    memory, where = rank_memory()
+    if size / world > memory:
+        source = f"--hf-model {args.hf_model}" if args.hf_model else f"--model {args.model}"
+        largest = max(counts, key=counts.get)
+        raise JobError(
+            f"{source}: config.json describes {params / 1e9:,.1f}B parameters ({counts[largest] / 1e9:,.1f}B of them "
+            f"in {largest}), {size / 1e9:,.0f} GB in {args.dtype}"
+            + (", all on one rank" if world == 1 else f": one of the {world} ranks holds {size / world / 1e9:,.0f} GB or more")
+            + f", more than {where}"
+        )
+
+
+def rank_memory() -> tuple[int, str]:
+    """The memory a rank holds its part of the model in, and what it is: its GPU's (torchrun's LOCAL_RANK), or
+    without CUDA the host's, shared by the host's ranks (LOCAL_WORLD_SIZE)."""
+    if torch.cuda.is_available():
+        device = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+        memory = torch.cuda.get_device_properties(device).total_memory
+        return memory, f"the {memory / 1e9:,.0f} GB of GPU {device}"
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return memory // ranks, f"the host's {memory / 1e9:,.0f} GB of memory" + (f" shared by {ranks} ranks" if ranks > 1 else "")
 
 
 def _check_hf_model(value: str) -> None:
@@ -185,7 +226,14 @@ def cache_root() -> Path:
     ~/.cache/dist_quant). It must be the user's own and writable by no one else: what is there is trusted."""
     root = os.environ.get("DIST_QUANT_CACHE")
     root = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dist_quant"
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as error:
+        why = "a file is in the way" if isinstance(error, (FileExistsError, NotADirectoryError)) else error.strerror
+        raise JobError(
+            f"{root}: cannot make the cache of built-in models there ({why}); set DIST_QUANT_CACHE to a directory "
+            "of your own"
+        ) from None
     info = root.lstat()
     if root.is_symlink() or info.st_uid != os.getuid() or info.st_mode & 0o022:
         raise JobError(
