@@ -134,8 +134,10 @@ def json_object(data: bytes | str) -> tuple[dict | None, str | None]:
         value = json.loads(data)
     except RecursionError:
         return None, "not JSON that can be read (nested too deep)"
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        return None, f"not JSON ({error.msg if isinstance(error, json.JSONDecodeError) else 'not UTF-8 text'})"
+    except json.JSONDecodeError as error:
+        return None, f"not JSON ({error.msg})"
+    except ValueError as error:  # not UTF-8, or an integer of more digits than Python converts
+        return None, f"not JSON that can be read ({str(error).split(':')[0]})"
     return (value, None) if isinstance(value, dict) else (None, "not a JSON object")
 
 
@@ -275,6 +277,8 @@ def _tokens(kind: str, value, encoding) -> list[int]:
 # -- records -----------------------------------------------------------------------------------------------
 def _records(spec: DataSpec) -> tuple[str, str, Iterator]:
     """-> (what is read, for the summary; what the column holds; each document's value)."""
+    if not spec.source:
+        raise JobError("--calib-data is empty: give a file, a directory or a dataset name")
     path = Path(spec.source)
     if path.is_file():
         if spec.split is not None or spec.subset is not None:

@@ -74,6 +74,8 @@ def validate(args: argparse.Namespace) -> None:
     for name in ("tp", "ep", "etp", "pp", "pp_first_layers", "pp_last_layers", "calib_samples", "seq_len", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise JobError(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 <= args.seed < 2**32:  # megatron adds per-rank offsets to it, and the sum must stay a 64-bit seed
+        raise JobError(f"--seed must be a number from 0 to 2^32 - 1, not {args.seed}")
     if not 0 < args.timeout <= MAX_TIMEOUT_MINUTES:
         raise JobError(f"--timeout must be a positive number of minutes, at most {MAX_TIMEOUT_MINUTES} (a week), not {args.timeout:g}")
     problem = layout_problem(world, args.tp, args.ep, args.etp, args.pp)

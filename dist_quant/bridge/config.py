@@ -61,6 +61,8 @@ def used(kind: type | tuple, what: str, positive: bool = False, at_least: int | 
             return f"expected {what}"
         if isinstance(value, float) and not math.isfinite(value):
             return f"expected {what}, not {value}"
+        if isinstance(value, int) and value.bit_length() > 63:  # JSON integers are unbounded; torch's sizes are int64
+            return f"expected {what} below 2^63"
         if positive and not value > 0:
             return f"expected {what} above 0"
         if at_least is not None and value < at_least:

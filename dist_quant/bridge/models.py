@@ -34,7 +34,7 @@ def read_config(config: dict | str | os.PathLike) -> dict:
         raw = json.loads(path.read_text())
     except RecursionError:
         raise BridgeError(f"{path}: not a JSON config (nested too deep to read)") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except ValueError as error:  # not UTF-8, not JSON, or an integer of more digits than Python converts
         raise BridgeError(f"{path}: not a JSON config ({error})") from None
     if not isinstance(raw, dict):
         raise BridgeError(f"{path}: expected a JSON object, got {type(raw).__name__}")

@@ -75,7 +75,7 @@ class RopeSpec:
         for name, number in numbers.items():
             if name not in (*_ABOVE_ZERO, *_AT_LEAST_ZERO, *_FINITE) or number is None:
                 continue
-            if not _is_number(number) or not math.isfinite(number):
+            if not _finite_number(number):
                 return f"{name} = {number!r} must be a finite number"
             if name in _ABOVE_ZERO and number <= 0 or name in _AT_LEAST_ZERO and number < 0:
                 return f"{name} = {number!r} must be {'above 0' if name in _ABOVE_ZERO else '0 or more'}"
@@ -84,7 +84,7 @@ class RopeSpec:
             return f"partial_rotary_factor = {fraction!r} must be a number in (0, 1]"
         if fraction != 1.0 and not partial_rotary:
             return f"partial_rotary_factor = {fraction} (partial rotary) is not what this architecture computes"
-        if not _is_number(self.theta) or not 1 < self.theta < math.inf:
+        if not _finite_number(self.theta) or not self.theta > 1:
             return f"rope_theta = {self.theta!r} must be a finite number above 1"
         needed = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}
         for name in needed.get(self.rope_type, ()):
@@ -147,8 +147,14 @@ class RopeSpec:
         }
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _finite_number(value) -> bool:
+    """A number a float holds: not a bool, NaN or infinity, nor an integer beyond float's range (JSON's are not)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _mscale(scale: float, mscale: float = 1.0) -> float:

@@ -84,6 +84,12 @@ def test_a_timeout_beyond_a_week_is_one_line(tmp_path, minutes):
     assert message == f"--timeout must be a positive number of minutes, at most 10080 (a week), not {float(minutes):g}"
 
 
+@pytest.mark.parametrize("seed", ["-1", str(2**64)])
+def test_a_seed_megatron_cannot_offset_per_rank_is_one_line(tmp_path, seed):
+    message = _refused("--model", "tiny-qwen3", "--seed", seed, "--out", str(tmp_path / "out"))
+    assert message == f"--seed must be a number from 0 to 2^32 - 1, not {seed}"
+
+
 @pytest.mark.parametrize("below", [False, True], ids=["the-file", "below-the-file"])
 def test_a_cache_that_is_a_file_is_one_line(tmp_path, monkeypatch, below):
     blocking = tmp_path / "cache"

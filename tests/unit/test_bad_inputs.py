@@ -105,6 +105,9 @@ REFUSED_CONFIGS = {
         "rope_scaling = ", "beta_fast = -32 must be 0 or more",
     ),
     "infinite-rope-theta": (_with(QWEN3, rope_theta=float("inf")), "rope_theta = inf: rope_theta = inf must be a finite number above 1"),
+    "vocabulary-beyond-int64": (_with(QWEN3, vocab_size=10**30), f"vocab_size = {10**30}: expected an integer below 2^63"),
+    "norm-epsilon-beyond-any-float": (_with(QWEN3, rms_norm_eps=10**400), "rms_norm_eps = 1000", "expected a number below 2^63"),
+    "rope-theta-beyond-any-float": (_with(QWEN3, rope_theta=10**400), "rope_theta = 1000", "must be a finite number above 1"),
     "partial-rotary-of-text-alone": (
         _with(GLM4_MOE, partial_rotary_factor="half"), "partial_rotary_factor = 'half': partial_rotary_factor = 'half' must be a number in (0, 1]",
     ),
@@ -197,12 +200,36 @@ def test_a_safetensors_index_nested_too_deep_is_one_line(tmp_path):
     assert _one_line(error) == f"{tmp_path / 'model.safetensors.index.json'}: not a safetensors index (JSON nested too deep to read)"
 
 
+def test_a_config_json_integer_of_more_digits_than_python_reads_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_text('{"vocab_size": 1' + "0" * 5000 + "}")
+    with pytest.raises(BridgeError) as error:
+        read_config(tmp_path)
+    assert _one_line(error).startswith(f"{tmp_path / 'config.json'}: not a JSON config (Exceeds the limit (4300 digits)")
+
+
 def test_a_calibration_line_nested_too_deep_is_one_line(tmp_path):
     data = tmp_path / "calib.jsonl"
     data.write_text('{"text": "fine"}\n{"text": ' + DEEP + "}\n")
     with pytest.raises(JobError) as error:
         load(DataSpec(str(data)), ByteEncoding(), 4, 2, "concat", 256)
     assert _one_line(error) == f"--calib-data {data}: line 2 is not JSON that can be read (nested too deep)"
+
+
+def test_a_calibration_line_of_more_digits_than_python_reads_is_one_line(tmp_path):
+    data = tmp_path / "calib.jsonl"
+    data.write_text('{"input_ids": [1' + "0" * 5000 + "]}\n")
+    with pytest.raises(JobError) as error:
+        load(DataSpec(str(data)), ByteEncoding(), 4, 2, "concat", 256)
+    assert _one_line(error) == (
+        f"--calib-data {data}: line 1 is not JSON that can be read (Exceeds the limit (4300 digits) for integer string "
+        "conversion)"
+    )
+
+
+def test_empty_calibration_data_is_one_line():
+    with pytest.raises(JobError) as error:
+        load(DataSpec(""), ByteEncoding(), 4, 2, "concat", 256)
+    assert _one_line(error) == "--calib-data is empty: give a file, a directory or a dataset name"
 
 
 TOKENIZER_FILES = {  # file, what is written there -> the end of the line
