@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from dist_quant.bridge.config import DTYPES
 from dist_quant.bridge.io import INDEX_FILE, SAFETENSORS_DTYPES, SINGLE_FILE
 from dist_quant.export.configs import (
     GROUP_SIZE, KV_ALGOS, MIXED, NVFP4_ALGOS, QUANT_ALGOS, W4A16, input_quantized, quantization_config,
@@ -32,7 +33,7 @@ from dist_quant.export.configs import (
 )
 
 E2M1_MAX = 6.0
-FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+FLOATS = tuple(DTYPES.values())  # the unquantized dtypes: those the bridge reads
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 _GROUPS = re.compile(r"^((model\.layers\.\d+)\.mlp\.experts\.\d+)\.|^(model\.layers\.\d+)\.")
 _KV_SCALE = re.compile(r"\.self_attn\.(k_proj\.k|v_proj\.v|attn\.[kv])_scale$")
