@@ -444,15 +444,22 @@ def run(args: argparse.Namespace) -> Path | None:
     collective end in an agreement over the world, so an error on any rank stops every rank with it; a rank that
     stops answering (stopped, hung, gone) is named by the others once a collective has waited --timeout minutes
     for it and the roll call that follows as long."""
-    from dist_quant.parallel.agree import stalls_named
+    from dist_quant.parallel.agree import is_collective_failure, stalls_named
 
     # megatron-core warns about every optional accelerator it lacks (Apex, Transformer Engine) on every rank.
     warnings.filterwarnings("ignore", module=r"megatron(\.|$)")
     started = time.perf_counter()
     timeout = datetime.timedelta(minutes=args.timeout)
     device = init_distributed(timeout)
-    with stalls_named(timeout, user_errors()):
-        out = _calibrate_and_export(args, device, timeout, started)
+    try:
+        with stalls_named(timeout, user_errors()):
+            out = _calibrate_and_export(args, device, timeout, started)
+    except Exception as error:
+        # ended, unless a collective failed (a rank may be stopped, and NCCL would wait for it): NCCL warns of a
+        # group left at exit
+        if not is_collective_failure(error.__cause__ or error):
+            dist.destroy_process_group()
+        raise
     dist.destroy_process_group()
     return out
 
