@@ -45,7 +45,10 @@ def launch(nproc_per_node: int, job: list[str], verbose: bool = False) -> int:
 
     if not verbose:  # the agent logs every rank it ends and every failure: the line below says what matters
         for name in ("torch.distributed.elastic", "torch.distributed.launcher"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
+            # its loggers set levels of their own: only cutting their way to torch's handler quiets them
+            quiet = logging.getLogger(name)
+            quiet.addHandler(logging.NullHandler())
+            quiet.propagate = False
     if nproc_per_node > 1:  # as torchrun: one thread per rank unless told otherwise
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ[LAUNCHED] = "1"

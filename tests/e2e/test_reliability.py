@@ -2,6 +2,7 @@
 of any rank reported once as one line."""
 
 import os
+import re
 import shutil
 import stat
 
@@ -66,9 +67,10 @@ def test_an_error_of_any_rank_reaches_the_user_once(tmp_path, damage, text):
 
 
 def _last_line_alone(result, line):
-    """The job ended with `line`, its only error line, after no traceback of any rank's."""
+    """The job ended with `line`, its only error line, after no traceback of any rank's and no launcher's log."""
     assert result.stderr.splitlines()[-1] == line and result.stderr.count("dist-quant: error:") == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and "Connection closed" not in result.stderr, result.stderr[-3000:]
+    assert not re.search(r"(?m)^[IWE]\d{4} ", result.stderr), result.stderr[-3000:]  # torch's log lines
 
 
 @pytest.mark.parametrize("writers, full", [("one", 0), ("all", 1)], ids=["rank-0-writes-all", "every-rank-writes"])
