@@ -89,8 +89,9 @@ def stalls_named(timeout: datetime.timedelta, user_errors: tuple[type[BaseExcept
     """Run a block of collectives so that a rank that stops answering (stopped, hung, gone) ends as one line on the
     ranks still running instead of a collective's traceback: a collective that fails there is followed by a roll
     call over the store, and becomes RankError naming the ranks that did not answer within `timeout`, or the
-    error another rank stopped with. Any other error is left as it is, once announced for the others' roll call.
-    The first rank done with the roll call is the RankError's reporter."""
+    error another rank stopped with, or, every rank answering, a rank slower than `timeout`. Any other error is
+    left as it is, once announced for the others' roll call. The first rank done with the roll call is the
+    RankError's reporter."""
     try:
         yield
     except Exception as error:  # noqa: BLE001 - every failure is announced to the others or named
@@ -100,10 +101,7 @@ def stalls_named(timeout: datetime.timedelta, user_errors: tuple[type[BaseExcept
             if not isinstance(error, RankError):  # a RankError is every rank's already
                 _answer(with_rank((dist.get_rank(), str(error) if isinstance(error, user_errors) else _internal(error))))
             raise
-        named = _roll_call(timeout)
-        if named is None:
-            raise
-        raise named from error
+        raise _roll_call(timeout) from error
 
 
 def _internal(error: BaseException) -> str:
@@ -118,10 +116,10 @@ def _answer(stopped_with: str) -> None:
         pass
 
 
-def _roll_call(timeout: datetime.timedelta) -> RankError | None:
+def _roll_call(timeout: datetime.timedelta) -> RankError:
     """After a failed collective: answer, and wait up to `timeout` for every other rank's answer. -> the error that
-    names the ranks that did not answer (or the first error a rank stopped with); None when every rank answered
-    without one (their collectives did not match: an internal error)."""
+    names the ranks that did not answer, or the first error a rank stopped with, or, when every rank answered
+    without one, says that a rank was slower than the timeout."""
     me, world, minutes = dist.get_rank(), dist.get_world_size(), f"{timeout.total_seconds() / 60:g} minutes"
     # the group's store: torchrun's agent holds it, so it answers while any rank is stopped (private in torch,
     # which uses it the same way for its own barriers)
@@ -144,6 +142,9 @@ def _roll_call(timeout: datetime.timedelta) -> RankError | None:
         return RankError(stopped[min(stopped)], reporter)
     silent = [rank for rank in range(world) if rank not in answers]
     if not silent:
-        return None
+        return RankError(
+            f"a collective gave up after {minutes} while every rank was still running: a rank was slower than that "
+            "(give --timeout more minutes)", reporter,
+        )
     names = f"rank {silent[0]}" if len(silent) == 1 else f"ranks {', '.join(map(str, silent))}"
     return RankError(f"{names} did not answer within {minutes} (stopped or hung?)", reporter)
