@@ -41,6 +41,35 @@ def read_config(config: dict | str | os.PathLike) -> dict:
     return raw
 
 
+# keys transformers writes about the file, not the model
+BOOKKEEPING = ("_name_or_path", "transformers_version")
+
+
+def with_transformers_defaults(raw: dict, known) -> dict:
+    """config.json as transformers reads it: a key the file leaves out takes the value transformers' config class
+    of its `model_type` gives it (a default, or one derived from other keys), which is the model transformers and
+    the engines build (a Qwen3 without head_dim has heads of 128, a Mixtral without rope_theta a base of 1e6, a
+    GLM-4-MoE without partial_rotary_factor rotates half of each head). Filled: the keys of the architecture's
+    table (`known`) that transformers gives a scalar value, and the rope base and rotated fraction, which
+    transformers 5 keeps in rope_parameters; nothing for a config without a model_type transformers knows."""
+    import transformers
+
+    model_type = raw.get("model_type")
+    if not isinstance(model_type, str) or model_type not in transformers.CONFIG_MAPPING:  # lazy: no .get
+        return raw
+    resolved = transformers.CONFIG_MAPPING[model_type](**raw).to_dict()
+    rope = resolved.get("rope_parameters") if isinstance(resolved.get("rope_parameters"), dict) else {}
+    has_rope = any(raw.get(k) is not None for k in ("rope_scaling", "rope_parameters"))
+    filled = dict(raw)
+    for key in known:
+        value = resolved.get(key)
+        if key in ("rope_theta", "partial_rotary_factor") and not has_rope:
+            value = rope.get(key, value)
+        if raw.get(key) is None and isinstance(value, (bool, int, float, str)) and key not in BOOKKEEPING:
+            filled[key] = value
+    return filled
+
+
 @dataclass(frozen=True)
 class PipelineSplit:
     """How the layers are split over pipeline stages: evenly, or with `first` / `last` layers on the first / last
@@ -87,6 +116,17 @@ class ModelBridge:
             raise BridgeError(f"architectures {architectures} not supported; supported: {', '.join(ARCHITECTURES)}")
         bridge = cls(dict(raw, architectures=supported))
         bridge.config.validate(seq_len)
+        filled = with_transformers_defaults(bridge.hf_config, bridge.spec.keys)
+        if len(filled) == len(bridge.hf_config):
+            return bridge
+        bridge = cls(filled)
+        try:
+            bridge.config.validate(seq_len)
+        except BridgeError as error:
+            named = [key for key in sorted(filled.keys() - raw.keys()) if f" {key} = " in str(error)]
+            if not named:
+                raise
+            raise BridgeError(f"{error} (config.json leaves out {named[0]}: this is transformers' value for it)") from None
         return bridge
 
     # -- what the config says ----------------------------------------------------------------------------
