@@ -2,13 +2,13 @@
 change the forward in a way dist_quant does not compute fails with one line naming the key and its value; rope
 frequencies equal transformers' own for every implemented rope type."""
 
-import copy
 
 import pytest
 import torch
 
 from dist_quant.bridge import BridgeError, ModelBridge
 from dist_quant.bridge.rope import RopeSpec
+from tests.reference.configs import DROP, changed
 
 # The config.json files of the Hub checkpoints, as published (transformers 4 key names).
 LLAMA_3_2_1B = {
@@ -50,36 +50,26 @@ def test_published_configs_are_read_whole(config):
     assert bridge.config.rope.rope_type == ("llama3" if "llama" in config["model_type"] else "default")
 
 
-def _with(config: dict, **changes) -> dict:
-    out = copy.deepcopy(config)
-    for key, value in changes.items():
-        if value is _DROP:
-            out.pop(key)
-        else:
-            out[key] = value
-    return out
 
-
-_DROP = object()
 REFUSED = {
-    "dynamic-rope": (_with(LLAMA_3_2_1B, rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope_scaling = ", "'dynamic' is refused"),
-    "longrope": (_with(LLAMA_3_2_1B, rope_scaling={"rope_type": "longrope", "short_factor": [1.0], "long_factor": [2.0]}), "rope_scaling = ", "'longrope' is refused"),
-    "unknown-rope-type": (_with(QWEN3_0_6B, rope_scaling={"type": "su", "factor": 2.0}), "rope_scaling = ", "rope_type 'su' is not implemented"),
-    "unknown-rope-key": (_with(LLAMA_3_2_1B, rope_scaling={**LLAMA_3_2_1B["rope_scaling"], "beta": 2}), "rope_scaling = ", "beta = 2 is not understood"),
-    "partial-rotary": (_with(QWEN3_0_6B, rope_parameters={"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5}, rope_scaling=_DROP), "rope_parameters = ", "partial rotary"),
-    "explicit-attention-factor": (_with(QWEN3_0_6B, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "attention_factor": 1.5}), "rope_scaling = ", "explicit attention factor"),
-    "sliding-window": (_with(QWEN3_0_6B, use_sliding_window=True, sliding_window=1024, max_window_layers=20), "use_sliding_window = True", "acts in layers 20-27 on sequences of 4096 tokens"),
-    "moe-sliding-window": (_with(QWEN3_30B_A3B, use_sliding_window=True, sliding_window=1024), "use_sliding_window = True", "acts in layers 0-47 on sequences of 4096 tokens"),
-    "mlp-bias": (_with(LLAMA_3_2_1B, mlp_bias=True), "mlp_bias = True", "biases in the MLP"),
-    "gelu": (_with(QWEN3_0_6B, hidden_act="gelu"), "hidden_act = 'gelu'", "SiLU"),
-    "dense-layer-out-of-range": (_with(QWEN3_30B_A3B, mlp_only_layers=[0, 48]), "mlp_only_layers = [0, 48]", "below num_hidden_layers (48)"),
-    "sparse-step": (_with(QWEN3_30B_A3B, decoder_sparse_step=0), "decoder_sparse_step = 0", "above 0"),
-    "unknown-key": (_with(LLAMA_3_2_1B, logit_softcapping=30.0), "logit_softcapping = 30.0", "not a key the LlamaForCausalLM bridge knows"),
-    "already-quantized": (_with(QWEN3_0_6B, quantization_config={"quant_method": "fp8"}), "quantization_config = ", "already quantized"),
-    "remote-code": (_with(QWEN3_0_6B, auto_map={"AutoModel": "x.Y"}), "auto_map = ", "its own modeling code"),
-    "bad-dtype": (_with(QWEN3_0_6B, torch_dtype="float8"), "torch_dtype = 'float8'", "expected one of"),
-    "bad-type": (_with(LLAMA_3_2_1B, hidden_size="2048"), "hidden_size = '2048'", "expected an integer"),
-    "not-positive": (_with(LLAMA_3_2_1B, num_hidden_layers=0), "num_hidden_layers = 0", "above 0"),
+    "dynamic-rope": (changed(LLAMA_3_2_1B, rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope_scaling = ", "'dynamic' is refused"),
+    "longrope": (changed(LLAMA_3_2_1B, rope_scaling={"rope_type": "longrope", "short_factor": [1.0], "long_factor": [2.0]}), "rope_scaling = ", "'longrope' is refused"),
+    "unknown-rope-type": (changed(QWEN3_0_6B, rope_scaling={"type": "su", "factor": 2.0}), "rope_scaling = ", "rope_type 'su' is not implemented"),
+    "unknown-rope-key": (changed(LLAMA_3_2_1B, rope_scaling={**LLAMA_3_2_1B["rope_scaling"], "beta": 2}), "rope_scaling = ", "beta = 2 is not understood"),
+    "partial-rotary": (changed(QWEN3_0_6B, rope_parameters={"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5}, rope_scaling=DROP), "rope_parameters = ", "partial rotary"),
+    "explicit-attention-factor": (changed(QWEN3_0_6B, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "attention_factor": 1.5}), "rope_scaling = ", "explicit attention factor"),
+    "sliding-window": (changed(QWEN3_0_6B, use_sliding_window=True, sliding_window=1024, max_window_layers=20), "use_sliding_window = True", "acts in layers 20-27 on sequences of 4096 tokens"),
+    "moe-sliding-window": (changed(QWEN3_30B_A3B, use_sliding_window=True, sliding_window=1024), "use_sliding_window = True", "acts in layers 0-47 on sequences of 4096 tokens"),
+    "mlp-bias": (changed(LLAMA_3_2_1B, mlp_bias=True), "mlp_bias = True", "biases in the MLP"),
+    "gelu": (changed(QWEN3_0_6B, hidden_act="gelu"), "hidden_act = 'gelu'", "SiLU"),
+    "dense-layer-out-of-range": (changed(QWEN3_30B_A3B, mlp_only_layers=[0, 48]), "mlp_only_layers = [0, 48]", "below num_hidden_layers (48)"),
+    "sparse-step": (changed(QWEN3_30B_A3B, decoder_sparse_step=0), "decoder_sparse_step = 0", "above 0"),
+    "unknown-key": (changed(LLAMA_3_2_1B, logit_softcapping=30.0), "logit_softcapping = 30.0", "not a key the LlamaForCausalLM bridge knows"),
+    "already-quantized": (changed(QWEN3_0_6B, quantization_config={"quant_method": "fp8"}), "quantization_config = ", "already quantized"),
+    "remote-code": (changed(QWEN3_0_6B, auto_map={"AutoModel": "x.Y"}), "auto_map = ", "its own modeling code"),
+    "bad-dtype": (changed(QWEN3_0_6B, torch_dtype="float8"), "torch_dtype = 'float8'", "expected one of"),
+    "bad-type": (changed(LLAMA_3_2_1B, hidden_size="2048"), "hidden_size = '2048'", "expected an integer"),
+    "not-positive": (changed(LLAMA_3_2_1B, num_hidden_layers=0), "num_hidden_layers = 0", "above 0"),
 }
 
 
@@ -93,13 +83,13 @@ def test_forward_changing_keys_fail_with_one_line_naming_them(case):
 
 
 def test_a_sliding_window_that_never_acts_passes_and_one_that_might_needs_the_length():
-    config = _with(QWEN3_0_6B, use_sliding_window=True, sliding_window=4096, max_window_layers=20)
+    config = changed(QWEN3_0_6B, use_sliding_window=True, sliding_window=4096, max_window_layers=20)
     ModelBridge.from_hf(config, seq_len=4096)
     with pytest.raises(BridgeError, match="acts in layers 20-27 on sequences of 4097 tokens"):
         ModelBridge.from_hf(config, seq_len=4097)
     with pytest.raises(BridgeError, match="give the calibration length"):
         ModelBridge.from_hf(config)
-    explicit = _with(config, layer_types=["full_attention"] * 27 + ["sliding_attention"])
+    explicit = changed(config, layer_types=["full_attention"] * 27 + ["sliding_attention"])
     with pytest.raises(BridgeError, match="acts in layer 27 "):
         ModelBridge.from_hf(explicit, seq_len=8192)
 

@@ -3,7 +3,6 @@ cannot compute, source tensors of dtypes it does not read, JSON nested beyond Py
 files that are not what transformers reads, token ids and text no tensor or tokenizer holds. Each is one error
 line (BridgeError / JobError) naming the key, file or data, raised by the function that validates it."""
 
-import copy
 import json
 
 import pytest
@@ -18,6 +17,7 @@ from dist_quant.bridge.models import read_config
 from dist_quant.calibration_data import ByteEncoding, DataSpec, checkpoint_encoding, load
 from dist_quant.job import CONFIGS, JobError, builtin_models
 from tests.e2e.jobs import byte_tokenizer
+from tests.reference.configs import DROP, changed
 
 DEEP = "[" * 100_000 + "]" * 100_000  # far past Python's recursion limit, which json's decoder counts against
 
@@ -35,17 +35,7 @@ MISTRAL = {
     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
     "max_position_embeddings": 128, "sliding_window": 4096,
 }
-_DROP = object()
 
-
-def _with(config: dict, **changes) -> dict:
-    out = copy.deepcopy(config)
-    for key, value in changes.items():
-        if value is _DROP:
-            out.pop(key)
-        else:
-            out[key] = value
-    return out
 
 
 def _one_line(error: pytest.ExceptionInfo) -> str:
@@ -56,60 +46,60 @@ def _one_line(error: pytest.ExceptionInfo) -> str:
 
 # config.json -> the start of the one line that refuses it
 REFUSED_CONFIGS = {
-    "no-query-groups": (_with(QWEN3, num_key_value_heads=0), "num_key_value_heads = 0: expected an integer (query groups) above 0"),
-    "query-groups-not-dividing-heads": (_with(QWEN3, num_key_value_heads=3), "num_key_value_heads = 3: expected a divisor of num_attention_heads (4)"),
-    "negative-query-groups": (_with(QWEN3, num_key_value_heads=-2), "num_key_value_heads = -2: expected an integer (query groups) above 0"),
-    "top-k-above-the-experts": (_with(QWEN3_MOE, num_experts_per_tok=99), "num_experts_per_tok = 99: expected at most the 8 routed experts"),
-    "glm-top-k-above-the-experts": (_with(GLM4_MOE, num_experts_per_tok=9), "num_experts_per_tok = 9: expected at most the 8 routed experts"),
+    "no-query-groups": (changed(QWEN3, num_key_value_heads=0), "num_key_value_heads = 0: expected an integer (query groups) above 0"),
+    "query-groups-not-dividing-heads": (changed(QWEN3, num_key_value_heads=3), "num_key_value_heads = 3: expected a divisor of num_attention_heads (4)"),
+    "negative-query-groups": (changed(QWEN3, num_key_value_heads=-2), "num_key_value_heads = -2: expected an integer (query groups) above 0"),
+    "top-k-above-the-experts": (changed(QWEN3_MOE, num_experts_per_tok=99), "num_experts_per_tok = 99: expected at most the 8 routed experts"),
+    "glm-top-k-above-the-experts": (changed(GLM4_MOE, num_experts_per_tok=9), "num_experts_per_tok = 9: expected at most the 8 routed experts"),
     "top-k-beyond-the-groups-chosen": (
-        _with(GLM4_MOE, n_group=4, topk_group=2, num_experts_per_tok=5),
+        changed(GLM4_MOE, n_group=4, topk_group=2, num_experts_per_tok=5),
         "n_group = 4: top-5 routing over topk_group = 2 of 4 groups of 2 experts: the groups chosen hold 4",
     ),
     "hidden-not-split-by-heads": (
-        _with(MISTRAL, hidden_size=66), "num_attention_heads = 4: hidden_size (66) is not a multiple of num_attention_heads (4)",
+        changed(MISTRAL, hidden_size=66), "num_attention_heads = 4: hidden_size (66) is not a multiple of num_attention_heads (4)",
     ),
     "heads-beyond-the-hidden-size": (
-        _with(MISTRAL, num_attention_heads=128, num_key_value_heads=128),
+        changed(MISTRAL, num_attention_heads=128, num_key_value_heads=128),
         "num_attention_heads = 128: hidden_size (64) is not a multiple of num_attention_heads (128)",
     ),
-    "no-head-size": (_with(QWEN3, head_dim=0), "head_dim = 0: expected an integer (per-head size) above 0"),
-    "negative-head-size": (_with(QWEN3, head_dim=-1), "head_dim = -1: expected an integer (per-head size) above 0"),
-    "odd-head-size": (_with(QWEN3, head_dim=31), "head_dim = 31: each head rotates 31 of its 31 channels"),
-    "odd-rotated-part": (_with(GLM4_MOE, head_dim=18), "head_dim = 18: each head rotates 9 of its 18 channels (head size x partial_rotary_factor 0.5)"),
-    "infinite-norm-epsilon": (_with(QWEN3, rms_norm_eps=float("inf")), "rms_norm_eps = inf: expected a number, not inf"),
-    "infinite-routed-scaling": (_with(GLM4_MOE, routed_scaling_factor=float("inf")), "routed_scaling_factor = inf: expected a number, not inf"),
-    "negative-dense-layers": (_with(GLM4_MOE, first_k_dense_replace=-1), "first_k_dense_replace = -1: expected an integer (leading dense layers) of at least 0"),
-    "negative-shared-experts": (_with(GLM4_MOE, n_shared_experts=-1), "n_shared_experts = -1: expected an integer (shared experts, summed into one MLP) of at least 0"),
-    "window-of-text": (_with(MISTRAL, sliding_window="4096"), "sliding_window = '4096': the sliding window size must be a number of tokens above 0"),
-    "negative-window": (_with(MISTRAL, sliding_window=-1), "sliding_window = -1: the sliding window size must be a number of tokens above 0"),
-    "qwen-negative-window": (_with(QWEN3, use_sliding_window=True, sliding_window=-1), "sliding_window = -1: expected an integer or null above 0"),
-    "layers-beyond-counting": (_with(QWEN3, num_hidden_layers=2**40), f"num_hidden_layers = {2**40}: expected an integer of at most {MAX_COUNT:,}"),
-    "experts-beyond-counting": (_with(QWEN3_MOE, num_experts=2**40), f"num_experts = {2**40}: expected an integer of at most {MAX_COUNT:,}"),
+    "no-head-size": (changed(QWEN3, head_dim=0), "head_dim = 0: expected an integer (per-head size) above 0"),
+    "negative-head-size": (changed(QWEN3, head_dim=-1), "head_dim = -1: expected an integer (per-head size) above 0"),
+    "odd-head-size": (changed(QWEN3, head_dim=31), "head_dim = 31: each head rotates 31 of its 31 channels"),
+    "odd-rotated-part": (changed(GLM4_MOE, head_dim=18), "head_dim = 18: each head rotates 9 of its 18 channels (head size x partial_rotary_factor 0.5)"),
+    "infinite-norm-epsilon": (changed(QWEN3, rms_norm_eps=float("inf")), "rms_norm_eps = inf: expected a number, not inf"),
+    "infinite-routed-scaling": (changed(GLM4_MOE, routed_scaling_factor=float("inf")), "routed_scaling_factor = inf: expected a number, not inf"),
+    "negative-dense-layers": (changed(GLM4_MOE, first_k_dense_replace=-1), "first_k_dense_replace = -1: expected an integer (leading dense layers) of at least 0"),
+    "negative-shared-experts": (changed(GLM4_MOE, n_shared_experts=-1), "n_shared_experts = -1: expected an integer (shared experts, summed into one MLP) of at least 0"),
+    "window-of-text": (changed(MISTRAL, sliding_window="4096"), "sliding_window = '4096': the sliding window size must be a number of tokens above 0"),
+    "negative-window": (changed(MISTRAL, sliding_window=-1), "sliding_window = -1: the sliding window size must be a number of tokens above 0"),
+    "qwen-negative-window": (changed(QWEN3, use_sliding_window=True, sliding_window=-1), "sliding_window = -1: expected an integer or null above 0"),
+    "layers-beyond-counting": (changed(QWEN3, num_hidden_layers=2**40), f"num_hidden_layers = {2**40}: expected an integer of at most {MAX_COUNT:,}"),
+    "experts-beyond-counting": (changed(QWEN3_MOE, num_experts=2**40), f"num_experts = {2**40}: expected an integer of at most {MAX_COUNT:,}"),
     "rope-factor-of-text": (
-        _with(QWEN3, rope_scaling={"rope_type": "yarn", "factor": "x", "original_max_position_embeddings": 64}),
+        changed(QWEN3, rope_scaling={"rope_type": "yarn", "factor": "x", "original_max_position_embeddings": 64}),
         "rope_scaling = ", "factor = 'x' must be a finite number",
     ),
-    "rope-factor-zero": (_with(QWEN3, rope_scaling={"rope_type": "linear", "factor": 0}), "rope_scaling = ", "factor = 0 must be above 0"),
+    "rope-factor-zero": (changed(QWEN3, rope_scaling={"rope_type": "linear", "factor": 0}), "rope_scaling = ", "factor = 0 must be above 0"),
     "llama3-original-length-of-text": (
-        _with(QWEN3, architectures=["LlamaForCausalLM"], model_type="llama", head_dim=_DROP, rope_scaling={
+        changed(QWEN3, architectures=["LlamaForCausalLM"], model_type="llama", head_dim=DROP, rope_scaling={
             "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": "8192"}),
         "rope_scaling = ", "original_max_position_embeddings = '8192' must be a finite number",
     ),
     "yarn-mscale-of-text": (
-        _with(QWEN3, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": "1"}),
+        changed(QWEN3, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": "1"}),
         "rope_scaling = ", "mscale = '1' must be a finite number",
     ),
     "negative-beta": (
-        _with(QWEN3, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": -32}),
+        changed(QWEN3, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": -32}),
         "rope_scaling = ", "beta_fast = -32 must be 0 or more",
     ),
-    "infinite-rope-theta": (_with(QWEN3, rope_theta=float("inf")), "rope_theta = inf: rope_theta = inf must be a finite number above 1"),
-    "vocabulary-beyond-int64": (_with(QWEN3, vocab_size=10**30), f"vocab_size = {10**30}: expected an integer below 2^63"),
-    "norm-epsilon-beyond-any-float": (_with(QWEN3, rms_norm_eps=10**400), "rms_norm_eps = 1000", "expected a number below 2^63"),
-    "rope-theta-beyond-any-float": (_with(QWEN3, rope_theta=10**400), "rope_theta = 1000", "must be a finite number above 1"),
+    "infinite-rope-theta": (changed(QWEN3, rope_theta=float("inf")), "rope_theta = inf: rope_theta = inf must be a finite number above 1"),
+    "vocabulary-beyond-int64": (changed(QWEN3, vocab_size=10**30), f"vocab_size = {10**30}: expected an integer below 2^63"),
+    "norm-epsilon-beyond-any-float": (changed(QWEN3, rms_norm_eps=10**400), "rms_norm_eps = 1000", "expected a number below 2^63"),
+    "rope-theta-beyond-any-float": (changed(QWEN3, rope_theta=10**400), "rope_theta = 1000", "must be a finite number above 1"),
     "partial-rotary-of-text-alone": (
-        _with(GLM4_MOE, partial_rotary_factor="half"), "partial_rotary_factor = 'half': partial_rotary_factor = 'half' must be a number in (0, 1]",
+        changed(GLM4_MOE, partial_rotary_factor="half"), "partial_rotary_factor = 'half': partial_rotary_factor = 'half' must be a number in (0, 1]",
     ),
 }
 
@@ -125,16 +115,16 @@ def test_a_config_value_the_bridge_cannot_compute_is_one_line_naming_the_key(cas
 
 
 def test_values_the_bridge_computes_pass():
-    for config in (QWEN3, QWEN3_MOE, GLM4_MOE, MISTRAL, _with(MISTRAL, sliding_window=None),
-                   _with(GLM4_MOE, n_group=4, topk_group=2, num_experts_per_tok=4, first_k_dense_replace=99)):
+    for config in (QWEN3, QWEN3_MOE, GLM4_MOE, MISTRAL, changed(MISTRAL, sliding_window=None),
+                   changed(GLM4_MOE, n_group=4, topk_group=2, num_experts_per_tok=4, first_k_dense_replace=99)):
         ModelBridge.from_hf(config, seq_len=64)
 
 
 LAYOUTS = {  # config, (tp, ep, etp) -> the line
-    "vocabulary-not-split-by-tp": (_with(QWEN3, vocab_size=511), (2, 1, None), "vocab_size=511 is not divisible by TP=2"),
-    "mlp-not-split-by-tp": (_with(QWEN3, intermediate_size=255), (2, 1, None), "intermediate_size=255 is not divisible by TP=2"),
-    "experts-not-split-by-etp": (_with(QWEN3_MOE, moe_intermediate_size=33), (1, 2, 2), "moe_intermediate_size=33 is not divisible by ETP=2"),
-    "shared-experts-not-split-by-tp": (_with(GLM4_MOE, moe_intermediate_size=17), (2, 1, 1), "the shared experts' width=17 is not divisible by TP=2"),
+    "vocabulary-not-split-by-tp": (changed(QWEN3, vocab_size=511), (2, 1, None), "vocab_size=511 is not divisible by TP=2"),
+    "mlp-not-split-by-tp": (changed(QWEN3, intermediate_size=255), (2, 1, None), "intermediate_size=255 is not divisible by TP=2"),
+    "experts-not-split-by-etp": (changed(QWEN3_MOE, moe_intermediate_size=33), (1, 2, 2), "moe_intermediate_size=33 is not divisible by ETP=2"),
+    "shared-experts-not-split-by-tp": (changed(GLM4_MOE, moe_intermediate_size=17), (2, 1, 1), "the shared experts' width=17 is not divisible by TP=2"),
 }
 
 
