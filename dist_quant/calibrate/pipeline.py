@@ -219,13 +219,20 @@ def collect_statistics(model: nn.Module, forward_loop: ForwardLoop | None) -> No
 
 
 def _weight_quantizers(model: nn.Module) -> list[tuple[TensorQuantizer, torch.Tensor]]:
-    """Every (weight quantizer, its weight) of the model, listed once per change of its quantizers (a 30B MoE has
-    ~55,000 modules: walking them costs more than calibrating every weight)."""
-    cached = model.__dict__.get("_dist_quant_weight_quantizers")
+    """Every (weight quantizer, its weight) of the model. The quantized modules are listed once per change of its
+    quantizers (a 30B MoE has ~55,000 modules: walking them costs more than calibrating every weight); the pairs
+    are made anew, since a weight may be a view (an expert's rows of transformers' fused parameter) that moving
+    the model leaves behind on the old storage."""
+    cached = model.__dict__.get("_dist_quant_quant_modules")
     if cached is None or cached[0] != structure_version(model):
-        pairs = [pair for _, module in quant_modules(model) for pair in module.weight_quantizers()]
-        cached = model.__dict__["_dist_quant_weight_quantizers"] = (structure_version(model), pairs)
-    return cached[1]
+        modules = [module for _, module in quant_modules(model)]
+        cached = model.__dict__["_dist_quant_quant_modules"] = (structure_version(model), modules)
+    return [pair for module in cached[1] for pair in module.weight_quantizers()]
+
+
+def weights_by_quantizer(model: nn.Module) -> dict[int, torch.Tensor]:
+    """id(weight quantizer) -> the weight it quantizes (what a buffer's expected shape depends on)."""
+    return {id(quantizer): weight for quantizer, weight in _weight_quantizers(model)}
 
 
 def _is_scalar(amax: torch.Tensor | None) -> bool:

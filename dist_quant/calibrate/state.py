@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dist_quant.calibrate.pipeline import weights_by_quantizer
 from dist_quant.modules import QuantModule
 from dist_quant.modules.base import model_device
 from dist_quant.parallel.agree import every_rank, first_error, with_rank
@@ -172,7 +173,7 @@ def _this_ranks_values(model: nn.Module, full: dict[str, torch.Tensor], groups: 
     """-> ([(quantizer, buffer, this rank's piece)], the first problem or None): each piece checked against the
     shape the quantizer's format and weight give it (saved split metadata can be wrong), finite and not
     negative."""
-    weights = {id(q): w for _, m in model.named_modules() if isinstance(m, QuantModule) for q, w in m.weight_quantizers()}
+    weights = weights_by_quantizer(model)
     values = []
     for key, q, buffer, split in quantizer_buffers(model):
         if key not in full:

@@ -25,6 +25,7 @@ from dist_quant.modules.linear import LINEAR_QUANTIZERS
 from dist_quant.quantizer import QuantFormat, TensorQuantizer
 
 FUSED_GATE_UP, FUSED_DOWN = "gate_up_proj", "down_proj"
+FUSED_PARAMETER = {"gate": FUSED_GATE_UP, "up": FUSED_GATE_UP, "down": FUSED_DOWN}  # where each part's rows are
 _CHECKPOINT_EXPERT = re.compile(r"experts\.\*\.(\w+)\.weight$")
 
 
@@ -38,6 +39,11 @@ class CheckpointNames:
     up: str
     down: str
     renamed: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def parts(self) -> tuple[tuple[str, str], ...]:
+        """(part, its checkpoint name) for gate, up and down."""
+        return (("gate", self.gate), ("up", self.up), ("down", self.down))
 
     def in_memory(self, name: str) -> str:
         for checkpoint, memory in self.renamed:
@@ -86,11 +92,11 @@ def is_fused_experts(module: nn.Module) -> bool:
 
 def expert_weight(experts: nn.Module, index: int, part: str) -> torch.Tensor:
     """Expert `index`'s weight of `part` ("gate", "up", "down") as a view of the fused parameter."""
+    fused = experts._parameters[FUSED_PARAMETER[part]][index]
     if part == "down":
-        return experts._parameters[FUSED_DOWN][index]
-    gate_up = experts._parameters[FUSED_GATE_UP]
-    half = gate_up.shape[1] // 2
-    return gate_up[index, :half] if part == "gate" else gate_up[index, half:]
+        return fused
+    half = fused.shape[0] // 2
+    return fused[:half] if part == "gate" else fused[half:]
 
 
 class ExpertLinear(nn.Module, QuantModule):
@@ -154,11 +160,10 @@ def convert_fused_experts(
     """Give fused `experts` (named `name`) one quantized slot per expert and linear, children `E.<part name>`,
     configured by `formats_for(slot name, its weight)`. -> the slots."""
     count = experts._parameters[FUSED_DOWN].shape[0]
-    parts = (("gate", names.gate), ("up", names.up), ("down", names.down))
     slots = []
     for index in range(count):
         linears = {}
-        for part, part_name in parts:
+        for part, part_name in names.parts:
             slot = f"{name}.{index}.{part_name}"
             formats = formats_for(slot, expert_weight(experts, index, part))
             linears[part_name] = ExpertLinear(experts, index, part, formats, slot)

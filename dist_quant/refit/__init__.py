@@ -12,12 +12,11 @@ from torch import nn
 
 from dist_quant.bridge.io import export_hf_layers, owned
 from dist_quant.bridge.models import ModelBridge
-from dist_quant.calibrate.pipeline import quantizers
+from dist_quant.calibrate.pipeline import quantizers, weights_by_quantizer
 from dist_quant.export.buckets import Bucket, bucketed
 from dist_quant.export.checkpoint import checkpoint_layers
-from dist_quant.modules import QuantModule
 from dist_quant.modules.base import model_device
-from dist_quant.modules.fused_experts import FUSED_DOWN, FUSED_GATE_UP, checkpoint_names, expert_weight, is_fused_experts
+from dist_quant.modules.fused_experts import FUSED_DOWN, FUSED_PARAMETER, checkpoint_names, expert_weight, is_fused_experts
 from dist_quant.parallel.groups import ParallelGroups, default_groups
 from dist_quant.quantizer import QuantizerMode, TensorQuantizer
 
@@ -84,11 +83,10 @@ class _Receiver:
             if names is not None and is_fused_experts(module):
                 count = module._parameters[FUSED_DOWN].shape[0]
                 for index in range(count):
-                    for part, fused, part_name in (
-                        ("gate", FUSED_GATE_UP, names.gate), ("up", FUSED_GATE_UP, names.up), ("down", FUSED_DOWN, names.down)
-                    ):
-                        self.expert_rows[f"{name}.{index}.{part_name}.weight"] = (f"{name}.{fused}", expert_weight(module, index, part))
-        self.weights = {id(q): w for m in self.modules.values() if isinstance(m, QuantModule) for q, w in m.weight_quantizers()}
+                    for part, part_name in names.parts:
+                        fused = f"{name}.{FUSED_PARAMETER[part]}"
+                        self.expert_rows[f"{name}.{index}.{part_name}.weight"] = (fused, expert_weight(module, index, part))
+        self.weights = weights_by_quantizer(model)
 
     def place(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor | TensorQuantizer, str | None]:
         """-> (the receiving tensor's name in memory, the tensor or quantizer, the quantizer buffer or None)."""
