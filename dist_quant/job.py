@@ -98,9 +98,9 @@ def validate(args: argparse.Namespace) -> None:
     bridge.check_layout(args.tp, args.ep, pipeline_split(args), args.etp)
     check_exportable(recipe, bridge)  # a recipe the checkpoint cannot hold fails here, not after calibration
     if args.hf_model is not None and not args.random_weights:
-        from dist_quant.bridge.io import SafetensorsReader, check_checkpoint
+        from dist_quant.bridge.io import check_checkpoint, source_reader
 
-        check_checkpoint(bridge, SafetensorsReader(args.hf_model))  # every tensor's name, shape and dtype (headers)
+        check_checkpoint(bridge, source_reader(args.hf_model, bridge))  # every tensor's name, shape and dtype (headers)
     if args.model is not None and not args.random_weights:
         cache_root()  # where the random weights are written: refused now if it cannot be
     args.calibration = calibration(args, bridge)
@@ -467,7 +467,8 @@ def run(args: argparse.Namespace) -> Path | None:
 def _calibrate_and_export(args: argparse.Namespace, device: torch.device, timeout: datetime.timedelta, started: float) -> Path | None:
     """`run`'s work, in the process group it made: build, read, calibrate, export, summary."""
     from dist_quant.bridge import ModelBridge
-    from dist_quant.bridge.io import SafetensorsReader, load_hf_weights
+    from dist_quant.bridge.fp8_source import source_note
+    from dist_quant.bridge.io import load_hf_weights, source_reader
     from dist_quant.calibrate import attach_quantizers, calibrate
     from dist_quant.calibrate.pipeline import amax_reducer, logits_discarded
     from dist_quant.export import estimated_bytes
@@ -497,10 +498,13 @@ def _calibrate_and_export(args: argparse.Namespace, device: torch.device, timeou
                 building = time.perf_counter()
                 model = bridge.build(args.tp, args.ep, args.etp, dtype, pipeline_split(args), device).to(device).eval()
                 say(f"built in {duration(time.perf_counter() - building)}", lead)
-                left_out = []
+                left_out, read_note = [], None
                 if not args.random_weights:
+                    read_note = source_note(bridge.config.fp8_block, bridge.dtype)
+                    if read_note:
+                        say(read_note, lead)
                     with Progress("reading weights", "tensors", enabled=lead) as progress:
-                        left_out = load_hf_weights(model, bridge, SafetensorsReader(checkpoint), groups, progress.at)
+                        left_out = load_hf_weights(model, bridge, source_reader(checkpoint, bridge), groups, progress.at)
                 batches = calibration_batches(args.calibration.samples, args.batch_size, groups.rank("dp"), groups.size("dp"))
                 recipe = load_recipe(args.recipe)
                 attach_quantizers(model, recipe, groups)
@@ -540,7 +544,7 @@ def _calibrate_and_export(args: argparse.Namespace, device: torch.device, timeou
             report_lines = report.write(args.report, built)
         summary = Summary(
             args, out, quantization, sum(s["bootstrapped"] for s in states), collectives, timer,
-            time.perf_counter() - started, left_out, [s["peaks"] for s in states], report_lines,
+            time.perf_counter() - started, left_out, [s["peaks"] for s in states], report_lines, read_note,
         )
         print(summary.text(), flush=True)
     return out
@@ -572,6 +576,7 @@ class Summary:
     left_out: list[str]
     peaks: list  # per rank: (peak bytes per stage, bytes of weights), or None without a GPU
     report_lines: list[str]
+    read_note: str | None  # what reading the source did to its weights (fp8_source.source_note)
 
     def text(self) -> str:
         args, timer, calibration = self.args, self.timer, self.args.calibration
@@ -583,6 +588,7 @@ class Summary:
         lines = [
             "",
             f"dist-quant calibrate: {args.model or args.hf_model}, recipe {args.recipe}, {layout_text(args)}, {args.dtype}",
+            *([f"  {self.read_note}"] if self.read_note else []),
             f"  calibration data: {calibration.describe()}",
             "  quantizers in the model by kind and format (every rank's, each counted once):",
             *[f"    {count:6d}  {kind}" for kind, count in sorted(kinds.items())],

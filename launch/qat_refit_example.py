@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from dist_quant import load_recipe, quantize
     from dist_quant.bridge import ModelBridge
-    from dist_quant.bridge.io import SafetensorsReader, load_hf_weights
+    from dist_quant.bridge.io import load_hf_weights, source_reader
     from dist_quant.calibrate import attach_quantizers, recalibrate_weights
     from dist_quant.job import CONFIGS, builtin_checkpoint, init_distributed, rank
     from dist_quant.parallel import megatron_compat
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = builtin_checkpoint(args.model, seed=0)
     megatron_compat.seed(0)
     model = bridge.build(args.tp, args.ep).to(device)
-    load_hf_weights(model, bridge, SafetensorsReader(checkpoint), groups)
+    load_hf_weights(model, bridge, source_reader(checkpoint, bridge), groups)
     quantize(model, RECIPE)
     hf = None
     if rank() == 0:

@@ -142,6 +142,71 @@ def _head_size(key: str) -> Callable:
     return relation
 
 
+def _one_of(allowed: tuple, why: str) -> Callable[[object], str | None]:
+    return lambda value: None if value in allowed else f"expected {' or '.join(map(repr, allowed))}: {why}"
+
+
+def _block_size(value) -> str | None:
+    if not (
+        isinstance(value, list) and len(value) == 2
+        and all(isinstance(n, int) and not isinstance(n, bool) and 0 < n < 2**31 for n in value)
+    ):
+        return "expected two positive integers, the rows and columns of a weight block"
+    return None
+
+
+def _module_names(value) -> str | None:
+    if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
+        return "expected a list of module names"
+    return None
+
+
+# quantization_config of an FP8 block-scaled checkpoint, key by key (DeepSeek-V3's README_WEIGHTS.md, transformers'
+# FineGrainedFP8Config, which writes every one of them, vLLM's Fp8Config): value -> why its weights cannot be
+# dequantized as DeepSeek's reference does (inference/kernel.py weight_dequant), or None. A null value is as if
+# absent; quant_method and weight_block_size are required.
+FP8_SOURCE_KEYS: dict[str, Callable[[object], str | None]] = {
+    "quant_method": lambda value: None,  # 'fp8', checked before the other keys
+    "weight_block_size": _block_size,
+    "fmt": _one_of(("e4m3",), "the weights are read as float8_e4m3fn"),
+    "activation_scheme": _one_of(("dynamic",), "a static scheme ships activation scales, which dist_quant does not read"),
+    "scale_fmt": _one_of(
+        ("float", "ue8m0"), "how the engines round activation scales; the weight scales are read as float32 either way"
+    ),
+    "expert_dtype": _one_of(("fp8",), "FP4-packed experts are not dequantized"),
+    "modules_to_convert": _one_of(([],), "FP8 embeddings are not dequantized"),
+    "modules_to_not_convert": _module_names,  # the modules stored unquantized: each tensor's dtype says so too
+    "ignored_layers": _module_names,  # vLLM's and MiniMax's name for modules_to_not_convert
+    "dequantize": lambda value: None if isinstance(value, bool) else "expected true or false",  # transformers' load flag
+}
+
+
+def quantization_problem(value) -> str | None:
+    """Why a checkpoint with this quantization_config cannot be read, or None: an FP8 block-scaled one can
+    (FP8_SOURCE_KEYS); any other is quantized already in a form dist_quant does not dequantize."""
+    if not isinstance(value, dict):
+        return "expected an object"
+    method = value.get("quant_method")
+    if method != "fp8":
+        return (
+            f"quant_method {method!r}: the checkpoint is already quantized in a form dist_quant does not dequantize "
+            "(it reads FP8 block-scaled ones); calibrate its unquantized source"
+        )
+    if value.get("weight_block_size") is None:
+        return (
+            "quant_method 'fp8' without weight_block_size: the checkpoint is already quantized per tensor, which "
+            "dist_quant does not dequantize (it reads FP8 block-scaled ones); calibrate its unquantized source"
+        )
+    for key, item in value.items():
+        check = FP8_SOURCE_KEYS.get(key)
+        if check is None:
+            return f"{key} = {_short(item)}: not a key of FP8 block-scaled checkpoints dist_quant knows"
+        problem = None if item is None else check(item)
+        if problem:
+            return f"{key} = {_short(item)}: {problem}"
+    return None
+
+
 # Keys every architecture accepts: identity, bookkeeping, tokens, output flags, training-only settings.
 COMMON = {
     "architectures": Rule("read: picks the bridge"),
@@ -179,7 +244,10 @@ COMMON = {
     "rope_scaling": Rule("read: rope type and parameters (transformers 4 name; wins, as in transformers)", rope_check("rope_scaling")),
     "rope_parameters": Rule("read: rope type and parameters", rope_check("rope_parameters")),
     "rope_theta": Rule("read: the rope base, unless the rope parameters give one", rope_check("rope_theta")),
-    "quantization_config": refused("the checkpoint is already quantized; calibrate its unquantized source"),
+    "quantization_config": Rule(
+        "read: an FP8 block-scaled checkpoint (quant_method 'fp8' with weight_block_size) is dequantized on load; "
+        "other quantized checkpoints are refused", lambda value, config, seq_len: quantization_problem(value)
+    ),
     "auto_map": refused("the checkpoint ships its own modeling code, which dist_quant does not run"),
 }
 
@@ -211,6 +279,13 @@ class HFConfig:
     def dtype(self) -> torch.dtype:
         """The checkpoint's dtype (`dtype`, or `torch_dtype` as transformers 4 wrote it); float32 where absent."""
         return DTYPES[self.raw.get("dtype") or self.raw.get("torch_dtype") or "float32"]
+
+    @property
+    def fp8_block(self) -> tuple[int, int] | None:
+        """The rows and columns of a weight block of an FP8 block-scaled checkpoint (its quantization_config, once
+        validated); None for an unquantized one."""
+        quantization = self.raw.get("quantization_config")
+        return tuple(quantization["weight_block_size"]) if quantization else None
 
     def validate(self, seq_len: int | None = None) -> None:
         """Raise BridgeError, one line, at the first key that is unknown or whose value cannot be honoured.

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dist_quant.bridge.config import DTYPES
+from dist_quant.bridge.fp8_source import FP8BlockReader
 from dist_quant.bridge.mappings import BridgeError, Mapping, ShardInfo
 from dist_quant.bridge.models import ModelBridge
 from dist_quant.modules.base import model_device, structure_version
@@ -30,7 +31,8 @@ SAFETENSORS_DTYPES = {
 }
 INDEX_FILE, SINGLE_FILE = "model.safetensors.index.json", "model.safetensors"
 # The dtypes a source checkpoint's tensors are read in: those the bridge computes in and exports unquantized
-# tensors in. An FP8 checkpoint is quantized already; float64 and integer tensors are no weights to calibrate.
+# tensors in. FP8 weights are quantized already: read only as an FP8 block-scaled checkpoint's, dequantized
+# (source_reader); float64 and integer tensors are no weights to calibrate.
 SOURCE_DTYPES = tuple(DTYPES.values())
 
 
@@ -39,7 +41,11 @@ def unread_dtype(where: str, dtype: torch.dtype | str) -> BridgeError:
     quantized = "F8" in str(dtype) or "float8" in str(dtype)
     return BridgeError(
         f"{where}: {dtype}, not a dtype dist_quant reads ({', '.join(DTYPES)})"
-        + (": an FP8 checkpoint is quantized already; calibrate its unquantized source" if quantized else "")
+        + (
+            ": FP8 tensors are quantized already, and read only from an FP8 block-scaled checkpoint (config.json's "
+            "quantization_config with quant_method 'fp8' and weight_block_size, each FP8 weight with its float32 "
+            "weight_scale_inv)" if quantized else ""
+        )
     )
 
 
@@ -132,8 +138,12 @@ class SafetensorsReader:
     def shape(self, name: str) -> torch.Size:
         return torch.Size(self._slice(name).get_shape())
 
+    def stored_dtype(self, name: str) -> str:
+        """The dtype as the file names it (safetensors' name: F32, F8_E4M3, ...)."""
+        return self._slice(name).get_dtype()
+
     def dtype(self, name: str) -> torch.dtype:
-        stored = self._slice(name).get_dtype()
+        stored = self.stored_dtype(name)
         if stored not in SAFETENSORS_DTYPES:
             raise unread_dtype(self.where(name), stored)
         return SAFETENSORS_DTYPES[stored]
@@ -146,6 +156,15 @@ class SafetensorsReader:
             return piece[start:stop] if dim == 0 else piece[:, start:stop]
         except Exception as error:  # noqa: BLE001 - e.g. a file cut short
             raise BridgeError(f"{self._files[name]}: cannot read {name} ({error})") from None
+
+
+def source_reader(directory: str | Path, bridge: ModelBridge) -> SafetensorsReader | FP8BlockReader:
+    """The reader of a source checkpoint, as its config.json (`bridge`) describes it: an FP8 block-scaled one
+    read as the unquantized checkpoint it stands for, its FP8 weights dequantized to the checkpoint's dtype
+    (bridge/fp8_source.py); any other as stored."""
+    reader = SafetensorsReader(directory)
+    block = bridge.config.fp8_block
+    return reader if block is None else FP8BlockReader(reader, block, bridge.dtype)
 
 
 class StateDictReader:

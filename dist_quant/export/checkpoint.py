@@ -22,7 +22,7 @@ from torch import nn
 
 import dist_quant
 from dist_quant import kernels
-from dist_quant.bridge.io import Planned, SafetensorsReader, export_hf_layers, has_safetensors, owned
+from dist_quant.bridge.io import Planned, export_hf_layers, has_safetensors, owned, source_reader
 from dist_quant.bridge.models import ModelBridge
 from dist_quant.export.buckets import bucketed
 from dist_quant.export.shards import ShardWriter
@@ -255,7 +255,7 @@ def _which(group: _Group) -> str:
 def source_dtypes(bridge: ModelBridge, source_dir: str | os.PathLike | None) -> Callable[[str], torch.dtype]:
     """HF name -> the dtype its tensor has in the source checkpoint; the config's dtype for tensors (or whole
     checkpoints) not found there."""
-    reader = SafetensorsReader(source_dir) if source_dir is not None and has_safetensors(source_dir) else None
+    reader = source_reader(source_dir, bridge) if source_dir is not None and has_safetensors(source_dir) else None
     stored = set(reader.names()) if reader is not None else set()
     return lambda name: reader.dtype(name) if name in stored else bridge.dtype
 
