@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-from dist_quant.bridge.config import COMMON, MAX_COUNT, HFConfig, Rule, inert, only, rope_check, used
+from dist_quant.bridge.config import COMMON, MAX_COUNT, ROPE_KEYS, HFConfig, Rule, inert, only, rope_check, used
 from dist_quant.bridge.mappings import (
     ColumnParallelMapping,
     GatedMLPMapping,
@@ -21,9 +21,28 @@ LAYER, HF_LAYER = "decoder.layers.*", "model.layers.*"
 
 
 @dataclass(frozen=True)
+class LatentAttention:
+    """DeepSeek's multi-latent attention (MLA): the query through a low-rank q_a_proj / q_a_layernorm / q_b_proj
+    (q_proj where `q_lora_rank` is None), and every head's key and value from one compressed latent of
+    `kv_lora_rank` channels (kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj) plus one rotated key part of
+    `qk_rope_head_dim` channels shared by all heads. megatron-core's MLASelfAttention computes the same."""
+
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
 class Forward:
     """What a config's forward is, in the terms megatron and the mappings need."""
 
+    latent: LatentAttention | None = None  # multi-latent attention in place of (grouped) q/k/v heads
     qk_norm: bool = False
     qkv_bias: bool = False
     o_bias: bool = False
@@ -233,6 +252,95 @@ GLM4_MOE_KEYS = {
                                       "left out of the export, which then announces none"),
 }
 
+# DeepSeek-V3's routing and MoE are GLM-4.5's (the same keys, read the same way)
+SIGMOID_MOE = {k: GLM4_MOE_KEYS[k] for k in (
+    *MOE_TRAINING, *TOPK, "first_k_dense_replace", "n_routed_experts", "num_local_experts", "n_shared_experts",
+    "moe_intermediate_size", "routed_scaling_factor", "norm_topk_prob", "n_group", "topk_group",
+    "num_nextn_predict_layers",
+)}
+
+
+def _equal_to(derived: Callable[[HFConfig], object], what: str) -> Callable:
+    """A key transformers writes though it follows from others: it must be what they give."""
+
+    def relation(value, config: HFConfig, seq_len):
+        expected = derived(config)
+        return None if value == expected else f"expected {expected} ({what})"
+
+    return relation
+
+
+def _latent_width(key: str) -> Rule:
+    return used(int, f"an integer ({key.replace('_', ' ')})", positive=True)
+
+
+def _latent_rope(key: str) -> Rule:
+    """The rope, and on top: megatron-core's MLA multiplies cos and sin by no yarn attention factor, so a yarn
+    rope whose mscale and mscale_all_dim differ (a factor other than 1) is refused; DeepSeek-V3, V2-Lite and
+    Kimi-K2 set them equal."""
+    common = COMMON[key]
+
+    def check(value, config: HFConfig, seq_len):
+        problem = common.problem(value, config, seq_len)
+        owner = next((k for k in ROPE_KEYS if config.raw.get(k) is not None), None)
+        if problem or key != owner or config.rope.attention_factor() == 1.0:
+            return problem
+        return (
+            f"a yarn rope whose mscale and mscale_all_dim differ multiplies cos and sin by "
+            f"{config.rope.attention_factor():.6g}, which megatron-core's multi-latent attention does not"
+        )
+
+    return Rule(common.note, check)
+
+
+def _latent_norm_eps(value, config: HFConfig, seq_len):
+    if value != 1e-6:
+        return (
+            "transformers' DeepSeek-V3 normalizes the q and kv latents with eps 1e-6 whatever rms_norm_eps says, "
+            "vLLM and SGLang with rms_norm_eps: only 1e-6 is computed alike"
+        )
+    return None
+
+
+DEEPSEEK_V3_KEYS = {
+    **COMMON, **DENSE_MLP, **SIGMOID_MOE,
+    **{key: _latent_rope(key) for key in ROPE_KEYS},
+    "rms_norm_eps": used((float, int), "a number", positive=True, relation=_latent_norm_eps),
+    "num_attention_heads": used(int, "an integer", positive=True),
+    "num_key_value_heads": used(int, "an integer", positive=True, relation=_equal_to(
+        lambda c: c.get("num_attention_heads"),
+        "num_attention_heads: MLA gives every head its own key and value, and transformers' eager attention repeats "
+        "them num_attention_heads / num_key_value_heads times",
+    )),
+    "head_dim": used(int, "an integer", positive=True, relation=_equal_to(
+        lambda c: c.get("qk_rope_head_dim"), "qk_rope_head_dim, the rotated channels, as transformers sets it"
+    )),
+    "qk_head_dim": used(int, "an integer", positive=True, relation=_equal_to(
+        lambda c: c.get("qk_nope_head_dim", 0) + c.get("qk_rope_head_dim", 0), "qk_nope_head_dim + qk_rope_head_dim"
+    )),
+    "q_lora_rank": used((int, type(None)), "an integer or null (no query compression: q_proj)", positive=True),
+    "kv_lora_rank": _latent_width("kv_lora_rank"),
+    "qk_nope_head_dim": _latent_width("qk_nope_head_dim"),
+    "qk_rope_head_dim": used(int, "an even integer (rotated key/query channels)", positive=True, relation=(
+        lambda value, config, seq_len: "rotary embeddings turn channels in pairs: expected an even number" if value % 2 else None
+    )),
+    "v_head_dim": _latent_width("v_head_dim"),
+    "attention_bias": only((False,), "biases on q_a_proj, kv_a_proj_with_mqa and o_proj are not implemented "
+                                     "(megatron-core's MLA has none)"),
+    "rope_interleave": only((True,), "rope channels laid out in halves: megatron-core's MLA, vLLM and SGLang rotate "
+                                    "DeepSeek's interleaved pairs"),
+    "topk_method": only(("noaux_tc",), "transformers' DeepSeek-V3 routes as noaux_tc (sigmoid scores, the score "
+                                      "correction bias, group-limited top-k) whatever the key says; the engines follow the key"),
+    "scoring_func": only(("sigmoid",), "transformers' DeepSeek-V3 scores experts with a sigmoid whatever the key "
+                                      "says; the engines follow the key"),
+    "moe_layer_freq": only((1,), "every layer after first_k_dense_replace is MoE in transformers' DeepSeek-V3"),
+    "aux_loss_alpha": inert("a training loss"),
+    "seq_aux": inert("a training loss"),
+    "ep_size": inert("the expert-parallel degree of DeepSeek's own training code"),
+    "pretraining_tp": inert("transformers 5 ignores it"),
+    "auto_map": inert("DeepSeek's own modeling code, which transformers' built-in DeepSeek-V3 replaces and which "
+                      "dist_quant does not run; the fidelity tests hold the bridge to transformers' code"),
+}
 
 # -- forwards ----------------------------------------------------------------------------------------------
 def _biases(config: HFConfig) -> dict:
@@ -265,7 +373,9 @@ def _mixtral(config: HFConfig) -> Forward:
     )
 
 
-def _glm4_moe(config: HFConfig) -> Forward:
+def _sigmoid_moe(config: HFConfig, **attention) -> Forward:
+    """GLM-4.5 and DeepSeek-V3's MLP: dense first_k_dense_replace layers, then routed experts scored by a sigmoid
+    with a correction bias, group-limited top-k, scaled weights, and shared experts summed into one MLP."""
     layers, groups = config.require("num_hidden_layers"), config.get("n_group", 1)
     shared = config.get("n_shared_experts", 0)
     router = {
@@ -277,13 +387,26 @@ def _glm4_moe(config: HFConfig) -> Forward:
     if groups > 1:
         router |= {"moe_router_num_groups": groups, "moe_router_group_topk": config.require("topk_group")}
     return Forward(
-        qk_norm=bool(config.get("use_qk_norm", False)),
-        qkv_bias=bool(config.get("attention_bias", False)),
+        **attention,
         moe_layers=tuple(range(config.get("first_k_dense_replace", 0), layers)),
         num_experts=routed_experts(config),
         shared_expert_width=config.require("moe_intermediate_size") * shared if shared else None,
         router=router,
     )
+
+
+def _glm4_moe(config: HFConfig) -> Forward:
+    return _sigmoid_moe(
+        config, qk_norm=bool(config.get("use_qk_norm", False)), qkv_bias=bool(config.get("attention_bias", False))
+    )
+
+
+def _deepseek_v3(config: HFConfig) -> Forward:
+    latent = LatentAttention(
+        config.get("q_lora_rank"), config.require("kv_lora_rank"), config.require("qk_nope_head_dim"),
+        config.require("qk_rope_head_dim"), config.require("v_head_dim"),
+    )
+    return _sigmoid_moe(config, latent=latent)
 
 
 ARCHITECTURES = {
@@ -302,12 +425,42 @@ ARCHITECTURES = {
             MoENames(router_bias="gate.e_score_correction_bias", shared="shared_experts"),
             partial_rotary=True, export_overrides={"num_nextn_predict_layers": 0}, kv_scales="attn",
         ),
+        Architecture(
+            "DeepseekV3ForCausalLM", DEEPSEEK_V3_KEYS, _deepseek_v3,
+            MoENames(router_bias="gate.e_score_correction_bias", shared="shared_experts"),
+            export_overrides={"num_nextn_predict_layers": 0},
+        ),
     )
 }
 
 
 # -- mappings and shapes -----------------------------------------------------------------------------------
+def latent_attention_mappings(latent: LatentAttention) -> list[Mapping]:
+    """MLA: megatron's column-parallel down projections split their rows over TP (each rank computes part of the
+    latent and megatron gathers it), the up projections and o_proj split heads as usual; the norms are whole."""
+    attention, hf = f"{LAYER}.self_attention", f"{HF_LAYER}.self_attn"
+    if latent.q_lora_rank is None:
+        query = [ColumnParallelMapping(f"{attention}.linear_q_proj.weight", f"{hf}.q_proj.weight")]
+    else:
+        query = [
+            ColumnParallelMapping(f"{attention}.linear_q_down_proj.weight", f"{hf}.q_a_proj.weight"),
+            Mapping(f"{attention}.q_layernorm.weight", f"{hf}.q_a_layernorm.weight"),
+            ColumnParallelMapping(f"{attention}.linear_q_up_proj.weight", f"{hf}.q_b_proj.weight"),
+        ]
+    return [
+        Mapping(f"{LAYER}.input_layernorm.weight", f"{HF_LAYER}.input_layernorm.weight"),
+        *query,
+        ColumnParallelMapping(f"{attention}.linear_kv_down_proj.weight", f"{hf}.kv_a_proj_with_mqa.weight"),
+        Mapping(f"{attention}.kv_layernorm.weight", f"{hf}.kv_a_layernorm.weight"),
+        ColumnParallelMapping(f"{attention}.linear_kv_up_proj.weight", f"{hf}.kv_b_proj.weight"),
+        RowParallelMapping(f"{attention}.linear_proj.weight", f"{hf}.o_proj.weight"),
+        Mapping(f"{LAYER}.pre_mlp_layernorm.weight", f"{HF_LAYER}.post_attention_layernorm.weight"),
+    ]
+
+
 def attention_mappings(config: HFConfig, forward: Forward, head_dim: int) -> list[Mapping]:
+    if forward.latent is not None:
+        return latent_attention_mappings(forward.latent)
     heads = config.require("num_attention_heads")
     groups = config.get("num_key_value_heads", heads)
     attention, hf = f"{LAYER}.self_attention", f"{HF_LAYER}.self_attn"
@@ -395,15 +548,31 @@ def megatron_shapes(config: HFConfig, forward: Forward, head_dim: int) -> dict[s
     def mlp(prefix: str, width: int) -> dict:
         return {f"{prefix}.linear_fc1.weight": (2 * width, hidden), f"{prefix}.linear_fc2.weight": (hidden, width)}
 
-    shapes = {
+    latent = forward.latent
+    if latent is not None:
+        rank, heads_qk = latent.q_lora_rank, heads * latent.qk_head_dim
+        shapes = {
+            f"{attention}.linear_q_proj.weight": (heads_qk, hidden),
+            f"{attention}.linear_q_down_proj.weight": (rank, hidden),
+            f"{attention}.q_layernorm.weight": (rank,),
+            f"{attention}.linear_q_up_proj.weight": (heads_qk, rank),
+            f"{attention}.linear_kv_down_proj.weight": (latent.kv_lora_rank + latent.qk_rope_head_dim, hidden),
+            f"{attention}.kv_layernorm.weight": (latent.kv_lora_rank,),
+            f"{attention}.linear_kv_up_proj.weight": (heads * (latent.qk_nope_head_dim + latent.v_head_dim), latent.kv_lora_rank),
+            f"{attention}.linear_proj.weight": (hidden, heads * latent.v_head_dim),
+        }
+    else:
+        shapes = {
+            f"{attention}.linear_qkv.weight": (qkv, hidden),
+            f"{attention}.linear_qkv.bias": (qkv,),
+            f"{attention}.linear_proj.weight": (hidden, heads * head_dim),
+            f"{attention}.linear_proj.bias": (hidden,),
+            f"{attention}.q_layernorm.weight": (head_dim,),
+            f"{attention}.k_layernorm.weight": (head_dim,),
+        }
+    shapes |= {
         "embedding.word_embeddings.weight": (vocab, hidden),
         f"{LAYER}.input_layernorm.weight": (hidden,),
-        f"{attention}.linear_qkv.weight": (qkv, hidden),
-        f"{attention}.linear_qkv.bias": (qkv,),
-        f"{attention}.linear_proj.weight": (hidden, heads * head_dim),
-        f"{attention}.linear_proj.bias": (hidden,),
-        f"{attention}.q_layernorm.weight": (head_dim,),
-        f"{attention}.k_layernorm.weight": (head_dim,),
         f"{LAYER}.pre_mlp_layernorm.weight": (hidden,),
         "decoder.final_layernorm.weight": (hidden,),
         "output_layer.weight": (vocab, hidden),

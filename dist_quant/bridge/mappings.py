@@ -230,6 +230,7 @@ class AmaxMapping(Mapping):
 _LINEAR_WEIGHT = ".weight"
 _QKV_SUFFIX = ".self_attention.linear_qkv.weight"
 _HF_QKV = (".q_proj.weight", ".k_proj.weight", ".v_proj.weight")
+_LATENT_KV_SUFFIX, _HF_LATENT_KV = ".self_attention.linear_kv_up_proj.weight", ".kv_b_proj.weight"
 
 
 def _amax_name(weight_name: str, quantizer: str, buffer: str = "_amax") -> str:
@@ -241,18 +242,26 @@ def _is_draft(name: str) -> bool:
 
 
 def kv_bmm_mappings(mapping: Mapping) -> list[Mapping]:
-    """K/V BMM amax mappings derived from a fused-QKV weight mapping (docs/mappings.md): only an interleaved
-    `.self_attention.linear_qkv.weight` whose q/k/v share one HF parent, not allowed to miss, not a draft/MTP
-    layer. They are replicated and may miss on the HF side; wildcards and prefixes are kept as they are."""
-    if type(mapping) is not QKVMapping or mapping.allow_missing_hf or not mapping.megatron.endswith(_QKV_SUFFIX):
+    """K/V BMM amax mappings derived from the weight mapping whose output holds the attention's keys and values
+    (docs/mappings.md): an interleaved `.self_attention.linear_qkv.weight` whose q/k/v share one HF parent, or
+    multi-latent attention's `.self_attention.linear_kv_up_proj.weight` <-> `.kv_b_proj.weight`; not allowed to
+    miss, not a draft/MTP layer. They are replicated and may miss on the HF side; wildcards and prefixes are kept
+    as they are."""
+    if mapping.allow_missing_hf or _is_draft(mapping.megatron) or any(_is_draft(h) for h in mapping.hf):
         return []
-    if len(mapping.hf) != 3 or _is_draft(mapping.megatron) or any(_is_draft(h) for h in mapping.hf):
+    if type(mapping) is QKVMapping and mapping.megatron.endswith(_QKV_SUFFIX) and len(mapping.hf) == 3:
+        parents = {h[: -len(suffix)] for h, suffix in zip(mapping.hf, _HF_QKV) if h.endswith(suffix)}
+        if len(parents) != 1 or not all(h.endswith(s) for h, s in zip(mapping.hf, _HF_QKV)):
+            return []
+        hf_parent, megatron_layer = parents.pop(), mapping.megatron[: -len(_QKV_SUFFIX)]
+    elif (
+        type(mapping) is ColumnParallelMapping and mapping.megatron.endswith(_LATENT_KV_SUFFIX)
+        and len(mapping.hf) == 1 and mapping.hf[0].endswith(_HF_LATENT_KV)
+    ):
+        hf_parent, megatron_layer = mapping.hf[0][: -len(_HF_LATENT_KV)], mapping.megatron[: -len(_LATENT_KV_SUFFIX)]
+    else:
         return []
-    parents = {h[: -len(suffix)] for h, suffix in zip(mapping.hf, _HF_QKV) if h.endswith(suffix)}
-    if len(parents) != 1 or not all(h.endswith(s) for h, s in zip(mapping.hf, _HF_QKV)):
-        return []
-    hf_parent = parents.pop()
-    megatron_parent = mapping.megatron[: -len(_QKV_SUFFIX)] + ".self_attention.core_attention"
+    megatron_parent = megatron_layer + ".self_attention.core_attention"
     return [
         AmaxMapping(f"{megatron_parent}.{kv}_bmm_quantizer._amax", (f"{hf_parent}.{kv}_bmm_quantizer._amax",), allow_missing_hf=True)
         for kv in ("k", "v")

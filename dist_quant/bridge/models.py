@@ -202,6 +202,11 @@ class ModelBridge:
             widths.append((expert_width, c.require(expert_width), "ETP", etp))
         if self.forward.shared_expert_width:
             widths.append(("the shared experts' width", self.forward.shared_expert_width, "TP", tp))
+        latent = self.forward.latent
+        if latent is not None:  # megatron's MLA splits the rows of its down projections over TP
+            if latent.q_lora_rank is not None:
+                widths.append(("q_lora_rank", latent.q_lora_rank, "TP", tp))
+            widths.append(("kv_lora_rank + qk_rope_head_dim", latent.kv_lora_rank + latent.qk_rope_head_dim, "TP", tp))
         for name, width, split, size in widths:
             if width % size:
                 raise BridgeError(f"{name}={width} is not divisible by {split}={size}")
@@ -213,7 +218,7 @@ class ModelBridge:
         self, tp: int = 1, ep: int = 1, etp: int | None = None, dtype: torch.dtype | None = None,
         pipeline: PipelineSplit = PipelineSplit(), on_gpu: bool = False,
     ):
-        from megatron.core.transformer import TransformerConfig
+        from megatron.core.transformer import MLATransformerConfig, TransformerConfig
 
         c, f = self.config, self.forward
         heads = c.require("num_attention_heads")
@@ -237,20 +242,31 @@ class ModelBridge:
             if self.moe
             else {}
         )
-        config = TransformerConfig(
+        latent = f.latent
+        attention = (
+            dict(
+                q_lora_rank=latent.q_lora_rank, kv_lora_rank=latent.kv_lora_rank, qk_head_dim=latent.qk_nope_head_dim,
+                qk_pos_emb_head_dim=latent.qk_rope_head_dim, v_head_dim=latent.v_head_dim,
+                # the plain rotary embedding, whose frequencies `build` sets as transformers has them (its yarn
+                # frequencies included); the softmax scale too is set there. kv_channels: the value head, which
+                # megatron's local attention takes as the size of each head's output.
+                rope_type="rope", rotary_base=c.rope.theta, kv_channels=latent.v_head_dim, qk_layernorm=True,
+            )
+            if latent is not None
+            else dict(kv_channels=self.head_dim, qk_layernorm=self.qk_norm)
+        )
+        config = (MLATransformerConfig if latent is not None else TransformerConfig)(
             num_layers=layers,
             hidden_size=c.require("hidden_size"),
             ffn_hidden_size=c.get("intermediate_size") or expert_width,
             num_attention_heads=heads,
             num_query_groups=groups,
-            kv_channels=self.head_dim,
             gated_linear_unit=True,
             activation_func=torch.nn.functional.silu,
             add_bias_linear=False,
             add_qkv_bias=f.qkv_bias,
             normalization="RMSNorm",
             layernorm_epsilon=c.require("rms_norm_eps"),
-            qk_layernorm=self.qk_norm,
             hidden_dropout=0.0,
             attention_dropout=0.0,
             use_cpu_initialization=not on_gpu,
@@ -260,6 +276,7 @@ class ModelBridge:
             pipeline_dtype=dtype or self.dtype,
             num_layers_in_first_pipeline_stage=pipeline.first,
             num_layers_in_last_pipeline_stage=pipeline.last,
+            **attention,
             **moe,
         )
         # megatron reads the factor it multiplies cos and sin by (yarn) off these config attributes
@@ -283,9 +300,12 @@ class ModelBridge:
         on_gpu = device is not None and device.type == "cuda"
         config = self.transformer_config(tp, ep, etp, dtype, pipeline, on_gpu)
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
+        latent = self.forward.latent
         for layer in spec.layer_specs:  # dense and MoE layers have their own specs
             if self.forward.o_bias:  # o_proj has a bias, the MLP none
                 layer.submodules.self_attention.submodules.linear_proj = _biased_row_parallel_linear()
+            if latent is not None:
+                layer.submodules.self_attention.submodules.core_attention = _latent_dot_product_attention()
         rope = self.config.rope
         model = GPTModel(
             config,
@@ -299,7 +319,12 @@ class ModelBridge:
             pre_process=parallel_state.is_pipeline_first_stage(),
             post_process=parallel_state.is_pipeline_last_stage(),
         )
-        model.rotary_pos_emb.inv_freq = rope.inv_freq(self.head_dim)  # every rope type, as transformers has it
+        if latent is None:
+            model.rotary_pos_emb.inv_freq = rope.inv_freq(self.head_dim)  # every rope type, as transformers has it
+        for module in model.modules() if latent is not None else ():  # MLA: a rotary embedding in every layer
+            if hasattr(module, "linear_kv_down_proj"):
+                module.rotary_pos_emb.inv_freq = rope.inv_freq(latent.qk_rope_head_dim)
+                module.core_attention.softmax_scale = rope.latent_softmax_scale(latent.qk_head_dim)
         # megatron's local spec builds norms in float32 whatever params_dtype says; its router keeps expert
         # biases in float32 (routing decisions hang on them), as transformers does
         model.to(device=device if on_gpu else None, dtype=dtype)  # norms and rope buffers megatron made on the CPU
@@ -331,6 +356,21 @@ class ModelBridge:
     def registry_for(self, model: torch.nn.Module) -> MappingRegistry:
         """The registry, with quantizer-state mappings exactly when the model carries quantizers."""
         return self.registry(quant_state=any(isinstance(m, TensorQuantizer) for m in model.modules()))
+
+
+@functools.cache
+def _latent_dot_product_attention() -> type:
+    """megatron's local attention for MLA, whose keys (qk_nope + qk_rope channels) are wider than its values:
+    MLASelfAttention passes both widths (its base class builds one without them first), which only Transformer
+    Engine's attention takes; the local one sizes its output by kv_channels (set to the value width) and reads
+    key widths off the keys."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class LatentDotProductAttention(DotProductAttention):
+        def __init__(self, *args, k_channels: int | None = None, v_channels: int | None = None, **kwargs):
+            super().__init__(*args, **kwargs)
+
+    return LatentDotProductAttention
 
 
 @functools.cache

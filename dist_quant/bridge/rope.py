@@ -133,6 +133,17 @@ class RopeSpec:
             return 1.0
         return _yarn_attention_factor(self._yarn_factor(), self.params.get("mscale"), self.params.get("mscale_all_dim"))
 
+    def latent_softmax_scale(self, qk_head_dim: int) -> float:
+        """The attention's softmax scale in DeepSeek's multi-latent attention, as transformers and vLLM compute
+        it: qk_head_dim^-1/2, times mscale(factor, mscale_all_dim)^2 where a yarn rope sets mscale_all_dim (the
+        long-context scores' temperature; cos and sin carry mscale / mscale_all_dim besides)."""
+        scale = qk_head_dim ** (-0.5)
+        mscale_all_dim = self.params.get("mscale_all_dim") if self.rope_type == "yarn" else None
+        if mscale_all_dim:
+            mscale = _mscale(self._yarn_factor(), mscale_all_dim)
+            scale = scale * mscale * mscale
+        return scale
+
     def megatron_attributes(self) -> dict:
         """Attributes megatron-core reads off its TransformerConfig for the factor it multiplies cos and sin by
         (`_yarn_get_concentration_factor_from_config`): the same formula as transformers' for yarn."""

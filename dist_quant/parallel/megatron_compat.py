@@ -1,7 +1,9 @@
 """What megatron-core (0.16 on CPU, 0.19 on GPU, no Transformer Engine) needs to run here (docs/mappings.md).
 
 `apply()` is idempotent and changes only what is missing: without Transformer Engine, the MoE router calls
-`moe_utils.te_general_gemm`, which exists only when TE imports ("NameError: te_general_gemm"). Without CUDA:
+`moe_utils.te_general_gemm`, which exists only when TE imports ("NameError: te_general_gemm"), and megatron 0.16's
+multi-latent attention believes TE present (its TE classes are placeholders) and calls `isinstance` with one
+("isinstance() arg 2 must be a type"). Without CUDA:
 megatron allocates on `torch.cuda.current_device()`, its pipeline schedules count tokens in
 `torch.zeros(..., device="cuda")`, its pipeline point-to-point code calls `torch.cuda.synchronize()`, and the
 first and last pipeline stages move their copies of a tied embedding with `.cuda()` before summing them ("Torch
@@ -11,6 +13,7 @@ not compiled with CUDA enabled" for all four); on the CPU these mean the CPU and
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import types
 
 import torch
@@ -33,6 +36,10 @@ def apply() -> None:
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+    if importlib.util.find_spec("transformer_engine") is None:
+        from megatron.core.transformer import multi_latent_attention
+
+        multi_latent_attention.HAVE_TE = False
     if not torch.cuda.is_available():
         torch.cuda.current_device = lambda: "cpu"
         torch.cuda.synchronize = lambda device=None: None

@@ -78,7 +78,28 @@ CASES |= {
         mlp_only_layers=[1], tie_word_embeddings=False,
     )),
 }
-MOE_CASES = tuple(name for name, (cls, _) in CASES.items() if cls in ("Qwen3MoeConfig", "MixtralConfig", "Glm4MoeConfig"))
+# DeepSeek-V3's features scaled down: multi-latent attention with a q LoRA and a yarn rope whose mscale_all_dim
+# scales the softmax, a leading dense layer, a shared expert, sigmoid routing with 4 groups of which 2 are chosen
+# (top-4 = 2 per group, as the real 8 groups / top-4 / top-8), scaling; and V2-Lite's shape: no q LoRA, default rope
+_LATENT = dict(
+    _COMMON, num_hidden_layers=3, num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False,
+    kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=32, first_k_dense_replace=1,
+    n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=32, norm_topk_prob=True,
+)
+CASES |= {
+    "deepseek-v3": ("DeepseekV3Config", dict(
+        _LATENT, q_lora_rank=48, num_experts_per_tok=4, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+        rope_parameters={
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+            "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1,
+        },
+    )),
+    "deepseek-v2-lite-shape": ("DeepseekV3Config", dict(
+        _LATENT, q_lora_rank=None, num_experts_per_tok=2, n_group=1, topk_group=1, routed_scaling_factor=1.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )),
+}
+MOE_CASES = tuple(name for name, (cls, _) in CASES.items() if cls in ("Qwen3MoeConfig", "MixtralConfig", "Glm4MoeConfig", "DeepseekV3Config"))
 # transformers 5 holds some architectures' experts under other names than their checkpoints: as checkpoints name them
 CHECKPOINT_NAMES = {
     "MixtralConfig": ((r"\.mlp\.experts\.(\d+)\.gate_proj\.", r".block_sparse_moe.experts.\1.w1."),
