@@ -86,6 +86,7 @@ def attach_quantizers(model: nn.Module, recipe: Recipe, groups: ParallelGroups |
         convert_megatron_module,
         layout_for,
         logical_namer,
+        quantize_latent_caches,
         route_after_fc2,
     )
 
@@ -141,6 +142,10 @@ def attach_quantizers(model: nn.Module, recipe: Recipe, groups: ParallelGroups |
         raise RecipeError(f"recipe {recipe.source} enables no quantizer in this model")
     if kinds:
         batch_experts(model)
+        try:
+            quantize_latent_caches(model)
+        except ValueError as error:
+            raise RecipeError(f"recipe {recipe.source}: {error}") from None
     return enabled
 
 

@@ -370,7 +370,7 @@ def export_hf(
             except OutputError as error:
                 problem = str(error)
     modules = _quantizers(model)
-    problem = problem or quantizer_problem(modules)
+    problem = problem or quantizer_problem(modules, bridge.forward.latent is not None)
     formats = _formats(modules)
     try:
         _agree(problem or _check_activations(model))

@@ -12,7 +12,7 @@ from dist_quant.bridge.mappings import ColumnParallelMapping, kv_bmm_mappings
 from dist_quant.bridge.models import ModelBridge
 from dist_quant.export.configs import LAYER_ALGOS, NO_FORM
 from dist_quant.modules.linear import LINEAR_QUANTIZERS
-from dist_quant.quantizer import QuantFormat
+from dist_quant.quantizer import FP8, QuantFormat
 from dist_quant.recipe import Recipe
 
 KV_QUANTIZERS = ("k_bmm_quantizer", "v_bmm_quantizer")
@@ -63,10 +63,25 @@ def _kv_kinds(formats: Mapping[str, QuantFormat | None]) -> tuple[str, str]:
     return tuple(fmt.kind if fmt else "unquantized" for fmt in (formats.get(q) for q in KV_QUANTIZERS))
 
 
-def quantizer_problem(modules: Mapping[str, Mapping[str, QuantFormat | None]]) -> str | None:
+# docs/checkpoint.md, "Multi-latent attention's KV cache"
+LATENT_KV = (
+    "multi-latent attention caches one row per token, [latent | rope key], under one scale, which serves in both "
+    "engines only as 1.0 (SGLang 0.5.23's default MLA backends write the cache unscaled and read it scaled): "
+    "give K and V a cast FP8 entry (use_constant_amax: true), as the *-fp8_cast_kv recipes do"
+)
+
+
+def _latent_kv_problem(formats: Mapping[str, QuantFormat | None]) -> str | None:
+    quantized = [fmt for fmt in (formats.get(q) for q in KV_QUANTIZERS) if fmt is not None]
+    if all(fmt.kind == FP8 and fmt.use_constant_amax for fmt in quantized):
+        return None
+    return LATENT_KV
+
+
+def quantizer_problem(modules: Mapping[str, Mapping[str, QuantFormat | None]], latent: bool = False) -> str | None:
     """`modules`: every linear and core attention of a model by its megatron name (experts numbered, or as `*`)
-    -> its quantizers' formats (None: disabled). -> the first thing the checkpoint cannot hold, naming the
-    module, or None."""
+    -> its quantizers' formats (None: disabled); `latent`: its attention is multi-latent. -> the first thing the
+    checkpoint cannot hold, naming the module, or None."""
     experts: dict[str, tuple[str, str]] = {}  # MoE layer -> (its first expert linear, that one's algo)
     kv: tuple[str, tuple[str, str]] | None = None  # (the first core attention, its K and V formats)
     weights = False
@@ -76,6 +91,8 @@ def quantizer_problem(modules: Mapping[str, Mapping[str, QuantFormat | None]]) -
             said = "K {}, V {}".format(*kinds)
             if kinds[0] != kinds[1]:
                 return f"{module}: {said}: the checkpoint has one KV cache format (kv_cache_quant_algo) for K and V"
+            if latent and _latent_kv_problem(formats):
+                return f"{module}: {LATENT_KV}"
             kv = kv or (module, kinds)
             if kinds != kv[1]:
                 return (
@@ -139,6 +156,6 @@ def check_exportable(recipe: Recipe, bridge: ModelBridge) -> None:
         return resolved[key]
 
     modules = {name: {q: format_for(f"{name}.{q}") for q in quantizers} for name, quantizers in _modules(bridge).items()}
-    problem = quantizer_problem(modules)
+    problem = quantizer_problem(modules, bridge.forward.latent is not None)
     if problem:
         raise ExportError(f"recipe {recipe.source}: {problem}")

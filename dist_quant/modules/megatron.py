@@ -83,7 +83,7 @@ class QuantDotProductAttention(QuantMegatronModule):
     dropout in training keeps megatron's single call, whose random stream it follows)."""
 
     def forward(self, query, key, value, attention_mask, *args, **kwargs):
-        key, value = self.k_bmm_quantizer(key), self.v_bmm_quantizer(value)
+        key, value = self.quantize_kv(key, value)
         batch = query.shape[1]  # megatron's layout: [s, b, heads, head dim]
         per_sequence = query.shape[2] * query.shape[0] * key.shape[0] * 4
         chunk = max(1, SCORES_BUDGET // per_sequence)
@@ -96,8 +96,64 @@ class QuantDotProductAttention(QuantMegatronModule):
             outputs.append(super().forward(query[:, rows], key[:, rows], value[:, rows], mask, *args, **kwargs))
         return torch.cat(outputs, dim=1)
 
+    def quantize_kv(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V as the serving engine caches them: each quantized by its own quantizer."""
+        return self.k_bmm_quantizer(key), self.v_bmm_quantizer(value)
+
     def weight_quantizers(self):
         return iter(())
+
+
+class LatentCacheAttention:
+    """The core attention of multi-latent attention (DeepSeek), whose KV cache in vLLM and SGLang is one row per
+    token, [kv_a_layernorm(latent) | roped shared key part], quantized with one scale (vLLM's k_scale; v_scale
+    only stands in for it): keys and values are computed from that row. So the K/V BMM quantizers act on the row,
+    not on the per-head keys and values: on the latent as kv_layernorm puts it out (`LatentCacheNorm`) and here on
+    the keys' rope channels (the shared part, repeated per head), K's then V's quantizer, one format for both, so
+    both calibrate the same amax and quantizing twice changes nothing. The per-head keys' other channels and the
+    values pass as they come, computed from the quantized latent."""
+
+    def quantize_kv(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rope = self.config.qk_pos_emb_head_dim
+        cached = self.v_bmm_quantizer(self.k_bmm_quantizer(key[..., -rope:]))
+        return torch.cat([key[..., :-rope], cached], dim=-1), value
+
+
+class LatentCacheNorm:
+    """MLA's kv_layernorm, whose output (the cached latent) goes through the attention's K/V BMM quantizers
+    (held as plain references: they are the core attention's)."""
+
+    def forward(self, x):
+        k, v = self.__dict__["cache_quantizers"]
+        return v(k(super().forward(x)))
+
+
+def quantize_latent_caches(model: nn.Module) -> int:
+    """Give every multi-latent attention whose core attention carries K/V BMM quantizers the cache quantization
+    of `LatentCacheAttention`. Idempotent. -> number of such attention layers. ValueError (one line) where the
+    two quantizers' formats differ: the row has one scale."""
+    from megatron.core.transformer.multi_latent_attention import MultiLatentAttention
+
+    count = 0
+    for name, module in model.named_modules():
+        core = getattr(module, "core_attention", None)
+        if not isinstance(module, MultiLatentAttention) or not isinstance(core, QuantDotProductAttention):
+            continue
+        k, v = core.k_bmm_quantizer, core.v_bmm_quantizer
+        if k.fmt != v.fmt:
+            raise ValueError(
+                f"{name}.core_attention: multi-latent attention caches one latent row per token with one scale; "
+                f"k_bmm_quantizer ({k.fmt.describe() if k.fmt else 'disabled'}) and v_bmm_quantizer "
+                f"({v.fmt.describe() if v.fmt else 'disabled'}) need one format"
+            )
+        if not isinstance(core, LatentCacheAttention):
+            core.__class__ = quantized_class(type(core), LatentCacheAttention)
+        norm = module.kv_layernorm
+        if not isinstance(norm, LatentCacheNorm):
+            norm.__class__ = quantized_class(type(norm), LatentCacheNorm)
+        norm.__dict__["cache_quantizers"] = (k, v)
+        count += 1
+    return count
 
 
 class RoutedExpertMLP:

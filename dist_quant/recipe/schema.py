@@ -26,6 +26,11 @@ class RecipeError(ValueError):
 DEFAULT_SHARED_PATTERNS = {
     role: (
         rf"(.*\.self_attn)\.[qkv]_proj\.{role}_quantizer",  # attention q/k/v
+        # multi-latent attention's down projections of the same input (vLLM's fused_qkv_a_proj), in transformers'
+        # names and megatron's (which keeps them apart). The group keeps the dot: without a q LoRA, q_proj (the
+        # line above) and kv_a_proj_with_mqa are two layers in vLLM, so two groups.
+        rf"(.*\.self_attn\.)(?:q_a_proj|kv_a_proj_with_mqa)\.{role}_quantizer",
+        rf"(.*\.self_attention)\.linear_(?:q|kv)_down_proj\.{role}_quantizer",
         rf"(.*)\.(?:gate|up)_proj\.{role}_quantizer",  # gated MLP: dense, each expert, the shared expert
         rf"(.*\.experts\.\d+)\.w[13]\.{role}_quantizer",  # Mixtral-style experts: w1 / w3
     )

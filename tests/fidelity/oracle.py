@@ -164,7 +164,8 @@ def _fused_experts(experts: nn.Module, name: str, args: tuple, output: torch.Ten
 
 def activation_amax(path: Path, case: str) -> tuple[dict[str, float], torch.Tensor]:
     """transformers' forward of the checkpoint on `batches()`: max |input| of every linear (per expert), and of
-    K and V as they enter attention (after q/k norm and rope). -> (amax by HF quantizer name, logits)."""
+    K and V as they enter attention (after q/k norm and rope), for multi-latent attention of the row the engines
+    cache (the kv_a_layernorm'ed latent and the roped key part). -> (amax by HF quantizer name, logits)."""
     import transformers
     from transformers import AttentionInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -179,15 +180,30 @@ def activation_amax(path: Path, case: str) -> tuple[dict[str, float], torch.Tens
 
     def attention(module, query, key, value, *args, **kwargs):
         prefix = f"model.layers.{module.layer_idx}.self_attn"
-        record(f"{prefix}.k_bmm_quantizer._amax", key)
-        record(f"{prefix}.v_bmm_quantizer._amax", value)
+        if hasattr(module, "kv_a_layernorm"):  # MLA: the cache row is [latent | roped key part], K's and V's
+            for kv in "kv":
+                record(f"{prefix}.{kv}_bmm_quantizer._amax", key[..., -module.qk_rope_head_dim :])
+        else:
+            record(f"{prefix}.k_bmm_quantizer._amax", key)
+            record(f"{prefix}.v_bmm_quantizer._amax", value)
         return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, *args, **kwargs)
+
+    def latent(name: str):
+        prefix = name[: -len(".kv_a_layernorm")]
+
+        def hook(module, args, out):
+            for kv in "kv":
+                record(f"{prefix}.{kv}_bmm_quantizer._amax", out)
+
+        return hook
 
     AttentionInterface.register("dist_quant_oracle", attention)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="dist_quant_oracle").eval()
     for name, module in model.named_modules():
         if name.endswith(".gate") and isinstance(module, nn.Linear):
             continue  # a router: megatron's router is not a quantized linear
+        if name.endswith(".kv_a_layernorm"):
+            module.register_forward_hook(latent(name))
         if isinstance(module, nn.Linear):
             module.register_forward_pre_hook(lambda m, args, name=name: record(f"{name}.input_quantizer._amax", args[0]))
         elif hasattr(module, "gate_up_proj") and hasattr(module, "down_proj"):
