@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dist_quant.bridge.config import DTYPES
-from dist_quant.bridge.fp8_source import FP8BlockReader
+from dist_quant.bridge.fp8_source import SCALE_SUFFIX, FP8BlockReader
 from dist_quant.bridge.mappings import BridgeError, Mapping, ShardInfo
 from dist_quant.bridge.models import ModelBridge
 from dist_quant.modules.base import model_device, structure_version
@@ -226,7 +226,12 @@ def check_checkpoint(bridge: ModelBridge, reader) -> list[str]:
     if missing:
         raise BridgeError(f"the checkpoint lacks {missing[0]}" + (f" and {len(missing) - 1} more tensors" if len(missing) > 1 else "") + ", which config.json describes")
     if extra:
-        raise BridgeError(f"the checkpoint holds {extra[0]}" + (f" and {len(extra) - 1} more tensors" if len(extra) > 1 else "") + ", which config.json does not describe")
+        raise BridgeError(
+            f"the checkpoint holds {extra[0]}" + (f" and {len(extra) - 1} more tensors" if len(extra) > 1 else "")
+            + ", which config.json does not describe"
+            + (" (the block scales of an FP8 checkpoint, which its quantization_config would declare)"
+               if extra[0].endswith(SCALE_SUFFIX) else "")
+        )
     for name, shape in expected.items():
         if reader.shape(name) != shape:
             raise BridgeError(f"{name}: shape {tuple(reader.shape(name))}, config.json describes {tuple(shape)}")
