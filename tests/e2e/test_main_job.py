@@ -71,13 +71,14 @@ def test_hf_style_data_file_and_fp8_on_two_ranks(tmp_path):
         (["--tp", "2", "--ep", "2"], "world size 1 cannot hold TP=2, PP=1, EP=2, ETP=2"),
         (["--calib-data", "no/such/file.txt"], "--calib-data no/such/file.txt: no such file"),
         (["--out", "."], "--out . exists: pass --overwrite"),
-        (["--model", "tiny-gpt5"], "--model tiny-gpt5: unknown; built-in models: moe-1b, qwen3-30b-a3b-shape, tiny-qwen3, tiny-qwen3-moe"),
+        (["--model", "tiny-gpt5"], "--model tiny-gpt5: unknown; built-in models: deepseek-v3-shape, moe-1b, qwen3-30b-a3b-shape, tiny-qwen3, tiny-qwen3-moe"),
         (["--model", "qwen3-30b-a3b-shape"], "--model qwen3-30b-a3b-shape: 30.5B parameters, too many to write as a random checkpoint first (61 GB from one CPU); add --random-weights"),
+        (["--model", "deepseek-v3-shape"], "--model deepseek-v3-shape: 37.0B parameters, too many to write as a random checkpoint first (74 GB from one CPU); add --random-weights"),
         (["--etp", "0"], "--etp must be at least 1"),
         (["--pp", "2"], "world size 1 cannot hold TP=1, PP=2, EP=1, ETP=1"),
         (["--timeout", "0"], "--timeout must be a positive number of minutes"),
     ],
-    ids=["unknown-recipe", "world-size", "missing-data", "output-exists", "unknown-model", "big-model-checkpoint", "etp-0", "pp-world", "timeout-0"],
+    ids=["unknown-recipe", "world-size", "missing-data", "output-exists", "unknown-model", "big-model-checkpoint", "big-deepseek-checkpoint", "etp-0", "pp-world", "timeout-0"],
 )
 def test_bad_invocations_fail_with_one_line(tmp_path, args, message):
     base = {"--model": "tiny-qwen3-moe", "--recipe": "nvfp4_default-fp8_cast_kv", "--out": str(tmp_path / "x")}
