@@ -15,6 +15,9 @@
 #   refit    real-quantized refits, buckets, recalibration and export of moe-1b and the 30B shape against their
 #            ceilings in the same call (bench_refit.py, one GPU)
 #   main1    the 30B-shaped main job on one GPU, 64 x 2048 tokens, batch 8 (calibrate + export + verify)
+#   dsv3     the same on the DeepSeek-V3-shaped MoE (deepseek-v3-shape: MLA, 256 experts top-8, one dense and three
+#            MoE layers, 37.0B; random weights drawn on the GPU): time per stage, tokens/s, peak memory; target:
+#            within 10 minutes
 #   big      a Qwen3-30B-A3B-shaped MoE (random weights drawn on the GPUs) at EP2 on 2 GPUs: 128 x 2048 tokens,
 #            exported by both ranks and verified (time per stage, tokens/s, peak memory, export GB/s)
 # Usage: benchmarks/run_gpu.sh [PART ...]  (default: all). A table of the steps, and the main-job summaries, are
@@ -25,7 +28,7 @@ cd "$(dirname "$0")/.."
 RESULTS=${RESULTS:-benchmarks/RESULTS.md}
 LOGS=${LOGS:-/tmp/dist_quant_gpu}
 WORK=${WORK:-/tmp/dist_quant_work}
-PARTS=${*:-layout fidelity forward main hf faults export sync kernels refit main1 big}
+PARTS=${*:-layout fidelity forward main hf faults export sync kernels refit main1 dsv3 big}
 mkdir -p "$LOGS" "$WORK"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 GPUS=$(nvidia-smi -L | wc -l)
@@ -104,6 +107,11 @@ if want main1; then
   step qwen3_30b_a3b_shape_1gpu timeout 540 python3 -m dist_quant.cli calibrate --model qwen3-30b-a3b-shape --random-weights \
     --recipe nvfp4_default-fp8_cast_kv --calib-samples 64 --seq-len 2048 --batch-size 8 \
     --out "$WORK/qwen3-30b-a3b-shape-1gpu" --overwrite
+fi
+if want dsv3; then
+  step deepseek_v3_shape_1gpu timeout 600 python3 -m dist_quant.cli calibrate --model deepseek-v3-shape --random-weights \
+    --recipe nvfp4_default-fp8_cast_kv --calib-samples 64 --seq-len 2048 --batch-size 8 \
+    --out "$WORK/deepseek-v3-shape-1gpu" --overwrite
 fi
 if want big; then
   step qwen3_30b_a3b_shape_ep2 timeout 420 python3 -m torch.distributed.run --nproc-per-node 2 -m dist_quant.cli calibrate \
