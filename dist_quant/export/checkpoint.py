@@ -326,7 +326,9 @@ def estimated_bytes(model: nn.Module, bridge: ModelBridge, groups: ParallelGroup
 
 def _write_configs(directory: Path, bridge: ModelBridge, quantizer: _LayerQuantizer, source_dir) -> None:
     hf_quant = _quant_config(quantizer, bridge.tied)
-    config = bridge.exported_config()
+    # the source's quantization_config (an FP8 block-scaled source's) left out: the export's own goes last, as for
+    # an unquantized source
+    config = {key: value for key, value in bridge.exported_config().items() if key != "quantization_config"}
     config["quantization_config"] = quantization_config(hf_quant)
     (directory / "hf_quant_config.json").write_text(json.dumps(hf_quant, indent=2))
     (directory / "config.json").write_text(json.dumps(config, indent=2))
