@@ -38,6 +38,9 @@ SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3
 _GROUPS = re.compile(r"^((model\.layers\.\d+)\.mlp\.experts\.\d+)\.|^(model\.layers\.\d+)\.")
 _KV_SCALE = re.compile(r"\.self_attn\.(k_proj\.k|v_proj\.v|attn\.[kv])_scale$")
 ACTIVATION_SCALES = (".input_scale", ".k_scale", ".v_scale")
+# the weights whose outputs hold an attention's keys and values (bridge.mappings.kv_bmm_mappings) -> the K/V cache
+# scales they stand for: k_proj and v_proj, or multi-latent attention's kv_b_proj
+_KV_SOURCES = {".self_attn.k_proj.weight": "k", ".self_attn.v_proj.weight": "v", ".self_attn.kv_b_proj.weight": "kv"}
 
 
 class VerificationError(ValueError):
@@ -356,8 +359,9 @@ def _expected(bridge, plan: Plan, stored: dict[str, Stored], problems: list[str]
         else:
             expected |= _linear(module, tuple(shape), fmt)
             formats[module] = fmt
-        if plan.kv is not None and name.endswith((".self_attn.k_proj.weight", ".self_attn.v_proj.weight")):
-            expected[bridge.kv_scale_name(module.rsplit(".", 1)[0], name.split(".")[-2][0])] = SCALAR
+        kinds = next((kinds for suffix, kinds in _KV_SOURCES.items() if name.endswith(suffix)), "")
+        for kind in kinds if plan.kv is not None else ():
+            expected[bridge.kv_scale_name(module.rsplit(".", 1)[0], kind)] = SCALAR
     if plan.layers is not None:
         strangers = sorted(set(plan.layers) - {n[: -len(".weight")] for n in shapes})
         problems += [f"hf_quant_config.json: quantized_layers lists {m}, which the model has not" for m in strangers]

@@ -10,7 +10,11 @@ import re
 from fnmatch import fnmatch
 
 # vLLM fuses these checkpoint modules into one layer (its models' packed_modules_mapping)
-PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+PACKED = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj"),
+    # models/deepseek_v2.py: DeepseekV2ForCausalLM's packed_modules_mapping, with a q LoRA
+    "fused_qkv_a_proj": ("q_a_proj", "kv_a_proj_with_mqa"),
+}
 
 
 # -- vLLM 0.33.0 --------------------------------------------------------------------------------------------
@@ -97,9 +101,14 @@ _VLLM_KV = [
 ]
 
 
-def vllm_kv_scale_target(name: str) -> str:
+def vllm_kv_scale_target(name: str, latent: bool = False) -> str:
     """model_executor/model_loader/weight_utils.py, maybe_remap_kv_scale_name: the attention parameter a
-    checkpoint's K/V scale lands in (`...self_attn.attn.k_scale`); a name already a parameter stays."""
+    checkpoint's K/V scale lands in (`...self_attn.attn.k_scale`); a name already a parameter stays. `latent`:
+    a multi-latent attention model (DeepSeek), whose attention is self_attn.mla_attn.mla_attn (models/deepseek_v2.py,
+    layers/mla.py): only the ModelOpt form (self_attn.k_proj.k_scale) is remapped there; the others land on
+    self_attn.attn, which such a model lacks (dropped with a warning)."""
+    if latent:
+        return re.sub(r"\.self_attn\.([kv])_proj\.([kv])_scale$", r".self_attn.mla_attn.mla_attn.\2_scale", name)
     if name.endswith((".attn.k_scale", ".attn.v_scale")):
         return name
     for pattern, replacement in _VLLM_KV:
@@ -180,9 +189,12 @@ def sglang_excluded(prefix: str, patterns: list[str]) -> bool:
 # qwen3_moe.py, glm4_moe.py and mixtral.py do not remap: their stacked-parameter loop renames k_proj to
 # qkv_proj (dropped; Mixtral raises KeyError), and only self_attn.attn.k_scale is a parameter as it is.
 _SGLANG_REMAPS = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM"}
+# models/deepseek_common/deepseek_weight_loader.py: a k_scale / v_scale not a parameter has `k_proj` / `v_proj`
+# replaced by attn_mqa (self_attn.k_proj.k_scale -> self_attn.attn_mqa.k_scale); other names are skipped
+_SGLANG_LATENT = {"DeepseekV3ForCausalLM"}
 
 
 def sglang_kv_scale_loaded(architecture: str, name: str) -> bool:
     attn_form = bool(re.search(r"\.self_attn\.attn\.[kv]_scale$", name))
     proj_form = bool(re.search(r"\.self_attn\.([kv])_proj\.\1_scale$", name))
-    return proj_form if architecture in _SGLANG_REMAPS else attn_form
+    return proj_form if architecture in _SGLANG_REMAPS | _SGLANG_LATENT else attn_form

@@ -26,6 +26,10 @@ ARCHITECTURES = {
     "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}),
     "glm4-moe": ("Glm4MoeConfig", {**MOE, "n_routed_experts": 4, "n_group": 1, "topk_group": 1,
                                    "first_k_dense_replace": 1, "n_shared_experts": 1}),
+    "deepseek-v3": ("DeepseekV3Config", {**MOE, "n_routed_experts": 4, "n_group": 1, "topk_group": 1,
+                                         "first_k_dense_replace": 1, "n_shared_experts": 1, "num_key_value_heads": 4,
+                                         "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16,
+                                         "qk_rope_head_dim": 16, "v_head_dim": 16}),
     "llama-tied": ("LlamaConfig", {"tie_word_embeddings": True}),
     "qwen3-tied": ("Qwen3Config", {"tie_word_embeddings": True}),
     "qwen3-moe-tied": ("Qwen3MoeConfig", {**MOE, "num_experts": 4, "tie_word_embeddings": True}),
@@ -39,6 +43,12 @@ METHODS = {
     "w4a16": ("modelopt_fp4", "modelopt_fp4"), "mixed-w4a16": ("modelopt_mixed", "modelopt_mixed"),
 }
 CASES = [(arch, fmt) for arch in ARCHITECTURES for fmt in RECIPES]
+# multi-latent attention: only a cast FP8 cache is exported (export/problems.py LATENT_KV)
+LATENT = {"deepseek-v3"}
+
+
+def _recipe(arch: str, fmt: str):
+    return workers.cast_kv(RECIPES[fmt]) if arch in LATENT else RECIPES[fmt]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +58,7 @@ def exports(tmp_path_factory):
         arch: str(tiny_checkpoint(root / arch, cls, torch.float32, **({"tie_word_embeddings": False} | keys)))
         for arch, (cls, keys) in ARCHITECTURES.items()
     }
-    cases = {f"{arch}-{fmt}": (sources[arch], RECIPES[fmt], str(root / f"{arch}-{fmt}")) for arch, fmt in CASES}
+    cases = {f"{arch}-{fmt}": (sources[arch], _recipe(arch, fmt), str(root / f"{arch}-{fmt}")) for arch, fmt in CASES}
     run_ranks(1, workers.export_cases, cases)
     out = {}
     for (arch, fmt), (_, _, directory) in zip(CASES, cases.values()):
@@ -77,6 +87,8 @@ def _engine_layer(module: str) -> str:
         return f"{parent}.qkv_proj"
     if leaf in ("gate_proj", "up_proj"):
         return f"{parent}.gate_up_proj"
+    if leaf in engines.PACKED["fused_qkv_a_proj"]:
+        return f"{parent}.fused_qkv_a_proj"
     return module
 
 
@@ -147,10 +159,14 @@ def test_every_kv_scale_lands_in_both_engines(exports, arch, fmt):
     scales = [n for n in tensors if n.endswith(("k_scale", "v_scale"))]
     assert len(scales) == 2 * config["num_hidden_layers"]
     architecture = config["architectures"][0]
+    latent = arch in LATENT
+    attention = "mla_attn.mla_attn" if latent else "attn"
     for name in scales:
         layer = name[: name.index(".self_attn.")]
-        assert engines.vllm_kv_scale_target(name) == f"{layer}.self_attn.attn.{name[-7]}_scale", name
+        assert engines.vllm_kv_scale_target(name, latent) == f"{layer}.self_attn.{attention}.{name[-7]}_scale", name
         assert engines.sglang_kv_scale_loaded(architecture, name), name
+        if latent:  # one row [latent | rope key] under one scale, 1.0: what both engines' MLA caches serve
+            assert tensors[name].item() == 1.0, name
 
 
 @pytest.mark.parametrize("arch, fmt", CASES)

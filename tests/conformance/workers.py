@@ -22,6 +22,21 @@ MIXED_W4A16_RECIPE = {"quantize": {"algorithm": "max", "quant_cfg": [
 ]}}
 
 
+def cast_kv(recipe):
+    """The recipe (a built-in name or a dict) with its K/V cache entries cast (constant amax 448, a scale of 1.0)."""
+    from dist_quant.recipe import load_recipe
+
+    if isinstance(recipe, str):
+        name = recipe.replace("-fp8_kv", "-fp8_cast_kv")
+        load_recipe(name)  # a built-in
+        return name
+    entries = [
+        {**e, "cfg": {**e["cfg"], "use_constant_amax": True}} if e["quantizer_name"] == "*[kv]_bmm_quantizer" else e
+        for e in recipe["quantize"]["quant_cfg"]
+    ]
+    return {"quantize": {**recipe["quantize"], "quant_cfg": entries}}
+
+
 def export_cases(cases: dict[str, tuple[str, object, str]]) -> None:
     """name -> (checkpoint, recipe, output directory)."""
     from dist_quant import quantize

@@ -141,3 +141,27 @@ def test_a_dense_model_has_no_expert_rule_and_names_its_own_modules():
     assert refusal(dense, recipe(on("*linear_fc2.weight_quantizer", FP8))).startswith(
         "decoder.layers.0.mlp.linear_fc2.weight_quantizer / input_quantizer: FP8 weights with unquantized inputs"
     )
+
+
+TINY_MLA = {
+    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 256, "hidden_size": 64,
+    "intermediate_size": 128, "moe_intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 4, "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 16,
+    "v_head_dim": 16, "n_routed_experts": 4, "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1,
+    "first_k_dense_replace": 1, "n_shared_experts": 1, "max_position_embeddings": 64, "rms_norm_eps": 1e-6,
+}
+CAST = {"num_bits": "e4m3", "use_constant_amax": True}
+
+
+@pytest.mark.parametrize("kv, expected", {
+    "calibrated-fp8": (FP8, "multi-latent attention caches one row per token"),
+    "nvfp4": (NVFP4, "multi-latent attention caches one row per token"),
+}.values(), ids=["calibrated-fp8", "nvfp4"])
+def test_multi_latent_attention_exports_only_a_cast_fp8_cache(kv, expected):
+    """vLLM quantizes MLA's cached row with one scale it loads; SGLang's default MLA backends write it unscaled and
+    read it scaled: only 1.0 serves in both (docs/checkpoint.md)."""
+    mla = ModelBridge.from_hf(TINY_MLA)
+    message = refusal(mla, recipe(*W4A4, on("*[kv]_bmm_quantizer", kv)))
+    assert message.startswith("decoder.layers.0.self_attention.core_attention: ") and expected in message
+    check_exportable(load_recipe(recipe(*W4A4, on("*[kv]_bmm_quantizer", CAST))), mla)
+    check_exportable(load_recipe(recipe(*W4A4)), mla)  # no KV cache quantization at all
