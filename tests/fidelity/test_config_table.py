@@ -43,11 +43,55 @@ QWEN3_30B_A3B = {
 }
 
 
-@pytest.mark.parametrize("config", [LLAMA_3_2_1B, QWEN3_0_6B, QWEN3_30B_A3B], ids=["llama-3.2-1b", "qwen3-0.6b", "qwen3-30b-a3b"])
+DEEPSEEK_V3 = {  # DeepSeek-V3 / R1, block-FP8 as released
+    "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config", "AutoModel": "modeling_deepseek.DeepseekV3Model",
+                 "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"},
+    "aux_loss_alpha": 0.001, "bos_token_id": 0, "eos_token_id": 1, "ep_size": 1, "first_k_dense_replace": 3,
+    "hidden_act": "silu", "hidden_size": 7168, "initializer_range": 0.02, "intermediate_size": 18432,
+    "kv_lora_rank": 512, "max_position_embeddings": 163840, "model_type": "deepseek_v3", "moe_intermediate_size": 2048,
+    "moe_layer_freq": 1, "n_group": 8, "n_routed_experts": 256, "n_shared_experts": 1, "norm_topk_prob": True,
+    "num_attention_heads": 128, "num_experts_per_tok": 8, "num_hidden_layers": 61, "num_key_value_heads": 128,
+    "num_nextn_predict_layers": 1, "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]},
+    "rms_norm_eps": 1e-06, "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+    "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096, "type": "yarn"}, "rope_theta": 10000,
+    "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "seq_aux": True, "tie_word_embeddings": False,
+    "topk_group": 4, "topk_method": "noaux_tc", "torch_dtype": "bfloat16", "transformers_version": "4.46.3",
+    "use_cache": True, "v_head_dim": 128, "vocab_size": 129280,
+}
+KIMI_K2 = {  # Kimi-K2-Instruct: DeepSeek-V3's architecture, 384 experts in one group, 64 heads, no MTP
+    **DEEPSEEK_V3, "model_type": "kimi_k2", "bos_token_id": 163584, "eos_token_id": 163585, "first_k_dense_replace": 1,
+    "max_position_embeddings": 131072, "n_group": 1, "n_routed_experts": 384, "num_attention_heads": 64,
+    "num_key_value_heads": 64, "num_nextn_predict_layers": 0, "rope_theta": 50000.0, "routed_scaling_factor": 2.827,
+    "rope_scaling": {"beta_fast": 1.0, "beta_slow": 1.0, "factor": 32.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "topk_group": 1, "transformers_version": "4.48.3", "vocab_size": 163840,
+}
+
+
+@pytest.mark.parametrize(
+    "config", [LLAMA_3_2_1B, QWEN3_0_6B, QWEN3_30B_A3B, DEEPSEEK_V3, KIMI_K2],
+    ids=["llama-3.2-1b", "qwen3-0.6b", "qwen3-30b-a3b", "deepseek-v3", "kimi-k2"],
+)
 def test_published_configs_are_read_whole(config):
     bridge = ModelBridge.from_hf(config, seq_len=4096)
     assert bridge.dtype == torch.bfloat16
-    assert bridge.config.rope.rope_type == ("llama3" if "llama" in config["model_type"] else "default")
+    expected = {"llama": "llama3", "deepseek_v3": "yarn", "kimi_k2": "yarn"}.get(config["model_type"], "default")
+    assert bridge.config.rope.rope_type == expected
+
+
+def test_deepseek_v3_is_what_transformers_and_vllm_compute():
+    """MLA's widths, the routing (58 MoE layers after 3 dense, groups of 32 experts, 4 of 8 chosen) and the softmax
+    scale 192^-1/2 x (0.1 ln 40 + 1)^2 that transformers and vLLM give DeepSeek-V3."""
+    bridge = ModelBridge.from_hf(DEEPSEEK_V3, seq_len=4096)
+    forward = bridge.forward
+    assert (forward.latent.q_lora_rank, forward.latent.kv_lora_rank, forward.latent.qk_head_dim) == (1536, 512, 192)
+    assert forward.moe_layers == tuple(range(3, 61)) and forward.num_experts == 256 and forward.shared_expert_width == 2048
+    assert forward.router["moe_router_num_groups"] == 8 and forward.router["moe_router_group_topk"] == 4
+    assert bridge.config.rope.latent_softmax_scale(192) == pytest.approx(0.1352337788608801, rel=1e-15)
+    assert bridge.config.rope.attention_factor() == 1.0
+    bridge.check_layout(tp=8, ep=8)  # 1536 and 576 latent rows over 8 ranks
 
 
 
@@ -70,6 +114,19 @@ REFUSED = {
     "bad-dtype": (changed(QWEN3_0_6B, torch_dtype="float8"), "torch_dtype = 'float8'", "expected one of"),
     "bad-type": (changed(LLAMA_3_2_1B, hidden_size="2048"), "hidden_size = '2048'", "expected an integer"),
     "not-positive": (changed(LLAMA_3_2_1B, num_hidden_layers=0), "num_hidden_layers = 0", "above 0"),
+    "mla-rope-halves": (changed(DEEPSEEK_V3, rope_interleave=False), "rope_interleave = False", "interleaved pairs"),
+    "mla-greedy-routing": (changed(DEEPSEEK_V3, topk_method="greedy"), "topk_method = 'greedy'", "noaux_tc"),
+    "mla-softmax-scores": (changed(DEEPSEEK_V3, scoring_func="softmax"), "scoring_func = 'softmax'", "sigmoid"),
+    "mla-kv-heads": (changed(DEEPSEEK_V3, num_key_value_heads=16), "num_key_value_heads = 16", "expected 128"),
+    "mla-norm-eps": (changed(DEEPSEEK_V3, rms_norm_eps=1e-5), "rms_norm_eps = 1e-05", "eps 1e-6"),
+    "mla-bias": (changed(DEEPSEEK_V3, attention_bias=True), "attention_bias = True", "megatron-core's MLA has none"),
+    "mla-rope-head-dim": (changed(DEEPSEEK_V3, head_dim=128), "head_dim = 128", "expected 64"),
+    "mla-odd-rope": (changed(DEEPSEEK_V3, qk_rope_head_dim=63), "qk_rope_head_dim = 63", "even"),
+    "mla-yarn-attention-factor": (
+        changed(DEEPSEEK_V3, rope_scaling={**DEEPSEEK_V3["rope_scaling"], "mscale": 0.707}), "rope_scaling = ",
+        "multiplies cos and sin by",
+    ),
+    "mla-group-scoring": (changed(DEEPSEEK_V3, topk_group=2), "n_group = 8", "top-2 experts"),
 }
 
 
