@@ -30,7 +30,7 @@ CASES = {
     "qwen3-pp2xtp2": ("qwen3", 4, 2, 1, 2, "w4a16"),
     **{
         f"{arch}-tp2xep2-{recipe}": (arch, 4, 2, 2, 1, recipe)
-        for arch in ("qwen3_moe", "mixtral", "glm4_moe") for recipe in RECIPES
+        for arch in ("qwen3_moe", "mixtral", "glm4_moe", "deepseek_v3") for recipe in RECIPES
     },
 }
 
