@@ -101,6 +101,13 @@ def _parse(name: str) -> tuple[str, str | None, str | None, str]:
     return module, role, buffer, _LOCAL_EXPERT.sub(".local_experts.*.", module)
 
 
+# Elements of weights one group quantizes in a launch: quantizing and checking a group holds ~5 bytes of
+# transients per weight byte (the concatenated rows, their fake quantization and dequantization, the comparison),
+# so one DeepSeek-V3 MoE layer's 256 experts (7.5B elements of linear_fc1) in one group would add 60 GB to the
+# peak; groups of 2^28 elements keep that near 3 GB and a 30B MoE layer in a launch or two.
+GROUP_ELEMENTS = 1 << 28
+
+
 class _Group:
     """Weights of one format, dtype and width, quantized in one launch as row segments of one tensor."""
 
@@ -108,8 +115,13 @@ class _Group:
         self.weights: list[torch.Tensor] = []
         self.amax: list[torch.Tensor] = []
         self.block_amax: list[torch.Tensor] = []
+        self.elements = 0
+
+    def full(self, weight: torch.Tensor) -> bool:
+        return bool(self.weights) and self.elements + weight.numel() > GROUP_ELEMENTS
 
     def add(self, weight: torch.Tensor, amax: torch.Tensor, block_amax: torch.Tensor | None) -> int:
+        self.elements += weight.numel()
         self.weights.append(weight)
         self.amax.append(amax.reshape(()))
         if block_amax is not None:
@@ -120,7 +132,7 @@ class _Group:
 class _LayerQuantizer:
     """Turns a layer's tensors (weights and quantizer buffers, from `export_hf_layers`) into checkpoint tensors.
     The layer's quantized weights of one format, dtype and width are quantized together, in one kernel launch
-    (an MoE layer's experts and fused siblings alike); results stay on the device and are checked in bulk, with
+    per GROUP_ELEMENTS (an MoE layer's experts and fused siblings alike); results stay on the device and are checked in bulk, with
     one host sync per layer."""
 
     def __init__(self, bridge: ModelBridge, formats: dict[str, QuantFormat], dtype_for: Callable[[str], torch.dtype]):
@@ -146,7 +158,8 @@ class _LayerQuantizer:
             module, role, buffer, _ = _parse(planned.name)
             if role is not None:
                 buffers.setdefault((module, role), {})[buffer] = tensor
-        groups: dict[tuple, _Group] = {}
+        groups: dict[tuple, _Group] = {}  # (format, static, dtype, width, chunk) -> its weights
+        chunks: dict[tuple, int] = {}  # (format, static, dtype, width) -> its last group's chunk
         plain, placed = [], {}  # unquantized tensors; quantized weight -> (its group key, index)
         for i, (planned, tensor, is_owned) in enumerate(layer):
             module, role, _, key = _parse(planned.name)
@@ -164,7 +177,11 @@ class _LayerQuantizer:
                 warnings.warn(f"{module}: weight quantizer has no amax; taken from the weight (calibrate first)", stacklevel=2)
                 amax = tensor.float().abs().max()
             static = fmt.kind == NVFP4 and fmt.block_type == STATIC
-            group_key = (fmt.kind, static, tensor.dtype, tensor.shape[-1])
+            kind = (fmt.kind, static, tensor.dtype, tensor.shape[-1])
+            chunk = chunks.setdefault(kind, 0)
+            if groups.get((*kind, chunk), _Group()).full(tensor):  # next group of the kind
+                chunk = chunks[kind] = chunk + 1
+            group_key = (*kind, chunk)
             placed[i] = group_key, groups.setdefault(group_key, _Group()).add(tensor, amax, state.get("_block_amax") if static else None)
         checks: list[tuple[str, torch.Tensor]] = []
         results = {key: self._quantize(key, group, checks) for key, group in groups.items()}
@@ -194,7 +211,7 @@ class _LayerQuantizer:
     def _quantize(self, key: tuple, group: _Group, checks: list) -> tuple:
         """One group's weights, quantized: (per-weight packed or FP8 rows, per-weight block scales or None,
         per-weight scale_2 or FP8 scale as 0-d views)."""
-        kind, static, dtype, _ = key
+        kind, static, dtype = key[:3]
         rows = [w.shape[0] for w in group.weights]
         x = torch.cat(group.weights) if len(group.weights) > 1 else group.weights[0]
         amax = torch.stack(group.amax)
@@ -228,7 +245,7 @@ class _LayerQuantizer:
         return scales
 
     def _emit(self, planned: Planned, result: tuple, place: tuple, input_scale: torch.Tensor | None) -> list:
-        (kind, _, _, _), index = place
+        (kind, *_), index = place
         rows, blocks, scales = result
         inputs = self.formats.get(f"{_parse(planned.name)[3]}.input_quantizer")
         algo = LAYER_ALGOS.get((kind, inputs.kind if inputs else None))

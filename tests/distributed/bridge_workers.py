@@ -15,7 +15,7 @@ from dist_quant.parallel.groups import ParallelGroups
 from dist_quant.parallel.schedule import forward_only
 from tests.distributed.workers import device
 
-ARCHS = ("llama", "qwen3", "qwen3_moe", "mixtral", "glm4_moe")
+ARCHS = ("llama", "qwen3", "qwen3_moe", "mixtral", "glm4_moe", "deepseek_v3")
 SEQ = 8
 
 
@@ -32,6 +32,13 @@ def hf_config(arch: str):
         return transformers.Qwen3Config(intermediate_size=128, **common), transformers.Qwen3ForCausalLM
     if arch == "mixtral":
         return transformers.MixtralConfig(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, **common), transformers.MixtralForCausalLM
+    if arch == "deepseek_v3":  # multi-latent attention (every head its own key and value: kv heads = heads)
+        config = transformers.DeepseekV3Config(
+            intermediate_size=128, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+            topk_group=1, first_k_dense_replace=1, n_shared_experts=1, q_lora_rank=32, kv_lora_rank=32,
+            qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, **(common | {"num_key_value_heads": 4})
+        )
+        return config, transformers.DeepseekV3ForCausalLM
     if arch == "glm4_moe":
         config = transformers.Glm4MoeConfig(
             intermediate_size=128, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
@@ -157,15 +164,18 @@ def load_errors(path: str, scratch: str) -> dict:
 
 def calibrate_and_export(
     path: str, out: str, tp: int, ep: int, recipe: str, fail_after: int | None = None, pp: int = 1,
-    writers: str = "one",
+    writers: str = "one", group_elements: int | None = None,
 ) -> dict:
     """Calibrate the checkpoint's model at a layout and export it. -> weight-only fake-quant logits (every rank)
     and the all-reduces of one amax sync. fail_after: raise from the progress callback after that many tensors
-    (an interrupted export)."""
+    (an interrupted export). group_elements: the exporter's quantization groups this small."""
     from dist_quant import quantize
     from dist_quant.calibrate.pipeline import amax_reducer
-    from dist_quant.export import export_hf
+    from dist_quant.export import checkpoint, export_hf
     from dist_quant.quantizer import QuantizerMode, TensorQuantizer
+
+    if group_elements is not None:
+        checkpoint.GROUP_ELEMENTS = group_elements
 
     groups, bridge, model = loaded_model(path, tp, ep, pp)
     gen = torch.Generator().manual_seed(11)

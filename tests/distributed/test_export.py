@@ -63,6 +63,18 @@ def test_sharded_export_matches_the_unsharded_one(exports, layout):
             assert torch.equal(sharded[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
 
 
+def test_weights_quantized_in_smaller_groups_export_the_same_bytes(exports, tmp_path):
+    """The exporter quantizes a layer's weights in groups of at most GROUP_ELEMENTS (bounding its memory on a
+    DeepSeek-sized layer); how they are grouped changes no byte."""
+    checkpoint, runs = exports
+    out = tmp_path / "small-groups"
+    run_ranks(1, workers.calibrate_and_export, str(checkpoint), str(out), 1, 1, RECIPE, None, 1, "one", 10_000)
+    expected, got = load_tensors(runs["tp1"][0]), load_tensors(out)
+    assert got.keys() == expected.keys()
+    differing = [n for n, t in expected.items() if not torch.equal(got[n].reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8))]
+    assert not differing, differing[:5]
+
+
 def test_checkpoint_layout_and_configs(exports):
     checkpoint, runs = exports
     out = runs["tp2xep2"][0]
