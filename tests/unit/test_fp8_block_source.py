@@ -33,12 +33,17 @@ ARCHITECTURES = {  # every architecture the bridge supports: transformers' confi
     "qwen3-moe": ("Qwen3MoeConfig", {**MOE, "moe_intermediate_size": 160, "num_experts": 4, "mlp_only_layers": [0]}),
     "glm4-moe": ("Glm4MoeConfig", {**MOE, "moe_intermediate_size": 160, "n_routed_experts": 4, "n_group": 1, "topk_group": 1,
                                    "first_k_dense_replace": 1, "n_shared_experts": 1}),
+    # multi-latent attention: q_a_proj [160, 192], kv_a_proj_with_mqa [144 latent + 16 rope, 192], kv_b_proj [320, 144]
+    "deepseek-v3": ("DeepseekV3Config", {**MOE, "moe_intermediate_size": 160, "n_routed_experts": 4, "n_group": 1,
+                                         "topk_group": 1, "first_k_dense_replace": 1, "n_shared_experts": 1,
+                                         "num_key_value_heads": 4, "q_lora_rank": 160, "kv_lora_rank": 144,
+                                         "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 48, "head_dim": 16}),
 }
 
 
 def bf16_checkpoint(path, config_class: str, widths: dict = UNALIGNED, **keys):
     torch.manual_seed(0)
-    config = getattr(transformers, config_class)(**COMMON, **widths, **keys)
+    config = getattr(transformers, config_class)(**{**COMMON, **widths, **keys})
     transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(path)
     return path
 
