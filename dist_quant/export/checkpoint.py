@@ -270,8 +270,8 @@ def _which(group: _Group) -> str:
 
 
 def source_dtypes(bridge: ModelBridge, source_dir: str | os.PathLike | None) -> Callable[[str], torch.dtype]:
-    """HF name -> the dtype its tensor has in the source checkpoint; the config's dtype for tensors (or whole
-    checkpoints) not found there."""
+    """HF name -> the dtype its tensor has in the source checkpoint (an FP8 block-scaled one's FP8 weights: the
+    dtype they are dequantized to); the config's dtype for tensors (or whole checkpoints) not found there."""
     reader = source_reader(source_dir, bridge) if source_dir is not None and has_safetensors(source_dir) else None
     stored = set(reader.names()) if reader is not None else set()
     return lambda name: reader.dtype(name) if name in stored else bridge.dtype
