@@ -295,6 +295,7 @@ class ModelBridge:
         from megatron.core import parallel_state
         from megatron.core.models.gpt import GPTModel
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+        from megatron.core.transformer.identity_op import IdentityOp
 
         dtype = dtype or self.dtype
         on_gpu = device is not None and device.type == "cuda"
@@ -305,7 +306,10 @@ class ModelBridge:
             if self.forward.o_bias:  # o_proj has a bias, the MLP none
                 layer.submodules.self_attention.submodules.linear_proj = _biased_row_parallel_linear()
             if latent is not None:
-                layer.submodules.self_attention.submodules.core_attention = _latent_dot_product_attention()
+                attention = layer.submodules.self_attention.submodules
+                attention.core_attention = _latent_dot_product_attention()
+                if latent.q_lora_rank is None:  # no query latent to normalize (megatron 0.19 refuses a norm there)
+                    attention.q_layernorm = IdentityOp
         rope = self.config.rope
         model = GPTModel(
             config,
