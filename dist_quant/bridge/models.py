@@ -306,6 +306,7 @@ class ModelBridge:
             if self.forward.o_bias:  # o_proj has a bias, the MLP none
                 layer.submodules.self_attention.submodules.linear_proj = _biased_row_parallel_linear()
             if latent is not None:
+                layer.submodules.self_attention.module = _latent_self_attention()
                 attention = layer.submodules.self_attention.submodules
                 attention.core_attention = _latent_dot_product_attention()
                 if latent.q_lora_rank is None:  # no query latent to normalize (megatron 0.19 refuses a norm there)
@@ -360,6 +361,23 @@ class ModelBridge:
     def registry_for(self, model: torch.nn.Module) -> MappingRegistry:
         """The registry, with quantizer-state mappings exactly when the model carries quantizers."""
         return self.registry(quant_state=any(isinstance(m, TensorQuantizer) for m in model.modules()))
+
+
+@functools.cache
+def _latent_self_attention() -> type:
+    """megatron's MLASelfAttention, whose query projection without a q LoRA stays the spec's plain linear: megatron
+    0.19 (`QKNormConfigResolver`) swaps in a fused norm+linear whenever the latent norms are on, though no query
+    latent is normalized there (Transformer Engine's, which the local spec lacks; 0.16 has no resolver)."""
+    from megatron.core.transformer.multi_latent_attention import MLASelfAttention
+
+    class LatentSelfAttention(MLASelfAttention):
+        def _resolve_qk_norm_config(self, submodules):
+            resolved = super()._resolve_qk_norm_config(submodules)
+            if self.config.q_lora_rank is None:
+                resolved["linear_q_proj"] = submodules.linear_q_proj
+            return resolved
+
+    return LatentSelfAttention
 
 
 @functools.cache
