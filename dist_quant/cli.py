@@ -126,7 +126,8 @@ def _add_calibrate(commands) -> None:
     source.add_argument(
         "--hf-model", metavar="DIR",
         help=f"a Hugging Face checkpoint directory of one of the architectures {', '.join(ARCHITECTURES)} (a hub "
-        "model must be downloaded first: hf download ORG/NAME --local-dir DIR)",
+        "model must be downloaded first: hf download ORG/NAME --local-dir DIR); unquantized, or FP8 block-scaled "
+        "(quant_method fp8, as DeepSeek-V3 ships), whose weights are dequantized on load",
     )
     source.add_argument("--model", metavar="NAME", help=f"a built-in config with random weights: {', '.join(builtin_models())}")
     calibrate.add_argument("--recipe", required=True, help="built-in recipe name (see `dist-quant recipes`) or YAML path")

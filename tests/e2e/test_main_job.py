@@ -154,7 +154,8 @@ def test_the_help_names_every_architecture():
     from dist_quant.bridge.architectures import ARCHITECTURES
 
     help_text = " ".join(run_cli("calibrate", "--help").stdout.split())
-    assert all(name in help_text for name in ARCHITECTURES) and len(ARCHITECTURES) == 7
+    assert all(name in help_text for name in ARCHITECTURES) and len(ARCHITECTURES) == 8
+    assert "FP8 block-scaled (quant_method fp8, as DeepSeek-V3 ships), whose weights are dequantized on load" in help_text
 
 
 def test_unquantized_tensors_keep_the_source_dtype(tmp_path):
