@@ -66,7 +66,8 @@ def launch_costs(device: torch.device, calls: int = 2000) -> dict[str, float]:
     import triton
 
     from dist_quant.kernels import nvfp4_triton
-    from dist_quant.quantizer import QuantFormat, QuantizerMode, TensorQuantizer
+    from dist_quant.formats import QuantFormat
+    from dist_quant.quantizer import QuantizerMode, TensorQuantizer
 
     x = torch.randn(256, 1024, device=device, dtype=torch.bfloat16)
     quantizer = TensorQuantizer(QuantFormat("nvfp4", block_type="dynamic")).to(device)

@@ -25,7 +25,8 @@ import torch.distributed as dist  # noqa: E402
 from dist_quant.parallel.groups import ParallelGroups  # noqa: E402
 from dist_quant.parallel.reduce import AmaxReducer  # noqa: E402
 from dist_quant.parallel.spawn import run_ranks  # noqa: E402
-from dist_quant.quantizer import FP8, QuantFormat, TensorQuantizer  # noqa: E402
+from dist_quant.formats import FP8, QuantFormat  # noqa: E402
+from dist_quant.quantizer import TensorQuantizer  # noqa: E402
 
 def _timed(fn, device: torch.device, repeats: int) -> float:
     """Median seconds of fn over repeats, every rank starting together."""

@@ -36,7 +36,7 @@ def _describe(recipe: Recipe) -> str:
     width = max(map(len, EXAMPLE_QUANTIZERS))
     for name in EXAMPLE_QUANTIZERS:
         fmt = recipe.format_for(name)
-        text = "off" if fmt is None else fmt.describe() + (" constant amax 448" if fmt.use_constant_amax else "")
+        text = "off" if fmt is None else fmt.describe() + (f" constant amax {fmt.number.largest:g}" if fmt.use_constant_amax else "")
         lines.append(f"    {name:<{width}}  {text}")
     return "\n".join(line for line in lines if line)
 

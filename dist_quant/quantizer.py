@@ -16,48 +16,14 @@ from __future__ import annotations
 import enum
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from dist_quant import kernels
-from dist_quant.numerics.fp8 import E4M3_MAX, fp8_fake_quant, nonzero_amax
-from dist_quant.numerics.nvfp4 import BLOCK_SIZE, nvfp4_block_amax
+from dist_quant.formats import STATIC, QuantFormat
 
-FP8 = "fp8"
-NVFP4 = "nvfp4"
-DYNAMIC = "dynamic"
-STATIC = "static"
 AMAX_BUFFERS = ("_amax", "_global_amax", "_block_amax")
-
-
-@dataclass(frozen=True)
-class QuantFormat:
-    """What a quantizer produces. `axis` (FP8 only): None = per-tensor, else the kept (per-channel) dim.
-    `block_type` (NVFP4 only): dynamic = block amax from the tensor each time, static = a stored per-block amax."""
-
-    kind: str
-    axis: int | None = None
-    block_type: str | None = None
-    use_constant_amax: bool = False
-
-    def __post_init__(self):
-        if self.kind not in (FP8, NVFP4):
-            raise ValueError(f"unknown quantization format {self.kind!r}")
-        if self.kind == NVFP4 and (self.axis is not None or self.block_type not in (DYNAMIC, STATIC)):
-            raise ValueError("NVFP4 needs block_type dynamic or static and no axis")
-        if self.kind == FP8 and self.block_type is not None:
-            raise ValueError("FP8 quantizers are per-tensor or per-channel, not block-scaled")
-
-    def describe(self) -> str:
-        parts = [self.kind]
-        if self.axis is not None:
-            parts.append(f"axis={self.axis}")
-        if self.kind == NVFP4:
-            parts.append(f"block{BLOCK_SIZE}" + (" static" if self.block_type == STATIC else ""))
-        return " ".join(parts)
 
 
 class QuantizerMode(enum.Enum):
@@ -92,7 +58,7 @@ class MaxCalibrator:
             amax = x.abs().amax(dim=[d for d in range(x.dim()) if d != axis], keepdim=True).float()
         self.amax = _running_max(self.amax, amax)
         if self.fmt.block_type == STATIC:
-            self.block_amax = _running_max(self.block_amax, nvfp4_block_amax(x))
+            self.block_amax = _running_max(self.block_amax, self.fmt.number.block_amax(x))
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -139,7 +105,7 @@ class TensorQuantizer(nn.Module):
             self.register_buffer(name, None)
         self.calibrator = MaxCalibrator(fmt) if fmt is not None and not fmt.use_constant_amax else None
         if fmt is not None and fmt.use_constant_amax:
-            self._set_amax(torch.tensor(E4M3_MAX))
+            self._set_amax(torch.tensor(fmt.number.largest))
 
     @property
     def enabled(self) -> bool:
@@ -205,12 +171,11 @@ class TensorQuantizer(nn.Module):
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         """x quantized and dequantized with the calibrated state (no mode, no gradient rule)."""
-        if self.fmt.kind == FP8:
-            return fp8_fake_quant(x, self._amax)
-        return kernels.nvfp4_fake_quant(x, self.global_amax, self._block_amax if self.fmt.block_type == STATIC else None)
+        block_amax = self._block_amax if self.fmt.block_type == STATIC else None
+        return self.fmt.number.fake_quant(x, self._amax, self._global_amax, block_amax)
 
     def clamp_bound(self) -> torch.Tensor:
-        return nonzero_amax(self._amax if self.fmt.kind == FP8 else self.global_amax)
+        return self.fmt.number.clamp_bound(self._amax, self._global_amax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._mode is QuantizerMode.DISABLED or x.numel() == 0:
@@ -234,17 +199,7 @@ class TensorQuantizer(nn.Module):
     def buffer_shape(self, buffer: str, weight: torch.Tensor | None = None) -> torch.Size | None:
         """The shape a calibrated buffer (one of AMAX_BUFFERS) of this quantizer has, for the tensor it quantizes
         (`weight`, or an activation: None); None where this quantizer keeps no such buffer."""
-        fmt = self.fmt
-        if fmt is None or buffer == "_global_amax" and fmt.kind != NVFP4:
-            return None
-        if buffer == "_block_amax":
-            if fmt.block_type != STATIC or weight is None:
-                return None
-            return torch.Size([*weight.shape[:-1], weight.shape[-1] // BLOCK_SIZE])
-        if buffer == "_amax" and fmt.axis is not None and weight is not None:
-            axis = fmt.axis % weight.dim()
-            return torch.Size([n if d == axis else 1 for d, n in enumerate(weight.shape)])
-        return torch.Size([])
+        return None if self.fmt is None else self.fmt.number.buffer_shapes(self.fmt, weight).get(buffer)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Adopt the checkpoint's buffers whatever their shape: amax shapes are only known after calibration.
@@ -278,22 +233,23 @@ def segments_calibrate_together(quantizers: Sequence[TensorQuantizer]) -> bool:
 
 def segments_quantize_together(quantizers: Sequence[TensorQuantizer]) -> bool:
     """Whether these quantizers (all of one format), fed consecutive row segments of one tensor, can
-    fake-quantize them in one launch (`fake_quant_segments`): all quantizing NVFP4, outside autograd (the
-    straight-through gradient is per quantizer), no cached output."""
+    fake-quantize them in one launch (`fake_quant_segments`): all quantizing, in a format that does (NVFP4),
+    outside autograd (the straight-through gradient is per quantizer), no cached output."""
     if torch.is_grad_enabled() or any(q._mode is not QuantizerMode.QUANTIZING or q.cache_output for q in quantizers):
         return False
-    return quantizers[0].fmt.kind == NVFP4
+    return quantizers[0].fmt.number.segmented
 
 
 def fake_quant_segments(quantizers: Sequence[TensorQuantizer], x: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
     """x [sum(rows), n] with each segment of rows fake-quantized by its quantizer (see
     `segments_quantize_together`): the same values as one call per quantizer, in one kernel launch."""
+    number = quantizers[0].fmt.number
     global_amax = torch.stack([q.global_amax.reshape(()) for q in quantizers])
     block_amax = None
     if quantizers[0].fmt.block_type == STATIC:
-        blocks = x.shape[1] // BLOCK_SIZE
+        blocks = x.shape[1] // number.block
         block_amax = torch.cat([q._block_amax.reshape(n, blocks) for q, n in zip(quantizers, rows)]).to(x.device)
-    return kernels.nvfp4_fake_quant_segments(x, global_amax, rows, block_amax)
+    return number.fake_quant_segments(x, global_amax, rows, block_amax)
 
 
 class SegmentAmax:

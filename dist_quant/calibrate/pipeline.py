@@ -28,8 +28,8 @@ from dist_quant.modules.fused_experts import QuantFusedExperts, checkpoint_names
 from dist_quant.modules.linear import LINEAR_QUANTIZERS
 from dist_quant.parallel.groups import ParallelGroups, default_groups, megatron_loaded
 from dist_quant.parallel.reduce import AmaxReducer, NonFiniteAmaxError
-from dist_quant.numerics.nvfp4 import BLOCK_SIZE
-from dist_quant.quantizer import NVFP4, STATIC, QuantFormat, QuantizerMode, TensorQuantizer
+from dist_quant.formats import STATIC, QuantFormat
+from dist_quant.quantizer import QuantizerMode, TensorQuantizer
 from dist_quant.recipe import Recipe, RecipeError
 
 ForwardLoop = Callable[[nn.Module], None]
@@ -127,7 +127,7 @@ def attach_quantizers(model: nn.Module, recipe: Recipe, groups: ParallelGroups |
             prefix = f"{name}." if name else ""
             formats = formats_for(name, module, kinds[kind][1] if kind else LINEAR_QUANTIZERS, tied=module is tied_head)
             shared_input = recipe.algorithm.expert_inputs == "shared" and ".local_experts." in name
-            if shared_input and formats.get("input_quantizer") is not None and formats["input_quantizer"].kind != NVFP4:
+            if shared_input and formats.get("input_quantizer") is not None and not formats["input_quantizer"].number.global_scale:
                 raise RecipeError(
                     f"recipe {recipe.source}: algorithm.expert_inputs: shared gives NVFP4 expert inputs one global "
                     f"amax; {prefix}input_quantizer is {formats['input_quantizer'].describe()}"
@@ -156,7 +156,7 @@ def _format_problem(
     (`<quantizer>: reason`); None when it can."""
     if (tied or "weight_quantizer" in formats and weight is None) and any(formats.values()):
         return "*: this layer shares the embedding's weight (tied embeddings), which a checkpoint cannot hold quantized; disable its quantizers"
-    # the length of the last dimension each quantizer sees: NVFP4 blocks of 16 run along it
+    # the length of the last dimension each quantizer sees: a block-scaled format's blocks run along it
     if weight is not None:
         lengths = {"weight_quantizer": weight.shape[-1], "input_quantizer": weight.shape[-1], "output_quantizer": weight.shape[0]}
     else:
@@ -166,8 +166,9 @@ def _format_problem(
             continue
         if q != "weight_quantizer" and (fmt.block_type == STATIC or fmt.axis is not None):
             return f"{q}: static NVFP4 blocks and per-channel axes apply to weights only"
-        if fmt.kind == NVFP4 and lengths.get(q) is not None and lengths[q] % BLOCK_SIZE:
-            return f"{q}: NVFP4 needs a last dimension that is a multiple of {BLOCK_SIZE}; this layer's is {lengths[q]}"
+        block = fmt.number.block
+        if block is not None and lengths.get(q) is not None and lengths[q] % block:
+            return f"{q}: {fmt.number.algo} needs a last dimension that is a multiple of {block}; this layer's is {lengths[q]}"
     return None
 
 

@@ -1,5 +1,6 @@
-"""The shared-state stage: sibling NVFP4 quantizers get one global amax, the max over the group, reduced over
-expert-parallel ranks when a group spans experts, so every rank ends with the same value."""
+"""The shared-state stage: sibling quantizers of a format with a per-tensor scale over its block scales (NVFP4:
+`NumberFormat.global_scale`) get one global amax, the max over the group, reduced over expert-parallel ranks when
+a group spans experts, so every rank ends with the same value."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from dist_quant.modules.base import structure_version
 from dist_quant.modules.shared import SharedQuantState
 from dist_quant.parallel.groups import ParallelGroups, group_ranks
 from dist_quant.parallel.reduce import AmaxReducer
-from dist_quant.quantizer import NVFP4, TensorQuantizer
+from dist_quant.quantizer import TensorQuantizer
 from dist_quant.recipe import Algorithm
 
 ROLES = ("weight", "input")
@@ -28,11 +29,12 @@ def _state_attr(role: str) -> str:
 
 def group_key(name: str, patterns: tuple[str, ...]) -> str | None:
     """The group of a quantizer: the capture groups of the first pattern that fully matches its name, joined by
-    "." (the whole pattern when it captures nothing); None when no pattern matches."""
-    for pattern in patterns:
+    "." (the whole pattern when it captures nothing), and that pattern's place in the list (two patterns never
+    form one group: q_proj and kv_a_proj_with_mqa share a parent, not a layer); None when no pattern matches."""
+    for index, pattern in enumerate(patterns):
         match = re.fullmatch(pattern, name)
         if match:
-            return ".".join(match.groups()) if match.re.groups else pattern
+            return f"{'.'.join(match.groups())} [{index}]" if match.re.groups else pattern
     return None
 
 
@@ -42,7 +44,7 @@ def _nvfp4_members(model: nn.Module, algorithm: Algorithm) -> Iterator[tuple[tup
             continue
         for role in ROLES:
             q = getattr(module, f"{role}_quantizer", None)
-            if isinstance(q, TensorQuantizer) and q.enabled and q.fmt.kind == NVFP4:
+            if isinstance(q, TensorQuantizer) and q.enabled and q.fmt.number.global_scale:
                 key = group_key(f"{module.layout.logical_name}.{role}_quantizer", algorithm.sibling_patterns(role))
                 if key is not None:
                     yield (role, key), name, q

@@ -21,7 +21,6 @@ import torch.distributed as dist
 from torch import nn
 
 import dist_quant
-from dist_quant import kernels
 from dist_quant.bridge.io import Planned, export_hf_layers, has_safetensors, owned, source_reader
 from dist_quant.bridge.models import ModelBridge
 from dist_quant.export.buckets import bucketed
@@ -33,11 +32,11 @@ from dist_quant.export.problems import NO_WEIGHTS, ExportError, quantizer_proble
 from dist_quant.export.verify import VerificationError, verify
 from dist_quant.modules import QuantModule
 from dist_quant.modules.base import model_device
-from dist_quant.numerics.fp8 import E4M3_MAX, cast_e4m3, divide, fp8_scale
-from dist_quant.numerics.nvfp4 import SCALE_2_DIVISOR
+from dist_quant.numerics.fp8 import divide, fp8_scale
 from dist_quant.parallel.agree import every_rank, first_error, with_rank
 from dist_quant.parallel.groups import ParallelGroups, default_groups
-from dist_quant.quantizer import FP8, NVFP4, STATIC, QuantFormat, TensorQuantizer
+from dist_quant.formats import FORMATS, STATIC, QuantFormat
+from dist_quant.quantizer import TensorQuantizer
 
 _QUANTIZER = re.compile(r"^(.*)\.(weight|input|k_bmm|v_bmm)_quantizer\.(_amax|_global_amax|_block_amax)$")
 _LOCAL_EXPERT = re.compile(r"\.local_experts\.\d+\.")
@@ -176,7 +175,7 @@ class _LayerQuantizer:
             if amax is None:
                 warnings.warn(f"{module}: weight quantizer has no amax; taken from the weight (calibrate first)", stacklevel=2)
                 amax = tensor.float().abs().max()
-            static = fmt.kind == NVFP4 and fmt.block_type == STATIC
+            static = fmt.block_type == STATIC
             kind = (fmt.kind, static, tensor.dtype, tensor.shape[-1])
             chunk = chunks.setdefault(kind, 0)
             if groups.get((*kind, chunk), _Group()).full(tensor):  # next group of the kind
@@ -192,7 +191,7 @@ class _LayerQuantizer:
             module, role, buffer, key = _parse(planned.name)
             if role in ("k_bmm", "v_bmm") and buffer == "_amax" and f"{key}.{role}_quantizer" in self.formats:
                 kind, fmt = role[0], self.formats[f"{key}.{role}_quantizer"]
-                self.kv_algos.add("FP8" if fmt.kind == FP8 else "NVFP4")
+                self.kv_algos.add(fmt.number.algo)
                 attention = planned.hf_names[0][: -len(f".{role}_quantizer._amax")]
                 out.append((self.kv_scale_name(attention, kind), fp8_scale(tensor).reshape(())))
             elif i in placed:
@@ -209,23 +208,15 @@ class _LayerQuantizer:
         return out
 
     def _quantize(self, key: tuple, group: _Group, checks: list) -> tuple:
-        """One group's weights, quantized: (per-weight packed or FP8 rows, per-weight block scales or None,
-        per-weight scale_2 or FP8 scale as 0-d views)."""
-        kind, static, dtype = key[:3]
+        """One group's weights, quantized by their format in one launch: (per-weight values, per-weight block
+        scales or None, per-weight per-tensor scales as 0-d views); the format's checks join `checks`."""
+        number, static = FORMATS[key[0]], key[1]
         rows = [w.shape[0] for w in group.weights]
         x = torch.cat(group.weights) if len(group.weights) > 1 else group.weights[0]
-        amax = torch.stack(group.amax)
-        if kind == FP8:
-            scale = fp8_scale(amax)
-            counts = torch.tensor(rows).to(x.device, non_blocking=True)
-            q = cast_e4m3(x.float() / scale.repeat_interleave(counts, output_size=sum(rows)).unsqueeze(1))
-            return q.split(rows), None, scale.unbind(0)
         block_amax = torch.cat(group.block_amax) if static else None
-        packed, block_scale, scale_2 = kernels.nvfp4_quantize_segments(x, amax, rows, block_amax)
-        checks.append(("NaN in the weights (NVFP4 cannot encode it): " + _which(group), torch.isnan(x).any()))
-        mismatch = kernels.nvfp4_dequantize(packed, block_scale, scale_2, dtype, rows) != kernels.nvfp4_fake_quant_segments(x, amax, rows, block_amax)
-        checks.append(("the exported weights do not dequantize to the fake-quant weights: " + _which(group), mismatch.any()))
-        return packed.split(rows), block_scale.split(rows), scale_2.unbind(0)
+        result, failed = number.quantize_weights(x, torch.stack(group.amax), rows, block_amax)
+        checks += [(f"{what}: {_which(group)}", bad) for what, bad in failed]
+        return result
 
     def _input_scales(self, layer, placed, buffers) -> dict[int, torch.Tensor]:
         """Each quantized weight's input_scale (input amax / 2688 for NVFP4, / 448 for FP8), all in one division
@@ -237,7 +228,7 @@ class _LayerQuantizer:
             if fmt is not None:
                 state = buffers.get((module, "input"), {})
                 amax = state.get("_global_amax", state.get("_amax"))
-                by_divisor.setdefault(SCALE_2_DIVISOR if fmt.kind == NVFP4 else E4M3_MAX, []).append((i, amax.reshape(())))
+                by_divisor.setdefault(fmt.number.scale_divisor, []).append((i, amax.reshape(())))
         scales = {}
         for divisor, entries in by_divisor.items():
             values = divide(torch.stack([a for _, a in entries]).float(), divisor).unbind(0)
@@ -246,19 +237,15 @@ class _LayerQuantizer:
 
     def _emit(self, planned: Planned, result: tuple, place: tuple, input_scale: torch.Tensor | None) -> list:
         (kind, *_), index = place
-        rows, blocks, scales = result
+        values, blocks, scales = result
         inputs = self.formats.get(f"{_parse(planned.name)[3]}.input_quantizer")
         algo = LAYER_ALGOS.get((kind, inputs.kind if inputs else None))
-        pieces = planned.mapping.to_hf(rows[index])
+        pieces = planned.mapping.to_hf(values[index])
         block_pieces = planned.mapping.to_hf(blocks[index]) if blocks is not None else [None] * len(pieces)
         out = []
         for hf_name, piece, block_piece in zip(planned.hf_names, pieces, block_pieces):
             module = hf_name[: -len(".weight")]
-            out.append((f"{module}.weight", piece))
-            if block_piece is not None:
-                out += [(f"{module}.weight_scale", block_piece), (f"{module}.weight_scale_2", scales[index])]
-            else:
-                out.append((f"{module}.weight_scale", scales[index]))
+            out += FORMATS[kind].weight_checkpoint(module, piece, block_piece, scales[index])
             if input_scale is not None:
                 out.append((f"{module}.input_scale", input_scale))
             self.quantized[module] = algo
@@ -329,7 +316,7 @@ def estimated_bytes(model: nn.Module, bridge: ModelBridge, groups: ParallelGroup
         if isinstance(module, QuantModule):
             for quantizer, weight in module.weight_quantizers():
                 if quantizer.enabled:
-                    sizes[id(weight)] = 0.5 + 1 / 16 if quantizer.fmt.kind == NVFP4 else 1.0  # packed + block scales
+                    sizes[id(weight)] = quantizer.fmt.number.weight_bytes
     local = 0.0
     for param in model.parameters():
         expert = not getattr(param, "allreduce", True)  # megatron marks expert-parallel parameters so

@@ -23,9 +23,9 @@ the FP8 cache on under `--kv-cache-dtype auto` only when dynamic is false), the 
 
 from __future__ import annotations
 
-from dist_quant.quantizer import FP8, NVFP4
+from dist_quant.formats import FORMATS, FP8, NVFP4, NumberFormat
 
-GROUP_SIZE = 16
+GROUP_SIZE = FORMATS[NVFP4].block
 W4A16 = "W4A16_NVFP4"
 # (weight format, input format or None) -> the layer's quant_algo. W4A16_NVFP4 is ModelOpt's name for
 # weight-only NVFP4: vLLM (model_executor/layers/quantization/modelopt.py, LINEAR_ALGOS and resolve) runs it
@@ -35,6 +35,11 @@ W4A16 = "W4A16_NVFP4"
 LAYER_ALGOS = {(NVFP4, NVFP4): "NVFP4", (NVFP4, None): W4A16, (FP8, FP8): "FP8"}
 QUANT_ALGOS = tuple(LAYER_ALGOS.values())
 NVFP4_ALGOS = tuple(algo for (weight, _), algo in LAYER_ALGOS.items() if weight == NVFP4)  # packed, group_size 16
+
+
+def weight_format(algo: str) -> NumberFormat:
+    """The format of a quant_algo's weights."""
+    return next(FORMATS[weight] for (weight, _), a in LAYER_ALGOS.items() if a == algo)
 MIXED = "MIXED_PRECISION"
 KV_ALGOS = ("FP8", "NVFP4")
 # Why the other pairs cannot be exported, from the engines' loaders.
@@ -70,7 +75,7 @@ def required_quantization_keys(algo: str) -> tuple[str, ...]:
 
 def layer_entry(algo: str) -> dict:
     """A quantized layer's entry in MIXED_PRECISION's quantized_layers."""
-    return {"quant_algo": algo, **({"group_size": GROUP_SIZE} if algo in NVFP4_ALGOS else {})}
+    return {"quant_algo": algo, **weight_format(algo).config_entries}
 
 
 def hf_quant_config(
@@ -81,8 +86,7 @@ def hf_quant_config(
     if algo == MIXED:
         quantization["quantized_layers"] = {m: layer_entry(a) for m, a in sorted((layers or {}).items())}
     else:
-        if algo in NVFP4_ALGOS:
-            quantization["group_size"] = GROUP_SIZE
+        quantization |= weight_format(algo).config_entries
         quantization["exclude_modules"] = sorted(exclude)
     return {"producer": producer, "quantization": quantization}
 
@@ -97,9 +101,8 @@ def kv_cache_scheme(algo: str | None) -> dict | str | None:
 def _group(algo: str, targets: list[str]) -> dict:
     """A config group (convert_hf_config.py `_quant_algo_to_group_config`): W4A16_NVFP4 has weights alone, which
     vLLM reads as weight-only NVFP4 even under quant_algo NVFP4 (modelopt.py ModelOptNvFp4Config._from_config)."""
-    tensors = {"dynamic": False, "num_bits": 4 if algo in NVFP4_ALGOS else 8, "type": "float"}
-    if algo in NVFP4_ALGOS:
-        tensors["group_size"] = GROUP_SIZE
+    number = weight_format(algo)
+    tensors = {"dynamic": False, "num_bits": number.config_bits, "type": "float", **number.config_entries}
     inputs = {"input_activations": dict(tensors)} if input_quantized(algo) else {}
     return {**inputs, "weights": dict(tensors), "targets": targets}
 

@@ -12,7 +12,7 @@ from dist_quant.bridge.mappings import ColumnParallelMapping, kv_bmm_mappings
 from dist_quant.bridge.models import ModelBridge
 from dist_quant.export.configs import LAYER_ALGOS, NO_FORM
 from dist_quant.modules.linear import LINEAR_QUANTIZERS
-from dist_quant.quantizer import FP8, QuantFormat
+from dist_quant.formats import FP8, QuantFormat
 from dist_quant.recipe import Recipe
 
 KV_QUANTIZERS = ("k_bmm_quantizer", "v_bmm_quantizer")

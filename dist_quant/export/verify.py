@@ -29,12 +29,14 @@ from dist_quant.bridge.config import DTYPES
 from dist_quant.bridge.io import INDEX_FILE, SAFETENSORS_DTYPES, SINGLE_FILE
 from dist_quant.export.configs import (
     GROUP_SIZE, KV_ALGOS, MIXED, NVFP4_ALGOS, QUANT_ALGOS, W4A16, input_quantized, quantization_config,
-    required_quantization_keys,
+    required_quantization_keys, weight_format,
 )
+from dist_quant.formats import FORMATS, SCALAR, Spec
+from dist_quant.recipe.schema import FUSED_SIBLINGS
 
 E2M1_MAX = 6.0
 FLOATS = tuple(DTYPES.values())  # the unquantized dtypes: those the bridge reads
-SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
+SIBLINGS = tuple(names for _, names in FUSED_SIBLINGS)  # by their checkpoint names: the last part of a module's
 _GROUPS = re.compile(r"^((model\.layers\.\d+)\.mlp\.experts\.\d+)\.|^(model\.layers\.\d+)\.")
 _KV_SCALE = re.compile(r"\.self_attn\.(k_proj\.k|v_proj\.v|attn\.[kv])_scale$")
 ACTIVATION_SCALES = (".input_scale", ".k_scale", ".v_scale")
@@ -45,19 +47,6 @@ _KV_SOURCES = {".self_attn.k_proj.weight": "k", ".self_attn.v_proj.weight": "v",
 
 class VerificationError(ValueError):
     """A checkpoint breaks the format; the message lists every problem found."""
-
-
-@dataclass(frozen=True)
-class Spec:
-    """What one tensor must be. role: "float" (unquantized), "weight" (quantized), "block" (NVFP4 block
-    scales) or "scale" (a float32 scalar)."""
-
-    shape: tuple[int, ...]
-    dtypes: tuple[torch.dtype, ...]
-    role: str
-
-
-SCALAR = Spec((), (torch.float32,), "scale")
 
 
 @dataclass
@@ -312,27 +301,20 @@ def _check_tied_head(bridge, plan: Plan, problems: list[str]) -> None:
 
 # -- the tensors -----------------------------------------------------------------------------------------
 def _linear(module: str, shape: tuple[int, int], algo: str) -> dict[str, Spec]:
-    """A quantized linear's tensors: an input_scale exactly when its algo quantizes the input (W4A16_NVFP4 has
-    none: vLLM 0.33 registers none for it, modelopt.py resolve)."""
-    out, features = shape
-    if algo in NVFP4_ALGOS:
-        tensors = {
-            f"{module}.weight": Spec((out, features // 2), (torch.uint8,), "weight"),
-            f"{module}.weight_scale": Spec((out, features // GROUP_SIZE), (torch.float8_e4m3fn,), "block"),
-            f"{module}.weight_scale_2": SCALAR,
-        }
-    else:
-        tensors = {f"{module}.weight": Spec((out, features), (torch.float8_e4m3fn,), "weight"), f"{module}.weight_scale": SCALAR}
+    """A quantized linear's tensors, as its weights' format writes them, and an input_scale exactly when its algo
+    quantizes the input (W4A16_NVFP4 has none: vLLM 0.33 registers none for it, modelopt.py resolve)."""
+    tensors = weight_format(algo).weight_tensors(module, shape)
     return tensors | ({f"{module}.input_scale": SCALAR} if input_quantized(algo) else {})
 
 
 def _stored_format(dtype) -> str | None:
     """The weight format a stored weight's dtype shows: "NVFP4", "FP8", None (unquantized) or "?"."""
-    return {torch.uint8: "NVFP4", torch.float8_e4m3fn: "FP8"}.get(dtype, None if dtype in FLOATS else "?")
+    by_dtype = {number.weight_dtype: number.algo for number in FORMATS.values()}
+    return by_dtype.get(dtype, None if dtype in FLOATS else "?")
 
 
 def _weight_format(algo: str | None) -> str | None:
-    return None if algo is None else "NVFP4" if algo in NVFP4_ALGOS else "FP8"
+    return None if algo is None else weight_format(algo).algo
 
 
 def _expected(bridge, plan: Plan, stored: dict[str, Stored], problems: list[str]) -> tuple[dict, dict[str, str]]:

@@ -22,7 +22,8 @@ from torch import nn
 
 from dist_quant.modules.base import Layout, QuantModule, quantized_class
 from dist_quant.modules.linear import LINEAR_QUANTIZERS
-from dist_quant.quantizer import QuantFormat, TensorQuantizer
+from dist_quant.formats import QuantFormat
+from dist_quant.quantizer import TensorQuantizer
 
 FUSED_GATE_UP, FUSED_DOWN = "gate_up_proj", "down_proj"
 FUSED_PARAMETER = {"gate": FUSED_GATE_UP, "up": FUSED_GATE_UP, "down": FUSED_DOWN}  # where each part's rows are

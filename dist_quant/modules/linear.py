@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_quant.modules.base import Layout, QuantModule, quantized_class
-from dist_quant.quantizer import QuantFormat, TensorQuantizer
+from dist_quant.formats import QuantFormat
+from dist_quant.quantizer import TensorQuantizer
 
 LINEAR_QUANTIZERS = ("input_quantizer", "weight_quantizer", "output_quantizer")
 

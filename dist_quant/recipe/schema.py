@@ -7,33 +7,33 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any, Mapping
 
-from dist_quant.numerics.nvfp4 import BLOCK_SIZE
-from dist_quant.quantizer import DYNAMIC, FP8, NVFP4, STATIC, QuantFormat
+from dist_quant.formats import SPELLINGS, QuantFormat
 
 METHODS = ("max", "mse")
 SHARED_PATTERN_KEYS = ("weight", "input")
-# num_bits spellings: dist_quant has no integer formats, so 8 and 4 name the 8- and 4-bit float formats.
-NUM_BITS = {"e4m3": FP8, "e2m1": NVFP4, 8: FP8, 4: NVFP4}
 
 
 class RecipeError(ValueError):
     """A recipe that cannot be used; the message names the file, the entry and the problem."""
 
 
-# Sibling quantizers that must share one NVFP4 global amax, because vLLM / TensorRT-LLM fuse them and keep one
-# weight_scale_2 / input_scale. The first group of each regex names the group (full match on logical quantizer
-# names). Megatron already fuses q/k/v (linear_qkv) and gate/up (linear_fc1), so one quantizer covers them.
+# The linears the serving engines fuse into one layer and give one weight_scale_2 / input_scale, the one home of
+# this fact: (their shared parent, as a regex; their names under it). vLLM's qkv_proj, DeepSeek's fused_qkv_a_proj
+# (with a q LoRA; without one q_proj and kv_a_proj_with_mqa are two layers: two families), gate_up_proj (dense,
+# shared experts, each routed expert), Mixtral's w13; last, in megatron's names, what megatron keeps apart (MLA's
+# down projections; it fuses q/k/v into linear_qkv and gate/up into linear_fc1 itself). Calibration gives each
+# family one global amax (the patterns below); the verifier checks that an export keeps one scale for it.
+FUSED_SIBLINGS = (
+    (r".*\.self_attn", ("q_proj", "k_proj", "v_proj")),
+    (r".*\.self_attn", ("q_a_proj", "kv_a_proj_with_mqa")),
+    (r".*\.self_attention", ("linear_q_down_proj", "linear_kv_down_proj")),
+    (r".*", ("gate_proj", "up_proj")),
+    (r".*\.experts\.\d+", ("w1", "w3")),
+)
+# Per role, the regexes grouping sibling quantizers (full match on logical quantizer names; the capture group is
+# the family's parent)
 DEFAULT_SHARED_PATTERNS = {
-    role: (
-        rf"(.*\.self_attn)\.[qkv]_proj\.{role}_quantizer",  # attention q/k/v
-        # multi-latent attention's down projections of the same input (vLLM's fused_qkv_a_proj), in transformers'
-        # names and megatron's (which keeps them apart). The group keeps the dot: without a q LoRA, q_proj (the
-        # line above) and kv_a_proj_with_mqa are two layers in vLLM, so two groups.
-        rf"(.*\.self_attn\.)(?:q_a_proj|kv_a_proj_with_mqa)\.{role}_quantizer",
-        rf"(.*\.self_attention)\.linear_(?:q|kv)_down_proj\.{role}_quantizer",
-        rf"(.*)\.(?:gate|up)_proj\.{role}_quantizer",  # gated MLP: dense, each expert, the shared expert
-        rf"(.*\.experts\.\d+)\.w[13]\.{role}_quantizer",  # Mixtral-style experts: w1 / w3
-    )
+    role: tuple(rf"({parent})\.(?:{'|'.join(names)})\.{role}_quantizer" for parent, names in FUSED_SIBLINGS)
     for role in SHARED_PATTERN_KEYS
 }
 
@@ -123,29 +123,13 @@ class _Reader:
 
 
 def _parse_format(r: _Reader, cfg: Any, where: str) -> QuantFormat:
+    """A cfg's common keys checked here, the rest by its format (formats/)."""
     cfg = r.mapping(cfg, where, ("num_bits", "axis", "block_sizes", "use_constant_amax"), ("num_bits",))
-    kind = NUM_BITS[r.choice(cfg["num_bits"], tuple(NUM_BITS), f"{where}.num_bits")]
-    axis = cfg.get("axis")
-    if axis is not None:
-        r.typed(axis, int, f"{where}.axis", "an integer or null")
-    constant = r.typed(cfg.get("use_constant_amax", False), bool, f"{where}.use_constant_amax", "true or false")
-    blocks = cfg.get("block_sizes")
-    if kind == FP8:
-        if blocks is not None:
-            raise r.fail(f"{where}.block_sizes", "block scaling is only supported with num_bits e2m1 (NVFP4)")
-        return QuantFormat(FP8, axis=axis, use_constant_amax=constant)
-    if axis is not None:
-        raise r.fail(f"{where}.axis", "e2m1 is block-scaled along the last dimension; axis must be null")
-    if blocks is None:
-        raise r.fail(where, f"e2m1 needs block_sizes {{-1: {BLOCK_SIZE}, type: dynamic|static, scale_bits: e4m3}}")
-    blocks = r.mapping(blocks, f"{where}.block_sizes", (-1, "type", "scale_bits"), (-1,))
-    if blocks[-1] != BLOCK_SIZE or isinstance(blocks[-1], bool):
-        raise r.fail(f"{where}.block_sizes", f"block size must be {BLOCK_SIZE} for e2m1, got {blocks[-1]!r}")
-    block_type = r.choice(blocks.get("type", DYNAMIC), (DYNAMIC, STATIC), f"{where}.block_sizes.type")
-    r.choice(blocks.get("scale_bits", "e4m3"), ("e4m3",), f"{where}.block_sizes.scale_bits")
-    if constant and block_type == STATIC:
-        raise r.fail(where, "use_constant_amax needs dynamic blocks: a constant amax has no per-block values")
-    return QuantFormat(NVFP4, block_type=block_type, use_constant_amax=constant)
+    number = SPELLINGS[r.choice(cfg["num_bits"], tuple(SPELLINGS), f"{where}.num_bits")]
+    if cfg.get("axis") is not None:
+        r.typed(cfg["axis"], int, f"{where}.axis", "an integer or null")
+    r.typed(cfg.get("use_constant_amax", False), bool, f"{where}.use_constant_amax", "true or false")
+    return number.parse(r, cfg, where)
 
 
 def _parse_entry(r: _Reader, raw: Any, index: int) -> QuantCfgEntry:

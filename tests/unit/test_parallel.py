@@ -6,7 +6,8 @@ import torch
 from dist_quant.parallel.groups import ParallelGroups, _join
 from dist_quant.parallel.layout import shard, unshard
 from dist_quant.parallel.reduce import AmaxReducer, NonFiniteAmaxError
-from dist_quant.quantizer import FP8, QuantFormat, TensorQuantizer
+from dist_quant.formats import FP8, QuantFormat
+from dist_quant.quantizer import TensorQuantizer
 
 
 def test_domains_join_the_groups_they_span():

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from dist_quant.numerics import fp8_fake_quant, nvfp4_fake_quant
-from dist_quant.quantizer import DYNAMIC, FP8, NVFP4, STATIC, QuantFormat, QuantizerMode, TensorQuantizer
+from dist_quant.formats import DYNAMIC, FP8, NVFP4, STATIC, QuantFormat
+from dist_quant.quantizer import QuantizerMode, TensorQuantizer
 from tests.reference.data import spread
 
 FP8_TENSOR = QuantFormat(FP8)

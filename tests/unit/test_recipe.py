@@ -2,7 +2,7 @@
 
 import pytest
 
-from dist_quant.quantizer import DYNAMIC, FP8, NVFP4, STATIC, QuantFormat
+from dist_quant.formats import DYNAMIC, FP8, NVFP4, STATIC, QuantFormat
 from dist_quant.recipe import RecipeError, builtin_recipe_names, load_recipe
 
 SPEC_RECIPES = {

@@ -1,0 +1,124 @@
+"""What a number format is to the rest of dist_quant (docs/formats.md): one `NumberFormat` object per format owns
+its recipe keys, its fake and real quantization (reference or kernel, through `dist_quant.kernels`), the tensors it
+writes into a checkpoint with their shapes and dtypes, its bytes per element, and whether it has a per-tensor scale
+over its block scales that fused siblings must share. `QuantFormat` is one quantizer's configuration of a format,
+as a recipe gives it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+DYNAMIC = "dynamic"
+STATIC = "static"
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """What a quantizer produces. `kind`: the format's name (FORMATS). `axis` (per-tensor formats): None =
+    per-tensor, else the kept (per-channel) dim. `block_type` (block-scaled formats): dynamic = block amax from the
+    tensor each time, static = a stored per-block amax. `use_constant_amax`: the amax is the format's largest
+    value (a cast: scale 1)."""
+
+    kind: str
+    axis: int | None = None
+    block_type: str | None = None
+    use_constant_amax: bool = False
+
+    def __post_init__(self):
+        from dist_quant.formats import FORMATS  # the registry imports this module
+
+        if self.kind not in FORMATS:
+            raise ValueError(f"unknown quantization format {self.kind!r}")
+        problem = FORMATS[self.kind].problem(self)
+        if problem:
+            raise ValueError(problem)
+        # its NumberFormat, held (not a field: no part of equality) since every fake quant asks for it
+        object.__setattr__(self, "number", FORMATS[self.kind])
+
+    def describe(self) -> str:
+        return self.number.describe(self)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One checkpoint tensor as a format writes it. role: "float" (unquantized), "weight" (quantized), "block"
+    (block scales) or "scale" (a float32 scalar)."""
+
+    shape: tuple[int, ...]
+    dtypes: tuple[torch.dtype, ...]
+    role: str
+
+
+SCALAR = Spec((), (torch.float32,), "scale")
+
+
+class NumberFormat:
+    """One number format. Subclasses set the attributes and implement the methods."""
+
+    name: str  # QuantFormat.kind
+    algo: str  # its name in checkpoint configs: quant_algo of W-and-A layers, kv_cache_quant_algo
+    config_bits: int  # num_bits in its config groups
+    config_entries: dict = {}  # what its layers add to the checkpoint configs (NVFP4: group_size)
+    weight_dtype: torch.dtype  # its weights' dtype in the checkpoint
+    spellings: tuple = ()  # the recipe's num_bits values that select it
+    block: int | None = None  # elements per block scale along the last dim; None: per tensor or channel
+    global_scale: bool = False  # a per-tensor scale over the block scales, which fused siblings share
+    weight_bytes: float = 1.0  # checkpoint bytes per weight element, its block scales included
+    scale_divisor: float = 1.0  # the exported per-tensor scale (input_scale, the weights' per-tensor scale) = amax / this
+    largest: float = 1.0  # the amax of a cast (use_constant_amax): the element format's largest value
+    segmented: bool = False  # row segments of one tensor, each its own quantizer's, fake-quantize in one launch
+
+    def problem(self, fmt: QuantFormat) -> str | None:
+        """Why this configuration of the format cannot be; None when it can."""
+        return None
+
+    def parse(self, reader, cfg: dict, where: str) -> QuantFormat:
+        """A recipe entry's cfg (its keys checked, num_bits read) -> the quantizer configuration. `reader`: the
+        recipe reader (recipe/schema.py), whose `fail`, `typed` and `choice` name the recipe and the entry."""
+        raise NotImplementedError
+
+    def describe(self, fmt: QuantFormat) -> str:
+        raise NotImplementedError
+
+    # -- calibration and fake quantization ---------------------------------------------------------------
+    def block_amax(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-block amax of x (static blocks)."""
+        raise NotImplementedError
+
+    def buffer_shapes(self, fmt: QuantFormat, weight: torch.Tensor | None) -> dict[str, torch.Size]:
+        """The calibrated buffers a quantizer of this configuration keeps for the tensor it quantizes (`weight`,
+        or an activation: None) -> their shapes."""
+        raise NotImplementedError
+
+    def fake_quant(self, x: torch.Tensor, amax: torch.Tensor, global_amax: torch.Tensor | None,
+                   block_amax: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def fake_quant_segments(self, x: torch.Tensor, global_amax: torch.Tensor, rows: Sequence[int],
+                            block_amax: torch.Tensor | None) -> torch.Tensor:
+        """x's row segments, each with its own per-tensor amax, in one launch (only where `segmented`)."""
+        raise NotImplementedError
+
+    def clamp_bound(self, amax: torch.Tensor, global_amax: torch.Tensor | None) -> torch.Tensor:
+        """The |x| beyond which fake quantization saturates (the straight-through gradient stops there)."""
+        raise NotImplementedError
+
+    # -- the checkpoint ----------------------------------------------------------------------------------
+    def weight_tensors(self, module: str, shape: tuple[int, int]) -> dict[str, Spec]:
+        """A quantized linear weight's tensors in the checkpoint (its input_scale aside)."""
+        raise NotImplementedError
+
+    def quantize_weights(self, x: torch.Tensor, amax: torch.Tensor, rows: Sequence[int],
+                         block_amax: torch.Tensor | None) -> tuple[tuple, list[tuple[str, torch.Tensor]]]:
+        """Row segments of x (one weight each, per-tensor amax each) quantized for the checkpoint in one launch
+        -> ((values per weight, block scales per weight or None, per-tensor scale per weight as 0-d tensors),
+        checks: [(what went wrong, 0-d bool tensor True where it did)], left on the device for one host sync)."""
+        raise NotImplementedError
+
+    def weight_checkpoint(self, module: str, values: torch.Tensor, blocks: torch.Tensor | None,
+                          scale: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """One weight's checkpoint tensors from `quantize_weights`' pieces (named as `weight_tensors`)."""
+        raise NotImplementedError
