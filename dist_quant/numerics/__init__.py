@@ -11,6 +11,22 @@ from dist_quant.numerics.nvfp4 import (
     nvfp4_quantize,
     nvfp4_scale_2,
 )
+from dist_quant.numerics.mx import (
+    mxfp4_dequantize,
+    mxfp4_fake_quant,
+    mxfp4_quantize,
+    mxfp8_dequantize,
+    mxfp8_fake_quant,
+    mxfp8_quantize,
+)
+from dist_quant.numerics.fp8_blocks import (
+    fp8_block_dequantize,
+    fp8_block_fake_quant,
+    fp8_block_quantize,
+    fp8_group_dequantize,
+    fp8_group_fake_quant,
+    fp8_group_quantize,
+)
 
 __all__ = [
     "BLOCK_SIZE",
@@ -27,4 +43,16 @@ __all__ = [
     "nvfp4_mse_block_amax",
     "nvfp4_quantize",
     "nvfp4_scale_2",
+    "mxfp4_dequantize",
+    "mxfp4_fake_quant",
+    "mxfp4_quantize",
+    "mxfp8_dequantize",
+    "mxfp8_fake_quant",
+    "mxfp8_quantize",
+    "fp8_block_dequantize",
+    "fp8_block_fake_quant",
+    "fp8_block_quantize",
+    "fp8_group_dequantize",
+    "fp8_group_fake_quant",
+    "fp8_group_quantize",
 ]
