@@ -172,7 +172,7 @@ class TensorQuantizer(nn.Module):
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         """x quantized and dequantized with the calibrated state (no mode, no gradient rule)."""
         block_amax = self._block_amax if self.fmt.block_type == STATIC else None
-        return self.fmt.number.fake_quant(x, self._amax, self._global_amax, block_amax)
+        return self.fmt.number.fake_quant(self.fmt, x, self._amax, self._global_amax, block_amax)
 
     def clamp_bound(self) -> torch.Tensor:
         return self.fmt.number.clamp_bound(self._amax, self._global_amax)

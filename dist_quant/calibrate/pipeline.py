@@ -156,19 +156,26 @@ def _format_problem(
     (`<quantizer>: reason`); None when it can."""
     if (tied or "weight_quantizer" in formats and weight is None) and any(formats.values()):
         return "*: this layer shares the embedding's weight (tied embeddings), which a checkpoint cannot hold quantized; disable its quantizers"
-    # the length of the last dimension each quantizer sees: a block-scaled format's blocks run along it
+    # the last dimensions each quantizer sees: a block-scaled format's blocks run along them
     if weight is not None:
-        lengths = {"weight_quantizer": weight.shape[-1], "input_quantizer": weight.shape[-1], "output_quantizer": weight.shape[0]}
+        dims = {"weight_quantizer": tuple(weight.shape), "input_quantizer": (weight.shape[-1],), "output_quantizer": (weight.shape[0],)}
     else:
-        lengths = dict.fromkeys(formats, kv_channels)
+        dims = dict.fromkeys(formats, (kv_channels,))
     for q, fmt in formats.items():
         if fmt is None:
             continue
         if q != "weight_quantizer" and (fmt.block_type == STATIC or fmt.axis is not None):
             return f"{q}: static NVFP4 blocks and per-channel axes apply to weights only"
-        block = fmt.number.block
-        if block is not None and lengths.get(q) is not None and lengths[q] % block:
-            return f"{q}: {fmt.number.algo} needs a last dimension that is a multiple of {block}; this layer's is {lengths[q]}"
+        multiple = fmt.number.multiple(fmt)
+        if multiple is None or dims.get(q) is None or dims[q][0] is None:
+            continue
+        if len(multiple) > len(dims[q]):
+            return f"{q}: {fmt.describe()} applies to weights only"
+        seen = dims[q][-len(multiple):]
+        if any(n % m for n, m in zip(seen, multiple)):
+            need, got = "x".join(map(str, multiple)), "x".join(map(str, seen))
+            what = "a last dimension that is a multiple" if len(multiple) == 1 else "last dimensions that are multiples"
+            return f"{q}: {fmt.number.algo} needs {what} of {need}; this layer's is {got}"
     return None
 
 

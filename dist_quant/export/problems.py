@@ -55,7 +55,10 @@ def layer_problem(formats: Mapping[str, QuantFormat | None]) -> str | None:
             "format, whose FP8 weights have one scale each (quant_algo FP8)"
         )
     pair = (weight.kind, inputs.kind if inputs else None)
-    return None if pair in LAYER_ALGOS else f"weight_quantizer / input_quantizer: {NO_FORM[pair]}"
+    if pair in LAYER_ALGOS:
+        return None
+    said = f"{weight.describe()} weights with {inputs.describe() if inputs else 'unquantized'} inputs"
+    return f"weight_quantizer / input_quantizer: {NO_FORM.get(pair, said + ' have no checkpoint form dist_quant writes')}"
 
 
 def _kv_kinds(formats: Mapping[str, QuantFormat | None]) -> tuple[str, str]:

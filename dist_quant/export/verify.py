@@ -28,7 +28,7 @@ import torch
 from dist_quant.bridge.config import DTYPES
 from dist_quant.bridge.io import INDEX_FILE, SAFETENSORS_DTYPES, SINGLE_FILE
 from dist_quant.export.configs import (
-    GROUP_SIZE, KV_ALGOS, MIXED, NVFP4_ALGOS, QUANT_ALGOS, W4A16, input_quantized, quantization_config,
+    GROUP_SIZE, KV_ALGOS, LAYER_ALGOS, MIXED, NVFP4_ALGOS, QUANT_ALGOS, W4A16, input_quantized, quantization_config,
     required_quantization_keys, weight_format,
 )
 from dist_quant.formats import FORMATS, SCALAR, Spec
@@ -309,7 +309,9 @@ def _linear(module: str, shape: tuple[int, int], algo: str) -> dict[str, Spec]:
 
 def _stored_format(dtype) -> str | None:
     """The weight format a stored weight's dtype shows: "NVFP4", "FP8", None (unquantized) or "?"."""
-    by_dtype = {number.weight_dtype: number.algo for number in FORMATS.values()}
+    by_dtype: dict = {}
+    for weight, _ in LAYER_ALGOS:  # the formats checkpoints hold, the first of a dtype wins
+        by_dtype.setdefault(FORMATS[weight].weight_dtype, FORMATS[weight].algo)
     return by_dtype.get(dtype, None if dtype in FLOATS else "?")
 
 

@@ -20,12 +20,14 @@ class QuantFormat:
     """What a quantizer produces. `kind`: the format's name (FORMATS). `axis` (per-tensor formats): None =
     per-tensor, else the kept (per-channel) dim. `block_type` (block-scaled formats): dynamic = block amax from the
     tensor each time, static = a stored per-block amax. `use_constant_amax`: the amax is the format's largest
-    value (a cast: scale 1)."""
+    value (a cast: scale 1). `block_shape`: the blocks of a format whose blocks a recipe sizes."""
 
     kind: str
     axis: int | None = None
     block_type: str | None = None
     use_constant_amax: bool = False
+    # FP8 blocks: (rows, columns) of a weight's blocks, or (n,) for per-token groups of n of an activation
+    block_shape: tuple[int, ...] | None = None
 
     def __post_init__(self):
         from dist_quant.formats import FORMATS  # the registry imports this module
@@ -75,6 +77,10 @@ class NumberFormat:
         """Why this configuration of the format cannot be; None when it can."""
         return None
 
+    def selects(self, num_bits, blocks: dict | None) -> bool:
+        """Whether a recipe cfg with this num_bits and block_sizes asks for this format (formats.select)."""
+        return num_bits in self.spellings
+
     def parse(self, reader, cfg: dict, where: str) -> QuantFormat:
         """A recipe entry's cfg (its keys checked, num_bits read) -> the quantizer configuration. `reader`: the
         recipe reader (recipe/schema.py), whose `fail`, `typed` and `choice` name the recipe and the entry."""
@@ -82,6 +88,10 @@ class NumberFormat:
 
     def describe(self, fmt: QuantFormat) -> str:
         raise NotImplementedError
+
+    def multiple(self, fmt: QuantFormat) -> tuple[int, ...] | None:
+        """What the quantized tensor's last dims must be multiples of (its blocks' shape), None: anything."""
+        return None if self.block is None else (self.block,)
 
     # -- calibration and fake quantization ---------------------------------------------------------------
     def block_amax(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,7 +103,7 @@ class NumberFormat:
         or an activation: None) -> their shapes."""
         raise NotImplementedError
 
-    def fake_quant(self, x: torch.Tensor, amax: torch.Tensor, global_amax: torch.Tensor | None,
+    def fake_quant(self, fmt: QuantFormat, x: torch.Tensor, amax: torch.Tensor, global_amax: torch.Tensor | None,
                    block_amax: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 

@@ -21,11 +21,14 @@ class FP8Format(NumberFormat):
     largest = E4M3_MAX
 
     def problem(self, fmt: QuantFormat) -> str | None:
-        return "FP8 quantizers are per-tensor or per-channel, not block-scaled" if fmt.block_type is not None else None
+        if fmt.block_type is not None or fmt.block_shape is not None:
+            return "FP8 quantizers are per-tensor or per-channel, not block-scaled"
+        return None
+
+    def selects(self, num_bits, blocks: dict | None) -> bool:
+        return num_bits in self.spellings and blocks is None
 
     def parse(self, reader, cfg: dict, where: str) -> QuantFormat:
-        if cfg.get("block_sizes") is not None:
-            raise reader.fail(f"{where}.block_sizes", "block scaling is only supported with num_bits e2m1 (NVFP4)")
         return QuantFormat(self.name, axis=cfg.get("axis"), use_constant_amax=cfg.get("use_constant_amax", False))
 
     def describe(self, fmt: QuantFormat) -> str:
@@ -37,7 +40,7 @@ class FP8Format(NumberFormat):
         axis = fmt.axis % weight.dim()
         return {"_amax": torch.Size([n if d == axis else 1 for d, n in enumerate(weight.shape)])}
 
-    def fake_quant(self, x, amax, global_amax, block_amax):
+    def fake_quant(self, fmt, x, amax, global_amax, block_amax):
         return fp8_fake_quant(x, amax)
 
     def clamp_bound(self, amax, global_amax):

@@ -28,9 +28,12 @@ class NVFP4Format(NumberFormat):
     segmented = True
 
     def problem(self, fmt: QuantFormat) -> str | None:
-        if fmt.axis is not None or fmt.block_type not in (DYNAMIC, STATIC):
+        if fmt.axis is not None or fmt.block_type not in (DYNAMIC, STATIC) or fmt.block_shape is not None:
             return "NVFP4 needs block_type dynamic or static and no axis"
         return None
+
+    def selects(self, num_bits, blocks: dict | None) -> bool:
+        return num_bits in self.spellings and (blocks or {}).get("scale_bits") != "e8m0"
 
     def parse(self, reader, cfg: dict, where: str) -> QuantFormat:
         if cfg.get("axis") is not None:
@@ -60,7 +63,7 @@ class NVFP4Format(NumberFormat):
             shapes["_block_amax"] = torch.Size([*weight.shape[:-1], weight.shape[-1] // BLOCK_SIZE])
         return shapes
 
-    def fake_quant(self, x, amax, global_amax, block_amax):
+    def fake_quant(self, fmt, x, amax, global_amax, block_amax):
         return kernels.nvfp4_fake_quant(x, amax if global_amax is None else global_amax, block_amax)
 
     def fake_quant_segments(self, x, global_amax, rows: Sequence[int], block_amax):

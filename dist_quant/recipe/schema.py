@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any, Mapping
 
-from dist_quant.formats import SPELLINGS, QuantFormat
+from dist_quant.formats import SPELLINGS, QuantFormat, select
 
 METHODS = ("max", "mse")
 SHARED_PATTERN_KEYS = ("weight", "input")
@@ -125,7 +125,9 @@ class _Reader:
 def _parse_format(r: _Reader, cfg: Any, where: str) -> QuantFormat:
     """A cfg's common keys checked here, the rest by its format (formats/)."""
     cfg = r.mapping(cfg, where, ("num_bits", "axis", "block_sizes", "use_constant_amax"), ("num_bits",))
-    number = SPELLINGS[r.choice(cfg["num_bits"], tuple(SPELLINGS), f"{where}.num_bits")]
+    r.choice(cfg["num_bits"], SPELLINGS, f"{where}.num_bits")
+    blocks = cfg.get("block_sizes")
+    number = select(cfg["num_bits"], blocks if isinstance(blocks, Mapping) else None)
     if cfg.get("axis") is not None:
         r.typed(cfg["axis"], int, f"{where}.axis", "an integer or null")
     r.typed(cfg.get("use_constant_amax", False), bool, f"{where}.use_constant_amax", "true or false")

@@ -5,7 +5,7 @@ through it."""
 import pytest
 import torch
 
-from dist_quant.formats import FORMATS, SPELLINGS, STATIC, QuantFormat
+from dist_quant.formats import FORMATS, SPELLINGS, STATIC, QuantFormat, select
 from dist_quant.quantizer import QuantizerMode, TensorQuantizer
 
 
@@ -27,20 +27,34 @@ def test_the_checkpoint_tensors_a_format_writes_are_the_ones_it_declares(name):
         assert sum(t.numel() * t.element_size() for t in written.values()) / weight.numel() == pytest.approx(number.weight_bytes, abs=0.01)
 
 
-def test_recipe_spellings_select_each_format_once():
-    assert {number.name for number in SPELLINGS.values()} == set(FORMATS)
-    assert len(SPELLINGS) == sum(len(number.spellings) for number in FORMATS.values())
+SELECTIONS = [  # (num_bits, block_sizes, the format a recipe cfg with them asks for)
+    ("e4m3", None, "fp8"), (8, None, "fp8"),
+    ("e4m3", {-1: 128, -2: 128}, "fp8_block"), ("e4m3", {-1: 128, "type": "dynamic"}, "fp8_block"),
+    ("e4m3", {-1: 32, "type": "dynamic", "scale_bits": "e8m0"}, "mxfp8"),
+    ("e2m1", {-1: 16, "type": "dynamic", "scale_bits": "e4m3"}, "nvfp4"), ("e2m1", {-1: 16}, "nvfp4"), (4, None, "nvfp4"),
+    ("e2m1", {-1: 32, "type": "dynamic", "scale_bits": "e8m0"}, "mxfp4"),
+]
 
 
-@pytest.mark.parametrize("fmt", [QuantFormat("fp8"), QuantFormat("fp8", axis=0), QuantFormat("nvfp4", block_type="dynamic"),
-                                 QuantFormat("nvfp4", block_type=STATIC)], ids=lambda f: f.describe())
+@pytest.mark.parametrize("num_bits, blocks, expected", SELECTIONS, ids=str)
+def test_a_recipe_cfg_selects_one_format_by_its_bits_and_blocks(num_bits, blocks, expected):
+    chosen = [name for name, number in FORMATS.items() if number.selects(num_bits, blocks)]
+    assert chosen[:1] == [select(num_bits, blocks).name] == [expected]
+    assert num_bits in SPELLINGS and select("e5m2", None) is None
+
+
+@pytest.mark.parametrize("fmt", [
+    QuantFormat("fp8"), QuantFormat("fp8", axis=0), QuantFormat("nvfp4", block_type="dynamic"),
+    QuantFormat("nvfp4", block_type=STATIC), QuantFormat("mxfp8", block_type="dynamic"), QuantFormat("mxfp4", block_type="dynamic"),
+    QuantFormat("fp8_block", block_type="dynamic", block_shape=(128, 128)), QuantFormat("fp8_block", block_type="dynamic", block_shape=(128,)),
+], ids=lambda f: f.describe())
 def test_a_quantizer_fake_quantizes_through_its_format(fmt):
-    weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(2))
+    weight = torch.randn(32, 128, generator=torch.Generator().manual_seed(2))
     quantizer = TensorQuantizer(fmt)
     quantizer.calibrate_from(weight)
     quantizer.mode = QuantizerMode.QUANTIZING
     block_amax = quantizer._block_amax if fmt.block_type == STATIC else None
-    expected = fmt.number.fake_quant(weight, quantizer._amax, None, block_amax)
+    expected = fmt.number.fake_quant(fmt, weight, quantizer._amax, None, block_amax)
     assert torch.equal(quantizer(weight), expected) and not torch.equal(expected, weight)
     assert {b: quantizer.buffer_shape(b, weight) for b in fmt.number.buffer_shapes(fmt, weight)} == fmt.number.buffer_shapes(fmt, weight)
     assert quantizer._amax.shape == fmt.number.buffer_shapes(fmt, weight)["_amax"]

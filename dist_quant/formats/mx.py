@@ -1,0 +1,93 @@
+"""MXFP8 and MXFP4 (OCP Microscaling; docs/formats.md, "MX"): E4M3 or E2M1 values in blocks of 32 along the last
+dim, one E8M0 power-of-two scale per block, chosen from the block alone (dynamic, no calibrated amax: the amax a
+quantizer still collects is unused), as ModelOpt 0.47 computes it (numerics/mx.py)."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from dist_quant.formats.base import DYNAMIC, NumberFormat, QuantFormat, Spec
+from dist_quant.numerics import mx
+from dist_quant.numerics.fp8 import E4M3_MAX
+from dist_quant.numerics.nvfp4 import E2M1_MAX
+
+
+class MXFormat(NumberFormat):
+    block = mx.MX_BLOCK_SIZE
+    element: str  # the element format's recipe name
+    element_max: float
+    quantize: Callable
+    dequantize: Callable
+    fake: Callable
+    packed: bool  # two elements a byte
+
+    def problem(self, fmt: QuantFormat) -> str | None:
+        if fmt.axis is not None or fmt.block_type != DYNAMIC or fmt.block_shape is not None or fmt.use_constant_amax:
+            return f"{self.algo} has dynamic blocks of {self.block} and nothing else to set"
+        return None
+
+    def selects(self, num_bits, blocks: dict | None) -> bool:
+        return num_bits in self.spellings and (blocks or {}).get("scale_bits") == "e8m0"
+
+    def parse(self, reader, cfg: dict, where: str) -> QuantFormat:
+        if cfg.get("axis") is not None:
+            raise reader.fail(f"{where}.axis", f"{self.element} with e8m0 block scales is block-scaled along the last dimension; axis must be null")
+        if cfg.get("use_constant_amax"):
+            raise reader.fail(where, f"use_constant_amax: {self.algo} scales come from each block of {self.block}, not from an amax")
+        blocks = reader.mapping(cfg["block_sizes"], f"{where}.block_sizes", (-1, "type", "scale_bits"), (-1,))
+        if blocks[-1] != self.block or isinstance(blocks[-1], bool):
+            raise reader.fail(f"{where}.block_sizes", f"block size must be {self.block} for {self.algo}, got {blocks[-1]!r}")
+        reader.choice(blocks.get("type", DYNAMIC), (DYNAMIC,), f"{where}.block_sizes.type")
+        return QuantFormat(self.name, block_type=DYNAMIC)
+
+    def describe(self, fmt: QuantFormat) -> str:
+        return f"{self.name} block{self.block}"
+
+    def buffer_shapes(self, fmt: QuantFormat, weight: torch.Tensor | None) -> dict[str, torch.Size]:
+        return {"_amax": torch.Size([])}
+
+    def fake_quant(self, fmt, x, amax, global_amax, block_amax):
+        return self.fake(x)
+
+    def clamp_bound(self, amax, global_amax):
+        return torch.full((), float("inf"), device=amax.device)  # scales follow the data: nothing saturates
+
+    def weight_tensors(self, module: str, shape: tuple[int, int]) -> dict[str, Spec]:
+        out, features = shape
+        return {
+            f"{module}.weight": Spec((out, features // 2 if self.packed else features), (self.weight_dtype,), "weight"),
+            f"{module}.weight_scale": Spec((out, features // self.block), (torch.uint8,), "block"),
+        }
+
+    def quantize_weights(self, x, amax, rows: Sequence[int], block_amax):
+        values, scales = self.quantize(x)
+        mismatch = self.dequantize(values, scales, x.dtype) != self.fake(x)
+        checks = [(f"the exported weights do not dequantize to the fake-quant weights", (mismatch & ~x.isnan()).any())]
+        return (values.split(rows), scales.split(rows), [None] * len(rows)), checks
+
+    def weight_checkpoint(self, module, values, blocks, scale):
+        return [(f"{module}.weight", values), (f"{module}.weight_scale", blocks)]
+
+
+class MXFP8Format(MXFormat):
+    name = "mxfp8"
+    algo = "MXFP8"
+    config_bits = 8
+    weight_dtype = torch.float8_e4m3fn
+    weight_bytes = 1 + 1 / mx.MX_BLOCK_SIZE
+    spellings = ("e4m3", 8)
+    element, element_max, packed = "e4m3", E4M3_MAX, False
+    quantize, dequantize, fake = staticmethod(mx.mxfp8_quantize), staticmethod(mx.mxfp8_dequantize), staticmethod(mx.mxfp8_fake_quant)
+
+
+class MXFP4Format(MXFormat):
+    name = "mxfp4"
+    algo = "MXFP4"
+    config_bits = 4
+    weight_dtype = torch.uint8
+    weight_bytes = 0.5 + 1 / mx.MX_BLOCK_SIZE
+    spellings = ("e2m1", 4)
+    element, element_max, packed = "e2m1", E2M1_MAX, True
+    quantize, dequantize, fake = staticmethod(mx.mxfp4_quantize), staticmethod(mx.mxfp4_dequantize), staticmethod(mx.mxfp4_fake_quant)
