@@ -99,13 +99,14 @@ def fp8_block_fake_quant(w: torch.Tensor, block: tuple[int, int] = WEIGHT_BLOCK)
 # Activations: per-token groups
 
 
-def _check_groups(x: torch.Tensor, group_size: int, scale_format: str, name: str) -> None:
+def check_groups(x: torch.Tensor, group_size: int, scale_format: str, name: str) -> None:
     check_float_input(x)
     if scale_format not in SCALE_FORMATS:
         raise ValueError(f"{name}: scale_format must be one of {', '.join(SCALE_FORMATS)}, got {scale_format!r}")
     if group_size < 1 or x.dim() == 0 or x.shape[-1] % group_size:
         raise ValueError(
-            f"{name} needs the last dimension to be a multiple of the group size {group_size}, got shape {tuple(x.shape)}"
+            f"{name} needs the last dimension to be a multiple of the group size {group_size}, "
+            f"got shape {tuple(x.shape)}"
         )
 
 
@@ -117,7 +118,7 @@ def fp8_group_scales(x: torch.Tensor, group_size: int = GROUP_SIZE, scale_format
     """float32 scales [..., n / group_size]: max(amax, 1e-10) / 448 per group (NaN left out of the amax); with
     "ue8m0" rounded up to a power of two. A group holding +-Inf gets an infinite scale (it dequantizes to NaN, as
     in vLLM)."""
-    _check_groups(x, group_size, scale_format, "FP8 group scales")
+    check_groups(x, group_size, scale_format, "FP8 group scales")
     amax = _nan_free_amax(_groups(x, group_size), (-1,)).clamp(min=GROUP_AMAX_FLOOR)
     if scale_format == "float32":
         return divide(amax, E4M3_MAX)

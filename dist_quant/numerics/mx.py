@@ -62,7 +62,7 @@ def _scaled(blocks: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
     return blocks * decode_e8m0(E8M0_BIAS - exponent).unsqueeze(-1)
 
 
-def _check_mx_input(x: torch.Tensor, name: str) -> None:
+def check_mx_input(x: torch.Tensor, name: str) -> None:
     check_float_input(x)
     if x.dim() == 0:
         raise ValueError(f"{name} needs a tensor of at least one dimension, got a scalar")
@@ -87,7 +87,7 @@ def mxfp8_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with zeros). values = cast_e4m3(x / 2^e) with e = `shared_exponent(block amax, 448)`, scale byte e + 127.
     NaN stays NaN (and does not enter the block amax); +-Inf makes its block's exponent 127 and becomes +-448.
     """
-    _check_mx_input(x, "MXFP8 quantize")
+    check_mx_input(x, "MXFP8 quantize")
     blocks = _blocks(x)
     exponent = shared_exponent(_block_amax(blocks), E4M3_MAX)
     values = cast_e4m3(_scaled(blocks, exponent)).reshape(*x.shape[:-1], -1)[..., : x.shape[-1]]
@@ -124,10 +124,17 @@ def round_to_e2m1_code_ties_down(v: torch.Tensor) -> torch.Tensor:
     return magnitude | ((~(v > 0)).to(torch.uint8) << 3)
 
 
-def _check_mxfp4_input(x: torch.Tensor, name: str) -> None:
-    _check_mx_input(x, name)
+def check_mxfp4_input(x: torch.Tensor, name: str) -> None:
+    check_mx_input(x, name)
     if x.shape[-1] % MX_BLOCK_SIZE:
-        raise ValueError(f"{name} needs the last dimension to be a multiple of {MX_BLOCK_SIZE}, got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name} needs the last dimension to be a multiple of {MX_BLOCK_SIZE}, got shape {tuple(x.shape)}"
+        )
+
+
+def check_no_nan(x: torch.Tensor) -> None:
+    if torch.isnan(x).any():
+        raise ValueError("MXFP4 quantize: the input holds NaN, which E2M1 cannot encode")
 
 
 def _mxfp4_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,9 +150,8 @@ def mxfp4_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Codes: `round_to_e2m1_code_ties_down(x / 2^e)` with e = `shared_exponent(block amax, 6)`, packed as NVFP4
     packs them (element 2i in the low nibble of byte i). E2M1 has no NaN: NaN input is refused.
     """
-    _check_mxfp4_input(x, "MXFP4 quantize")
-    if torch.isnan(x).any():
-        raise ValueError("MXFP4 quantize: the input holds NaN, which E2M1 cannot encode")
+    check_mxfp4_input(x, "MXFP4 quantize")
+    check_no_nan(x)
     codes, exponent = _mxfp4_codes(x)
     return pack_e2m1_codes(codes, x.shape), (exponent + E8M0_BIAS).to(torch.uint8)
 
@@ -170,7 +176,7 @@ def mxfp4_dequantize(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
 def mxfp4_fake_quant(x: torch.Tensor) -> torch.Tensor:
     """MXFP4 quantize and dequantize, in x's dtype. NaN does not enter the block amax and comes out at exactly the
     NaN positions (`mxfp4_quantize` refuses it)."""
-    _check_mxfp4_input(x, "MXFP4 fake quant")
+    check_mxfp4_input(x, "MXFP4 fake quant")
     codes, exponent = _mxfp4_codes(x)
     y = _decode_mxfp4(codes, (exponent + E8M0_BIAS).to(torch.uint8)).reshape(x.shape)
     return torch.where(x.isnan(), x.float(), y).to(x.dtype)

@@ -1,20 +1,15 @@
 """FP8 block numerics (dist_quant/numerics/fp8_blocks.py): 128x128 weight blocks and 1x128 per-token activation
-groups, bit for bit against the independent element-by-element reference (tests/reference/mx.py: DeepSeek-V3's
-block definition, ModelOpt 0.47's export scales, vLLM's per_token_group_quant_fp8), against the FP8 block-scaled
-source checkpoints the bridge reads (tests/reference/fp8_blocks.py), and byte for byte against ModelOpt 0.47's
-export of FP8 per-block weights where nvidia-modelopt 0.47 is installed."""
+groups (these also as Triton kernels: the `backend` fixture runs both), bit for bit against the independent
+element-by-element reference (tests/reference/mx.py: DeepSeek-V3's block definition, ModelOpt 0.47's export
+scales, vLLM's per_token_group_quant_fp8), against the FP8 block-scaled source checkpoints the bridge reads
+(tests/reference/fp8_blocks.py), and byte for byte against ModelOpt 0.47's export of FP8 per-block weights where
+nvidia-modelopt 0.47 is installed."""
 
 import pytest
 import torch
 
-from dist_quant.numerics import (
-    fp8_block_dequantize,
-    fp8_block_fake_quant,
-    fp8_block_quantize,
-    fp8_group_dequantize,
-    fp8_group_fake_quant,
-    fp8_group_quantize,
-)
+from dist_quant.kernels.block_formats import fp8_group_fake_quant, fp8_group_quantize
+from dist_quant.numerics import fp8_block_dequantize, fp8_block_fake_quant, fp8_block_quantize, fp8_group_dequantize
 from dist_quant.numerics.fp8_blocks import GROUP_AMAX_FLOOR
 from tests.reference import fp8_blocks as source
 from tests.reference import mx as ref
@@ -139,7 +134,7 @@ def group_data(gen, shape, dtype, nonfinite=False):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("scale_format", ["float32", "ue8m0"])
 @pytest.mark.parametrize("shape", [(6, 256), (2, 3, 384)])
-def test_token_groups_match_reference(gen, dtype, scale_format, shape):
+def test_token_groups_match_reference(backend, gen, dtype, scale_format, shape):
     x = group_data(gen, shape, dtype, nonfinite=True)
     expected = ref.fp8_token_groups(x, 128, scale_format)
     values, scales = fp8_group_quantize(x, scale_format=scale_format)
@@ -151,7 +146,7 @@ def test_token_groups_match_reference(gen, dtype, scale_format, shape):
     assert_same_bits(fp8_group_dequantize(values, scales, dtype), expected["fake_quant"])
 
 
-def test_token_group_scales(gen):
+def test_token_group_scales(backend, gen):
     """float32: max(amax, 1e-10) / 448, a zero group's values all zero; ue8m0: the smallest power of two at or
     above the float32 scale; a group holding Inf dequantizes to NaN (Inf / Inf and 0 x Inf), as in vLLM."""
     x = spread(gen, (64, 256))
@@ -167,7 +162,7 @@ def test_token_group_scales(gen):
     assert fp8_group_fake_quant(x, scale_format="ue8m0")[0, :128].eq(0).all()
 
 
-def test_bad_arguments_raise_one_line_errors():
+def test_bad_arguments_raise_one_line_errors(backend):
     with pytest.raises(ValueError, match="at least two dimensions, got shape \\(128,\\)"):
         fp8_block_quantize(torch.ones(128))
     with pytest.raises(ValueError, match="two positive sizes"):

@@ -1,19 +1,14 @@
-"""MXFP8 and MXFP4 numerics (dist_quant/numerics/mx.py) bit for bit against the independent element-by-element
-reference of tests/reference/mx.py (the OCP MX spec's definitions with ModelOpt 0.47's scale and rounding rules),
-and byte for byte against ModelOpt 0.47's own quantizers (MXFP8QTensor, MXFP4QTensor: the tensors its export
-writes) where nvidia-modelopt 0.47 is installed."""
+"""MXFP8 and MXFP4 numerics, torch reference (dist_quant/numerics/mx.py) and Triton kernels alike (the `backend`
+fixture runs both), bit for bit against the independent element-by-element reference of tests/reference/mx.py
+(the OCP MX spec's definitions with ModelOpt 0.47's scale and rounding rules), and byte for byte against ModelOpt
+0.47's own quantizers (MXFP8QTensor, MXFP4QTensor: the tensors its export writes) where nvidia-modelopt 0.47 is
+installed."""
 
 import pytest
 import torch
 
-from dist_quant.numerics import (
-    mxfp4_dequantize,
-    mxfp4_fake_quant,
-    mxfp4_quantize,
-    mxfp8_dequantize,
-    mxfp8_fake_quant,
-    mxfp8_quantize,
-)
+from dist_quant.kernels.block_formats import mxfp4_fake_quant, mxfp4_quantize, mxfp8_fake_quant, mxfp8_quantize
+from dist_quant.numerics import mxfp4_dequantize, mxfp8_dequantize
 from dist_quant.numerics.mx import E8M0_NAN, shared_exponent
 from tests.reference import mx as ref
 from tests.reference.data import DTYPES, spread
@@ -77,7 +72,7 @@ SHAPES = [(8, 64), (2, 5, 96), (16, 256)]
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [*SHAPES, (9, 70), (8, 40)])  # partial last blocks
-def test_mxfp8_matches_reference(gen, dtype, shape):
+def test_mxfp8_matches_reference(backend, gen, dtype, shape):
     x = mx_data(gen, shape, dtype, "mxfp8", nonfinite=True)
     expected = ref.mx(x, "e4m3")
     values, scales = mxfp8_quantize(x)
@@ -91,7 +86,7 @@ def test_mxfp8_matches_reference(gen, dtype, shape):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_mxfp4_matches_reference(gen, dtype, shape):
+def test_mxfp4_matches_reference(backend, gen, dtype, shape):
     x = mx_data(gen, shape, dtype, "mxfp4")
     expected = ref.mx(x, "e2m1")
     packed, scales = mxfp4_quantize(x)
@@ -168,7 +163,7 @@ def test_modelopt_log2_rounds_float32_quotients_just_above_a_power_of_two_down(m
 
 
 @pytest.mark.parametrize("fmt", ["mxfp8", "mxfp4"])
-def test_shared_exponent_is_the_spec_suggestion_plus_one_where_the_spec_would_saturate(gen, fmt):
+def test_shared_exponent_is_the_spec_suggestion_plus_one_where_the_spec_would_saturate(backend, gen, fmt):
     """The OCP spec suggests floor(log2(amax)) - emax_elem: the block max's significand times 2^emax_elem may
     then exceed the element max (1.75 x 2^8 = 448, 1.5 x 2^2 = 6) and saturate. ModelOpt's exponent (and ours) is
     one higher exactly in those blocks: the amax's significand exceeds 1.75 (E4M3) or 1.5 (E2M1)."""
@@ -186,7 +181,7 @@ def test_shared_exponent_is_the_spec_suggestion_plus_one_where_the_spec_would_sa
     assert (spec_block, ours) == ((448.0, 480.0) if fmt == "mxfp8" else (6.0, 8.0))
 
 
-def test_mxfp4_ties_go_to_the_smaller_magnitude_and_zero_has_the_sign_bit():
+def test_mxfp4_ties_go_to_the_smaller_magnitude_and_zero_has_the_sign_bit(backend):
     """ModelOpt 0.47's cast_fp4 (the spec's round-to-nearest-even would give 0, 1, 1, 2, 2, 4, 4): amax 6 makes
     the scale 1, so x is its own quotient."""
     ties = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0]
@@ -196,10 +191,11 @@ def test_mxfp4_ties_go_to_the_smaller_magnitude_and_zero_has_the_sign_bit():
     assert y[0, 17].item() == 0.0 and not y[0, 17].signbit()  # a positive value rounding to 0 keeps sign bit 0
     assert y[0, 15].signbit() and y[0, 16].signbit() and y[0, 31].signbit()  # zeros come back as -0.0
     packed, scales = mxfp4_quantize(x)
-    assert scales.item() == 127 and packed[0, :10].tolist() == [0x07, 0x21, 0x43, 0x65, 0x98, 0xBA, 0xDC, 0x8E, 0x08, 0x88]
+    assert scales.item() == 127
+    assert packed[0, :10].tolist() == [0x07, 0x21, 0x43, 0x65, 0x98, 0xBA, 0xDC, 0x8E, 0x08, 0x88]
 
 
-def test_nonfinite_values(gen):
+def test_nonfinite_values(backend, gen):
     x = spread(gen, (2, 64))
     x[0, 3], x[0, 4], x[1, 40] = float("nan"), float("inf"), -float("inf")
     without_nan = x.clone()
@@ -219,7 +215,7 @@ def test_nonfinite_values(gen):
         mxfp4_quantize(x)
 
 
-def test_e8m0_range_ends():
+def test_e8m0_range_ends(backend):
     """Scale bytes 0x00 (2^-127, a float32 subnormal) and 0xFE (2^127); 0xFF is NaN when dequantized."""
     tiny = torch.zeros(1, 32)
     tiny[0, 0], tiny[0, 1], tiny[0, 2] = 448.0 * 2.0**-127, 2.0**-136, 2.0**-138  # amax / 448 = 2^-127 exactly
@@ -236,7 +232,7 @@ def test_e8m0_range_ends():
     assert y[0, :32].isnan().all() and y[0, 32:].eq(1).all()
 
 
-def test_bad_arguments_raise_one_line_errors():
+def test_bad_arguments_raise_one_line_errors(backend):
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
         mxfp8_quantize(torch.ones(32, dtype=torch.int32))
     with pytest.raises(ValueError, match="at least one dimension"):
