@@ -139,9 +139,9 @@ def fp8_group_dequantize(
     values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32, group_size: int = GROUP_SIZE
 ) -> torch.Tensor:
     """value x its group's scale in float32, then one rounding to dtype."""
-    expected = (*values.shape[:-1], values.shape[-1] // group_size) if values.dim() else ()
-    if (values.dtype != torch.float8_e4m3fn or scales.dtype != torch.float32 or tuple(scales.shape) != expected
-            or values.shape[-1] % group_size):
+    expected = (*values.shape[:-1], values.shape[-1] // group_size) if values.dim() else None
+    if (values.dtype != torch.float8_e4m3fn or scales.dtype != torch.float32 or expected is None
+            or values.shape[-1] % group_size or tuple(scales.shape) != expected):
         raise ValueError(
             f"FP8 group dequantize: expected float8_e4m3fn values [..., a multiple of {group_size}] and float32 scales "
             f"{expected}, got {values.dtype} {tuple(values.shape)} and {scales.dtype} {tuple(scales.shape)}"

@@ -20,6 +20,10 @@ E4M3_MIDPOINTS = torch.tensor([(a + b) / 2 for a, b in zip(ref.E4M3_VALUES, ref.
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
+# One worker imports ModelOpt (tens of seconds) and runs every test that compares with it.
+WITH_MODELOPT = pytest.mark.xdist_group("modelopt")
+
+
 @pytest.fixture(scope="module")
 def modelopt():
     """ModelOpt 0.47's quantize and export utilities (nvidia-modelopt==0.47.0; importing it takes tens of seconds)."""
@@ -87,6 +91,7 @@ def test_weight_blocks_are_the_source_checkpoints_the_bridge_reads(gen, dtype):
     assert_same_bits(fp8_block_dequantize(*ours, dtype=dtype), source.dequantized(values, scales, (128, 128), dtype))
 
 
+@WITH_MODELOPT
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_weight_blocks_equal_modelopt_export(modelopt, gen, dtype):
     """ModelOpt 0.47's FP8 per-block weight path: a Linear quantized with FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG (max

@@ -19,6 +19,10 @@ E2M1_MIDPOINTS = [(a + b) / 2 for a, b in zip(ref.E2M1_VALUES, ref.E2M1_VALUES[1
 ELEMENT = {"mxfp8": ("e4m3", 448.0, E4M3_MIDPOINTS), "mxfp4": ("e2m1", 6.0, E2M1_MIDPOINTS)}
 
 
+# One worker imports ModelOpt (tens of seconds) and runs every test that compares with it.
+WITH_MODELOPT = pytest.mark.xdist_group("modelopt")
+
+
 @pytest.fixture(scope="module")
 def modelopt_qtensor():
     """ModelOpt 0.47's quantized tensors (nvidia-modelopt==0.47.0; importing it takes tens of seconds)."""
@@ -98,6 +102,7 @@ def test_mxfp4_matches_reference(backend, gen, dtype, shape):
     assert_same_bits(mxfp4_dequantize(packed, scales, dtype), expected["fake_quant"])
 
 
+@WITH_MODELOPT
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [*SHAPES, (9, 70)])
 def test_mxfp8_bytes_equal_modelopt(modelopt_qtensor, gen, dtype, shape):
@@ -118,6 +123,7 @@ def test_mxfp8_bytes_equal_modelopt(modelopt_qtensor, gen, dtype, shape):
         assert torch.equal(mxfp8.quantize_with_scale(x, exported_scales).view(torch.uint8), values.view(torch.uint8))
 
 
+@WITH_MODELOPT
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_mxfp4_bytes_equal_modelopt(modelopt_qtensor, gen, dtype, shape):
@@ -136,6 +142,7 @@ def _every_positive_finite(dtype) -> torch.Tensor:
     return bits.to(torch.int16).view(dtype)
 
 
+@WITH_MODELOPT
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_shared_exponents_equal_modelopt_for_every_16_bit_amax(modelopt_qtensor, dtype):
     """For bfloat16 and float16 inputs no amax / element_max lies within float32 ulps of a power of two, so
@@ -149,6 +156,7 @@ def test_shared_exponents_equal_modelopt_for_every_16_bit_amax(modelopt_qtensor,
     assert torch.equal(mxfp4_quantize(blocks)[1], modelopt_mxfp4.reshape(-1, 1))
 
 
+@WITH_MODELOPT
 def test_modelopt_log2_rounds_float32_quotients_just_above_a_power_of_two_down(modelopt_qtensor):
     """Where dist_quant and ModelOpt 0.47 part (float32 input only): amax / 448 one ulp above 2^100 has
     ceil(log2(.)) = 101, and no element saturates; ModelOpt's torch.log2 returns exactly 100.0 there (CPU), so its
