@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from dist_quant.numerics.fp8 import E4M3_MAX, cast_e4m3, check_float_input, divide
-from dist_quant.numerics.mx import E8M0_BIAS, decode_e8m0, shared_exponent
+from dist_quant.numerics.mx import E8M0_BIAS, decode_e8m0, nan_free_amax, shared_exponent
 
 WEIGHT_BLOCK = (128, 128)
 GROUP_SIZE = 128
@@ -34,16 +34,11 @@ def _weight_blocks(w: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     return padded.reshape(*w.shape[:-2], padded.shape[-2] // block[0], block[0], padded.shape[-1] // block[1], block[1])
 
 
-def _nan_free_amax(blocks: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    magnitudes = blocks.abs()
-    return torch.where(magnitudes.isnan(), 0.0, magnitudes).amax(dims)
-
-
 def fp8_block_scales(w: torch.Tensor, block: tuple[int, int] = WEIGHT_BLOCK) -> torch.Tensor:
     """float32 scales [..., ceil(rows / br), ceil(columns / bc)] of a weight's blocks over its last two dimensions:
     amax / 448, NaN left out of the amax, an amax of 0 read as 448 (scale 1), the amax clamped to
     [2^-126, float32 max] (ModelOpt's TensorQuantizer.export_amax)."""
-    amax = _nan_free_amax(_weight_blocks(w, block), (-3, -1))
+    amax = nan_free_amax(_weight_blocks(w, block), (-3, -1))
     amax = torch.where(amax == 0, E4M3_MAX, amax).clamp(torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max)
     return divide(amax, E4M3_MAX)
 
@@ -119,7 +114,7 @@ def fp8_group_scales(x: torch.Tensor, group_size: int = GROUP_SIZE, scale_format
     "ue8m0" rounded up to a power of two. A group holding +-Inf gets an infinite scale (it dequantizes to NaN, as
     in vLLM)."""
     check_groups(x, group_size, scale_format, "FP8 group scales")
-    amax = _nan_free_amax(_groups(x, group_size), (-1,)).clamp(min=GROUP_AMAX_FLOOR)
+    amax = nan_free_amax(_groups(x, group_size), (-1,)).clamp(min=GROUP_AMAX_FLOOR)
     if scale_format == "float32":
         return divide(amax, E4M3_MAX)
     # 2^ceil(log2(amax / 448)), exactly: MX's shared exponent (its E8M0 clamp never binds above the floor)

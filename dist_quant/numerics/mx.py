@@ -50,10 +50,10 @@ def _blocks(x: torch.Tensor) -> torch.Tensor:
     return padded.reshape(*x.shape[:-1], -1, MX_BLOCK_SIZE)
 
 
-def _block_amax(blocks: torch.Tensor) -> torch.Tensor:
-    """max |x| per block; NaN elements count as 0 (an all-NaN block has amax 0)."""
+def nan_free_amax(blocks: torch.Tensor, dims: tuple[int, ...] = (-1,)) -> torch.Tensor:
+    """max |x| over dims (a block's); NaN elements count as 0 (an all-NaN block has amax 0)."""
     magnitudes = blocks.abs()
-    return torch.where(magnitudes.isnan(), 0.0, magnitudes).amax(-1)
+    return torch.where(magnitudes.isnan(), 0.0, magnitudes).amax(dims)
 
 
 def _scaled(blocks: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
@@ -89,7 +89,7 @@ def mxfp8_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     check_mx_input(x, "MXFP8 quantize")
     blocks = _blocks(x)
-    exponent = shared_exponent(_block_amax(blocks), E4M3_MAX)
+    exponent = shared_exponent(nan_free_amax(blocks), E4M3_MAX)
     values = cast_e4m3(_scaled(blocks, exponent)).reshape(*x.shape[:-1], -1)[..., : x.shape[-1]]
     return values, (exponent + E8M0_BIAS).to(torch.uint8)
 
@@ -140,7 +140,7 @@ def check_no_nan(x: torch.Tensor) -> None:
 def _mxfp4_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (E2M1 codes [..., n/32, 32], shared exponents int32 [..., n/32])."""
     blocks = _blocks(x)
-    exponent = shared_exponent(_block_amax(blocks), E2M1_MAX)
+    exponent = shared_exponent(nan_free_amax(blocks), E2M1_MAX)
     return round_to_e2m1_code_ties_down(_scaled(blocks, exponent)), exponent
 
 
