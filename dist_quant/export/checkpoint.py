@@ -225,7 +225,7 @@ class _LayerQuantizer:
         for i in placed:
             module, _, _, key = _parse(layer[i][0].name)
             fmt = self.formats.get(f"{key}.input_quantizer")
-            if fmt is not None:
+            if fmt is not None and fmt.number.static_inputs:
                 state = buffers.get((module, "input"), {})
                 amax = state.get("_global_amax", state.get("_amax"))
                 by_divisor.setdefault(fmt.number.scale_divisor, []).append((i, amax.reshape(())))

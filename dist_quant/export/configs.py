@@ -23,7 +23,7 @@ the FP8 cache on under `--kv-cache-dtype auto` only when dynamic is false), the 
 
 from __future__ import annotations
 
-from dist_quant.formats import FORMATS, FP8, NVFP4, NumberFormat
+from dist_quant.formats import FORMATS, FP8, FP8_BLOCK, MXFP4, MXFP8, NVFP4, NumberFormat
 
 GROUP_SIZE = FORMATS[NVFP4].block
 W4A16 = "W4A16_NVFP4"
@@ -32,7 +32,10 @@ W4A16 = "W4A16_NVFP4"
 # with no activation quantization and needs no input_scale (an "NVFP4" layer without one would fold a scale
 # that was never loaded: ModelOptNvFp4Config._from_config), SGLang (srt/layers/quantization/modelopt_quant.py,
 # ModelOptFp4Config.from_config: is_w4a16) likewise.
-LAYER_ALGOS = {(NVFP4, NVFP4): "NVFP4", (NVFP4, None): W4A16, (FP8, FP8): "FP8"}
+# MXFP8 weights and inputs (dynamic blocks, no input_scale) are ModelOpt's "MXFP8", which vLLM 0.33 loads
+# (modelopt.py ModelOptMxFp8Config: weight_scale uint8 [out, in/32]) and SGLang 0.5.23 turns into its native mxfp8
+# method (model_config.py _parse_modelopt_quant_config).
+LAYER_ALGOS = {(NVFP4, NVFP4): "NVFP4", (NVFP4, None): W4A16, (FP8, FP8): "FP8", (MXFP8, MXFP8): "MXFP8"}
 QUANT_ALGOS = tuple(LAYER_ALGOS.values())
 NVFP4_ALGOS = tuple(algo for (weight, _), algo in LAYER_ALGOS.items() if weight == NVFP4)  # packed, group_size 16
 
@@ -56,11 +59,32 @@ NO_FORM = {
         "LINEAR_ALGOS); quantize the inputs to e2m1 or leave them unquantized"
     ),
     (FP8, NVFP4): "FP8 weights with NVFP4 inputs are no ModelOpt format; give weights and inputs one format",
+    **dict.fromkeys(((MXFP4, MXFP4), (MXFP4, None)), (
+        "MXFP4 has no checkpoint form vLLM 0.33 and SGLang 0.5.23 both load: ModelOpt's (quant_algo mxfp4) is "
+        "refused by both (vLLM modelopt.py QUANT_ALGOS, SGLang ModelOptFp8Config), and their native mxfp4 method "
+        "takes gpt-oss's own experts only; calibrate and fake-quantize in MXFP4 (QAT), export in NVFP4 or MXFP8"
+    )),
+    **dict.fromkeys(((FP8_BLOCK, FP8_BLOCK), (FP8_BLOCK, None)), (
+        "FP8 128x128 blocks export in the engines' native form (quant_method fp8, weight_scale_inv), which "
+        "dist_quant does not write yet (ModelOpt's fp8_pb_wo loads in vLLM 0.33 for dense layers only and in "
+        "SGLang 0.5.23 not at all); export in FP8 per tensor, MXFP8 or NVFP4"
+    )),
+    (MXFP8, None): (
+        "MXFP8 weights with unquantized inputs have no ModelOpt form (vLLM 0.33 runs MXFP8 layers with MXFP8 "
+        "inputs, modelopt.py kMxfp8Dynamic); quantize the inputs to MXFP8 too"
+    ),
 }
 
 
 def input_quantized(algo: str) -> bool:
-    """Whether a layer of this quant_algo quantizes its input (and so stores an input_scale)."""
+    """Whether a layer of this quant_algo quantizes its input with a calibrated scale (and so stores an
+    input_scale): MXFP8 inputs are quantized block by block from the data, with none."""
+    inputs = next(inputs for (_, inputs), a in LAYER_ALGOS.items() if a == algo)
+    return inputs is not None and FORMATS[inputs].static_inputs
+
+
+def inputs_quantized(algo: str) -> bool:
+    """Whether a layer of this quant_algo quantizes its input at all (statically or per block)."""
     return next(inputs for (_, inputs), a in LAYER_ALGOS.items() if a == algo) is not None
 
 
@@ -68,9 +92,7 @@ def required_quantization_keys(algo: str) -> tuple[str, ...]:
     """The keys hf_quant_config.json's quantization section holds for this quant_algo."""
     if algo == MIXED:
         return ("quant_algo", "kv_cache_quant_algo", "quantized_layers")
-    if algo in NVFP4_ALGOS:
-        return ("quant_algo", "kv_cache_quant_algo", "group_size", "exclude_modules")
-    return ("quant_algo", "kv_cache_quant_algo", "exclude_modules")
+    return ("quant_algo", "kv_cache_quant_algo", *weight_format(algo).config_entries, "exclude_modules")
 
 
 def layer_entry(algo: str) -> dict:
@@ -103,7 +125,9 @@ def _group(algo: str, targets: list[str]) -> dict:
     vLLM reads as weight-only NVFP4 even under quant_algo NVFP4 (modelopt.py ModelOptNvFp4Config._from_config)."""
     number = weight_format(algo)
     tensors = {"dynamic": False, "num_bits": number.config_bits, "type": "float", **number.config_entries}
-    inputs = {"input_activations": dict(tensors)} if input_quantized(algo) else {}
+    if not number.static_inputs:  # ModelOpt's MXFP8 group: no dynamic key
+        del tensors["dynamic"]
+    inputs = {"input_activations": dict(tensors)} if inputs_quantized(algo) else {}
     return {**inputs, "weights": dict(tensors), "targets": targets}
 
 
@@ -118,9 +142,9 @@ def quantization_config(hf_quant: dict) -> dict:
         groups = {f"group_{i}": _group(a, names) for i, (a, names) in enumerate(sorted(by_algo.items()))}
         listing = {"ignore": [], "quantized_layers": q["quantized_layers"]}
     else:
-        groups = {"group_0": _group(algo, ["Linear"])}
+        groups = {"group_0": _group(algo, ["Linear"])} if weight_format(algo).config_groups else None
         listing = {"ignore": q["exclude_modules"]}
-    config = {"config_groups": groups, **listing, "quant_algo": algo, "producer": hf_quant["producer"], "quant_method": "modelopt"}
+    config = {**({"config_groups": groups} if groups else {}), **listing, "quant_algo": algo, "producer": hf_quant["producer"], "quant_method": "modelopt"}
     scheme = kv_cache_scheme(q["kv_cache_quant_algo"])
     if scheme is not None:
         config["kv_cache_scheme"] = scheme

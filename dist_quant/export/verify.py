@@ -217,8 +217,9 @@ def _plan(quant: dict, problems: list[str]) -> Plan | None:
     if kv not in (None, *KV_ALGOS):
         problems.append(f"hf_quant_config.json: quantization.kv_cache_quant_algo is {kv!r}, expected FP8, NVFP4, null")
         usable = False
-    if "group_size" in section and section["group_size"] != GROUP_SIZE:
-        problems.append(f"hf_quant_config.json: quantization.group_size is {section['group_size']!r}, expected 16")
+    group_size = weight_format(algo).config_entries.get("group_size") if algo in QUANT_ALGOS else GROUP_SIZE
+    if "group_size" in section and section["group_size"] != group_size:
+        problems.append(f"hf_quant_config.json: quantization.group_size is {section['group_size']!r}, expected {group_size}")
     if "exclude_modules" in section and not (isinstance(exclude, list) and all(isinstance(p, str) for p in exclude)):
         problems.append("hf_quant_config.json: quantization.exclude_modules must be a list of module patterns")
         usable = False
@@ -330,14 +331,17 @@ def _expected(bridge, plan: Plan, stored: dict[str, Stored], problems: list[str]
             expected[name] = Spec(tuple(shape), FLOATS, "float")
             continue
         fmt = plan.format_of(module)
-        actual = _stored_format(stored[name].dtype) if name in stored else _weight_format(fmt)
+        planned_dtype = weight_format(fmt).weight_dtype if fmt is not None else None
+        fits = name not in stored or stored[name].dtype == planned_dtype  # as planned (formats share dtypes)
+        actual = _weight_format(fmt) if fits else _stored_format(stored[name].dtype)
         if actual not in (_weight_format(fmt), "?"):
             got = f"unquantized ({stored[name].dtype} weight)" if actual is None else f"as {actual}"
             problems.append(f"{module} is stored {got}, but {plan.why(module)}")
             # checked as stored from here on; an NVFP4 weight as W4A4 or W4A16 by whether it has an input scale
             fmt = actual if actual != "NVFP4" or f"{module}.input_scale" in stored else W4A16
-        if fmt in NVFP4_ALGOS and shape[1] % GROUP_SIZE:
-            problems.append(f"{module}: {shape[1]} input features do not split into NVFP4 blocks of {GROUP_SIZE}")
+        block = weight_format(fmt).block if fmt is not None else None
+        if block is not None and shape[1] % block:
+            problems.append(f"{module}: {shape[1]} input features do not split into {weight_format(fmt).algo} blocks of {block}")
         if fmt is None:
             expected[name] = Spec(tuple(shape), FLOATS, "float")
         else:
@@ -489,7 +493,7 @@ def _check_values(
         if stored.dtype == torch.float8_e4m3fn:
             if _nan_bytes(raw).any():
                 found.append((name, f"{name} holds NaN bytes"))
-            elif len(raw):
+            elif len(raw) and formats.get(name[: -len(".weight")]) == "FP8":  # one scale for the weight: max calibration reaches 448
                 fp8_max[name[: -len(".weight")]] = (raw & 0x7F).max()
         elif expected[name].role == "float" and not torch.isfinite(_values(stored, raw)).all():
             found.append((name, f"{name} holds NaN or Inf"))

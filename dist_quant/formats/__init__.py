@@ -10,7 +10,7 @@ from dist_quant.formats.nvfp4 import NVFP4Format
 FORMATS: dict[str, NumberFormat] = {
     f.name: f for f in (FP8Format(), FP8BlockFormat(), MXFP8Format(), NVFP4Format(), MXFP4Format())
 }
-FP8, NVFP4 = FP8Format.name, NVFP4Format.name
+FP8, NVFP4, MXFP8, MXFP4, FP8_BLOCK = (f.name for f in (FP8Format, NVFP4Format, MXFP8Format, MXFP4Format, FP8BlockFormat))
 # the recipe's num_bits values, each format's own
 SPELLINGS = tuple(dict.fromkeys(spelling for f in FORMATS.values() for spelling in f.spellings))
 
@@ -22,5 +22,5 @@ def select(num_bits, blocks: dict | None) -> NumberFormat | None:
 
 
 __all__ = [
-    "DYNAMIC", "FORMATS", "FP8", "NVFP4", "SCALAR", "SPELLINGS", "STATIC", "NumberFormat", "QuantFormat", "Spec", "select",
+    "DYNAMIC", "FORMATS", "FP8", "FP8_BLOCK", "MXFP4", "MXFP8", "NVFP4", "SCALAR", "SPELLINGS", "STATIC", "NumberFormat", "QuantFormat", "Spec", "select",
 ]

@@ -72,6 +72,8 @@ class NumberFormat:
     scale_divisor: float = 1.0  # the exported per-tensor scale (input_scale, the weights' per-tensor scale) = amax / this
     largest: float = 1.0  # the amax of a cast (use_constant_amax): the element format's largest value
     segmented: bool = False  # row segments of one tensor, each its own quantizer's, fake-quantize in one launch
+    static_inputs: bool = True  # a quantized input has a calibrated scale in the checkpoint (else dynamic, none)
+    config_groups: bool = True  # ModelOpt writes config_groups for a checkpoint of this format alone
 
     def problem(self, fmt: QuantFormat) -> str | None:
         """Why this configuration of the format cannot be; None when it can."""

@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 
 from dist_quant.formats.base import DYNAMIC, NumberFormat, QuantFormat, Spec
+from dist_quant.kernels import block_formats as kernels
 from dist_quant.numerics import fp8_blocks
 from dist_quant.numerics.fp8 import E4M3_MAX
 
@@ -23,6 +24,7 @@ class FP8BlockFormat(NumberFormat):
     weight_bytes = 1 + 4 / (WEIGHT_BLOCK[0] * WEIGHT_BLOCK[1])
     spellings = ("e4m3", 8)
     largest = E4M3_MAX
+    static_inputs = False  # per block, from the data
 
     def problem(self, fmt: QuantFormat) -> str | None:
         if fmt.axis is not None or fmt.block_shape not in (WEIGHT_BLOCK, GROUP) or fmt.use_constant_amax:
@@ -63,7 +65,7 @@ class FP8BlockFormat(NumberFormat):
 
     def fake_quant(self, fmt, x, amax, global_amax, block_amax):
         if fmt.block_shape == GROUP:
-            return fp8_blocks.fp8_group_fake_quant(x, GROUP[0])
+            return kernels.fp8_group_fake_quant(x, GROUP[0])
         return fp8_blocks.fp8_block_fake_quant(x, fmt.block_shape)
 
     def clamp_bound(self, amax, global_amax):

@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 import torch
 
 from dist_quant.formats.base import DYNAMIC, NumberFormat, QuantFormat, Spec
+from dist_quant.kernels import block_formats as kernels
 from dist_quant.numerics import mx
 from dist_quant.numerics.fp8 import E4M3_MAX
 from dist_quant.numerics.nvfp4 import E2M1_MAX
@@ -16,6 +17,7 @@ from dist_quant.numerics.nvfp4 import E2M1_MAX
 
 class MXFormat(NumberFormat):
     block = mx.MX_BLOCK_SIZE
+    static_inputs = False  # per block, from the data
     element: str  # the element format's recipe name
     element_max: float
     quantize: Callable
@@ -75,11 +77,13 @@ class MXFP8Format(MXFormat):
     name = "mxfp8"
     algo = "MXFP8"
     config_bits = 8
+    config_entries = {"group_size": mx.MX_BLOCK_SIZE}
+    config_groups = False  # ModelOpt 0.47 convert_hf_config.py writes none for MXFP8 alone
     weight_dtype = torch.float8_e4m3fn
     weight_bytes = 1 + 1 / mx.MX_BLOCK_SIZE
     spellings = ("e4m3", 8)
     element, element_max, packed = "e4m3", E4M3_MAX, False
-    quantize, dequantize, fake = staticmethod(mx.mxfp8_quantize), staticmethod(mx.mxfp8_dequantize), staticmethod(mx.mxfp8_fake_quant)
+    quantize, dequantize, fake = staticmethod(kernels.mxfp8_quantize), staticmethod(mx.mxfp8_dequantize), staticmethod(kernels.mxfp8_fake_quant)
 
 
 class MXFP4Format(MXFormat):
@@ -90,4 +94,4 @@ class MXFP4Format(MXFormat):
     weight_bytes = 0.5 + 1 / mx.MX_BLOCK_SIZE
     spellings = ("e2m1", 4)
     element, element_max, packed = "e2m1", E2M1_MAX, True
-    quantize, dequantize, fake = staticmethod(mx.mxfp4_quantize), staticmethod(mx.mxfp4_dequantize), staticmethod(mx.mxfp4_fake_quant)
+    quantize, dequantize, fake = staticmethod(kernels.mxfp4_quantize), staticmethod(mx.mxfp4_dequantize), staticmethod(kernels.mxfp4_fake_quant)

@@ -27,6 +27,8 @@ def vllm_quant_method(qc: dict) -> str | None:
     algo = str(qc.get("quant_algo", "")).upper()
     if algo == "MIXED_PRECISION":
         return "modelopt_mixed"
+    if "MXFP8" in algo:  # ModelOptMxFp8Config.override_quantization_method
+        return "modelopt_mxfp8"
     return "modelopt_fp4" if "NVFP4" in algo or "FP4" in algo else "modelopt" if algo == "FP8" else None
 
 
@@ -50,6 +52,7 @@ def vllm_layer_algo(qc: dict, module: str) -> str:
 # and drops an input_scale of older exports). ModelOptNvFp4FusedMoE registers input scales for W4A16 experts as
 # well, which its a16 kernels never read (use_a16: no activation key).
 VLLM_LAYER_PARAMS = {
+    "MXFP8": {"weight", "weight_scale"},  # KMxfp8Static: uint8 [out, in/32]; activations kMxfp8Dynamic
     "FP8": {"weight", "weight_scale", "input_scale"},
     "NVFP4": {"weight", "weight_scale", "weight_scale_2", "input_scale"},
     "W4A16_NVFP4": {"weight", "weight_scale", "weight_scale_2"},
@@ -130,6 +133,8 @@ def sglang_quant_method(qc: dict) -> str | None:
         layers = qc.get("quantized_layers") or {}
         nvfp4 = any(str(e.get("quant_algo", "")).upper() in ("NVFP4", "W4A16_NVFP4") for e in layers.values())
         return "modelopt_mixed" if nvfp4 else "w4afp8"
+    if algo == "MXFP8":  # re-parsed as its native mxfp8 method (weight_scale renamed weight_scale_inv on load)
+        return "mxfp8"
     return "modelopt_fp4" if "FP4" in algo or "NVFP4" in algo else "modelopt_fp8" if algo == "FP8" else None
 
 

@@ -36,11 +36,12 @@ ARCHITECTURES = {
 }
 RECIPES = {
     "nvfp4": "nvfp4_default-fp8_kv", "fp8": "fp8_default-fp8_cast_kv", "mixed": workers.MIXED_RECIPE,
-    "w4a16": "nvfp4_w4a16-fp8_cast_kv", "mixed-w4a16": workers.MIXED_W4A16_RECIPE,
+    "w4a16": "nvfp4_w4a16-fp8_cast_kv", "mixed-w4a16": workers.MIXED_W4A16_RECIPE, "mxfp8": "mxfp8_default-fp8_cast_kv",
 }
 METHODS = {
     "nvfp4": ("modelopt_fp4", "modelopt_fp4"), "fp8": ("modelopt", "modelopt_fp8"), "mixed": ("modelopt_mixed", "modelopt_mixed"),
     "w4a16": ("modelopt_fp4", "modelopt_fp4"), "mixed-w4a16": ("modelopt_mixed", "modelopt_mixed"),
+    "mxfp8": ("modelopt_mxfp8", "mxfp8"),
 }
 CASES = [(arch, fmt) for arch in ARCHITECTURES for fmt in RECIPES]
 # multi-latent attention: only a cast FP8 cache is exported (export/problems.py LATENT_KV)
@@ -132,10 +133,10 @@ def test_the_engines_quantize_exactly_the_layers_stored_quantized(exports, arch,
 
 def _stored_algo(tensors: dict, module: str) -> str:
     """The algo a quantized module was calibrated in, from its tensors alone: packed NVFP4 or FP8 weights, and
-    whether its input was quantized (an input_scale)."""
+    whether its input was quantized (an input_scale); FP8 weights with E8M0 (uint8) block scales are MXFP8."""
     if tensors[f"{module}.weight"].dtype == torch.uint8:
         return "NVFP4" if f"{module}.input_scale" in tensors else "W4A16_NVFP4"
-    return "FP8"
+    return "MXFP8" if tensors[f"{module}.weight_scale"].dtype == torch.uint8 else "FP8"
 
 
 @pytest.mark.parametrize("arch, fmt", CASES)

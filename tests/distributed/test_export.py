@@ -26,6 +26,7 @@ LAYOUTS = {
     "pp2xep2": (4, 1, 2, 2, RECIPE, "all"), "fp8-tp2": (2, 2, 1, 1, "fp8_default-fp8_cast_kv", "one"),
     "tp2xep2-every-rank-writes": (4, 2, 2, 1, RECIPE, "all"),
     "w4a16-tp2xep2": (4, 2, 2, 1, "nvfp4_w4a16-fp8_cast_kv", "one"),
+    "mxfp8-tp1": (1, 1, 1, 1, "mxfp8_default-fp8_cast_kv", "one"), "mxfp8-pp2xep2": (4, 1, 2, 2, "mxfp8_default-fp8_cast_kv", "all"),
 }
 
 
@@ -73,6 +74,27 @@ def test_weights_quantized_in_smaller_groups_export_the_same_bytes(exports, tmp_
     assert got.keys() == expected.keys()
     differing = [n for n, t in expected.items() if not torch.equal(got[n].reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8))]
     assert not differing, differing[:5]
+
+
+def test_mxfp8_exports_as_modelopt_writes_it_the_same_bytes_at_every_layout(exports):
+    """ModelOpt 0.47's MXFP8 form (what vLLM 0.33's ModelOptMxFp8Config loads): float8_e4m3fn weights, uint8 E8M0
+    scales [out, in/32], no input_scale (inputs are quantized per block from the data), group_size 32, no
+    config_groups; the same bytes at PP2 x EP2 as at TP1 (at TP2 the tiny experts' 16-wide fc2 inputs are refused)."""
+    _, runs = exports
+    out = runs["mxfp8-tp1"][0]
+    report = verify(out)
+    assert (report["quant_algo"], report["warnings"]) == ("MXFP8", [])
+    hf_quant = json.loads((out / "hf_quant_config.json").read_text())["quantization"]
+    assert (hf_quant["quant_algo"], hf_quant["group_size"], hf_quant["kv_cache_quant_algo"]) == ("MXFP8", 32, "FP8")
+    assert "config_groups" not in json.loads((out / "config.json").read_text())["quantization_config"]
+    single, sharded = load_tensors(out), load_tensors(runs["mxfp8-pp2xep2"][0])
+    weight = "model.layers.1.mlp.experts.3.down_proj"
+    assert single[f"{weight}.weight"].dtype == torch.float8_e4m3fn and single[f"{weight}.weight_scale"].dtype == torch.uint8
+    assert single[f"{weight}.weight_scale"].shape == (single[f"{weight}.weight"].shape[0], single[f"{weight}.weight"].shape[1] // 32)
+    assert not any(name.endswith((".input_scale", ".weight_scale_2")) for name in single)
+    assert single.keys() == sharded.keys()
+    for name, tensor in single.items():
+        assert torch.equal(sharded[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
 
 
 def test_checkpoint_layout_and_configs(exports):
@@ -351,7 +373,7 @@ PLANTED = {
     # hf_quant_config.json against the tensors
     "bogus-algo": (
         "tp1", dict(edit_quant=_quant("quant_algo", "BOGUS")),
-        [r"quantization\.quant_algo is 'BOGUS', expected NVFP4, W4A16_NVFP4, FP8 or MIXED_PRECISION"],
+        [r"quantization\.quant_algo is 'BOGUS', expected NVFP4, W4A16_NVFP4, FP8, MXFP8 or MIXED_PRECISION"],
     ),
     "fp8-over-nvfp4": (
         "tp1", dict(edit_quant=_quant("quant_algo", "FP8"), edit_config=_qc("quant_algo", "FP8")),

@@ -165,3 +165,18 @@ def test_multi_latent_attention_exports_only_a_cast_fp8_cache(kv, expected):
     assert message.startswith("decoder.layers.0.self_attention.core_attention: ") and expected in message
     check_exportable(load_recipe(recipe(*W4A4, on("*[kv]_bmm_quantizer", CAST))), mla)
     check_exportable(load_recipe(recipe(*W4A4)), mla)  # no KV cache quantization at all
+
+
+MXFP4 = {"num_bits": "e2m1", "block_sizes": {-1: 32, "type": "dynamic", "scale_bits": "e8m0"}}
+FP8_BLOCKS, FP8_GROUPS = {"num_bits": "e4m3", "block_sizes": {-1: 128, -2: 128}}, {"num_bits": "e4m3", "block_sizes": {-1: 128, "type": "dynamic"}}
+MXFP8 = {"num_bits": "e4m3", "block_sizes": {-1: 32, "type": "dynamic", "scale_bits": "e8m0"}}
+
+
+@pytest.mark.parametrize("entries, expected", [
+    ((on("*weight_quantizer", MXFP4), on("*input_quantizer", MXFP4)), "MXFP4 has no checkpoint form vLLM 0.33 and SGLang 0.5.23 both load"),
+    ((on("*weight_quantizer", FP8_BLOCKS), on("*input_quantizer", FP8_GROUPS)), "FP8 128x128 blocks export in the engines' native form"),
+    ((on("*weight_quantizer", MXFP8),), "MXFP8 weights with unquantized inputs have no ModelOpt form"),
+], ids=["mxfp4", "fp8-blocks", "mxfp8-weight-only"])
+def test_formats_without_a_form_both_engines_load_are_refused_at_startup(moe, entries, expected):
+    assert expected in refusal(moe, recipe(*entries))
+    check_exportable(load_recipe(recipe(on("*weight_quantizer", MXFP8), on("*input_quantizer", MXFP8))), moe)
