@@ -12,6 +12,8 @@
 #   sync     one amax sync of 10,000 quantizers over NCCL (bench_sync.py)
 #   kernels  the compiled kernels against the reference (test_kernels_cuda.py); NVFP4 fake quant vs copy bandwidth
 #            and ModelOpt; MSE sweep vs reference, floor, ModelOpt
+#   mx       the MXFP8 / MXFP4 / FP8-group kernels against the reference (test_mx_kernels_cuda.py), their speed
+#            against a copy and ModelOpt's quantizers (bench_mx.py), and the MXFP8 main job on the 30B shape
 #   refit    real-quantized refits, buckets, recalibration and export of moe-1b and the 30B shape against their
 #            ceilings in the same call (bench_refit.py, one GPU)
 #   main1    the 30B-shaped main job on one GPU, 64 x 2048 tokens, batch 8 (calibrate + export + verify)
@@ -28,7 +30,7 @@ cd "$(dirname "$0")/.."
 RESULTS=${RESULTS:-benchmarks/RESULTS.md}
 LOGS=${LOGS:-/tmp/dist_quant_gpu}
 WORK=${WORK:-/tmp/dist_quant_work}
-PARTS=${*:-layout fidelity forward main hf faults export sync kernels refit main1 dsv3 big}
+PARTS=${*:-layout fidelity forward main hf faults export sync kernels mx refit main1 dsv3 big}
 mkdir -p "$LOGS" "$WORK"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 GPUS=$(nvidia-smi -L | wc -l)
@@ -101,6 +103,13 @@ if want kernels; then
   step kernels_cuda python3 -m pytest -q -p no:cacheprovider tests/unit/test_kernels_cuda.py
   step bench_numerics python3 benchmarks/bench_numerics.py --no-sweep --results "$RESULTS"
   step bench_mse python3 benchmarks/bench_mse.py --no-sweep --results "$RESULTS"
+fi
+if want mx; then
+  step mx_kernels_cuda python3 -m pytest -q -p no:cacheprovider tests/unit/test_mx_kernels_cuda.py
+  step bench_mx python3 benchmarks/bench_mx.py --results "$RESULTS"
+  step qwen3_30b_a3b_shape_mxfp8_1gpu timeout 540 python3 -m dist_quant.cli calibrate --model qwen3-30b-a3b-shape \
+    --random-weights --recipe mxfp8_default-fp8_cast_kv --calib-samples 64 --seq-len 2048 --batch-size 8 \
+    --out "$WORK/qwen3-30b-a3b-shape-mxfp8" --overwrite
 fi
 want refit && step bench_refit python3 benchmarks/bench_refit.py --out-dir "$WORK/bench_refit" --results "$RESULTS"
 if want main1; then
