@@ -50,7 +50,9 @@ def _times_power_of_two(v, k):
 def _shared_exponent(amax, element_max):
     """int32 ceil(log2(RN(amax / element_max))), clamped to [-127, 127] (numerics.mx.shared_exponent)."""
     q = tl.div_rn(amax, element_max)
-    q = tl.minimum(tl.maximum(q, 5.877471754111438e-39), 1.7014118346046923e38)  # 2^-127, 2^127
+    # 2^-127 from its bits: a float32 subnormal, which as a Python literal compiled Triton would make a float64
+    smallest = tl.full(q.shape, 0x00400000, tl.int32).to(tl.float32, bitcast=True)
+    q = tl.minimum(tl.maximum(q, smallest), 1.7014118346046923e38)  # 2^127
     bits = q.to(tl.int32, bitcast=True)
     field, mantissa = bits >> 23, bits & 0x7FFFFF
     # a subnormal q lies in [2^-127, 2^-126): mantissa field 0x400000 is 2^-127 itself
