@@ -66,6 +66,16 @@ def _kv_kinds(formats: Mapping[str, QuantFormat | None]) -> tuple[str, str]:
     return tuple(fmt.kind if fmt else "unquantized" for fmt in (formats.get(q) for q in KV_QUANTIZERS))
 
 
+# The quant_algos a MIXED_PRECISION checkpoint holds in a form both engines load: MXFP8 layers there take their scales
+# as weight_scale in vLLM 0.33 (modelopt.py, ModelOptMixedPrecisionConfig) but as weight_scale_inv in SGLang 0.5.23
+# (whose mixed path, unlike its mxfp8 method, does not rename them: modelopt_quant.py / loader.py), and vLLM refuses
+# tensors it does not expect, so no one checkpoint serves both.
+MIXED_ALGOS = frozenset(("NVFP4", "W4A16_NVFP4", "FP8"))
+NOT_MIXED = (
+    "vLLM 0.33 loads MXFP8 layers of a MIXED_PRECISION checkpoint with weight_scale, SGLang 0.5.23 with "
+    "weight_scale_inv, so no one checkpoint serves both; quantize the whole model in MXFP8, or mix NVFP4, "
+    "W4A16_NVFP4 and FP8"
+)
 # docs/checkpoint.md, "Multi-latent attention's KV cache"
 LATENT_KV = (
     "multi-latent attention caches one row per token, [latent | rope key], under one scale, which serves in both "
@@ -86,6 +96,7 @@ def quantizer_problem(modules: Mapping[str, Mapping[str, QuantFormat | None]], l
     -> its quantizers' formats (None: disabled); `latent`: its attention is multi-latent. -> the first thing the
     checkpoint cannot hold, naming the module, or None."""
     experts: dict[str, tuple[str, str]] = {}  # MoE layer -> (its first expert linear, that one's algo)
+    algos: dict[str, str] = {}  # quant_algo -> the first module of it
     kv: tuple[str, tuple[str, str]] | None = None  # (the first core attention, its K and V formats)
     weights = False
     for module, formats in modules.items():
@@ -107,6 +118,11 @@ def quantizer_problem(modules: Mapping[str, Mapping[str, QuantFormat | None]], l
         if problem:
             return f"{module}.{problem}"
         weights = weights or formats.get("weight_quantizer") is not None
+        if formats.get("weight_quantizer") is not None:
+            algos.setdefault(layer_algo(formats), module)
+            if len(algos) > 1 and not MIXED_ALGOS.issuperset(algos):
+                alone = next(a for a in algos if a not in MIXED_ALGOS)
+                return f"{algos[alone]} is {alone} in a checkpoint of several formats: {NOT_MIXED}"
         moe = _EXPERT.match(module)
         if moe:
             algo = layer_algo(formats) or "unquantized"

@@ -180,3 +180,11 @@ MXFP8 = {"num_bits": "e4m3", "block_sizes": {-1: 32, "type": "dynamic", "scale_b
 def test_formats_without_a_form_both_engines_load_are_refused_at_startup(moe, entries, expected):
     assert expected in refusal(moe, recipe(*entries))
     check_exportable(load_recipe(recipe(on("*weight_quantizer", MXFP8), on("*input_quantizer", MXFP8))), moe)
+
+
+def test_mxfp8_layers_are_refused_in_a_checkpoint_of_several_formats(moe):
+    """vLLM and SGLang name MXFP8 scales differently in MIXED_PRECISION checkpoints: no one checkpoint serves both."""
+    mixed = recipe(*W4A4, on("*self_attention*weight_quantizer", MXFP8), on("*self_attention*input_quantizer", MXFP8))
+    message = refusal(moe, mixed)
+    assert message.startswith("decoder.layers.0.") and "is MXFP8 in a checkpoint of several formats" in message
+    assert "SGLang 0.5.23 with weight_scale_inv" in message
