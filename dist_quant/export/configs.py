@@ -76,16 +76,16 @@ NO_FORM = {
 }
 
 
+def _input_format(algo: str) -> str | None:
+    """The format of a quant_algo's inputs; None: unquantized."""
+    return next(inputs for (_, inputs), a in LAYER_ALGOS.items() if a == algo)
+
+
 def input_quantized(algo: str) -> bool:
     """Whether a layer of this quant_algo quantizes its input with a calibrated scale (and so stores an
     input_scale): MXFP8 inputs are quantized block by block from the data, with none."""
-    inputs = next(inputs for (_, inputs), a in LAYER_ALGOS.items() if a == algo)
+    inputs = _input_format(algo)
     return inputs is not None and FORMATS[inputs].static_inputs
-
-
-def inputs_quantized(algo: str) -> bool:
-    """Whether a layer of this quant_algo quantizes its input at all (statically or per block)."""
-    return next(inputs for (_, inputs), a in LAYER_ALGOS.items() if a == algo) is not None
 
 
 def required_quantization_keys(algo: str) -> tuple[str, ...]:
@@ -127,7 +127,7 @@ def _group(algo: str, targets: list[str]) -> dict:
     tensors = {"dynamic": False, "num_bits": number.config_bits, "type": "float", **number.config_entries}
     if not number.static_inputs:  # ModelOpt's MXFP8 group: no dynamic key
         del tensors["dynamic"]
-    inputs = {"input_activations": dict(tensors)} if inputs_quantized(algo) else {}
+    inputs = {"input_activations": dict(tensors)} if _input_format(algo) is not None else {}
     return {**inputs, "weights": dict(tensors), "targets": targets}
 
 

@@ -117,15 +117,16 @@ def quantizer_problem(modules: Mapping[str, Mapping[str, QuantFormat | None]], l
         problem = layer_problem(formats)
         if problem:
             return f"{module}.{problem}"
-        weights = weights or formats.get("weight_quantizer") is not None
-        if formats.get("weight_quantizer") is not None:
-            algos.setdefault(layer_algo(formats), module)
+        algo = layer_algo(formats)
+        weights = weights or algo is not None
+        if algo is not None:
+            algos.setdefault(algo, module)
             if len(algos) > 1 and not MIXED_ALGOS.issuperset(algos):
                 alone = next(a for a in algos if a not in MIXED_ALGOS)
                 return f"{algos[alone]} is {alone} in a checkpoint of several formats: {NOT_MIXED}"
         moe = _EXPERT.match(module)
         if moe:
-            algo = layer_algo(formats) or "unquantized"
+            algo = algo or "unquantized"
             first, first_algo = experts.setdefault(moe.group(1), (module, algo))
             if algo != first_algo:
                 return (

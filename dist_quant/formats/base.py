@@ -102,8 +102,8 @@ class NumberFormat:
 
     def buffer_shapes(self, fmt: QuantFormat, weight: torch.Tensor | None) -> dict[str, torch.Size]:
         """The calibrated buffers a quantizer of this configuration keeps for the tensor it quantizes (`weight`,
-        or an activation: None) -> their shapes."""
-        raise NotImplementedError
+        or an activation: None) -> their shapes: by default a per-tensor amax."""
+        return {"_amax": torch.Size([])}
 
     def fake_quant(self, fmt: QuantFormat, x: torch.Tensor, amax: torch.Tensor, global_amax: torch.Tensor | None,
                    block_amax: torch.Tensor | None) -> torch.Tensor:

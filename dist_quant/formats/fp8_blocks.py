@@ -11,7 +11,6 @@ import torch
 from dist_quant.formats.base import DYNAMIC, NumberFormat, QuantFormat, Spec
 from dist_quant.kernels import block_formats as kernels
 from dist_quant.numerics import fp8_blocks
-from dist_quant.numerics.fp8 import E4M3_MAX
 
 WEIGHT_BLOCK, GROUP = fp8_blocks.WEIGHT_BLOCK, (fp8_blocks.GROUP_SIZE,)
 
@@ -23,7 +22,6 @@ class FP8BlockFormat(NumberFormat):
     weight_dtype = torch.float8_e4m3fn
     weight_bytes = 1 + 4 / (WEIGHT_BLOCK[0] * WEIGHT_BLOCK[1])
     spellings = ("e4m3", 8)
-    largest = E4M3_MAX
     static_inputs = False  # per block, from the data
 
     def problem(self, fmt: QuantFormat) -> str | None:
@@ -59,9 +57,6 @@ class FP8BlockFormat(NumberFormat):
 
     def multiple(self, fmt: QuantFormat) -> tuple[int, ...]:
         return fmt.block_shape
-
-    def buffer_shapes(self, fmt: QuantFormat, weight: torch.Tensor | None) -> dict[str, torch.Size]:
-        return {"_amax": torch.Size([])}
 
     def fake_quant(self, fmt, x, amax, global_amax, block_amax):
         if fmt.block_shape == GROUP:

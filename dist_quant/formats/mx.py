@@ -11,15 +11,12 @@ import torch
 from dist_quant.formats.base import DYNAMIC, NumberFormat, QuantFormat, Spec
 from dist_quant.kernels import block_formats as kernels
 from dist_quant.numerics import mx
-from dist_quant.numerics.fp8 import E4M3_MAX
-from dist_quant.numerics.nvfp4 import E2M1_MAX
 
 
 class MXFormat(NumberFormat):
     block = mx.MX_BLOCK_SIZE
     static_inputs = False  # per block, from the data
     element: str  # the element format's recipe name
-    element_max: float
     quantize: Callable
     dequantize: Callable
     fake: Callable
@@ -46,9 +43,6 @@ class MXFormat(NumberFormat):
 
     def describe(self, fmt: QuantFormat) -> str:
         return f"{self.name} block{self.block}"
-
-    def buffer_shapes(self, fmt: QuantFormat, weight: torch.Tensor | None) -> dict[str, torch.Size]:
-        return {"_amax": torch.Size([])}
 
     def fake_quant(self, fmt, x, amax, global_amax, block_amax):
         return self.fake(x)
@@ -82,7 +76,7 @@ class MXFP8Format(MXFormat):
     weight_dtype = torch.float8_e4m3fn
     weight_bytes = 1 + 1 / mx.MX_BLOCK_SIZE
     spellings = ("e4m3", 8)
-    element, element_max, packed = "e4m3", E4M3_MAX, False
+    element, packed = "e4m3", False
     quantize, dequantize, fake = staticmethod(kernels.mxfp8_quantize), staticmethod(mx.mxfp8_dequantize), staticmethod(kernels.mxfp8_fake_quant)
 
 
@@ -93,5 +87,5 @@ class MXFP4Format(MXFormat):
     weight_dtype = torch.uint8
     weight_bytes = 0.5 + 1 / mx.MX_BLOCK_SIZE
     spellings = ("e2m1", 4)
-    element, element_max, packed = "e2m1", E2M1_MAX, True
+    element, packed = "e2m1", True
     quantize, dequantize, fake = staticmethod(kernels.mxfp4_quantize), staticmethod(mx.mxfp4_dequantize), staticmethod(kernels.mxfp4_fake_quant)

@@ -127,7 +127,9 @@ def _parse_format(r: _Reader, cfg: Any, where: str) -> QuantFormat:
     cfg = r.mapping(cfg, where, ("num_bits", "axis", "block_sizes", "use_constant_amax"), ("num_bits",))
     r.choice(cfg["num_bits"], SPELLINGS, f"{where}.num_bits")
     blocks = cfg.get("block_sizes")
-    number = select(cfg["num_bits"], blocks if isinstance(blocks, Mapping) else None)
+    if blocks is not None:  # each format checks the keys it takes; a block_sizes no format reads is refused here
+        blocks = r.mapping(blocks, f"{where}.block_sizes", (-1, -2, "type", "scale_bits"))
+    number = select(cfg["num_bits"], blocks)
     if cfg.get("axis") is not None:
         r.typed(cfg["axis"], int, f"{where}.axis", "an integer or null")
     r.typed(cfg.get("use_constant_amax", False), bool, f"{where}.use_constant_amax", "true or false")

@@ -15,25 +15,16 @@ from tests.reference import fp8_blocks as source
 from tests.reference import mx as ref
 from tests.reference.data import DTYPES, spread
 from tests.reference.formats import assert_same_bits
+from tests.reference.modelopt import WITH_MODELOPT, modelopt_module
 
 E4M3_MIDPOINTS = torch.tensor([(a + b) / 2 for a, b in zip(ref.E4M3_VALUES, ref.E4M3_VALUES[1:])])
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
-# One worker imports ModelOpt (tens of seconds) and runs every test that compares with it.
-WITH_MODELOPT = pytest.mark.xdist_group("modelopt")
-
-
 @pytest.fixture(scope="module")
 def modelopt():
-    """ModelOpt 0.47's quantize and export utilities (nvidia-modelopt==0.47.0; importing it takes tens of seconds)."""
-    mtq = pytest.importorskip("modelopt.torch.quantization", reason="needs nvidia-modelopt 0.47")
-    import modelopt
-    from modelopt.torch.export import quant_utils
-
-    if modelopt.__version__ != "0.47.0":
-        pytest.skip(f"the rules here are ModelOpt 0.47's, nvidia-modelopt {modelopt.__version__} is installed")
-    return mtq, quant_utils
+    """ModelOpt 0.47's quantize and export utilities (importing it takes tens of seconds)."""
+    return modelopt_module("modelopt.torch.quantization"), modelopt_module("modelopt.torch.export.quant_utils")
 
 
 def _ties(gen, count: int, power: float) -> torch.Tensor:

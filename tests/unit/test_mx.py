@@ -13,25 +13,17 @@ from dist_quant.numerics.mx import E8M0_NAN, shared_exponent
 from tests.reference import mx as ref
 from tests.reference.data import DTYPES, spread
 from tests.reference.formats import assert_same_bits, pack_codes
+from tests.reference.modelopt import WITH_MODELOPT, modelopt_module
 
 E4M3_MIDPOINTS = [(a + b) / 2 for a, b in zip(ref.E4M3_VALUES, ref.E4M3_VALUES[1:])]
 E2M1_MIDPOINTS = [(a + b) / 2 for a, b in zip(ref.E2M1_VALUES, ref.E2M1_VALUES[1:])]
 ELEMENT = {"mxfp8": ("e4m3", 448.0, E4M3_MIDPOINTS), "mxfp4": ("e2m1", 6.0, E2M1_MIDPOINTS)}
 
 
-# One worker imports ModelOpt (tens of seconds) and runs every test that compares with it.
-WITH_MODELOPT = pytest.mark.xdist_group("modelopt")
-
-
 @pytest.fixture(scope="module")
 def modelopt_qtensor():
-    """ModelOpt 0.47's quantized tensors (nvidia-modelopt==0.47.0; importing it takes tens of seconds)."""
-    qtensor = pytest.importorskip("modelopt.torch.quantization.qtensor", reason="needs nvidia-modelopt 0.47")
-    import modelopt
-
-    if modelopt.__version__ != "0.47.0":
-        pytest.skip(f"the rules here are ModelOpt 0.47's, nvidia-modelopt {modelopt.__version__} is installed")
-    return qtensor
+    """ModelOpt 0.47's quantized tensors (importing it takes tens of seconds)."""
+    return modelopt_module("modelopt.torch.quantization.qtensor")
 
 
 def _next_up(x: torch.Tensor) -> torch.Tensor:

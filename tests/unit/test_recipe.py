@@ -97,6 +97,8 @@ BAD_RECIPES = [
     ('  - {quantizer_name: "*w*", cfg: {num_bits: e4m3, block_sizes: {-1: 32, scale_bits: e8m0, type: static}}}', "max", ["block_sizes.type", "'static' is not one of dynamic"]),
     ('  - {quantizer_name: "*w*", cfg: {num_bits: e4m3, use_constant_amax: true, block_sizes: {-1: 32, scale_bits: e8m0}}}', "max", ["use_constant_amax: MXFP8 scales come from each block"]),
     ('  - {quantizer_name: "*w*", cfg: {num_bits: e4m3, axis: 0, block_sizes: {-1: 128, -2: 128}}}', "max", ["axis must be null"]),
+    ('  - {quantizer_name: "*w*", cfg: {num_bits: e4m3, block_sizes: [16]}}', "max", ["cfg.block_sizes", "expected a mapping, got list"]),
+    ('  - {quantizer_name: "*w*", cfg: {num_bits: e4m3, block_sizes: {-1: 128, group: 2}}}', "max", ["cfg.block_sizes", "unknown key 'group'"]),
     ('  - {quantizer_name: "*w*", cfg: {num_bits: e4m3, bits: 8}}', "max", ["unknown key 'bits'"]),
     ('  - {quantizer_name: "*w*", enable: "no"}', "max", ["quant_cfg[0] ('*w*').enable", "true or false"]),
     ('  - {quantizer_name: "*w*"}', "max", ["needs 'enable', 'cfg' or both"]),
