@@ -154,7 +154,8 @@ def _divide(a, b, b_inverse):
     """a / b correctly rounded, from b_inverse = RN(1 / b) and one FMA residual step (Markstein). Where the first
     product is not finite or b is infinite (b_inverse 0) it is kept: it is then exact (+-0 keeps its sign) or NaN
     as it should be. The residual underflows only for quotients below 2^-52 at scales >= 2^-42, which E4M3 rounds to 0
-    either way."""
+    either way. The magnitude is exact, not the sign of a zero: a = -0 gives +0 (-0 + +0), so callers take the sign
+    from a."""
     q = a * b_inverse
     corrected = tl.fma(tl.fma(-b, q, a), b_inverse, q)
     return tl.where((tl.abs(q) < float("inf")) & (b_inverse != 0.0), corrected, q)
@@ -176,7 +177,8 @@ def _fp8_group_kernel(
         scale = tl.where(amax < float("inf"), _power_of_two(_shared_exponent(amax, 448.0)), amax)
     else:
         scale = tl.div_rn(amax, 448.0)
-    magnitude, negative = _e4m3_round(_divide(x, scale[:, None], tl.div_rn(1.0, scale)[:, None]))
+    magnitude, _ = _e4m3_round(_divide(x, scale[:, None], tl.div_rn(1.0, scale)[:, None]))
+    negative = (x.to(tl.int32, bitcast=True) >> 31) != 0  # x's sign: the divide's residual step turns -0 into +0
     if FAKE:
         _store_from_f32(out_ptr, offs, _signed(magnitude * scale[:, None], negative), group_ok[:, None], INTERPRETED)
     else:

@@ -114,12 +114,14 @@ def test_weight_nan_and_inf():
 
 
 def group_data(gen, shape, dtype, nonfinite=False):
-    """`spread` activations with, in the first rows: an all-zero group, a group below the amax floor 1e-10 (float16
+    """`spread` activations with, in the first rows: an all-zero group of +0 and -0, a group below the amax floor 1e-10 (float16
     has none: its subnormals start at 6e-8), a group of exact ties under a power-of-two scale; with `nonfinite`,
     +-Inf and NaN in other groups."""
     x = spread(gen, shape, dtype)
     rows = x.view(-1, shape[-1])
     rows[0, :128] = 0
+    rows[0, 1:128:2] = -0.0  # the sign of zero survives quantization
+    rows[2, 128 + 3] = -0.0  # and a -0 beside other values
     rows[1, :128] = (torch.rand(128, generator=gen) * (1e-11 if dtype != torch.float16 else 1e-7)).to(dtype)
     rows[2, :128] = _ties(gen, 128, 2.0 ** torch.randint(-10, 4, (), generator=gen).item()).to(dtype)
     if nonfinite:
