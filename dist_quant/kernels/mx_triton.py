@@ -126,27 +126,24 @@ def _mxfp4_kernel(
     x is NaN); else out = packed codes (element 2i in the low nibble) and scale = E8M0 bytes."""
     blocks = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
     block_ok = blocks < n_blocks
-    pairs = tl.arange(0, 16)[None, :]
-    even_offs = blocks[:, None] * 32 + 2 * pairs
-    even = _load_f32(x_ptr, even_offs, block_ok[:, None], INTERPRETED)
-    odd = _load_f32(x_ptr, even_offs + 1, block_ok[:, None], INTERPRETED)
-    exponent = _shared_exponent(tl.maximum(_block_amax(even, INTERPRETED), _block_amax(odd, INTERPRETED)), 6.0)
-    even_code = _e2m1_code_ties_down(_times_power_of_two(even, -exponent[:, None]))
-    odd_code = _e2m1_code_ties_down(_times_power_of_two(odd, -exponent[:, None]))
-    if FAKE:
-        _store_mxfp4_values(out_ptr, even_offs, even, even_code, exponent[:, None], block_ok[:, None], INTERPRETED)
-        _store_mxfp4_values(out_ptr, even_offs + 1, odd, odd_code, exponent[:, None], block_ok[:, None], INTERPRETED)
-    else:
+    if FAKE:  # whole blocks, loaded and stored contiguously
+        offs = blocks[:, None] * 32 + tl.arange(0, 32)[None, :]
+        x = _load_f32(x_ptr, offs, block_ok[:, None], INTERPRETED)
+        exponent = _shared_exponent(_block_amax(x, INTERPRETED), 6.0)[:, None]
+        code = _e2m1_code_ties_down(_times_power_of_two(x, -exponent))
+        y = _signed(_times_power_of_two(_e2m1_magnitude(code & 7), exponent), (code & 8) != 0)  # code 8 is -0.0
+        _store_from_f32(out_ptr, offs, tl.where(x == x, y, x), block_ok[:, None], INTERPRETED)
+    else:  # even and odd elements apart, to pack them two a byte
+        pairs = tl.arange(0, 16)[None, :]
+        even_offs = blocks[:, None] * 32 + 2 * pairs
+        even = _load_f32(x_ptr, even_offs, block_ok[:, None], INTERPRETED)
+        odd = _load_f32(x_ptr, even_offs + 1, block_ok[:, None], INTERPRETED)
+        exponent = _shared_exponent(tl.maximum(_block_amax(even, INTERPRETED), _block_amax(odd, INTERPRETED)), 6.0)
+        even_code = _e2m1_code_ties_down(_times_power_of_two(even, -exponent[:, None]))
+        odd_code = _e2m1_code_ties_down(_times_power_of_two(odd, -exponent[:, None]))
         packed = (even_code | (odd_code << 4)).to(tl.uint8)
         tl.store(out_ptr + blocks[:, None] * 16 + pairs, packed, mask=block_ok[:, None])
         tl.store(scale_ptr + blocks, (exponent + 127).to(tl.uint8), mask=block_ok)
-
-
-@triton.jit
-def _store_mxfp4_values(out_ptr, offs, x, code, exponent, mask, INTERPRETED: tl.constexpr):
-    """The dequantized E2M1 codes (code 8 is -0.0), NaN where x is NaN."""
-    y = _signed(_times_power_of_two(_e2m1_magnitude(code & 7), exponent), (code & 8) != 0)
-    _store_from_f32(out_ptr, offs, tl.where(x == x, y, x), mask, INTERPRETED)
 
 
 @triton.jit
