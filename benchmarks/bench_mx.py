@@ -10,7 +10,8 @@ What one call does (a minute or two on an H200, ModelOpt's import included):
   3. Median times (triton.testing.do_bench, L2 cleared before each call) of: dst.copy_(x); each kernel; its torch
      reference; the peers: MXFP8QTensor.quantize and MXFP4QTensor.quantize (what ModelOpt's export runs, torch
      ops), and ModelOpt's MX fake quant (tensor_quant.dynamic_block_quant, its CUDA extension, built on first use:
-     "peer missing" where it cannot be built). GB/s = (bytes read + bytes written) / time.
+     "peer missing" where it cannot be built). GB/s = (bytes read + bytes written) / time, and as a fraction of
+     the copy's GB/s (the ceiling of a pass that reads and writes each element once).
   4. Prints a markdown section and appends it to --results.
 
 Exit status: 0 done; 1 no CUDA GPU; 3 a kernel differs from the torch reference.
@@ -109,7 +110,8 @@ def main(argv=None) -> int:
     failed, rows = [], []
     dst = torch.empty_like(x)
     copy_ms = cuda_time_ms(lambda: dst.copy_(x))
-    rows.append(["copy (ceiling)", f"{copy_ms:.4f}", f"{4 * numel / copy_ms / 1e6:.0f}", "", ""])
+    copy_gbs = 4 * numel / copy_ms / 1e6
+    rows.append(["copy (ceiling)", f"{copy_ms:.4f}", f"{copy_gbs:.0f}", "100%", "", ""])
     for name, (ours, reference, written) in cases.items():
         out, expected = ours(x), reference(x)
         pairs = zip(out, expected) if isinstance(out, tuple) else [(out, expected)]
@@ -127,15 +129,16 @@ def main(argv=None) -> int:
             ours_main = out[0] if isinstance(out, tuple) else out
             same = bits_equal(torch, peer_out, ours_main)
             peer_cell = f"{peer_ms:.4f} ms ({peer_ms / ours_ms:.1f}x ours; {'same bytes' if same else 'bytes differ'})"
+        gbs = nbytes / ours_ms / 1e6
         rows.append([name + ("" if equal else " (DIFFERS from the reference)"), f"{ours_ms:.4f}",
-                     f"{nbytes / ours_ms / 1e6:.0f}", f"{reference_ms:.4f}", peer_cell])
+                     f"{gbs:.0f}", f"{gbs / copy_gbs:.0%}", f"{reference_ms:.4f}", peer_cell])
     section = "\n".join([
         f"## bench_mx: {utc_now()}, {torch.cuda.get_device_name()}",
         "",
         f"`{command_line()}`; bf16 {args.shape[0]}x{args.shape[1]}; torch {torch.__version__}; "
         + "; ".join(peer_notes),
         "",
-        md_table(["op", "ours (ms)", "ours GB/s", "torch reference (ms)", "ModelOpt"], rows),
+        md_table(["op", "ours (ms)", "ours GB/s", "of the copy's GB/s", "torch reference (ms)", "ModelOpt"], rows),
         "",
         "Bit-exact against the torch reference: " + ("all" if not failed else "FAIL: " + ", ".join(failed)),
     ])
