@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import enum
 import math
-from contextlib import contextmanager
 from typing import Sequence
 
 import torch
@@ -233,23 +232,32 @@ def segments_calibrate_together(quantizers: Sequence[TensorQuantizer]) -> bool:
 
 def segments_quantize_together(quantizers: Sequence[TensorQuantizer]) -> bool:
     """Whether these quantizers (all of one format), fed consecutive row segments of one tensor, can
-    fake-quantize them in one launch (`fake_quant_segments`): all quantizing, in a format that does (NVFP4),
-    outside autograd (the straight-through gradient is per quantizer), no cached output."""
-    if torch.is_grad_enabled() or any(q._mode is not QuantizerMode.QUANTIZING or q.cache_output for q in quantizers):
+    fake-quantize them in one launch (`fake_quant_segments`): all quantizing, in a format that does (NVFP4), no
+    cached output."""
+    if any(q._mode is not QuantizerMode.QUANTIZING or q.cache_output for q in quantizers):
         return False
     return quantizers[0].fmt.number.segmented
 
 
 def fake_quant_segments(quantizers: Sequence[TensorQuantizer], x: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
     """x [sum(rows), n] with each segment of rows fake-quantized by its quantizer (see
-    `segments_quantize_together`): the same values as one call per quantizer, in one kernel launch."""
+    `segments_quantize_together`): the same values as one call per quantizer, in one kernel launch, and under
+    autograd the same straight-through gradient (each row bounded by its quantizer's clamp bound)."""
     number = quantizers[0].fmt.number
     global_amax = torch.stack([q.global_amax.reshape(()) for q in quantizers])
     block_amax = None
     if quantizers[0].fmt.block_type == STATIC:
         blocks = x.shape[1] // number.block
         block_amax = torch.cat([q._block_amax.reshape(n, blocks) for q, n in zip(quantizers, rows)]).to(x.device)
-    return number.fake_quant_segments(x, global_amax, rows, block_amax)
+
+    def fake_quant(x):
+        return number.fake_quant_segments(x, global_amax, rows, block_amax)
+
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return fake_quant(x)
+    bounds = number.clamp_bound(torch.stack([q._amax.reshape(()) for q in quantizers]), global_amax).to(x.device)
+    counts = torch.tensor(rows).to(x.device, non_blocking=True)
+    return _StraightThrough.apply(x, bounds.repeat_interleave(counts, output_size=len(x)).unsqueeze(1), fake_quant)
 
 
 class SegmentAmax:
@@ -277,16 +285,3 @@ class SegmentAmax:
                 new.append(value)
         if running:
             torch._foreach_maximum_(running, new)
-
-
-@contextmanager
-def suspended(quantizers: Sequence[TensorQuantizer]):
-    """These quantizers pass their input through (their work was done for them) for the duration."""
-    modes = [q._mode for q in quantizers]
-    for q in quantizers:
-        q._mode = QuantizerMode.DISABLED
-    try:
-        yield
-    finally:
-        for q, mode in zip(quantizers, modes):
-            q._mode = mode

@@ -19,6 +19,7 @@ from dist_quant.bridge.architectures import ARCHITECTURES, Architecture, Forward
 from dist_quant.bridge.config import HFConfig
 from dist_quant.bridge.mappings import BridgeError, Mapping
 from dist_quant.bridge.registry import MappingRegistry
+from dist_quant.modules.megatron import group_experts
 from dist_quant.quantizer import TensorQuantizer
 
 
@@ -288,8 +289,9 @@ class ModelBridge:
         self, tp: int = 1, ep: int = 1, etp: int | None = None, dtype: torch.dtype | None = None,
         pipeline: PipelineSplit = PipelineSplit(), device: torch.device | None = None,
     ):
-        """A megatron-core GPTModel (local layer spec) for this rank: with pipeline stages, this rank's stage
-        (its layers under their global numbers). megatron's parallel state must be set. `device` CUDA: the
+        """A megatron-core GPTModel (local layer spec, its MoE layers' experts grouped: `GroupedExperts`) for this
+        rank: with pipeline stages, this rank's stage (its layers under their global numbers). megatron's parallel
+        state must be set. `device` CUDA: the
         parameters are allocated and drawn on the current GPU by megatron's GPU initialization (a 30B model
         never passes through host memory); otherwise on the CPU."""
         from megatron.core import parallel_state
@@ -336,6 +338,7 @@ class ModelBridge:
         for module in model.modules():
             if getattr(module, "expert_bias", None) is not None:
                 module.expert_bias.data = module.expert_bias.data.float()
+        group_experts(model)
         return model
 
     # -- names -------------------------------------------------------------------------------------------

@@ -82,7 +82,6 @@ def attach_quantizers(model: nn.Module, recipe: Recipe, groups: ParallelGroups |
     configured by the recipe, with its quantizers on the model's device; routed megatron experts apply their
     routing weight after linear_fc2 from here on (see RoutedExpertMLP). -> number of enabled quantizers."""
     from dist_quant.modules.megatron import (
-        batch_experts,
         convert_megatron_module,
         layout_for,
         logical_namer,
@@ -141,7 +140,6 @@ def attach_quantizers(model: nn.Module, recipe: Recipe, groups: ParallelGroups |
     if enabled == 0:
         raise RecipeError(f"recipe {recipe.source} enables no quantizer in this model")
     if kinds:
-        batch_experts(model)
         try:
             quantize_latent_caches(model)
         except ValueError as error:

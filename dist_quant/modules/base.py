@@ -56,5 +56,16 @@ def structure_version(model: torch.nn.Module) -> int:
     return model.__dict__.get("_dist_quant_structure", 0)
 
 
+_generation = 0  # changes of quantizers in this process, any model's
+
+
 def structure_changed(model: torch.nn.Module) -> None:
+    global _generation
     model.__dict__["_dist_quant_structure"] = structure_version(model) + 1
+    _generation += 1
+
+
+def structure_generation() -> int:
+    """How many times dist_quant changed which quantizers any model of this process has: what a module that
+    lists quantizers of its submodules (`GroupedExperts`) keys its list by, not knowing its model."""
+    return _generation

@@ -7,13 +7,12 @@ megatron-core is imported lazily, so the rest of dist_quant works without it.
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
 from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
-from dist_quant.modules.base import Layout, QuantModule, quantized_class
+from dist_quant.modules.base import Layout, QuantModule, quantized_class, structure_generation
 from dist_quant.modules.linear import LINEAR_QUANTIZERS
 from dist_quant.quantizer import (
     QuantFormat,
@@ -23,7 +22,6 @@ from dist_quant.quantizer import (
     fake_quant_segments,
     segments_calibrate_together,
     segments_quantize_together,
-    suspended,
 )
 
 _DISABLED = QuantizerMode.DISABLED
@@ -167,7 +165,12 @@ class RoutedExpertMLP:
             return output, bias
         if bias is not None:  # megatron too adds a routed expert's bias before the weighting
             output, bias = output + bias, None
-        return (output * per_token_scale.unsqueeze(-1)).to(output.dtype), bias
+        return routing_weighted(output, per_token_scale), bias
+
+
+def routing_weighted(x: torch.Tensor, per_token_scale: torch.Tensor) -> torch.Tensor:
+    """x [tokens, n] times each token's routing weight, in x's dtype (megatron's rule wherever it applies it)."""
+    return (x * per_token_scale.unsqueeze(-1)).to(x.dtype)
 
 
 def route_after_fc2(model: nn.Module) -> int:
@@ -184,89 +187,175 @@ def route_after_fc2(model: nn.Module) -> int:
     return count
 
 
-class BatchedExperts:
-    """megatron's SequentialMLP, whose experts' quantizers do their per-expert work in one pass per layer where
-    they can, instead of once per expert (hundreds of small launches per forward otherwise bound an MoE forward by
-    host time):
-    - calibrating, the linear_fc1 input quantizers collect their amax in one pass over the layer's tokens
-      (megatron lays them out one expert after another; `SegmentAmax`);
-    - quantizing outside autograd, the linear_fc1 inputs are fake-quantized in one launch, and so are the
-      stacked linear_fc1 weights and the stacked linear_fc2 weights (`fake_quant_segments`);
-    then the experts run with those quantizers suspended and the fake-quantized weights swapped in. The values are
-    those of the per-expert quantizers, bit for bit; other modes and formats run per expert (see
-    `segments_calibrate_together`, `segments_quantize_together`). `batched` False: always per expert."""
+class GroupedExperts:
+    """megatron's SequentialMLP computing all its local experts at once: linear_fc1 of every expert as one grouped
+    GEMM (`torch.nn.functional.grouped_mm`), the activation once for the layer, linear_fc2 as one grouped GEMM,
+    the routing weight where the expert MLPs apply it (megatron: into the activation; `RoutedExpertMLP`: after
+    linear_fc2). The parameters, their names (`local_experts.{i}.linear_fc1.weight`), the experts interface and
+    each expert's quantizers are SequentialMLP's, so loading, export, refit and quantizer state see no
+    difference; the outputs, the calibrated amax and the fake-quantized values are those of SequentialMLP's
+    forward, bit for bit on CPU (docs/sync.md, "Grouped experts"). A role's quantizers (every expert's fc1 input,
+    fc1 weight, ..., fc2 output) do their work in one pass over the layer where their format allows
+    (`_quantize_role`). A layer `_groups` refuses runs SequentialMLP's forward, expert by expert; `grouped`
+    False: always (what benchmarks and tests compare against)."""
 
-    batched = True
+    grouped = True
 
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
         hidden = permuted_local_hidden_states
-        if not (self.batched and self.num_local_experts > 1 and hidden.dim() == 2 and not self._reshapes_inputs()):
+        if not (self.grouped and self._groups(hidden)):
             return super().forward(hidden, tokens_per_expert, permuted_probs)
-        input_quantizers = self.__dict__["fc1_input_quantizers"]
-        suspend, swaps = [], []
-        if segments_calibrate_together(input_quantizers):
-            self.__dict__["fc1_input_amax"].collect(hidden, tokens_per_expert.tolist())
-            suspend += input_quantizers
-        elif segments_quantize_together(input_quantizers):
-            hidden = fake_quant_segments(input_quantizers, hidden, tokens_per_expert.tolist())
-            suspend += input_quantizers
-        for linears in self.__dict__["expert_linears"]:
-            quantizers = [linear.weight_quantizer for linear in linears]
-            if segments_quantize_together(quantizers):
-                weights = torch.stack([linear.weight for linear in linears])
-                rows = [weights.shape[1]] * len(linears)
-                quantized = fake_quant_segments(quantizers, weights.flatten(0, 1), rows).view_as(weights)
-                swaps += zip(linears, quantized.unbind(0))
-                suspend += quantizers
-        if not suspend:
-            return super().forward(hidden, tokens_per_expert, permuted_probs)
-        with suspended(suspend), _swapped_weights(swaps):
-            return super().forward(hidden, tokens_per_expert, permuted_probs)
+        roles = self._roles()
+        counts = tokens_per_expert.tolist()
+        offsets = torch.cumsum(tokens_per_expert.to(hidden.device), 0, dtype=torch.int32)
+        after_fc2 = isinstance(self.local_experts[0], RoutedExpertMLP)
+        x = _quantize_role(roles.get("fc1.input_quantizer"), hidden, counts)
+        x = _grouped_linear(x, _stacked_weights(roles["fc1"], roles.get("fc1.weight_quantizer")), counts, offsets)
+        x = _quantize_role(roles.get("fc1.output_quantizer"), x, counts)
+        x = self._activation(x, counts)
+        if not after_fc2:
+            x = routing_weighted(x, permuted_probs)
+        x = _quantize_role(roles.get("fc2.input_quantizer"), x, counts)
+        x = _grouped_linear(x, _stacked_weights(roles["fc2"], roles.get("fc2.weight_quantizer")), counts, offsets)
+        x = _quantize_role(roles.get("fc2.output_quantizer"), x, counts)
+        return (routing_weighted(x, permuted_probs) if after_fc2 else x), None
 
-    def _reshapes_inputs(self) -> bool:
-        """megatron changes the experts' inputs before linear_fc1: scaled by the routing weight, or padded."""
+    def _groups(self, hidden: torch.Tensor) -> bool:
+        """Whether this layer can run grouped; what it cannot do runs SequentialMLP's forward: inputs megatron
+        changes before linear_fc1 (scaled by the routing weight, or padded for Transformer Engine's FP8/FP4),
+        expert biases, activations megatron takes from Transformer Engine or fuses with a bias, weight gradients
+        accumulated by megatron's fused kernel (`gradient_accumulation_fusion`, into `main_grad`), and expert
+        linears other than megatron's own."""
+        from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
         config = self.config
-        return bool(config.moe_apply_probs_on_input or config.fp8 or config.fp4)
+        if hidden.dim() != 2 or any(
+            getattr(config, flag, False)
+            for flag in ("moe_apply_probs_on_input", "fp8", "fp4", "use_te_activation_func", "bias_activation_fusion",
+                         "gradient_accumulation_fusion")
+        ):
+            return False
+        expert = self.local_experts[0]  # megatron builds every expert alike
+        fc1, fc2 = expert.linear_fc1, expert.linear_fc2
+        return (
+            isinstance(fc1, ColumnParallelLinear) and isinstance(fc2, RowParallelLinear)
+            and fc1.bias is None and fc2.bias is None
+        )
+
+    def _roles(self) -> dict:
+        """The experts' linears ("fc1", "fc2": one list each) and their quantizers by role ("fc1.input_quantizer":
+        an `_ExpertRole`; roles that no recipe enabled are left out), read again after any change of
+        quantizers (`structure_generation`): listing them per forward would cost a millisecond of host time per
+        layer at 128 experts."""
+        cached = self.__dict__.get("_expert_roles")
+        if cached is not None and cached[0] == structure_generation():
+            return cached[1]
+        roles = {}
+        for linear in ("fc1", "fc2"):
+            linears = [getattr(expert, f"linear_{linear}") for expert in self.local_experts]
+            roles[linear] = linears
+            for name in LINEAR_QUANTIZERS:
+                quantizers = [linear._modules.get(name) for linear in linears]
+                if all(isinstance(q, TensorQuantizer) for q in quantizers) and any(q.enabled for q in quantizers):
+                    roles[f"{linear}.{name}"] = _ExpertRole(quantizers)
+        self.__dict__["_expert_roles"] = (structure_generation(), roles)
+        return roles
+
+    def _activation(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """megatron's MLP activation (unfused, no bias: what `_groups` admits), for the layer at once on CUDA,
+        where every element is computed by one function. On CPU expert by expert: torch's CPU kernels compute a
+        loop's tail with the scalar function and the rest with vectorized approximations (exp, as in silu) that
+        can differ in the last bit, and where a loop ends depends on the tensor's size and the thread split."""
+        if x.is_cuda:
+            return self._activate(x)
+        return torch.cat([self._activate(segment) for segment in x.split(counts)])
+
+    def _activate(self, x: torch.Tensor) -> torch.Tensor:
+        config = self.config
+        if not config.gated_linear_unit:
+            return self.local_experts[0].activation_func(x)
+        gate, linear = torch.chunk(x, 2, dim=-1)
+        clamp = config.activation_func_clamp_value
+        if clamp is not None:
+            gate, linear = gate.clamp(min=None, max=clamp), linear.clamp(min=-clamp, max=clamp)
+        return config.activation_func(gate) * (linear + config.glu_linear_offset)
 
 
-@contextmanager
-def _swapped_weights(swaps):
-    """Each linear's weight parameter replaced by the given tensor for the duration."""
-    originals = [(linear, linear._parameters["weight"]) for linear, _ in swaps]
-    for linear, weight in swaps:
-        linear._parameters["weight"] = weight
-    try:
-        yield
-    finally:
-        for linear, weight in originals:
-            linear._parameters["weight"] = weight
+class _ExpertRole:
+    """One role's quantizers, one per expert (every expert's fc1 input quantizer, ...). `together`: all of one
+    format, so that their per-expert work can be done in one pass over the layer's rows."""
+
+    def __init__(self, quantizers: list[TensorQuantizer]):
+        self.quantizers = quantizers
+        self.together = all(q.fmt == quantizers[0].fmt for q in quantizers)
+        self.amax = SegmentAmax(quantizers)
 
 
-def batch_experts(model: nn.Module) -> int:
-    """Make every SequentialMLP whose experts' quantizers share one format per role a BatchedExperts (after the
-    experts were converted). Idempotent. -> number of such layers."""
+def _quantize_role(role: _ExpertRole | None, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """x [rows, n], each expert's rows (`counts`, in expert order) through that expert's quantizer of this role:
+    calibrating, their amax collected in one pass (`SegmentAmax`); fake-quantizing (NVFP4), in one launch
+    (`fake_quant_segments`), the straight-through gradient included; otherwise expert by expert."""
+    if role is None:
+        return x
+    quantizers = role.quantizers
+    if all(q._mode is _DISABLED for q in quantizers):
+        return x
+    if role.together and segments_calibrate_together(quantizers):
+        role.amax.collect(x, counts)
+        return x
+    if role.together and segments_quantize_together(quantizers):
+        return fake_quant_segments(quantizers, x, counts)
+    segments = x.split(counts)
+    outputs = [q(segment) for q, segment in zip(quantizers, segments)]
+    if all(output is segment for output, segment in zip(outputs, segments)):  # calibrating: x as it came
+        return x
+    return torch.cat(outputs)
+
+
+def _stacked_weights(linears: list[nn.Module], role: _ExpertRole | None) -> torch.Tensor:
+    """The experts' weights [experts, out, in], through their weight quantizers (one launch where they can).
+    Stacking megatron's per-expert parameters costs a copy of the layer's expert weights per forward (the
+    fake-quantized ones come stacked from their one launch, for nothing more): reading and writing them once
+    more at memory speed, against a grouped GEMM that reads them once and does 2 x tokens per expert flops per
+    weight. Keeping the parameters as views of one stacked tensor would spare it, but megatron's and torch's
+    own code (`module.to`, distributed optimizers' buffers) re-point parameters, and an extra stacked copy of
+    every expert weight would not fit the memory target; bench_forward measures the stacking's share."""
+    weights = [linear._parameters["weight"] for linear in linears]
+    if role is None or all(q._mode is _DISABLED for q in role.quantizers):
+        return torch.stack(weights)
+    if role.together and segments_quantize_together(role.quantizers):
+        stacked = torch.stack(weights)
+        rows = [stacked.shape[1]] * len(weights)
+        return fake_quant_segments(role.quantizers, stacked.flatten(0, 1), rows).view_as(stacked)
+    return torch.stack([q(w) for q, w in zip(role.quantizers, weights)])
+
+
+def _grouped_linear(x: torch.Tensor, weights: torch.Tensor, counts: list[int], offsets: torch.Tensor) -> torch.Tensor:
+    """Each expert's rows of x times its weight transposed: one grouped GEMM where torch has it and the operands'
+    strides are 16-byte multiples (as it demands), else expert by expert. On CPU torch's grouped GEMM computes
+    each expert's product as the per-expert matmul does, bit for bit (tests/unit/test_grouped_experts.py), and
+    so does megatron's linear (`torch.matmul(x, w.t())`)."""
+    alignment = 16 // x.element_size()
+    if _GROUPED_MM is not None and len(x) and x.shape[1] % alignment == 0 and weights.shape[1] % alignment == 0:
+        return _GROUPED_MM(x, weights.transpose(1, 2), offs=offsets)
+    return torch.cat([torch.matmul(segment, weight.t()) for segment, weight in zip(x.split(counts), weights)])
+
+
+_GROUPED_MM = getattr(torch.nn.functional, "grouped_mm", None)  # torch >= 2.10
+
+
+def group_experts(model: nn.Module) -> int:
+    """Make every megatron SequentialMLP of `model` a `GroupedExperts`, in place (parameters, names, state and
+    quantizers unchanged): the models dist_quant builds are grouped already; a model of one's own opts in with
+    this. Idempotent. -> number of MoE layers."""
     from megatron.core.transformer.moe.experts import SequentialMLP
 
     count = 0
     for module in model.modules():
-        if not isinstance(module, SequentialMLP) or not len(module.local_experts):
-            continue
-        experts = module.local_experts
-        if not all(isinstance(e.linear_fc1, QuantModule) and isinstance(e.linear_fc2, QuantModule) for e in experts):
-            continue
-        linears = [[e.linear_fc1 for e in experts], [e.linear_fc2 for e in experts]]
-        roles = [[e.linear_fc1.input_quantizer for e in experts]] + [[lin.weight_quantizer for lin in ls] for ls in linears]
-        if any(q.fmt != role[0].fmt for role in roles for q in role):
-            continue
-        if any(len({tuple(lin.weight.shape) for lin in ls}) > 1 for ls in linears):
-            continue
-        if not isinstance(module, BatchedExperts):
-            module.__class__ = quantized_class(type(module), BatchedExperts)
-        # plain attributes: no submodules, no state
-        module.__dict__["fc1_input_quantizers"] = roles[0]
-        module.__dict__["fc1_input_amax"] = SegmentAmax(roles[0])
-        module.__dict__["expert_linears"] = linears
-        count += 1
+        if isinstance(module, SequentialMLP):
+            if not isinstance(module, GroupedExperts):
+                module.__class__ = quantized_class(type(module), GroupedExperts)
+            count += 1
     return count
 
 

@@ -1,0 +1,114 @@
+"""The grouped experts' pieces: the grouped GEMM against the per-expert matmul megatron's expert linears compute
+(bit for bit on CPU, which is why the CPU runs it too; within one bf16 ulp on CUDA, on the built-in models' expert
+shapes), and one-launch fake quantization of the experts' segments with each quantizer's straight-through
+gradient."""
+
+import json
+
+import pytest
+import torch
+
+from dist_quant.formats import QuantFormat
+from dist_quant.job import CONFIGS
+from dist_quant.modules.megatron import _GROUPED_MM, _grouped_linear
+from dist_quant.quantizer import QuantizerMode, TensorQuantizer, fake_quant_segments, segments_quantize_together
+
+COUNTS = [5, 0, 17, 10, 1, 0, 33]  # experts that receive no token included
+
+
+def _per_expert(x, weights, counts):
+    """What megatron's expert linears compute, one expert after another."""
+    return torch.cat([torch.matmul(segment, weight.t()) for segment, weight in zip(x.split(counts), weights)])
+
+
+def _operands(counts, k, n, dtype, device="cpu", seed=0):
+    gen = torch.Generator(device).manual_seed(seed)
+    x = torch.randn(sum(counts), k, generator=gen, device=device, dtype=dtype)
+    weights = torch.randn(len(counts), n, k, generator=gen, device=device, dtype=dtype) / k**0.5
+    offsets = torch.tensor(counts, device=device).cumsum(0).to(torch.int32)
+    return x, weights, offsets
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_gemm_on_cpu_is_the_per_expert_matmul_bit_for_bit(dtype):
+    assert _GROUPED_MM is not None  # torch 2.13 has it: the grouped path is what runs here
+    x, weights, offsets = _operands(COUNTS, 64, 96, dtype)
+    grad = torch.randn(sum(COUNTS), 96, generator=torch.Generator().manual_seed(1)).to(dtype)
+    results = []
+    for compute in (lambda x, w: _grouped_linear(x, w, COUNTS, offsets), lambda x, w: _per_expert(x, w, COUNTS)):
+        x_, w_ = x.clone().requires_grad_(), weights.clone().requires_grad_()
+        out = compute(x_, w_)
+        out.backward(grad)
+        results.append((out.detach(), x_.grad, w_.grad))
+    for grouped, per_expert in zip(*results):
+        assert torch.equal(grouped, per_expert)
+
+
+def test_operands_the_grouped_gemm_cannot_take_run_expert_by_expert():
+    x, weights, offsets = _operands(COUNTS, 12, 96, torch.bfloat16)  # rows of 24 bytes: not 16-byte multiples
+    assert torch.equal(_grouped_linear(x, weights, COUNTS, offsets), _per_expert(x, weights, COUNTS))
+    empty = torch.empty(0, 64)
+    assert _grouped_linear(empty, torch.randn(3, 8, 64), [0, 0, 0], torch.zeros(3, dtype=torch.int32)).shape == (0, 8)
+
+
+def _nvfp4_quantizers(x: torch.Tensor, counts: list[int], block_type: str) -> list[TensorQuantizer]:
+    """One NVFP4 quantizer per segment, calibrated on half its segment's values (so that the rest clips)."""
+    quantizers = []
+    for segment in x.split(counts):
+        q = TensorQuantizer(QuantFormat("nvfp4", block_type=block_type))
+        q.calibrate_from(segment * 0.5)
+        q.mode = QuantizerMode.QUANTIZING
+        quantizers.append(q)
+    return quantizers
+
+
+@pytest.mark.parametrize("block_type", ["dynamic", "static"])
+def test_segments_fake_quantize_with_each_quantizers_straight_through_gradient(block_type):
+    counts = [3, 4, 2]
+    x = torch.randn(sum(counts), 32, generator=torch.Generator().manual_seed(2))
+    quantizers = _nvfp4_quantizers(x, counts, block_type)
+    grad = torch.randn_like(x)
+    together, alone = x.clone().requires_grad_(), x.clone().requires_grad_()
+    assert segments_quantize_together(quantizers)
+    one_launch = fake_quant_segments(quantizers, together, counts)
+    one_launch.backward(grad)
+    per_quantizer = torch.cat([q(segment) for q, segment in zip(quantizers, alone.split(counts))])
+    per_quantizer.backward(grad)
+    assert torch.equal(one_launch, per_quantizer) and torch.equal(together.grad, alone.grad)
+    assert (together.grad == 0).any() and (together.grad != 0).any()  # clipped values get no gradient
+
+
+def _builtin_expert_shapes() -> dict[str, tuple[int, int, int, int]]:
+    """name -> (experts, top-k, hidden, expert width) of every built-in MoE."""
+    shapes = {}
+    for path in sorted(CONFIGS.glob("*.json")):
+        config = json.loads(path.read_text())
+        experts = config.get("num_experts") or config.get("n_routed_experts")
+        if experts:
+            shapes[path.stem] = (experts, config["num_experts_per_tok"], config["hidden_size"], config["moe_intermediate_size"])
+    return shapes
+
+
+def _ulp_bf16(x: torch.Tensor) -> torch.Tensor:
+    """The spacing of bfloat16 values at each |x| (8 significant bits)."""
+    _, exponent = torch.frexp(x.float().abs())
+    return torch.ldexp(torch.ones_like(x, dtype=torch.float32), exponent - 8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's grouped GEMM (run on the GPU machines)")
+@pytest.mark.parametrize("model", _builtin_expert_shapes())
+def test_grouped_gemm_on_cuda_within_one_bf16_ulp_of_the_per_expert_matmul(model):
+    """2 x 2048 tokens routed at random over the model's experts (some get none), both projections: the grouped
+    GEMM differs from cuBLAS's per-expert products by at most one bf16 ulp (the GEMMs sum in other orders)."""
+    experts, top_k, hidden, width = _builtin_expert_shapes()[model]
+    gen = torch.Generator().manual_seed(0)
+    choice = torch.multinomial(torch.ones(experts), 2 * 2048 * top_k, replacement=True, generator=gen)
+    counts = torch.bincount(choice, minlength=experts)
+    counts[::7] = 0
+    counts = counts.tolist()
+    for k, n in ((hidden, 2 * width), (width, hidden)):  # linear_fc1 (gate and up), linear_fc2
+        x, weights, offsets = _operands(counts, k, n, torch.bfloat16, "cuda")
+        grouped, per_expert = _grouped_linear(x, weights, counts, offsets), _per_expert(x, weights, counts)
+        distance = (grouped.float() - per_expert.float()).abs()
+        beyond = distance > _ulp_bf16(per_expert)
+        assert not beyond.any(), f"{model} {k}->{n}: {int(beyond.sum())} values more than one ulp apart"
