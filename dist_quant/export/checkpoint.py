@@ -27,8 +27,8 @@ from dist_quant.export.buckets import bucketed
 from dist_quant.export.shards import ShardWriter
 from dist_quant.export.side_files import copy_side_files
 from dist_quant.export.output import OutputError, OutputTarget
-from dist_quant.export.configs import LAYER_ALGOS, MIXED, hf_quant_config, quantization_config
-from dist_quant.export.problems import NO_WEIGHTS, ExportError, quantizer_problem
+from dist_quant.export.configs import LAYER_ALGOS, MIXED, checkpoint_configs
+from dist_quant.export.problems import NO_WEIGHTS, ExportError, block_layout_problem, blocks, quantizer_problem
 from dist_quant.export.verify import VerificationError, verify
 from dist_quant.modules import QuantModule
 from dist_quant.modules.base import model_device
@@ -170,6 +170,8 @@ class _LayerQuantizer:
                 continue
             if fmt.axis is not None:
                 raise ExportError(f"{planned.hf_names[0][: -len('.weight')]}: per-channel weight scales are not part of the checkpoint format")
+            if fmt.number.blocks_span_rows:
+                _check_rank_blocks(planned, fmt)
             state = buffers.get((module, "weight"), {})
             amax = state.get("_global_amax", state.get("_amax"))
             if amax is None:
@@ -195,7 +197,7 @@ class _LayerQuantizer:
                 attention = planned.hf_names[0][: -len(f".{role}_quantizer._amax")]
                 out.append((self.kv_scale_name(attention, kind), fp8_scale(tensor).reshape(())))
             elif i in placed:
-                out += self._emit(planned, results[placed[i][0]], placed[i], input_scales.get(i))
+                out += self._emit(planned, results[placed[i][0]], placed[i], input_scales.get(i), checks)
             elif planned.name in unquantized:
                 for hf_name, piece in zip(planned.hf_names, planned.mapping.to_hf(unquantized[planned.name])):
                     if piece.dim() == 2 and hf_name.endswith(".weight") and not hf_name.endswith("embed_tokens.weight"):
@@ -235,13 +237,21 @@ class _LayerQuantizer:
             scales.update(zip((i for i, _ in entries), values))
         return scales
 
-    def _emit(self, planned: Planned, result: tuple, place: tuple, input_scale: torch.Tensor | None) -> list:
+    def _emit(self, planned: Planned, result: tuple, place: tuple, input_scale: torch.Tensor | None, checks: list) -> list:
         (kind, *_), index = place
         values, blocks, scales = result
         inputs = self.formats.get(f"{_parse(planned.name)[3]}.input_quantizer")
         algo = LAYER_ALGOS.get((kind, inputs.kind if inputs else None))
         pieces = planned.mapping.to_hf(values[index])
-        block_pieces = planned.mapping.to_hf(blocks[index]) if blocks is not None else [None] * len(pieces)
+        block_pieces = [None] * len(pieces)
+        if blocks is not None:
+            try:
+                block_pieces, straddles = FORMATS[kind].split_blocks(planned.mapping.to_hf, blocks[index], values[index].shape[0])
+            except ValueError as error:
+                raise ExportError(f"{', '.join(planned.hf_names)}: {error}, which the engines' blocks need") from None
+            if straddles is not None:
+                checks.append((f"{', '.join(planned.hf_names)}: a block of the fake-quantized {planned.name} straddles two "
+                               "of its modules, whose own blocks the engines dequantize differently", straddles))
         out = []
         for hf_name, piece, block_piece in zip(planned.hf_names, pieces, block_pieces):
             module = hf_name[: -len(".weight")]
@@ -250,6 +260,19 @@ class _LayerQuantizer:
                 out.append((f"{module}.input_scale", input_scale))
             self.quantized[module] = algo
         return out
+
+
+def _check_rank_blocks(planned: Planned, fmt: QuantFormat) -> None:
+    """A rank holding interleaved pieces of a fused weight (gate_r and up_r of linear_fc1: `stride`) fake-quantized
+    its piece in blocks that must be blocks of each module as well."""
+    rows, stride = fmt.number.multiple(fmt)[0], planned.mapping.stride
+    split = next((shape[0] // stride for shape in planned.shapes if (shape[0] // stride) % rows), None) if stride > 1 else None
+    if split is not None:
+        raise ExportError(
+            f"{', '.join(planned.hf_names)}: each tensor-parallel rank holds {split} rows of each, which is no whole "
+            f"number of the {rows}-row blocks its fake quantization used; calibrate at a tensor-parallel size that "
+            f"splits them into multiples of {rows} rows"
+        )
 
 
 def _which(group: _Group) -> str:
@@ -293,9 +316,10 @@ def checkpoint_tensors(
         yield from tensors
 
 
-def _quant_config(quantizer: _LayerQuantizer, tied: bool) -> dict:
-    """hf_quant_config.json. A head tied to the embedding holds no tensor of its own, is never quantized, and is
-    listed as excluded all the same: vLLM otherwise builds a quantized head whose scales never load."""
+def _quant_configs(quantizer: _LayerQuantizer, tied: bool) -> tuple[dict | None, dict]:
+    """(hf_quant_config.json or None, config.json's quantization_config): `configs.checkpoint_configs`. A head tied
+    to the embedding holds no tensor of its own, is never quantized, and is listed as excluded all the same: vLLM
+    otherwise builds a quantized head whose scales never load."""
     algos = set(quantizer.quantized.values())
     if len(quantizer.kv_algos) > 1:
         raise ExportError(f"K and V caches in different formats: {sorted(quantizer.kv_algos)}")
@@ -304,7 +328,7 @@ def _quant_config(quantizer: _LayerQuantizer, tied: bool) -> dict:
     algo = algos.pop() if len(algos) == 1 else MIXED
     excluded = set(quantizer.excluded) | ({"lm_head"} if tied else set())
     producer = {"name": "dist_quant", "version": dist_quant.__version__}
-    return hf_quant_config(producer, algo, next(iter(quantizer.kv_algos), None), sorted(excluded), quantizer.quantized)
+    return checkpoint_configs(producer, algo, next(iter(quantizer.kv_algos), None), sorted(excluded), quantizer.quantized)
 
 
 def estimated_bytes(model: nn.Module, bridge: ModelBridge, groups: ParallelGroups) -> int:
@@ -329,12 +353,13 @@ def estimated_bytes(model: nn.Module, bridge: ModelBridge, groups: ParallelGroup
 
 
 def _write_configs(directory: Path, bridge: ModelBridge, quantizer: _LayerQuantizer, source_dir) -> None:
-    hf_quant = _quant_config(quantizer, bridge.tied)
+    hf_quant, quantization = _quant_configs(quantizer, bridge.tied)
     # the source's quantization_config (an FP8 block-scaled source's) left out: the export's own goes last, as for
     # an unquantized source
     config = {key: value for key, value in bridge.exported_config().items() if key != "quantization_config"}
-    config["quantization_config"] = quantization_config(hf_quant)
-    (directory / "hf_quant_config.json").write_text(json.dumps(hf_quant, indent=2))
+    config["quantization_config"] = quantization
+    if hf_quant is not None:  # none in the native form
+        (directory / "hf_quant_config.json").write_text(json.dumps(hf_quant, indent=2))
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     if source_dir is not None:
         copy_side_files(source_dir, directory)
@@ -376,7 +401,7 @@ def export_hf(
             except OutputError as error:
                 problem = str(error)
     modules = _quantizers(model)
-    problem = problem or quantizer_problem(modules, bridge.forward.latent is not None)
+    problem = problem or quantizer_problem(modules, bridge.forward.latent is not None) or block_layout_problem(bridge, blocks(modules))
     formats = _formats(modules)
     try:
         _agree(problem or _check_activations(model))

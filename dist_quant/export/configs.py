@@ -1,12 +1,25 @@
-"""The two quantization configs of an exported checkpoint, laid out field for field as NVIDIA ModelOpt 0.47's
-exporter writes them (modelopt/torch/export/quant_utils.py `get_quant_config` / `process_layer_quant_config`,
-convert_hf_config.py `convert_hf_quant_config_format`). The exporter writes them and the verifier expects them
-from these functions alone; the README's Serving section says what the engines read in them.
+"""The quantization configs of an exported checkpoint (`checkpoint_configs`): the two laid out field for field as
+NVIDIA ModelOpt 0.47's exporter writes them (modelopt/torch/export/quant_utils.py `get_quant_config` /
+`process_layer_quant_config`, convert_hf_config.py `convert_hf_quant_config_format`), or, for FP8 128x128 blocks
+alone, config.json's `quantization_config` in the engines' native `fp8` form (`native_quantization_config`). The
+exporter writes them and the verifier expects them from these functions alone; the README's Serving section says
+what the engines read in them.
 
 A quantized layer's quant_algo follows from its weight and input formats (`LAYER_ALGOS`): NVFP4 weights with
 NVFP4 inputs are "NVFP4" (W4A4), NVFP4 weights with unquantized inputs "W4A16_NVFP4" (ModelOpt's
 `get_quantization_format` returns QUANTIZATION_W4A16_NVFP4 when the input quantizer is disabled), FP8 weights
-with FP8 inputs "FP8". Every other pair has no form that vLLM 0.33 and SGLang 0.5.23 load (`NO_FORM`).
+with FP8 inputs "FP8", MXFP8 weights with MXFP8 inputs "MXFP8", FP8 128x128 weight blocks "FP8_PB_WO" whatever
+their inputs (both engines quantize such a layer's input themselves, per token in groups of 128). Every other pair
+has no form that vLLM 0.33 and SGLang 0.5.23 load (`NO_FORM`).
+
+The native form (a checkpoint whose quantized layers are all FP8 blocks): `{"quant_method": "fp8", "fmt": "e4m3",
+"activation_scheme": "dynamic", "weight_block_size": [128, 128], "modules_to_not_convert": [...]}` and
+`"kv_cache_quant_algo": "FP8"` with an FP8 KV cache, no hf_quant_config.json: DeepSeek-V3's config, which vLLM 0.33
+and SGLang 0.5.23 read with their `Fp8Config.from_config` (both require activation_scheme "dynamic" with blocks;
+vLLM ignores fmt and kv_cache_quant_algo, SGLang reads kv_cache_quant_algo to turn its FP8 KV cache on under
+`--kv-cache-dtype auto`). modules_to_not_convert names every unquantized linear exactly (vLLM matches it exactly:
+`ignored_layers_match_mode = "exact"`, shard by shard for fused layers, experts by substring), MoE routers and a
+head tied to the embedding included.
 
 hf_quant_config.json: `{"producer": {name, version}, "quantization": {...}}` with `quant_algo` and
 `kv_cache_quant_algo` always; `group_size` (16) for the NVFP4 algos only; `exclude_modules` for one algo; for
@@ -35,8 +48,16 @@ W4A16 = "W4A16_NVFP4"
 # MXFP8 weights and inputs (dynamic blocks, no input_scale) are ModelOpt's "MXFP8", which vLLM 0.33 loads
 # (modelopt.py ModelOptMxFp8Config: weight_scale uint8 [out, in/32]) and SGLang 0.5.23 turns into its native mxfp8
 # method (model_config.py _parse_modelopt_quant_config).
-LAYER_ALGOS = {(NVFP4, NVFP4): "NVFP4", (NVFP4, None): W4A16, (FP8, FP8): "FP8", (MXFP8, MXFP8): "MXFP8"}
-QUANT_ALGOS = tuple(LAYER_ALGOS.values())
+# FP8 128x128 weight blocks are "FP8_PB_WO" with or without the 1x128 input groups: the engines quantize the input of
+# such a layer dynamically in any case (vLLM 0.33 fp8.py Fp8LinearMethod, GroupShape(1, 128); SGLang 0.5.23
+# Fp8LinearMethod, which asserts activation_scheme dynamic), and the checkpoint holds nothing of the inputs.
+FP8_PB = FORMATS[FP8_BLOCK].algo
+LAYER_ALGOS = {
+    (NVFP4, NVFP4): "NVFP4", (NVFP4, None): W4A16, (FP8, FP8): "FP8", (MXFP8, MXFP8): "MXFP8",
+    (FP8_BLOCK, FP8_BLOCK): FP8_PB, (FP8_BLOCK, None): FP8_PB,
+}
+QUANT_ALGOS = tuple(dict.fromkeys(LAYER_ALGOS.values()))
+MODELOPT_ALGOS = tuple(a for a in QUANT_ALGOS if a != FP8_PB)  # quant_algo of a ModelOpt checkpoint of one format
 NVFP4_ALGOS = tuple(algo for (weight, _), algo in LAYER_ALGOS.items() if weight == NVFP4)  # packed, group_size 16
 
 
@@ -63,11 +84,6 @@ NO_FORM = {
         "MXFP4 has no checkpoint form vLLM 0.33 and SGLang 0.5.23 both load: ModelOpt's (quant_algo mxfp4) is "
         "refused by both (vLLM modelopt.py QUANT_ALGOS, SGLang ModelOptFp8Config), and their native mxfp4 method "
         "takes gpt-oss's own experts only; calibrate and fake-quantize in MXFP4 (QAT), export in NVFP4 or MXFP8"
-    )),
-    **dict.fromkeys(((FP8_BLOCK, FP8_BLOCK), (FP8_BLOCK, None)), (
-        "FP8 128x128 blocks export in the engines' native form (quant_method fp8, weight_scale_inv), which "
-        "dist_quant does not write yet (ModelOpt's fp8_pb_wo loads in vLLM 0.33 for dense layers only and in "
-        "SGLang 0.5.23 not at all); export in FP8 per tensor, MXFP8 or NVFP4"
     )),
     (MXFP8, None): (
         "MXFP8 weights with unquantized inputs have no ModelOpt form (vLLM 0.33 runs MXFP8 layers with MXFP8 "
@@ -122,8 +138,11 @@ def kv_cache_scheme(algo: str | None) -> dict | str | None:
 
 def _group(algo: str, targets: list[str]) -> dict:
     """A config group (convert_hf_config.py `_quant_algo_to_group_config`): W4A16_NVFP4 has weights alone, which
-    vLLM reads as weight-only NVFP4 even under quant_algo NVFP4 (modelopt.py ModelOptNvFp4Config._from_config)."""
+    vLLM reads as weight-only NVFP4 even under quant_algo NVFP4 (modelopt.py ModelOptNvFp4Config._from_config); an
+    algo ModelOpt has no group for (FP8_PB_WO) is its quant_algo alone (its fallback branch)."""
     number = weight_format(algo)
+    if not number.config_group:
+        return {"quant_algo": algo, "targets": targets}
     tensors = {"dynamic": False, "num_bits": number.config_bits, "type": "float", **number.config_entries}
     if not number.static_inputs:  # ModelOpt's MXFP8 group: no dynamic key
         del tensors["dynamic"]
@@ -149,3 +168,27 @@ def quantization_config(hf_quant: dict) -> dict:
     if scheme is not None:
         config["kv_cache_scheme"] = scheme
     return config
+
+
+# The native form's fixed keys (DeepSeek-V3's quantization_config)
+NATIVE = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic"}
+
+
+def native_quantization_config(kv: str | None, exclude: list[str]) -> dict:
+    """config.json's quantization_config of an FP8 128x128 block checkpoint in the engines' native form (above)."""
+    config = {**NATIVE, "weight_block_size": list(FORMATS[FP8_BLOCK].weight_block), "modules_to_not_convert": sorted(exclude)}
+    if kv is not None:
+        config["kv_cache_quant_algo"] = kv
+    return config
+
+
+def checkpoint_configs(
+    producer: dict, algo: str, kv: str | None, exclude: list[str], layers: dict[str, str] | None = None
+) -> tuple[dict | None, dict]:
+    """(hf_quant_config.json, None for the native form; config.json's quantization_config) of a checkpoint whose
+    quantized layers are all `algo` (or MIXED_PRECISION with `layers`), `kv` its kv_cache_quant_algo, `exclude` its
+    unquantized linears."""
+    if algo == FP8_PB:
+        return None, native_quantization_config(kv, exclude)
+    hf_quant = hf_quant_config(producer, algo, kv, exclude, layers)
+    return hf_quant, quantization_config(hf_quant)

@@ -6,13 +6,13 @@ calibrate job's startup check), and by `export_hf` from a quantized model's own 
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from typing import Iterable, Mapping
 
-from dist_quant.bridge.mappings import ColumnParallelMapping, kv_bmm_mappings
+from dist_quant.bridge.mappings import ColumnParallelMapping, QKVMapping, kv_bmm_mappings
 from dist_quant.bridge.models import ModelBridge
-from dist_quant.export.configs import LAYER_ALGOS, NO_FORM
+from dist_quant.export.configs import FP8_PB, LAYER_ALGOS, NO_FORM, NVFP4_ALGOS
 from dist_quant.modules.linear import LINEAR_QUANTIZERS
-from dist_quant.formats import FP8, QuantFormat
+from dist_quant.formats import FORMATS, FP8, FP8_BLOCK, NVFP4, QuantFormat
 from dist_quant.recipe import Recipe
 
 KV_QUANTIZERS = ("k_bmm_quantizer", "v_bmm_quantizer")
@@ -69,13 +69,31 @@ def _kv_kinds(formats: Mapping[str, QuantFormat | None]) -> tuple[str, str]:
 # The quant_algos a MIXED_PRECISION checkpoint holds in a form both engines load: MXFP8 layers there take their scales
 # as weight_scale in vLLM 0.33 (modelopt.py, ModelOptMixedPrecisionConfig) but as weight_scale_inv in SGLang 0.5.23
 # (whose mixed path, unlike its mxfp8 method, does not rename them: modelopt_quant.py / loader.py), and vLLM refuses
-# tensors it does not expect, so no one checkpoint serves both.
-MIXED_ALGOS = frozenset(("NVFP4", "W4A16_NVFP4", "FP8"))
+# tensors it does not expect, so no one checkpoint serves both. FP8 128x128 blocks are there for routed experts
+# alone: both engines run FP8_PB_WO experts with their native Fp8MoEMethod (weight_scale_inv, 2-D per expert), but
+# FP8_PB_WO linears with vLLM's ModelOpt block method (weight_scale [out/128, 1, in/128, 1]) and SGLang's native
+# Fp8LinearMethod (weight_scale_inv [out/128, in/128]).
+MIXED_ALGOS = frozenset(("NVFP4", "W4A16_NVFP4", "FP8", FP8_PB))
 NOT_MIXED = (
     "vLLM 0.33 loads MXFP8 layers of a MIXED_PRECISION checkpoint with weight_scale, SGLang 0.5.23 with "
     "weight_scale_inv, so no one checkpoint serves both; quantize the whole model in MXFP8, or mix NVFP4, "
-    "W4A16_NVFP4 and FP8"
+    "W4A16_NVFP4, FP8 and FP8 128x128 block experts"
 )
+FP8_BLOCK_LINEAR_NOT_MIXED = (
+    "FP8 128x128 blocks beside other formats (a MIXED_PRECISION checkpoint) are for routed experts only: vLLM 0.33 "
+    "loads FP8_PB_WO linear layers there with a 4-D weight_scale [out/128, 1, in/128, 1] (modelopt.py), SGLang "
+    "0.5.23 with a 2-D weight_scale_inv (modelopt_quant.py, its native Fp8LinearMethod), so no one checkpoint "
+    "serves both; quantize every linear in FP8 blocks (the engines' native fp8 form), or this one in another format"
+)
+# SGLang 0.5.23 reads MIXED_PRECISION as its modelopt_mixed method only when a layer is NVFP4 or W4A16_NVFP4
+# (configs/model_config.py _parse_modelopt_quant_config); otherwise as w4afp8, DeepSeek's int4-expert format
+MIXED_WITHOUT_NVFP4 = (
+    "SGLang 0.5.23 reads a MIXED_PRECISION checkpoint without an NVFP4 or W4A16_NVFP4 layer as its w4afp8 method "
+    "(int4 experts), not as the layers it lists; quantize some layers (the experts) in NVFP4, or the whole model "
+    "in one format"
+)
+# The native fp8 form has one KV cache key, kv_cache_quant_algo, which SGLang 0.5.23's Fp8Config reads for FP8 only
+NATIVE_KV = "the native fp8 form of FP8 128x128 blocks holds an FP8 KV cache or none: give K and V e4m3 entries"
 # docs/checkpoint.md, "Multi-latent attention's KV cache"
 LATENT_KV = (
     "multi-latent attention caches one row per token, [latent | rope key], under one scale, which serves in both "
@@ -97,6 +115,7 @@ def quantizer_problem(modules: Mapping[str, Mapping[str, QuantFormat | None]], l
     checkpoint cannot hold, naming the module, or None."""
     experts: dict[str, tuple[str, str]] = {}  # MoE layer -> (its first expert linear, that one's algo)
     algos: dict[str, str] = {}  # quant_algo -> the first module of it
+    block_linear = None  # the first linear (not a routed expert) in FP8 blocks
     kv: tuple[str, tuple[str, str]] | None = None  # (the first core attention, its K and V formats)
     weights = False
     for module, formats in modules.items():
@@ -125,6 +144,8 @@ def quantizer_problem(modules: Mapping[str, Mapping[str, QuantFormat | None]], l
                 alone = next(a for a in algos if a not in MIXED_ALGOS)
                 return f"{algos[alone]} is {alone} in a checkpoint of several formats: {NOT_MIXED}"
         moe = _EXPERT.match(module)
+        if algo == FP8_PB and not moe:
+            block_linear = block_linear or module
         if moe:
             algo = algo or "unquantized"
             first, first_algo = experts.setdefault(moe.group(1), (module, algo))
@@ -134,7 +155,74 @@ def quantizer_problem(modules: Mapping[str, Mapping[str, QuantFormat | None]], l
                     "fused layer of one format (vLLM 0.33 modelopt.py ModelOptMixedPrecisionConfig._resolve_quant_algo "
                     "takes the first expert's; is_layer_excluded excludes all or none)"
                 )
-    return None if weights else NO_WEIGHTS
+    if not weights:
+        return NO_WEIGHTS
+    return _forms_problem(algos, block_linear, kv)
+
+
+def _forms_problem(algos: dict[str, str], block_linear: str | None, kv) -> str | None:
+    """What the checkpoint form its quant_algos (-> their first module) take cannot hold: `block_linear`, the first
+    FP8-block linear that is no routed expert; `kv`, the first core attention and its K and V formats."""
+    if len(algos) > 1 and FP8_PB in algos:
+        if block_linear is not None:
+            return f"{block_linear} is {FP8_PB}: {FP8_BLOCK_LINEAR_NOT_MIXED}"
+        if not set(NVFP4_ALGOS) & set(algos):
+            return f"{algos[FP8_PB]} is {FP8_PB} in a checkpoint of several formats: {MIXED_WITHOUT_NVFP4}"
+    if set(algos) == {FP8_PB} and kv is not None and kv[1][0] == NVFP4:
+        return f"{kv[0]}: K {kv[1][0]}, V {kv[1][1]}: {NATIVE_KV}"
+    return None
+
+
+# FP8 128x128 blocks: Hugging Face modules whose rows the engines need in whole blocks, since they fuse each with the
+# next (vLLM 0.33 utils/fp8_utils.py validate_fp8_block_shape: every shard of a merged layer but the last; SGLang
+# 0.5.23 fp8.py validate_block_quant_shapes: every shard of q/k/v and gate/up; both engines' Fp8MoEMethod: the
+# experts' gate and up rows, "to ensure proper alignment of the block-wise quantization scales")
+ROW_BLOCK_MODULES = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "w1", "w3", "q_a_proj")
+# SGLang 0.5.23's llama.py loader (LlamaForCausalLM, and MistralForCausalLM, which extends it) renames every
+# weight_scale_inv to weight_scale (models/llama.py _legacy_load_weights, model_loader/auto_loader.py
+# _llama_remap), which its block-FP8 layers do not have (they register weight_scale_inv): the scales are dropped
+# with a warning and the layers run with float32's lowest value as every scale (sglang PR #30234)
+SGLANG_DROPS_SCALE_INV = ("LlamaForCausalLM", "MistralForCausalLM")
+
+
+def block_layout_problem(bridge: ModelBridge, modules: Iterable[str]) -> str | None:
+    """`modules`: the Megatron linears (experts numbered or as `*`) whose weights are FP8 128x128 blocks -> the
+    first thing about the model that keeps both engines from loading them, or that would make the engines'
+    blocks other than the blocks the fake quantization used (Megatron's fused q/k/v rows interleave per query
+    group), naming the module; None."""
+    modules = sorted(modules)
+    if not modules:
+        return None
+    if bridge.architecture in SGLANG_DROPS_SCALE_INV:
+        return (
+            f"{modules[0]} is {FP8_PB}: SGLang 0.5.23's {bridge.architecture} loader renames FP8 block scales "
+            "(weight_scale_inv) to weight_scale and drops them, so its layers would run unscaled; export this "
+            "architecture in FP8, MXFP8 or NVFP4"
+        )
+    rows = FORMATS[FP8_BLOCK].weight_block[0]
+    shapes = bridge.hf_tensor_shapes()
+    mappings = [m for m in bridge.mappings() if isinstance(m, ColumnParallelMapping) and m.exported]
+    for module in modules:
+        name = module.replace("*", "0") + ".weight"
+        mapping, wildcards = next(((m, w) for m in mappings for w in [m.match_megatron(name)] if w is not None), (None, None))
+        if mapping is None:
+            continue
+        if isinstance(mapping, QKVMapping) and mapping.head_dim % rows:
+            return (
+                f"{module}: heads of {mapping.head_dim} channels: Megatron's fused q/k/v weight holds each query "
+                f"group's q, k and v rows in turn, so its {rows}-row FP8 blocks (those the fake quantization used) "
+                "are not q_proj's, k_proj's and v_proj's own; FP8 128x128 blocks need heads of a multiple of "
+                f"{rows} channels"
+            )
+        for hf_name in mapping.hf_names(wildcards):
+            hf_module = hf_name[: -len(".weight")]
+            if hf_module.rpartition(".")[2] in ROW_BLOCK_MODULES and shapes[hf_name][0] % rows:
+                return (
+                    f"{module}: {hf_module} has {shapes[hf_name][0]} rows, no whole number of {rows}-row FP8 blocks, "
+                    "which vLLM 0.33 and SGLang 0.5.23 need where they fuse it with its siblings (validate_fp8_block_shape, "
+                    "validate_block_quant_shapes, Fp8MoEMethod); quantize it in another format"
+                )
+    return None
 
 
 def _modules(bridge: ModelBridge) -> dict[str, tuple[str, ...]]:
@@ -159,6 +247,11 @@ def _modules(bridge: ModelBridge) -> dict[str, tuple[str, ...]]:
     return out
 
 
+def blocks(modules: Mapping[str, Mapping[str, QuantFormat | None]]) -> list[str]:
+    """The modules whose weights are FP8 128x128 blocks."""
+    return [name for name, formats in modules.items() if layer_algo(formats) == FP8_PB]
+
+
 def check_exportable(recipe: Recipe, bridge: ModelBridge) -> None:
     """ExportError (one line naming the recipe and the quantizer) when the recipe would quantize the model the
     bridge describes in a way the checkpoint cannot hold: checked before any rank builds the model, so that
@@ -176,6 +269,6 @@ def check_exportable(recipe: Recipe, bridge: ModelBridge) -> None:
         return resolved[key]
 
     modules = {name: {q: format_for(f"{name}.{q}") for q in quantizers} for name, quantizers in _modules(bridge).items()}
-    problem = quantizer_problem(modules, bridge.forward.latent is not None)
+    problem = quantizer_problem(modules, bridge.forward.latent is not None) or block_layout_problem(bridge, blocks(modules))
     if problem:
         raise ExportError(f"recipe {recipe.source}: {problem}")

@@ -28,13 +28,12 @@ import torch
 from dist_quant.bridge.config import DTYPES
 from dist_quant.bridge.io import INDEX_FILE, SAFETENSORS_DTYPES, SINGLE_FILE
 from dist_quant.export.configs import (
-    GROUP_SIZE, KV_ALGOS, LAYER_ALGOS, MIXED, NVFP4_ALGOS, QUANT_ALGOS, W4A16, input_quantized, quantization_config,
-    required_quantization_keys, weight_format,
+    FP8_PB, GROUP_SIZE, KV_ALGOS, LAYER_ALGOS, MIXED, MODELOPT_ALGOS, NATIVE, QUANT_ALGOS, W4A16, input_quantized,
+    layer_entry, native_quantization_config, quantization_config, required_quantization_keys, weight_format,
 )
 from dist_quant.formats import FORMATS, SCALAR, Spec
 from dist_quant.recipe.schema import FUSED_SIBLINGS
 
-E2M1_MAX = 6.0
 FLOATS = tuple(DTYPES.values())  # the unquantized dtypes: those the bridge reads
 SIBLINGS = tuple(names for _, names in FUSED_SIBLINGS)  # by their checkpoint names: the last part of a module's
 _GROUPS = re.compile(r"^((model\.layers\.\d+)\.mlp\.experts\.\d+)\.|^(model\.layers\.\d+)\.")
@@ -51,16 +50,20 @@ class VerificationError(ValueError):
 
 @dataclass
 class Plan:
-    """hf_quant_config.json's quantization section, once it is known to be usable."""
+    """hf_quant_config.json's quantization section (or, in the native FP8 block form, config.json's
+    quantization_config), once it is known to be usable."""
 
     algo: str
     kv: str | None
     exclude: list[str]
     layers: dict[str, str] | None  # MIXED_PRECISION: module -> its format
+    native: bool = False  # the native fp8 form: `exclude` (modules_to_not_convert) holds exact names, not patterns
 
     def format_of(self, module: str) -> str | None:
         if self.layers is not None:
             return self.layers.get(module)
+        if self.native:  # as vLLM matches modules_to_not_convert (Fp8Config: ignored_layers_match_mode "exact")
+            return None if module in self.exclude else self.algo
         return None if any(fnmatchcase(module, p) for p in self.exclude) else self.algo
 
     def why(self, module: str) -> str:
@@ -68,9 +71,12 @@ class Plan:
         if self.layers is not None:
             listed = self.layers.get(module)
             return f"quantized_layers says {listed}" if listed else "quantized_layers does not list it"
+        listing = "modules_to_not_convert" if self.native else "exclude_modules"
         if self.format_of(module) is None:
-            return "exclude_modules excludes it"
-        return f"no exclude_modules pattern matches it, so it must be {self.algo}"
+            return f"{listing} excludes it"
+        if self.native:
+            return f"{listing} does not name it, so it must be {self.algo}"
+        return f"no {listing} pattern matches it, so it must be {self.algo}"
 
 
 # -- reading ---------------------------------------------------------------------------------------------
@@ -208,11 +214,11 @@ def _plan(quant: dict, problems: list[str]) -> Plan | None:
     if not isinstance(section, dict):
         return problems.append("hf_quant_config.json: quantization is missing or not an object")
     algo, kv, exclude = (section.get(k) for k in ("quant_algo", "kv_cache_quant_algo", "exclude_modules"))
-    required = required_quantization_keys(algo) if algo in (*QUANT_ALGOS, MIXED) else ("quant_algo", "kv_cache_quant_algo")
+    required = required_quantization_keys(algo) if algo in (*MODELOPT_ALGOS, MIXED) else ("quant_algo", "kv_cache_quant_algo")
     problems += [f"hf_quant_config.json: quantization.{k} is missing" for k in required if k not in section and k != "quantized_layers"]
     usable = {"quant_algo", "kv_cache_quant_algo"} <= set(section) and (algo == MIXED or "exclude_modules" in section)
-    if "quant_algo" in section and algo not in (*QUANT_ALGOS, MIXED):
-        problems.append(f"hf_quant_config.json: quantization.quant_algo is {algo!r}, expected {', '.join(QUANT_ALGOS)} or {MIXED}")
+    if "quant_algo" in section and algo not in (*MODELOPT_ALGOS, MIXED):
+        problems.append(f"hf_quant_config.json: quantization.quant_algo is {algo!r}, expected {', '.join(MODELOPT_ALGOS)} or {MIXED}")
         usable = False
     if kv not in (None, *KV_ALGOS):
         problems.append(f"hf_quant_config.json: quantization.kv_cache_quant_algo is {kv!r}, expected FP8, NVFP4, null")
@@ -231,10 +237,35 @@ def _plan(quant: dict, problems: list[str]) -> Plan | None:
         layers = {m: e.get("quant_algo") if isinstance(e, dict) else None for m, e in entries.items()}
         bad = sorted(m for m, a in layers.items() if a not in QUANT_ALGOS)
         problems += [f"hf_quant_config.json: quantized_layers.{m} needs a quant_algo of {' or '.join(QUANT_ALGOS)}" for m in bad]
+        problems += [
+            f"hf_quant_config.json: quantized_layers.{m} is {json.dumps(entries[m])}, expected {json.dumps(layer_entry(a))}"
+            for m, a in sorted(layers.items()) if a in QUANT_ALGOS and entries[m] != layer_entry(a)
+        ]
         usable = usable and not bad
     elif "quantized_layers" in section:
         problems.append(f"hf_quant_config.json: quantization.quantized_layers is given, but quant_algo is {algo!r}")
     return Plan(algo, kv, exclude or [], layers) if usable else None
+
+
+def _native_plan(qc: dict, problems: list[str]) -> Plan:
+    """config.json's quantization_config in the native fp8 form, which must be what the exporter writes
+    (`configs.native_quantization_config`) key for key, `modules_to_not_convert` compared as a set -> its Plan."""
+    exclude, kv = qc.get("modules_to_not_convert"), qc.get("kv_cache_quant_algo")
+    if not (isinstance(exclude, list) and all(isinstance(m, str) for m in exclude)):
+        problems.append("config.json: quantization_config.modules_to_not_convert must be a list of module names")
+        exclude = []
+    if kv not in (None, "FP8"):
+        problems.append(f"config.json: quantization_config.kv_cache_quant_algo is {json.dumps(kv)}, expected \"FP8\" or none")
+        kv = None
+    expected = native_quantization_config(kv, exclude)
+    for key in sorted(set(expected) | set(qc)):
+        if key not in qc:
+            problems.append(f"config.json: quantization_config.{key} is missing")
+        elif key not in expected:
+            problems.append(f"config.json: quantization_config.{key} is not a key of the native fp8 form")
+        elif key != "modules_to_not_convert" and qc[key] != expected[key]:
+            problems.append(f"config.json: quantization_config.{key} is {json.dumps(qc[key])}, expected {json.dumps(expected[key])}")
+    return Plan(FP8_PB, kv, exclude, None, native=True)
 
 
 def _check_config_quantization(config: dict, quant: dict, plan: Plan | None, problems: list[str]) -> None:
@@ -414,10 +445,6 @@ def _compare(expected: dict[str, Spec], storage: Storage, plan: Plan, problems: 
     return good
 
 
-def _nan_bytes(codes: np.ndarray) -> np.ndarray:
-    return (codes & 0x7F) == 0x7F  # E4M3's only NaN codes: 0x7F and 0xFF
-
-
 def _values(stored: Stored, raw: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(raw.copy()).view(stored.dtype).reshape(stored.shape)
 
@@ -433,27 +460,25 @@ def _check_values(
     expected, good: set[str], formats: dict[str, str], storage: Storage, problems: list[str], warnings: list[str],
     on_progress: Callable[[int, int], None] | None,
 ) -> None:
-    """The values: positive finite scales, activation scales whose reciprocal is finite, no NaN bytes, finite
-    unquantized tensors, shared sibling scales; a warning where no value of a weight reaches FP8's top. Scalars
-    and block scales are read and checked a file at a time, in a few array operations however many there are (a
-    30B MoE has ~75,000)."""
+    """The values: positive finite scales, activation scales whose reciprocal is finite, finite unquantized tensors,
+    shared sibling scales, and each quantized weight as its format checks it (`NumberFormat.check_values`: NaN
+    bytes, block scales, finite dequantization), with the format's warning where its scales are not what its scale
+    rule makes of the values (`top_warning`). Scalar scales are read and checked a file at a time, in a few array
+    operations however many there are (a 30B MoE has ~75,000); packed weights are not read."""
     found: list[tuple[str, str]] = []  # (name, problem), put in name order at the end
-    by_role: dict[str, list[str]] = {"scale": [], "block": [], "other": []}
-    for name in good:
-        if storage.tensors[name].dtype != torch.uint8:  # every byte of a packed weight is a valid pair of E2M1 codes
-            role = expected[name].role
-            by_role[role if role in ("scale", "block") else "other"].append(name)
-    nbytes = {name: storage.tensors[name].dtype.itemsize * math.prod(storage.tensors[name].shape) for name in good}
-    done, total = 0, sum(nbytes[n] for names in by_role.values() for n in names)
+    stored = storage.tensors
+    packed = {n for n in good if expected[n].role == "weight" and stored[n].dtype == torch.uint8}
+    nbytes = {name: stored[name].dtype.itemsize * math.prod(stored[name].shape) for name in good - packed}
+    done, total = 0, sum(nbytes.values())
 
-    def read(names: list[str]) -> None:
+    def read(names) -> None:
         nonlocal done
         done += sum(nbytes[n] for n in names)
         if on_progress is not None:
             on_progress(done, total)
 
     read([])
-    names = by_role["scale"]
+    names = sorted(n for n in good if expected[n].role == "scale")
     values = np.concatenate([storage.raw(n) for n in names]).view(np.float32) if names else np.zeros(0, np.float32)
     fine = np.isfinite(values) & (values > 0)
     found += [(names[i], f"{names[i]} = {values[i].item()} is not a positive finite scale") for i in np.flatnonzero(~fine)]
@@ -470,44 +495,34 @@ def _check_values(
     ]
     scalars = {name: value for name, value, ok in zip(names, values, fine) if ok}
     read(names)
-    names = [n for n in by_role["block"] if math.prod(storage.tensors[n].shape)]
-    block_max: dict[str, np.uint8] = {}  # module -> its largest block scale code
-    if names:
-        chunks = [storage.raw(n) for n in names]
-        starts = np.cumsum([0] + [len(c) for c in chunks[:-1]])
-        codes = np.concatenate(chunks)
-        # Codes below 0x80 are the non-negative ones, growing with their values; 0x00 is zero, 0x7F NaN. A block
-        # whose extremes are in 0x01..0x7E is sound; the others are looked at closely.
-        largest, smallest = np.maximum.reduceat(codes, starts), np.minimum.reduceat(codes, starts)
-        for i in np.flatnonzero((largest >= 0x7F) | (smallest == 0)):
-            if _nan_bytes(chunks[i]).any():
-                found.append((names[i], f"{names[i]} holds NaN bytes"))
-            else:
-                found.append((names[i], f"{names[i]} holds zero or negative scales"))
-        sound = np.flatnonzero((largest < 0x7F) & (smallest > 0))
-        block_max = {names[i][: -len(".weight_scale")]: largest[i] for i in sound}
-    read(by_role["block"])
-    fp8_max: dict[str, np.uint8] = {}  # FP8 weight -> its largest magnitude code
-    for name in by_role["other"]:
-        stored, raw = storage.tensors[name], storage.raw(name)
-        if stored.dtype == torch.float8_e4m3fn:
-            if _nan_bytes(raw).any():
-                found.append((name, f"{name} holds NaN bytes"))
-            elif len(raw) and formats.get(name[: -len(".weight")]) == "FP8":  # one scale for the weight: max calibration reaches 448
-                fp8_max[name[: -len(".weight")]] = (raw & 0x7F).max()
-        elif expected[name].role == "float" and not torch.isfinite(_values(stored, raw)).all():
+    owned: dict[str, list[str]] = {}  # module -> its tensors (a K/V scale joins its k_proj / v_proj: unread there)
+    for name in good - packed:
+        if expected[name].role != "float":
+            owned.setdefault(name.rsplit(".", 1)[0], []).append(name)
+    tops: dict[str, float] = {}
+    for module in sorted(formats, key=_natural):
+        mine = [n for n in owned.get(module, ()) if expected[n].role != "scale"]
+        tensors = {n: _values(stored[n], storage.raw(n)) for n in mine}
+        tensors |= {n: torch.tensor(scalars[n]) for n in owned.get(module, ()) if n in scalars}
+        module_problems, top = weight_format(formats[module]).check_values(module, tensors)
+        found += [(module, problem) for problem in module_problems]
+        if top is not None:
+            tops[module] = top
+        read(mine)
+    for name in sorted(n for n in good - packed if expected[n].role == "float"):
+        if not torch.isfinite(_values(stored[name], storage.raw(name))).all():
             found.append((name, f"{name} holds NaN or Inf"))
         read([name])
-    for module, largest in block_max.items():
-        # E2M1 codes are at most 6 in size: the largest dequantized value decides finiteness without the weight
-        scale_2 = scalars.get(f"{module}.weight_scale_2")
-        with np.errstate(over="ignore"):  # overflowing float32 is the finding, not a warning
-            finite = scale_2 is None or np.isfinite(np.float32(E2M1_MAX) * _E4M3_VALUES[largest] * scale_2)
-        if not finite:
-            found.append((module, f"{module} dequantizes to non-finite values"))
     problems += [problem for _, problem in sorted(found, key=lambda item: _natural(item[0]))]
-    warnings += _unreached_top(block_max, "block scale", "weight_scale_2", "amax / 2688 (= amax / 6 / 448)")
-    warnings += _unreached_top(fp8_max, "weight value", "weight_scale", "amax / 448")
+    # a weight's top among its siblings' where they share a calibrated amax (NVFP4, FP8), else its own
+    judged: dict[str, tuple[str, list[float]]] = {}
+    for module, top in tops.items():
+        number = weight_format(formats[module])
+        judged.setdefault(_sibling_group(module) if number.weight_amax else module, (formats[module], []))[1].append(top)
+    for where, (algo, group_tops) in sorted(judged.items(), key=lambda item: _natural(item[0])):
+        warning = weight_format(algo).top_warning(where, group_tops)
+        if warning is not None:
+            warnings.append(warning)
     for module in formats:
         parent, _, leaf = module.rpartition(".")
         group = next((g for g in SIBLINGS if g[0] == leaf), None)
@@ -522,26 +537,6 @@ def _check_values(
             values = [scalars.get(f"{m}.{scale}") for m in members]
             if all(v is not None for v in values) and len({v.tobytes() for v in values}) > 1:
                 problems.append(f"{parent}.{{{','.join(group)}}}.{scale} differ: fused siblings share one scale")
-
-
-def _unreached_top(largest: dict[str, np.uint8], what: str, scale: str, calibrated: str) -> list[str]:
-    """Warnings for the weights (fused siblings together: they share one scale) none of whose `what`s is 448.
-    Max calibration makes `scale` the weight's (the siblings') `calibrated`, so the block or value holding the
-    amax comes out at exactly 448, the top of FP8's range; short of it, the scale was not made from this weight's
-    amax (block scales searched by MSE may legitimately stay below)."""
-    groups: dict[str, np.uint8] = {}
-    for module, code in largest.items():
-        group = _sibling_group(module)
-        groups[group] = max(groups.get(group, code), code)
-    return [
-        f"{group}: no {what} reaches 448, the top of FP8's range (the largest is {_E4M3_VALUES[code].item():g}): "
-        f"{scale} is not the weight's {calibrated} that max calibration sets (expected only for MSE-searched blocks)"
-        for group, code in sorted(groups.items(), key=lambda item: _natural(item[0])) if code < _E4M3_TOP
-    ]
-
-
-_E4M3_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
-_E4M3_TOP = 0x7E  # 448, E4M3's largest code
 
 
 def verify(directory: str | Path, on_progress: Callable[[int, int], None] | None = None) -> dict:
@@ -563,11 +558,21 @@ def verify(directory: str | Path, on_progress: Callable[[int, int], None] | None
     problems: list[str] = []
     warnings: list[str] = []
     config = _read_json(directory / "config.json", problems)
-    quant = _read_json(directory / "hf_quant_config.json", problems)
-    if config is None or quant is None:
-        _fail(directory, problems)
-    plan = _plan(quant, problems)
-    _check_config_quantization(config, quant, plan, problems)
+    qc = config.get("quantization_config") if config is not None else None
+    native = isinstance(qc, dict) and qc.get("quant_method") == NATIVE["quant_method"]
+    if native:
+        if (directory / "hf_quant_config.json").exists():
+            problems.append(
+                "hf_quant_config.json is stored, but config.json's quantization_config is the native fp8 form, "
+                "which has none"
+            )
+        plan = _native_plan(qc, problems)
+    else:
+        quant = _read_json(directory / "hf_quant_config.json", problems)
+        if config is None or quant is None:
+            _fail(directory, problems)
+        plan = _plan(quant, problems)
+        _check_config_quantization(config, quant, plan, problems)
     bridge = _model(config, problems)
     if bridge is not None and plan is not None:
         _check_tied_head(bridge, plan, problems)
@@ -581,6 +586,7 @@ def verify(directory: str | Path, on_progress: Callable[[int, int], None] | None
     if problems:
         _fail(directory, problems)
     return {
+        "quant_method": qc["quant_method"],
         "quant_algo": plan.algo,
         "kv_cache_quant_algo": plan.kv,
         "quantized_modules": len(formats),

@@ -7,9 +7,11 @@ as a recipe gives it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
+
+from dist_quant.numerics.fp8 import E4M3_MAX
 
 DYNAMIC = "dynamic"
 STATIC = "static"
@@ -74,6 +76,10 @@ class NumberFormat:
     segmented: bool = False  # row segments of one tensor, each its own quantizer's, fake-quantize in one launch
     static_inputs: bool = True  # a quantized input has a calibrated scale in the checkpoint (else dynamic, none)
     config_groups: bool = True  # ModelOpt writes config_groups for a checkpoint of this format alone
+    config_group: bool = True  # ModelOpt's convert_hf_config.py describes its layers in a config group
+    # its block scales cover rows too (2-D blocks): a fused Megatron weight's blocks must split whole into its
+    # Hugging Face modules (`split_blocks`)
+    blocks_span_rows: bool = False
 
     def problem(self, fmt: QuantFormat) -> str | None:
         """Why this configuration of the format cannot be; None when it can."""
@@ -130,7 +136,68 @@ class NumberFormat:
         checks: [(what went wrong, 0-d bool tensor True where it did)], left on the device for one host sync)."""
         raise NotImplementedError
 
+    def split_blocks(self, to_hf, blocks: torch.Tensor, rows: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """A quantized Megatron weight's block scales split as `to_hf` splits its `rows` into Hugging Face modules
+        -> (the modules' block scales, a 0-d bool tensor True where some block would straddle two modules, or None);
+        ValueError (why) where the split cannot be made. By default a block scale row is a weight row."""
+        return to_hf(blocks), None
+
     def weight_checkpoint(self, module: str, values: torch.Tensor, blocks: torch.Tensor | None,
                           scale: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         """One weight's checkpoint tensors from `quantize_weights`' pieces (named as `weight_tensors`)."""
         raise NotImplementedError
+
+    # -- the verifier's value checks (export/verify.py) ----------------------------------------------------
+    # True: the weight's scales follow from a calibrated amax, which fused siblings share, so the value max
+    # calibration puts at the top of the range is looked for among the siblings together; False: each block's
+    # scale follows from the block alone, and every block is judged on its own
+    weight_amax: bool = True
+
+    def check_values(self, module: str, tensors: Mapping[str, torch.Tensor]) -> tuple[list[str], float | None]:
+        """One quantized weight's stored values, `tensors` (checkpoint name -> tensor as stored, for those of
+        `weight_tensors` whose dtype and shape are right; scalar scales only where positive and finite) ->
+        (problems, one line each naming the tensor or module; `top`, what `top_warning` judges, None where the
+        weight holds nothing to judge). Packed weights are not given (every byte is a valid pair of codes)."""
+        raise NotImplementedError
+
+    def top_warning(self, where: str, tops: Sequence[float]) -> str | None:
+        """A warning when the `tops` of a weight (or of fused siblings that share a calibrated amax: `weight_amax`)
+        show scales that are not what the format's scale rule makes of the values, else None."""
+        raise NotImplementedError
+
+
+def e4m3_weight(module: str, tensors: Mapping[str, torch.Tensor]) -> tuple[list[str], torch.Tensor | None]:
+    """A stored float8_e4m3fn weight's NaN check: (problems, the weight, or None where absent, empty or NaN). E4M3's
+    only NaN codes are 0x7F and 0xFF."""
+    weight = tensors.get(f"{module}.weight")
+    if weight is None or not weight.numel():
+        return [], None
+    if ((weight.view(torch.uint8) & 0x7F) == 0x7F).any():
+        return [f"{module}.weight holds NaN bytes"], None
+    return [], weight
+
+
+def e4m3_block_largest(weight: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """The largest magnitude in each [rows, columns] block of a NaN-free float8_e4m3fn weight [out, in], as float32
+    [ceil(out / rows), ceil(in / columns)] (tail blocks partial), from the codes: without the sign bit they grow
+    with the magnitude."""
+    codes = weight.view(torch.uint8) & 0x7F
+    (out, features), (rows, columns) = codes.shape, block
+    padded = torch.zeros(-(-out // rows) * rows, -(-features // columns) * columns, dtype=torch.uint8)
+    padded[:out, :features] = codes
+    largest = padded.view(padded.shape[0] // rows, rows, padded.shape[1] // columns, columns).amax((1, 3))
+    return largest.view(torch.float8_e4m3fn).float()
+
+
+def calibrated_top_warning(where: str, largest: float, what: str, scale: str, calibrated: str) -> str | None:
+    """For formats whose scale follows from a calibrated amax (`weight_amax`): max calibration makes `scale` the
+    weight's (the siblings') `calibrated`, so the block or value holding the amax comes out at exactly 448, the
+    top of FP8's range; short of it, the scale was not made from this weight's amax (block scales searched by MSE
+    may legitimately stay below)."""
+    if largest >= E4M3_MAX:
+        return None
+    return (
+        f"{where}: no {what} reaches 448, the top of FP8's range (the largest is {largest:g}): {scale} is not the "
+        f"weight's {calibrated} that max calibration sets (expected only for MSE-searched blocks)"
+    )
+

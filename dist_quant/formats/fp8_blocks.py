@@ -1,6 +1,12 @@
 """FP8 with block scales (docs/formats.md, "FP8 blocks"), DeepSeek-V3's release format: a weight's 128x128 blocks
 each with a float32 scale (block amax / 448), an activation's per-token groups of 128 each with a dynamic float32
-scale, both from the data alone (the amax a quantizer still collects is unused; numerics/fp8_blocks.py)."""
+scale, both from the data alone (the amax a quantizer still collects is unused; numerics/fp8_blocks.py).
+
+In a checkpoint (docs/checkpoint.md, "FP8 128x128 blocks") each quantized weight is stored as the engines' native
+`fp8` method and DeepSeek-V3 hold it: `M.weight` float8_e4m3fn [out, in] with `M.weight_scale_inv` float32
+[ceil(out / 128), ceil(in / 128)], the dequantization multiplier (vLLM 0.33 and SGLang 0.5.23 fp8.py
+Fp8LinearMethod / Fp8MoEMethod register exactly these; "The weight_scale_inv name is intentional for deepseekv3").
+Both engines quantize a block-FP8 layer's input themselves, per token in groups of 128 (no input_scale)."""
 
 from __future__ import annotations
 
@@ -8,21 +14,30 @@ from typing import Sequence
 
 import torch
 
-from dist_quant.formats.base import DYNAMIC, NumberFormat, QuantFormat, Spec
+from dist_quant.formats.base import DYNAMIC, NumberFormat, QuantFormat, Spec, e4m3_block_largest, e4m3_weight
 from dist_quant.kernels import block_formats as kernels
 from dist_quant.numerics import fp8_blocks
+from dist_quant.numerics.fp8 import E4M3_MAX
 
 WEIGHT_BLOCK, GROUP = fp8_blocks.WEIGHT_BLOCK, (fp8_blocks.GROUP_SIZE,)
 
 
 class FP8BlockFormat(NumberFormat):
     name = "fp8_block"
-    algo = "FP8_PB"
+    # ModelOpt 0.47's name (its weight-only preset's; vLLM and SGLang run such layers with 1x128 activation groups),
+    # upper-cased as both engines read it: a MIXED_PRECISION layer's quant_algo, with its block size as group_size
+    algo = "FP8_PB_WO"
+    config_entries = {"group_size": WEIGHT_BLOCK[0]}
+    config_group = False  # ModelOpt's convert_hf_config.py has no config group for it: the group is its algo
+    weight_block = WEIGHT_BLOCK  # (rows, columns)
     config_bits = 8
     weight_dtype = torch.float8_e4m3fn
+    scale_name = "weight_scale_inv"  # DeepSeek-V3's and the engines' native name
+    blocks_span_rows = True
     weight_bytes = 1 + 4 / (WEIGHT_BLOCK[0] * WEIGHT_BLOCK[1])
     spellings = ("e4m3", 8)
     static_inputs = False  # per block, from the data
+    weight_amax = False
 
     def problem(self, fmt: QuantFormat) -> str | None:
         if fmt.axis is not None or fmt.block_shape not in (WEIGHT_BLOCK, GROUP) or fmt.use_constant_amax:
@@ -71,13 +86,49 @@ class FP8BlockFormat(NumberFormat):
         blocks = (-(-out // WEIGHT_BLOCK[0]), -(-features // WEIGHT_BLOCK[1]))
         return {
             f"{module}.weight": Spec((out, features), (self.weight_dtype,), "weight"),
-            f"{module}.weight_scale": Spec(blocks, (torch.float32,), "scale"),
+            f"{module}.{self.scale_name}": Spec(blocks, (torch.float32,), "block"),
         }
 
     def quantize_weights(self, x, amax, rows: Sequence[int], block_amax):
-        # each weight its own blocks: rows of two weights never share one
+        # each weight its own blocks, as its quantizer's fake quantization has them (the same reference function)
         pieces = [fp8_blocks.fp8_block_quantize(w, WEIGHT_BLOCK) for w in x.split(rows)]
         return ([v for v, _ in pieces], [s for _, s in pieces], [None] * len(rows)), []
 
+    def split_blocks(self, to_hf, blocks, rows):
+        # each weight row takes its block's scale, rows split as the weight's; a module's rows must then be whole
+        # blocks, each row of a block with the block's scale
+        rows_of_blocks, per_row = WEIGHT_BLOCK[0], blocks.repeat_interleave(WEIGHT_BLOCK[0], 0)[:rows]
+        pieces = to_hf(per_row)
+        if len(pieces) == 1:
+            return [blocks], None
+        if any(piece.shape[0] % rows_of_blocks for piece in pieces):
+            sizes = ", ".join(str(piece.shape[0]) for piece in pieces)
+            raise ValueError(f"its modules have {sizes} rows: not whole blocks of {rows_of_blocks} rows")
+        grids = [piece.view(-1, rows_of_blocks, piece.shape[1]) for piece in pieces]
+        straddles = torch.stack([(grid != grid[:, :1]).any() for grid in grids]).any()
+        return [grid[:, 0].contiguous() for grid in grids], straddles
+
     def weight_checkpoint(self, module, values, blocks, scale):
-        return [(f"{module}.weight", values), (f"{module}.weight_scale", blocks)]
+        return [(f"{module}.weight", values), (f"{module}.{self.scale_name}", blocks)]
+
+    def check_values(self, module, tensors):
+        problems, weight = e4m3_weight(module, tensors)
+        scales = tensors.get(f"{module}.{self.scale_name}")
+        if scales is not None and not (torch.isfinite(scales) & (scales > 0)).all():
+            problems.append(f"{module}.{self.scale_name} holds zero, negative or non-finite scales")
+        if problems or weight is None or scales is None:
+            return problems, None
+        largest = e4m3_block_largest(weight, WEIGHT_BLOCK)
+        if not torch.isfinite(largest * scales).all():  # as the engines dequantize: in float32
+            return [f"{module} dequantizes to non-finite values"], None
+        nonzero = largest[largest > 0]
+        return [], nonzero.min().item() if nonzero.numel() else None
+
+    def top_warning(self, where, tops):
+        # a scale of block amax / 448 takes the block's amax to 448 exactly (an all-zero block is left out)
+        if min(tops) >= E4M3_MAX:
+            return None
+        return (
+            f"{where}: a block's largest value is {min(tops):g}, not 448: its {self.scale_name} is not the block's "
+            "amax / 448, the scale FP8 blocks take"
+        )

@@ -8,15 +8,19 @@ from typing import Callable, Sequence
 
 import torch
 
-from dist_quant.formats.base import DYNAMIC, NumberFormat, QuantFormat, Spec
+from dist_quant.formats.base import DYNAMIC, NumberFormat, QuantFormat, Spec, e4m3_block_largest, e4m3_weight
 from dist_quant.kernels import block_formats as kernels
 from dist_quant.numerics import mx
+from dist_quant.numerics.fp8 import E4M3_MAX
+from dist_quant.numerics.nvfp4 import E2M1_MAX
 
 
 class MXFormat(NumberFormat):
     block = mx.MX_BLOCK_SIZE
     static_inputs = False  # per block, from the data
+    weight_amax = False
     element: str  # the element format's recipe name
+    element_max: float  # its largest value
     quantize: Callable
     dequantize: Callable
     fake: Callable
@@ -66,6 +70,29 @@ class MXFormat(NumberFormat):
     def weight_checkpoint(self, module, values, blocks, scale):
         return [(f"{module}.weight", values), (f"{module}.weight_scale", blocks)]
 
+    def check_values(self, module, tensors):
+        scales = tensors.get(f"{module}.weight_scale")
+        problems, weight = ([], None) if self.packed else e4m3_weight(module, tensors)
+        if scales is not None and (scales == mx.E8M0_NAN).any():
+            problems.append(f"{module}.weight_scale holds NaN scales (0x{mx.E8M0_NAN:X})")
+        if problems or weight is None or scales is None:
+            return problems, None
+        largest = e4m3_block_largest(weight, (1, self.block))
+        if not torch.isfinite(largest * mx.decode_e8m0(scales)).all():  # as the engines dequantize: in float32
+            return [f"{module} dequantizes to non-finite values"], None
+        nonzero = largest[largest > 0]
+        return [], nonzero.min().item() if nonzero.numel() else None
+
+    def top_warning(self, where, tops):
+        # the shared exponent 2^ceil(log2(amax / element max)) puts every block's amax above half the element max
+        if min(tops) >= self.element_max / 2:
+            return None
+        return (
+            f"{where}: a block's largest value is {min(tops):g}, below {self.element_max / 2:g}: its E8M0 scale is not "
+            f"the smallest power of two that holds the block (2^ceil(log2(amax / {self.element_max:g}))), the "
+            f"scale {self.algo} takes"
+        )
+
 
 class MXFP8Format(MXFormat):
     name = "mxfp8"
@@ -76,7 +103,7 @@ class MXFP8Format(MXFormat):
     weight_dtype = torch.float8_e4m3fn
     weight_bytes = 1 + 1 / mx.MX_BLOCK_SIZE
     spellings = ("e4m3", 8)
-    element, packed = "e4m3", False
+    element, element_max, packed = "e4m3", E4M3_MAX, False
     quantize, dequantize, fake = staticmethod(kernels.mxfp8_quantize), staticmethod(mx.mxfp8_dequantize), staticmethod(kernels.mxfp8_fake_quant)
 
 
@@ -87,5 +114,5 @@ class MXFP4Format(MXFormat):
     weight_dtype = torch.uint8
     weight_bytes = 0.5 + 1 / mx.MX_BLOCK_SIZE
     spellings = ("e2m1", 4)
-    element, packed = "e2m1", True
+    element, element_max, packed = "e2m1", E2M1_MAX, True
     quantize, dequantize, fake = staticmethod(kernels.mxfp4_quantize), staticmethod(mx.mxfp4_dequantize), staticmethod(kernels.mxfp4_fake_quant)

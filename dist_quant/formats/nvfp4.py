@@ -8,9 +8,9 @@ from typing import Sequence
 import torch
 
 from dist_quant import kernels
-from dist_quant.formats.base import DYNAMIC, SCALAR, STATIC, NumberFormat, QuantFormat, Spec
+from dist_quant.formats.base import DYNAMIC, SCALAR, STATIC, NumberFormat, QuantFormat, Spec, calibrated_top_warning
 from dist_quant.numerics.fp8 import E4M3_MAX, nonzero_amax
-from dist_quant.numerics.nvfp4 import BLOCK_SIZE, SCALE_2_DIVISOR, nvfp4_block_amax
+from dist_quant.numerics.nvfp4 import BLOCK_SIZE, E2M1_MAX, SCALE_2_DIVISOR, nvfp4_block_amax
 
 
 class NVFP4Format(NumberFormat):
@@ -92,3 +92,22 @@ class NVFP4Format(NumberFormat):
 
     def weight_checkpoint(self, module, values, blocks, scale):
         return [(f"{module}.weight", values), (f"{module}.weight_scale", blocks), (f"{module}.weight_scale_2", scale)]
+
+    def check_values(self, module, tensors):
+        blocks, scale_2 = tensors.get(f"{module}.weight_scale"), tensors.get(f"{module}.weight_scale_2")
+        if blocks is None or not blocks.numel():
+            return [], None
+        # codes below 0x80 are the non-negative ones, growing with their values; 0x00 is zero, 0x7F NaN
+        codes = blocks.view(torch.uint8)
+        if ((codes & 0x7F) == 0x7F).any():
+            return [f"{module}.weight_scale holds NaN bytes"], None
+        if (codes == 0).any() or (codes >= 0x80).any():
+            return [f"{module}.weight_scale holds zero or negative scales"], None
+        largest = codes.max().view(torch.float8_e4m3fn).float()
+        # E2M1 values are at most 6 in size: the largest block scale decides finiteness without the weight
+        if scale_2 is not None and not torch.isfinite(E2M1_MAX * largest * scale_2):
+            return [f"{module} dequantizes to non-finite values"], largest.item()
+        return [], largest.item()
+
+    def top_warning(self, where, tops):
+        return calibrated_top_warning(where, max(tops), "block scale", "weight_scale_2", "amax / 2688 (= amax / 6 / 448)")

@@ -7,6 +7,7 @@ from dist_quant.bridge import ModelBridge
 from dist_quant.export import ExportError, check_exportable
 from dist_quant.job import CONFIGS, builtin_models
 from dist_quant.recipe import builtin_recipe_names, load_recipe
+from tests.reference.configs import DROP, changed
 
 OFF = {"quantizer_name": "*", "enable": False}
 NVFP4 = {"num_bits": "e2m1", "block_sizes": {-1: 16}}
@@ -48,7 +49,10 @@ def test_every_builtin_recipe_is_exportable_for_every_builtin_model_with_experts
     multi-latent attention's KV cache serves only as a cast FP8 one."""
     bridge = ModelBridge.from_hf(CONFIGS / f"{model}.json")
     for name in builtin_recipe_names():
-        if "experts_only" in name and not bridge.moe:
+        if name.startswith("fp8_block") and bridge.forward.latent is None and bridge.head_dim % 128:  # fused q/k/v rows
+            with pytest.raises(ExportError, match=f"recipe {name} .built-in.: .*(heads of {bridge.head_dim} channels|no whole number of 128-row FP8 blocks)"):
+                check_exportable(load_recipe(name), bridge)
+        elif "experts_only" in name and not bridge.moe:
             with pytest.raises(ExportError, match=f"recipe {name} .built-in.: the recipe quantizes no linear weight"):
                 check_exportable(load_recipe(name), bridge)
         elif bridge.forward.latent is not None and not name.endswith("-fp8_cast_kv"):
@@ -174,9 +178,8 @@ MXFP8 = {"num_bits": "e4m3", "block_sizes": {-1: 32, "type": "dynamic", "scale_b
 
 @pytest.mark.parametrize("entries, expected", [
     ((on("*weight_quantizer", MXFP4), on("*input_quantizer", MXFP4)), "MXFP4 has no checkpoint form vLLM 0.33 and SGLang 0.5.23 both load"),
-    ((on("*weight_quantizer", FP8_BLOCKS), on("*input_quantizer", FP8_GROUPS)), "FP8 128x128 blocks export in the engines' native form"),
     ((on("*weight_quantizer", MXFP8),), "MXFP8 weights with unquantized inputs have no ModelOpt form"),
-], ids=["mxfp4", "fp8-blocks", "mxfp8-weight-only"])
+], ids=["mxfp4", "mxfp8-weight-only"])
 def test_formats_without_a_form_both_engines_load_are_refused_at_startup(moe, entries, expected):
     assert expected in refusal(moe, recipe(*entries))
     check_exportable(load_recipe(recipe(on("*weight_quantizer", MXFP8), on("*input_quantizer", MXFP8))), moe)
@@ -188,3 +191,76 @@ def test_mxfp8_layers_are_refused_in_a_checkpoint_of_several_formats(moe):
     message = refusal(moe, mixed)
     assert message.startswith("decoder.layers.0.") and "is MXFP8 in a checkpoint of several formats" in message
     assert "SGLang 0.5.23 with weight_scale_inv" in message
+
+
+# FP8 128x128 blocks need rows in whole blocks where the engines fuse modules, and heads of a multiple of 128
+# channels (Megatron interleaves q, k and v rows per query group): a Qwen3-MoE with both
+BLOCKS_MOE = {
+    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 256, "hidden_size": 128,
+    "intermediate_size": 256, "moe_intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+    "num_key_value_heads": 1, "head_dim": 128, "num_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 64,
+}
+FP8_BLOCK_RECIPE = recipe(on("*weight_quantizer", FP8_BLOCKS), on("*input_quantizer", FP8_GROUPS), on("*[kv]_bmm_quantizer", FP8), off("*router*"))
+
+
+def blocks_model(**changes):
+    return ModelBridge.from_hf(changed(BLOCKS_MOE, **changes))
+
+
+@pytest.mark.parametrize("raw", [
+    FP8_BLOCK_RECIPE,
+    recipe(on("*weight_quantizer", FP8_BLOCKS)),  # weight-only: the same checkpoint (the engines quantize the inputs)
+    recipe(on("*experts*weight_quantizer", FP8_BLOCKS), on("*experts*input_quantizer", FP8_GROUPS)),  # experts alone
+    # FP8-block experts beside NVFP4 attention: a MIXED_PRECISION checkpoint both engines load
+    recipe(on("*experts*weight_quantizer", FP8_BLOCKS), on("*self_attention*weight_quantizer", NVFP4), on("*self_attention*input_quantizer", NVFP4)),
+    recipe(*W4A4, on("*experts*weight_quantizer", FP8_BLOCKS), off("*experts*input_quantizer")),
+], ids=["w8a8-blocks", "weight-only-blocks", "experts-only", "block-experts-nvfp4-attention", "block-experts-nvfp4-rest"])
+def test_fp8_blocks_export_alone_or_as_the_experts_of_a_mixed_checkpoint(raw):
+    check_exportable(load_recipe(raw), blocks_model())
+
+
+BLOCK_REFUSED = {
+    "block-linear-in-mixed": (
+        {}, recipe(*W4A4, on("*self_attention*weight_quantizer", FP8_BLOCKS), off("*self_attention*input_quantizer")),
+        "decoder.layers.0.self_attention.linear_qkv is FP8_PB_WO: FP8 128x128 blocks beside other formats (a "
+        "MIXED_PRECISION checkpoint) are for routed experts only: vLLM 0.33 loads FP8_PB_WO linear layers there with a "
+        "4-D weight_scale",
+    ),
+    "block-experts-without-nvfp4": (
+        {}, recipe(on("*experts*weight_quantizer", FP8_BLOCKS), on("*self_attention*weight_quantizer", FP8),
+                   on("*self_attention*input_quantizer", FP8)),
+        f"{EXPERT}.0.linear_fc1 is FP8_PB_WO in a checkpoint of several formats: SGLang 0.5.23 reads a "
+        "MIXED_PRECISION checkpoint without an NVFP4 or W4A16_NVFP4 layer as its w4afp8 method",
+    ),
+    "nvfp4-kv": (
+        {}, recipe(on("*weight_quantizer", FP8_BLOCKS), on("*[kv]_bmm_quantizer", NVFP4)),
+        "decoder.layers.0.self_attention.core_attention: K nvfp4, V nvfp4: the native fp8 form of FP8 128x128 blocks "
+        "holds an FP8 KV cache or none",
+    ),
+    "heads-of-64": (
+        {"head_dim": 64, "num_attention_heads": 4, "num_key_value_heads": 2}, FP8_BLOCK_RECIPE,
+        "decoder.layers.0.self_attention.linear_qkv: heads of 64 channels: Megatron's fused q/k/v weight holds each "
+        "query group's q, k and v rows in turn",
+    ),
+    "gate-rows": (
+        {"intermediate_size": 320, "mlp_only_layers": [0]}, recipe(on("*mlp.linear_fc*weight_quantizer", FP8_BLOCKS)),
+        "decoder.layers.0.mlp.linear_fc1: model.layers.0.mlp.gate_proj has 320 rows, no whole number of 128-row FP8 "
+        "blocks, which vLLM 0.33 and SGLang 0.5.23 need where they fuse it with its siblings",
+    ),
+    "expert-rows": (
+        {"moe_intermediate_size": 64}, FP8_BLOCK_RECIPE,
+        f"{EXPERT}.0.linear_fc1: model.layers.0.mlp.experts.0.gate_proj has 64 rows, no whole number of 128-row FP8 blocks",
+    ),
+    "llama": (
+        {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **dict.fromkeys(("moe_intermediate_size", "num_experts", "num_experts_per_tok"), DROP)},
+        FP8_BLOCK_RECIPE,
+        "decoder.layers.0.mlp.linear_fc1 is FP8_PB_WO: SGLang 0.5.23's LlamaForCausalLM loader renames FP8 block "
+        "scales (weight_scale_inv) to weight_scale and drops them",
+    ),
+}
+
+
+@pytest.mark.parametrize("changes, raw, expected", BLOCK_REFUSED.values(), ids=BLOCK_REFUSED.keys())
+def test_fp8_blocks_the_engines_cannot_load_are_refused_in_one_line(changes, raw, expected):
+    assert refusal(blocks_model(**changes), raw).startswith(expected)
+
