@@ -2,7 +2,8 @@
 # Every GPU measurement in one call, on the GPUs the machine has (2 or 4; one GPU per rank):
 #   layout   the layout-invariance tests on NCCL, the layouts that fit the GPUs
 #   fidelity the fidelity tests against transformers on NCCL, the layouts that fit the GPUs
-#   forward  forward overhead of calibrating / quantizing mode (bench_forward.py, one GPU)
+#   forward  grouped experts against SequentialMLP, and calibrating / quantizing mode against the plain forward
+#            (bench_forward.py, one GPU): tiny-qwen3-moe and moe-1b at 4 x 512 tokens, the 30B shape at 2 x 2048
 #   main     the main job on the built-in ~1.1B MoE (moe-1b, random weights, bf16) at TP2, at EP2 and at PP2 (and
 #            TP2 x EP2 with 4 GPUs), each exported and verified; the exports compared (weight-derived tensors bitwise);
 #            MAIN_SHORT=1: TP2 and EP2 only
@@ -72,6 +73,8 @@ nccl_tests() {  # nccl_tests FILE: a distributed test file on NCCL, one GPU per 
 want layout && step nccl_layout_invariance nccl_tests tests/distributed/test_layout_invariance.py
 want fidelity && step nccl_fidelity nccl_tests tests/fidelity/test_fidelity.py
 want forward && step bench_forward python3 benchmarks/bench_forward.py --profile 30 --results "$RESULTS"
+want forward && step bench_forward_30b python3 benchmarks/bench_forward.py --model qwen3-30b-a3b-shape --tokens 2x2048 \
+  --reps 5 --results "$RESULTS"
 if want main; then
   LAYOUTS=("tp2:--tp 2" "ep2:--ep 2")
   [ -z "${MAIN_SHORT:-}" ] && LAYOUTS+=("pp2:--pp 2")
