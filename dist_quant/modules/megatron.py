@@ -194,7 +194,7 @@ class GroupedExperts:
     linear_fc2). The parameters, their names (`local_experts.{i}.linear_fc1.weight`), the experts interface and
     each expert's quantizers are SequentialMLP's, so loading, export, refit and quantizer state see no
     difference; the outputs, the calibrated amax and the fake-quantized values are those of SequentialMLP's
-    forward, bit for bit on CPU (docs/sync.md, "Grouped experts"). A role's quantizers (every expert's fc1 input,
+    forward, bit for bit on CPU (docs/mappings.md, "Grouped experts"). A role's quantizers (every expert's fc1 input,
     fc1 weight, ..., fc2 output) do their work in one pass over the layer where their format allows
     (`_quantize_role`). A layer `_groups` refuses runs SequentialMLP's forward, expert by expert; `grouped`
     False: always (what benchmarks and tests compare against)."""
