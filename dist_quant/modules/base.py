@@ -37,11 +37,12 @@ class QuantModule:
 _quantized_classes: dict[tuple[type, type], type] = {}
 
 
-def quantized_class(cls: type, mixin: type) -> type:
-    """`mixin` placed before the module's own class, so isinstance checks and its other methods keep working."""
+def quantized_class(cls: type, mixin: type, prefix: str = "Quant") -> type:
+    """`mixin` placed before the module's own class, so isinstance checks and its other methods keep working;
+    named `prefix` + the class's name."""
     key = (cls, mixin)
     if key not in _quantized_classes:
-        _quantized_classes[key] = type(f"Quant{cls.__name__}", (mixin, cls), {})
+        _quantized_classes[key] = type(f"{prefix}{cls.__name__}", (mixin, cls), {})
     return _quantized_classes[key]
 
 

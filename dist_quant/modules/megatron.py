@@ -194,8 +194,8 @@ class GroupedExperts:
     linear_fc2). The parameters, their names (`local_experts.{i}.linear_fc1.weight`), the experts interface and
     each expert's quantizers are SequentialMLP's, so loading, export, refit and quantizer state see no
     difference; the outputs, the calibrated amax and the fake-quantized values are those of SequentialMLP's
-    forward, bit for bit on CPU (docs/mappings.md, "Grouped experts"). A role's quantizers (every expert's fc1 input,
-    fc1 weight, ..., fc2 output) do their work in one pass over the layer where their format allows
+    forward, bit for bit on CPU (docs/mappings.md, "Grouped experts"). A role's quantizers (every expert's fc1
+    input, fc1 weight, ..., fc2 output) do their work in one pass over the layer where their format allows
     (`_quantize_role`). A layer `_groups` refuses runs SequentialMLP's forward, expert by expert; `grouped`
     False: always (what benchmarks and tests compare against)."""
 
@@ -251,13 +251,13 @@ class GroupedExperts:
         if cached is not None and cached[0] == structure_generation():
             return cached[1]
         roles = {}
-        for linear in ("fc1", "fc2"):
-            linears = [getattr(expert, f"linear_{linear}") for expert in self.local_experts]
-            roles[linear] = linears
+        for which in ("fc1", "fc2"):
+            linears = [getattr(expert, f"linear_{which}") for expert in self.local_experts]
+            roles[which] = linears
             for name in LINEAR_QUANTIZERS:
                 quantizers = [linear._modules.get(name) for linear in linears]
                 if all(isinstance(q, TensorQuantizer) for q in quantizers) and any(q.enabled for q in quantizers):
-                    roles[f"{linear}.{name}"] = _ExpertRole(quantizers)
+                    roles[f"{which}.{name}"] = _ExpertRole(quantizers)
         self.__dict__["_expert_roles"] = (structure_generation(), roles)
         return roles
 
@@ -354,7 +354,7 @@ def group_experts(model: nn.Module) -> int:
     for module in model.modules():
         if isinstance(module, SequentialMLP):
             if not isinstance(module, GroupedExperts):
-                module.__class__ = quantized_class(type(module), GroupedExperts)
+                module.__class__ = quantized_class(type(module), GroupedExperts, "Grouped")
             count += 1
     return count
 
