@@ -142,8 +142,8 @@ class TensorQuantizer(nn.Module):
     def _set_amax(self, amax: torch.Tensor, block_amax: torch.Tensor | None = None) -> None:
         if self._amax is not None and self._amax.shape == amax.shape:
             self._amax.copy_(amax)  # keeps a bound view bound
-        else:
-            self._amax = amax.float()
+        else:  # a copy: a calibrator's amax may be a view of a running max that goes on (SegmentAmax)
+            self._amax = amax.to(torch.float32, copy=True)
         if block_amax is not None:
             self._block_amax = block_amax.float()
 
@@ -262,26 +262,33 @@ def fake_quant_segments(quantizers: Sequence[TensorQuantizer], x: torch.Tensor, 
 
 class SegmentAmax:
     """Max calibration of quantizers that see consecutive row segments of one tensor (the experts of an MoE
-    layer): one pass over the tensor and two fused multi-tensor ops per forward, however many segments, and
-    no host-device transfer (segment lengths stay on the host)."""
+    layer) in a few launches per forward, however many segments: each row's max, each segment's max, and one
+    running max of all segments, whose element e is calibrator e's amax (a view) once segment e had rows. No
+    host-device transfer where the segment lengths come as a tensor on x's device too."""
 
     def __init__(self, quantizers: Sequence[TensorQuantizer]):
         self.calibrators = [q.calibrator for q in quantizers]
+        self.running: torch.Tensor | None = None
+        self.views: list[torch.Tensor | None] = [None] * len(quantizers)  # the running max's elements handed out
 
-    def collect(self, x: torch.Tensor, counts: list[int]) -> None:
+    def collect(self, x: torch.Tensor, counts: list[int], lengths: torch.Tensor) -> None:
+        """x's rows, `counts[e]` (and `lengths`, the same as a tensor) for segment e, one after another."""
         live = [e for e, n in enumerate(counts) if n]  # a segment without rows is no data, not an amax of 0
         if not live:
             return
         rows = torch.linalg.vector_norm(x.detach(), float("inf"), dim=-1, dtype=torch.float32)
-        segments = rows.split(counts)
-        amax = torch._foreach_max([segments[e] for e in live])  # NaN propagates, as in the per-tensor max
-        running, new = [], []
-        for e, value in zip(live, amax):
-            calibrator = self.calibrators[e]
-            if calibrator.amax is None:
-                calibrator.amax = value
+        # NaN propagates, as in the per-tensor max; a segment without rows gives 0, below any amax
+        new = torch.segment_reduce(rows, "max", lengths=lengths.to(rows.device), unsafe=True, initial=0.0)
+        calibrators, views = self.calibrators, self.views
+        joining = [e for e in live if calibrators[e].amax is None or calibrators[e].amax is not views[e]]
+        if joining:
+            if self.running is None or not any(c.amax is not None and c.amax is v for c, v in zip(calibrators, views)):
+                self.running = torch.zeros_like(new)  # a new calibration: what calibrators kept is their own
             else:
-                running.append(calibrator.amax)
-                new.append(value)
-        if running:
-            torch._foreach_maximum_(running, new)
+                self.running[torch.tensor(joining, device=new.device)] = 0.0
+            for e in joining:
+                if calibrators[e].amax is not None:  # collected on its own before (MaxCalibrator): kept
+                    self.running[e] = calibrators[e].amax
+        torch.maximum(self.running, new, out=self.running)
+        for e in joining:
+            calibrators[e].amax = views[e] = self.running[e]

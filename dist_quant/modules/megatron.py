@@ -209,15 +209,15 @@ class GroupedExperts:
         counts = tokens_per_expert.tolist()
         offsets = torch.cumsum(tokens_per_expert.to(hidden.device), 0, dtype=torch.int32)
         after_fc2 = isinstance(self.local_experts[0], RoutedExpertMLP)
-        x = _quantize_role(roles.get("fc1.input_quantizer"), hidden, counts)
+        x = _quantize_role(roles.get("fc1.input_quantizer"), hidden, counts, tokens_per_expert)
         x = _grouped_linear(x, _stacked_weights(roles["fc1"], roles.get("fc1.weight_quantizer")), counts, offsets)
-        x = _quantize_role(roles.get("fc1.output_quantizer"), x, counts)
+        x = _quantize_role(roles.get("fc1.output_quantizer"), x, counts, tokens_per_expert)
         x = self._activation(x, counts)
         if not after_fc2:
             x = routing_weighted(x, permuted_probs)
-        x = _quantize_role(roles.get("fc2.input_quantizer"), x, counts)
+        x = _quantize_role(roles.get("fc2.input_quantizer"), x, counts, tokens_per_expert)
         x = _grouped_linear(x, _stacked_weights(roles["fc2"], roles.get("fc2.weight_quantizer")), counts, offsets)
-        x = _quantize_role(roles.get("fc2.output_quantizer"), x, counts)
+        x = _quantize_role(roles.get("fc2.output_quantizer"), x, counts, tokens_per_expert)
         return (routing_weighted(x, permuted_probs) if after_fc2 else x), None
 
     def _groups(self, hidden: torch.Tensor) -> bool:
@@ -291,8 +291,9 @@ class _ExpertRole:
         self.amax = SegmentAmax(quantizers)
 
 
-def _quantize_role(role: _ExpertRole | None, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """x [rows, n], each expert's rows (`counts`, in expert order) through that expert's quantizer of this role:
+def _quantize_role(role: _ExpertRole | None, x: torch.Tensor, counts: list[int], lengths: torch.Tensor) -> torch.Tensor:
+    """x [rows, n], each expert's rows (`counts`, in expert order; `lengths` the same as megatron's tensor)
+    through that expert's quantizer of this role:
     calibrating, their amax collected in one pass (`SegmentAmax`); fake-quantizing (NVFP4), in one launch
     (`fake_quant_segments`), the straight-through gradient included; otherwise expert by expert."""
     if role is None:
@@ -301,7 +302,7 @@ def _quantize_role(role: _ExpertRole | None, x: torch.Tensor, counts: list[int])
     if all(q._mode is _DISABLED for q in quantizers):
         return x
     if role.together and segments_calibrate_together(quantizers):
-        role.amax.collect(x, counts)
+        role.amax.collect(x, counts, lengths)
         return x
     if role.together and segments_quantize_together(quantizers):
         return fake_quant_segments(quantizers, x, counts)

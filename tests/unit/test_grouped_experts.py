@@ -11,7 +11,14 @@ import torch
 from dist_quant.formats import QuantFormat
 from dist_quant.job import CONFIGS
 from dist_quant.modules.megatron import _GROUPED_MM, _grouped_linear
-from dist_quant.quantizer import QuantizerMode, TensorQuantizer, fake_quant_segments, segments_quantize_together
+from dist_quant.quantizer import (
+    QuantizerMode,
+    SegmentAmax,
+    TensorQuantizer,
+    fake_quant_segments,
+    segments_calibrate_together,
+    segments_quantize_together,
+)
 
 COUNTS = [5, 0, 17, 10, 1, 0, 33]  # experts that receive no token included
 
@@ -76,6 +83,48 @@ def test_segments_fake_quantize_with_each_quantizers_straight_through_gradient(b
     per_quantizer.backward(grad)
     assert torch.equal(one_launch, per_quantizer) and torch.equal(together.grad, alone.grad)
     assert (together.grad == 0).any() and (together.grad != 0).any()  # clipped values get no gradient
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+def _calibrating(count: int, device: str) -> list[TensorQuantizer]:
+    quantizers = [TensorQuantizer(QuantFormat("nvfp4", block_type="dynamic")).to(device) for _ in range(count)]
+    for q in quantizers:
+        q.mode = QuantizerMode.CALIBRATING
+    return quantizers
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_segment_amax_is_each_quantizers_max_over_its_segments(device):
+    """Over batches whose segments come and go (an expert first reached in the second batch, one never): the
+    amax each quantizer collects on its own, bit for bit, no amax for a segment that never had rows; NaN in one
+    segment lands in that quantizer's amax only; a second calibration starts afresh and leaves the first's
+    amax as they were."""
+    batches = [[4, 0, 3, 0], [2, 5, 0, 0], [1, 1, 1, 0]]
+    together, alone = _calibrating(4, device), _calibrating(4, device)
+    one_pass = SegmentAmax(together)
+    gen = torch.Generator().manual_seed(0)
+    for number, counts in enumerate(batches):
+        x = (torch.randn(sum(counts), 32, generator=gen) * (number + 1)).to(device, torch.bfloat16)
+        assert segments_calibrate_together(together)
+        one_pass.collect(x, counts, torch.tensor(counts, device=device))
+        for q, segment in zip(alone, x.split(counts)):
+            q(segment)
+    for a, b in zip(together, alone):
+        assert a.finish_calibration() is b.finish_calibration()
+    assert [q.saw_data for q in together] == [True, True, True, False]
+    for a, b in zip(together[:3], alone[:3]):
+        assert torch.equal(a._amax, b._amax)
+    first = [q._amax.clone() for q in together[:3]]
+    for q in together:
+        q.mode = QuantizerMode.CALIBRATING
+    x = torch.ones(3, 32, device=device)
+    x[1, 5] = float("nan")
+    one_pass.collect(x, [1, 2, 0, 0], torch.tensor([1, 2, 0, 0], device=device))
+    assert [q.finish_calibration() for q in together] == [True, True, False, False]
+    assert together[0]._amax.item() == 1.0 and together[1]._amax.isnan()
+    assert all(torch.equal(q._amax, amax) for q, amax in zip(together[2:3], first[2:3]))  # not reached: as it was
 
 
 def _builtin_expert_shapes() -> dict[str, tuple[int, int, int, int]]:
