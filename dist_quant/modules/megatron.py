@@ -335,9 +335,11 @@ def _grouped_linear(x: torch.Tensor, weights: torch.Tensor, counts: list[int], o
     """Each expert's rows of x times its weight transposed: one grouped GEMM where torch has it and the operands'
     strides are 16-byte multiples (as it demands), else expert by expert. On CPU torch's grouped GEMM computes
     each expert's product as the per-expert matmul does, bit for bit (tests/unit/test_grouped_experts.py), and
-    so does megatron's linear (`torch.matmul(x, w.t())`)."""
+    so does megatron's linear (`torch.matmul(x, w.t())`); on CUDA it is a kernel of its own for bfloat16 (what
+    real runs compute in), and other dtypes there run expert by expert."""
     alignment = 16 // x.element_size()
-    if _GROUPED_MM is not None and len(x) and x.shape[1] % alignment == 0 and weights.shape[1] % alignment == 0:
+    kernel = _GROUPED_MM is not None and (x.dtype == torch.bfloat16 or not x.is_cuda)
+    if kernel and len(x) and x.shape[1] % alignment == 0 and weights.shape[1] % alignment == 0:
         return _GROUPED_MM(x, weights.transpose(1, 2), offs=offsets)
     return torch.cat([torch.matmul(segment, weight.t()) for segment, weight in zip(x.split(counts), weights)])
 
