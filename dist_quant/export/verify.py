@@ -561,11 +561,11 @@ def verify(directory: str | Path, on_progress: Callable[[int, int], None] | None
     qc = config.get("quantization_config") if config is not None else None
     native = isinstance(qc, dict) and qc.get("quant_method") == NATIVE["quant_method"]
     if native:
-        if (directory / "hf_quant_config.json").exists():
-            problems.append(
-                "hf_quant_config.json is stored, but config.json's quantization_config is the native fp8 form, "
-                "which has none"
-            )
+        if (directory / "hf_quant_config.json").exists():  # the two forms at once: nothing more to hold it to
+            _fail(directory, [
+                "hf_quant_config.json is stored, but config.json's quantization_config has quant_method \"fp8\", "
+                "the native FP8 block form, which has none (the engines read config.json's)"
+            ])
         plan = _native_plan(qc, problems)
     else:
         quant = _read_json(directory / "hf_quant_config.json", problems)

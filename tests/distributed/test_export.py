@@ -412,7 +412,8 @@ PLANTED = {
          r'"type": "float"\}'],
     ),
     "config-quant-method": (
-        "tp1", dict(edit_config=_qc("quant_method", "fp8")), [ONE_LINE, r'quantization_config\.quant_method is "fp8", expected "modelopt"'],
+        "tp1", dict(edit_config=_qc("quant_method", "fp8")),
+        [ONE_LINE, r'hf_quant_config\.json is stored, but config\.json\'s quantization_config has quant_method "fp8"'],
     ),
     # config.json's model against the stored shapes
     "config-fewer-experts": (

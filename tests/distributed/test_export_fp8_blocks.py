@@ -263,7 +263,7 @@ PLANTED = {
     ),
     "hf-quant-config": (
         lambda d: (d / "hf_quant_config.json").write_text("{}"),
-        ["hf_quant_config.json is stored, but config.json's quantization_config is the native fp8 form"],
+        ["hf_quant_config.json is stored, but config.json's quantization_config has quant_method \"fp8\", the native FP8 block form"],
     ),
     "static-activations": (
         _config(lambda qc: qc.__setitem__("activation_scheme", "static")),
