@@ -14,6 +14,7 @@ from dist_quant.export.configs import FP8_PB, LAYER_ALGOS, NO_FORM, NVFP4_ALGOS
 from dist_quant.modules.linear import LINEAR_QUANTIZERS
 from dist_quant.formats import FORMATS, FP8, FP8_BLOCK, NVFP4, QuantFormat
 from dist_quant.recipe import Recipe
+from dist_quant.recipe.schema import FUSED_SIBLINGS
 
 KV_QUANTIZERS = ("k_bmm_quantizer", "v_bmm_quantizer")
 NO_WEIGHTS = (
@@ -157,7 +158,23 @@ def quantizer_problem(modules: Mapping[str, Mapping[str, QuantFormat | None]], l
                 )
     if not weights:
         return NO_WEIGHTS
-    return _forms_problem(algos, block_linear, kv)
+    return _siblings_problem(modules) or _forms_problem(algos, block_linear, kv)
+
+
+def _siblings_problem(modules: Mapping[str, Mapping[str, QuantFormat | None]]) -> str | None:
+    """Separate Megatron linears that the engines fuse into one layer (DeepSeek's q and kv down-projections: vLLM's
+    fused_qkv_a_proj) must share one algo, as a fused Megatron linear's modules (q/k/v, gate/up) do by being one."""
+    for parent, names in FUSED_SIBLINGS:
+        for module in modules:
+            head, _, leaf = module.rpartition(".")
+            if leaf != names[0] or not re.fullmatch(parent, head):
+                continue
+            members = [f"{head}.{name}" for name in names if f"{head}.{name}" in modules]
+            algos = [layer_algo(modules[m]) or "unquantized" for m in members]
+            if len(set(algos)) > 1:
+                said = ", ".join(f"{m} {a}" for m, a in zip(members, algos))
+                return f"{said}: vLLM 0.33 runs them as one fused layer of one format; give them one"
+    return None
 
 
 def _forms_problem(algos: dict[str, str], block_linear: str | None, kv) -> str | None:

@@ -22,6 +22,8 @@ def vllm_quant_method(qc: dict) -> str | None:
     """vllm/model_executor/layers/quantization/modelopt.py, override_quantization_method of ModelOptFp8Config
     (quant_algo FP8), ModelOptNvFp4Config (any quant_algo holding "NVFP4" or "FP4", W4A16_NVFP4 too) and
     ModelOptMixedPrecisionConfig (MIXED_PRECISION), on a quantization_config with quant_method "modelopt"."""
+    if qc.get("quant_method") == "fp8":  # fp8.py Fp8Config, its own method (no override claims the config)
+        return "fp8" if fp8_block_config_problem(qc) is None else None
     if not str(qc.get("quant_method", "")).startswith("modelopt"):
         return None
     algo = str(qc.get("quant_algo", "")).upper()
@@ -32,11 +34,25 @@ def vllm_quant_method(qc: dict) -> str | None:
     return "modelopt_fp4" if "NVFP4" in algo or "FP4" in algo else "modelopt" if algo == "FP8" else None
 
 
+def fp8_block_config_problem(qc: dict) -> str | None:
+    """vLLM 0.33 and SGLang 0.5.23 fp8.py, Fp8Config.from_config and __init__ alike: activation_scheme is required
+    (get_from_keys raises without it), a weight_block_size has two sizes and needs the dynamic scheme."""
+    if "activation_scheme" not in qc:
+        return "activation_scheme is required"
+    block = qc.get("weight_block_size")
+    if block is not None and (len(block) != 2 or qc["activation_scheme"] != "dynamic"):
+        return "The block-wise quantization only supports dynamic activation scheme"
+    return None
+
+
 def vllm_layer_algo(qc: dict, module: str) -> str:
     """The linear algo vLLM runs a quantized checkpoint module with (modelopt.py): MIXED_PRECISION's
     quantized_layers entry (ModelOptMixedPrecisionConfig._resolve_quant_algo); else quant_algo, where
     ModelOptNvFp4Config._from_config turns NVFP4 into W4A16_NVFP4 when every config group's input_activations is
-    null (or absent)."""
+    null (or absent). Under the native fp8 method with a weight_block_size every layer not skipped is block FP8
+    (fp8.py Fp8LinearMethod / Fp8MoEMethod with block_quant), here under ModelOpt's name for it."""
+    if qc.get("quant_method") == "fp8":
+        return "FP8_PB_WO"
     if qc["quant_algo"] == "MIXED_PRECISION":
         return qc["quantized_layers"][module]["quant_algo"].upper()
     groups = qc.get("config_groups")
@@ -53,6 +69,11 @@ def vllm_layer_algo(qc: dict, module: str) -> str:
 # well, which its a16 kernels never read (use_a16: no activation key).
 VLLM_LAYER_PARAMS = {
     "MXFP8": {"weight", "weight_scale"},  # KMxfp8Static: uint8 [out, in/32]; activations kMxfp8Dynamic
+    # fp8.py Fp8LinearMethod.create_weights with block_quant: weight fp8 [out, in], weight_scale_inv float32
+    # [ceil(out/128), ceil(in/128)] ("The weight_scale_inv name is intentional for deepseekv3"), no input_scale under
+    # the dynamic scheme; Fp8MoEMethod: w13_weight_scale_inv / w2_weight_scale_inv from each expert's
+    # weight_scale_inv, as in MIXED_PRECISION's FP8_PB_WO experts (Fp8MoEMethod(self.fp8_block_config))
+    "FP8_PB_WO": {"weight", "weight_scale_inv"},
     "FP8": {"weight", "weight_scale", "input_scale"},
     "NVFP4": {"weight", "weight_scale", "weight_scale_2", "input_scale"},
     "W4A16_NVFP4": {"weight", "weight_scale", "weight_scale_2"},
@@ -61,7 +82,10 @@ VLLM_LAYER_PARAMS = {
 
 def vllm_kv_cache_dtype(qc: dict) -> str:
     """vllm/utils/torch_utils.py, get_kv_cache_quant_algo_string / resolve_kv_cache_dtype_string: what
-    `--kv-cache-dtype auto` becomes. A dict turns the FP8 cache on only with dynamic false."""
+    `--kv-cache-dtype auto` becomes, read from ModelOpt configs only (quant_method starting with "modelopt"). A
+    dict turns the FP8 cache on only with dynamic false."""
+    if not str(qc.get("quant_method", "")).startswith("modelopt"):
+        return "auto"
     scheme = qc.get("kv_cache_scheme", qc.get("kv_cache_quant_algo"))
     if isinstance(scheme, dict):
         if scheme.get("dynamic") is False and scheme.get("num_bits") == 8 and scheme.get("type") == "float":
@@ -97,6 +121,22 @@ def vllm_excluded(prefix: str, patterns: list[str]) -> bool:
     return _vllm_one_excluded(prefix, patterns)
 
 
+def vllm_fp8_skipped(prefix: str, ignored: list[str]) -> bool:
+    """The native fp8 method (fp8.py Fp8Config.get_quant_method): utils/quant_utils.py is_layer_skipped in "exact"
+    mode (ignored_layers_match_mode). A fused layer asks for each shard by exact name and refuses shards that
+    disagree; a prefix holding "experts" (the fused MoE) is skipped when it is a substring of an ignored name that
+    holds "experts" too; anything else by exact name."""
+    parent, _, leaf = prefix.rpartition(".")
+    if leaf in PACKED and prefix not in ignored:
+        answers = {f"{parent}.{shard}" in ignored for shard in PACKED[leaf]}
+        if len(answers) > 1:
+            raise ValueError(f"vLLM: some but not all shards of {prefix} are quantized")
+        return answers.pop()
+    if "experts" in prefix:
+        return any(prefix in name for name in ignored if "experts" in name)
+    return prefix in ignored
+
+
 _VLLM_KV = [
     (re.compile(r"\.self_attn\.([kv])_proj\.([kv])_scale$"), r".self_attn.attn.\2_scale"),
     (re.compile(r"\.self_attn\.qkv_proj\.([kv])_scale$"), r".self_attn.attn.\1_scale"),
@@ -126,6 +166,8 @@ def sglang_quant_method(qc: dict) -> str | None:
     config.json's quantization_config wins; quant_method modelopt becomes modelopt_fp4 for a quant_algo holding
     "FP4" or "NVFP4" (W4A16_NVFP4 too), modelopt_fp8 for FP8, and for MIXED_PRECISION modelopt_mixed when a
     quantized layer is NVFP4 or W4A16_NVFP4 (else w4afp8)."""
+    if qc.get("quant_method") == "fp8":
+        return sglang_native_method(qc)
     if qc.get("quant_method") not in ("modelopt", None):
         return None
     algo = qc.get("quant_algo") or ""
@@ -138,11 +180,40 @@ def sglang_quant_method(qc: dict) -> str | None:
     return "modelopt_fp4" if "FP4" in algo or "NVFP4" in algo else "modelopt_fp8" if algo == "FP8" else None
 
 
+def sglang_native_method(qc: dict) -> str | None:
+    """configs/model_config.py _parse_quant_hf_config: a quantization_config with quant_method "fp8" is taken as
+    it is, by srt/layers/quantization/fp8.py Fp8Config (with the same keys vLLM requires)."""
+    return "fp8" if qc.get("quant_method") == "fp8" and fp8_block_config_problem(qc) is None else None
+
+
+def sglang_fp8_skipped(prefix: str, ignored: list[str]) -> bool:
+    """fp8.py Fp8Config.from_config keeps each ignored name with and without its "model." prefix; then
+    layers/quantization/utils.py is_layer_skipped: a fused layer (qkv_proj, gate_up_proj: _FALLBACK_FUSED_SHARDS)
+    asks for each shard and refuses shards that disagree; a module matches an ignored name equal to it, one it
+    starts with (a dotted parent) or one of its dotted runs (_module_path_match); a fused MoE (a prefix holding
+    "experts") also when it is a substring of an ignored name holding "experts"."""
+    names = [variant for name in ignored for variant in (name.removeprefix("model."), "model." + name.removeprefix("model."))]
+
+    def match(module: str) -> bool:
+        return any(module == n or module.startswith(n + ".") or f".{n}." in f".{module}." for n in names)
+
+    parent, _, leaf = prefix.rpartition(".")
+    if leaf in ("qkv_proj", "gate_up_proj"):
+        answers = {match(f"{parent}.{shard}") for shard in PACKED[leaf]}
+        if len(answers) > 1:
+            raise ValueError(f"SGLang: some but not all shards of {prefix} are quantized")
+        return answers.pop()
+    return match(prefix) or ("experts" in prefix and any(prefix in n for n in names if "experts" in n))
+
+
 def sglang_layer_algo(qc: dict, module: str) -> str:
     """The algo SGLang runs a quantized module with: MIXED_PRECISION's quantized_layers entry
     (srt/layers/quantization/modelopt_quant.py ModelOptMixedPrecisionConfig._resolve_quant_algo), else quant_algo
     as written: ModelOptFp4Config.from_config runs W4A16 only for quant_algo W4A16_NVFP4 (is_w4a16) and, unlike
-    vLLM, does not read config_groups for it."""
+    vLLM, does not read config_groups for it. The native fp8 method with a weight_block_size: block FP8 (fp8.py
+    Fp8LinearMethod / Fp8MoEMethod), under ModelOpt's name for it."""
+    if qc.get("quant_method") == "fp8":
+        return "FP8_PB_WO"
     if qc["quant_algo"] == "MIXED_PRECISION":
         return qc["quantized_layers"][module]["quant_algo"].upper()
     return qc["quant_algo"]
@@ -168,7 +239,11 @@ def sglang_fp4_group_size(qc: dict) -> int | None:
 def sglang_kv_cache_algo(qc: dict) -> str | None:
     """modelopt_quant.py, ModelOptFp8Config / ModelOptFp4Config.from_config: a float / 8-bit kv_cache_scheme dict
     is FP8 (any other dict "auto" for FP4); the strings FP8 and NVFP4 are themselves; FP4 defaults to "auto".
-    A truthy value makes RadixAttention create k_scale / v_scale parameters (_get_quant_method)."""
+    A truthy value makes RadixAttention create k_scale / v_scale parameters (_get_quant_method). The native fp8
+    method: fp8.py Fp8Config.from_config reads kv_cache_quant_algo as it is, and mem_cache/kv_cache_dtype.py
+    configure_kv_cache_dtype turns "FP8" into an fp8_e4m3 cache under `--kv-cache-dtype auto`."""
+    if qc.get("quant_method") == "fp8":
+        return qc.get("kv_cache_quant_algo")
     scheme = qc.get("kv_cache_scheme")
     if isinstance(scheme, dict):
         return "FP8" if scheme.get("type") == "float" and scheme.get("num_bits") == 8 else "auto"
@@ -203,3 +278,16 @@ def sglang_kv_scale_loaded(architecture: str, name: str) -> bool:
     attn_form = bool(re.search(r"\.self_attn\.attn\.[kv]_scale$", name))
     proj_form = bool(re.search(r"\.self_attn\.([kv])_proj\.\1_scale$", name))
     return proj_form if architecture in _SGLANG_REMAPS | _SGLANG_LATENT else attn_form
+
+
+# srt/models/llama.py LlamaForCausalLM._legacy_load_weights (MistralForCausalLM extends it) and
+# model_loader/auto_loader.py _llama_remap (its weight loader v2): every ".weight_scale_inv" is renamed
+# ".weight_scale" before it is looked up, and a name that is no parameter is skipped with a warning
+_SGLANG_SCALE_INV_RENAMED = {"LlamaForCausalLM", "MistralForCausalLM"}
+
+
+def sglang_weight_name(architecture: str, name: str) -> str:
+    """The name SGLang's loader of the architecture looks a checkpoint weight tensor up by."""
+    if architecture in _SGLANG_SCALE_INV_RENAMED and name.endswith(".weight_scale_inv"):
+        return name.removesuffix("_inv")
+    return name

@@ -1,18 +1,22 @@
 """Exports against the serving engines' loading contracts (tests/conformance/engines.py, from vLLM 0.33.0 and
 SGLang 0.5.23): for every architecture x {NVFP4, FP8, mixed, NVFP4 weight-only (W4A16), mixed with weight-only
-layers}, and tied heads, each engine must detect the method, turn the FP8 KV cache on, quantize exactly the layers
-the checkpoint holds quantized with the algo they were calibrated in, find every parameter it registers for them
-and every K/V scale, and find the one scale per fused layer and per expert that it keeps."""
+layers, MXFP8, FP8 128x128 blocks (the native fp8 form), mixed with FP8-block experts}, and tied heads, each engine
+must detect the method, turn the FP8 KV cache on (vLLM under the native fp8 form only with --kv-cache-dtype fp8),
+quantize exactly the layers the checkpoint holds quantized with the algo they were calibrated in, find every
+parameter it registers for them under the name its loader looks up, and every K/V scale, and find the one scale
+per fused layer and per expert that it keeps. FP8 blocks are exported from models whose heads, q/k/v and gate/up
+rows are whole 128-row blocks; for Llama and Mistral, whose SGLang loader drops block scales, they are refused."""
 
 import json
 
 import pytest
 import torch
+import transformers
 
 from dist_quant.export import load_tensors
 from dist_quant.parallel.spawn import run_ranks
 from tests.conformance import engines, workers
-from tests.e2e.jobs import tiny_checkpoint
+from tests.e2e.jobs import TINY, tiny_checkpoint
 
 pytestmark = pytest.mark.xdist_group("conformance")  # one worker computes the module's fixtures
 MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
@@ -37,13 +41,26 @@ ARCHITECTURES = {
 RECIPES = {
     "nvfp4": "nvfp4_default-fp8_kv", "fp8": "fp8_default-fp8_cast_kv", "mixed": workers.MIXED_RECIPE,
     "w4a16": "nvfp4_w4a16-fp8_cast_kv", "mixed-w4a16": workers.MIXED_W4A16_RECIPE, "mxfp8": "mxfp8_default-fp8_cast_kv",
+    "fp8-blocks": "fp8_block_default-fp8_cast_kv", "mixed-block-experts": workers.MIXED_BLOCK_EXPERTS_RECIPE,
 }
 METHODS = {
     "nvfp4": ("modelopt_fp4", "modelopt_fp4"), "fp8": ("modelopt", "modelopt_fp8"), "mixed": ("modelopt_mixed", "modelopt_mixed"),
     "w4a16": ("modelopt_fp4", "modelopt_fp4"), "mixed-w4a16": ("modelopt_mixed", "modelopt_mixed"),
-    "mxfp8": ("modelopt_mxfp8", "mxfp8"),
+    "mxfp8": ("modelopt_mxfp8", "mxfp8"), "fp8-blocks": ("fp8", "fp8"), "mixed-block-experts": ("modelopt_mixed", "modelopt_mixed"),
 }
-CASES = [(arch, fmt) for arch in ARCHITECTURES for fmt in RECIPES]
+BLOCK_FORMATS = ("fp8-blocks", "mixed-block-experts")
+# FP8 blocks: heads of 128 channels, q/k/v and gate/up rows (experts' too) in whole 128-row blocks, every quantized
+# weight in whole 128x128 blocks (attach_quantizers)
+BLOCK_WIDTHS = dict(hidden_size=256, num_attention_heads=2, num_key_value_heads=1, head_dim=128, intermediate_size=256)
+BLOCK_KEYS = {  # per architecture, beyond BLOCK_WIDTHS
+    "deepseek-v3": dict(num_key_value_heads=2, q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=128, qk_rope_head_dim=128, v_head_dim=128),
+}
+SGLANG_DROPS_BLOCK_SCALES = {"llama", "mistral", "llama-tied"}  # LlamaForCausalLM's loader (engines.sglang_weight_name)
+MOE_ARCHS = {"qwen3-moe", "mixtral", "glm4-moe", "deepseek-v3", "qwen3-moe-tied"}
+CASES = [
+    (arch, fmt) for arch in ARCHITECTURES for fmt in RECIPES
+    if not (fmt in BLOCK_FORMATS and arch in SGLANG_DROPS_BLOCK_SCALES) and (fmt != "mixed-block-experts" or arch in MOE_ARCHS)
+]
 # multi-latent attention: only a cast FP8 cache is exported (export/problems.py LATENT_KV)
 LATENT = {"deepseek-v3"}
 
@@ -52,21 +69,42 @@ def _recipe(arch: str, fmt: str):
     return workers.cast_kv(RECIPES[fmt]) if arch in LATENT else RECIPES[fmt]
 
 
+def _block_keys(arch: str) -> dict:
+    keys = ARCHITECTURES[arch][1]
+    moe = {"moe_intermediate_size": 256} if "moe_intermediate_size" in keys else {}
+    return {**keys, **BLOCK_WIDTHS, **moe, **BLOCK_KEYS.get(arch, {})}
+
+
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     root = tmp_path_factory.mktemp("conformance")
     sources = {
-        arch: str(tiny_checkpoint(root / arch, cls, torch.float32, **({"tie_word_embeddings": False} | keys)))
-        for arch, (cls, keys) in ARCHITECTURES.items()
+        (arch, blocks): str(tiny_checkpoint(root / f"{arch}{'-blocks' * blocks}", cls, torch.float32,
+                                            **({"tie_word_embeddings": False} | (_block_keys(arch) if blocks else keys))))
+        for arch, (cls, keys) in ARCHITECTURES.items() for blocks in (False, True)
+        if not blocks or arch not in SGLANG_DROPS_BLOCK_SCALES
     }
-    cases = {f"{arch}-{fmt}": (sources[arch], _recipe(arch, fmt), str(root / f"{arch}-{fmt}")) for arch, fmt in CASES}
+    cases = {
+        f"{arch}-{fmt}": (sources[arch, fmt in BLOCK_FORMATS], _recipe(arch, fmt), str(root / f"{arch}-{fmt}"))
+        for arch, fmt in CASES
+    }
     run_ranks(1, workers.export_cases, cases)
     out = {}
     for (arch, fmt), (_, _, directory) in zip(CASES, cases.values()):
         config = json.loads((root / f"{arch}-{fmt}" / "config.json").read_text())
-        hf_quant = json.loads((root / f"{arch}-{fmt}" / "hf_quant_config.json").read_text())
+        hf_quant_file = root / f"{arch}-{fmt}" / "hf_quant_config.json"  # none in the native fp8 form
+        hf_quant = json.loads(hf_quant_file.read_text()) if hf_quant_file.exists() else None
         out[arch, fmt] = (config, hf_quant, load_tensors(directory))
     return out
+
+
+def _quantized(tensors: dict, linears: set[str]) -> set[str]:
+    """The linears stored quantized: with block or per-tensor weight scales."""
+    return {m for m in linears if f"{m}.weight_scale" in tensors or f"{m}.weight_scale_inv" in tensors}
+
+
+def _native(qc: dict) -> bool:
+    return qc["quant_method"] == "fp8"
 
 
 def _linears(config: dict) -> set[str]:
@@ -104,8 +142,11 @@ def test_both_engines_detect_the_method_and_its_group_size(exports, arch, fmt):
 
 @pytest.mark.parametrize("arch, fmt", CASES)
 def test_the_fp8_kv_cache_is_on_in_both_engines(exports, arch, fmt):
+    """Under --kv-cache-dtype auto; vLLM reads the cache's dtype from ModelOpt configs only, so the native fp8 form
+    needs --kv-cache-dtype fp8 there (its Fp8Config gives every attention Fp8KVCacheMethod, which loads k_scale and
+    v_scale: docs/checkpoint.md)."""
     qc = exports[arch, fmt][0]["quantization_config"]
-    assert engines.vllm_kv_cache_dtype(qc) == "fp8_e4m3"  # under --kv-cache-dtype auto
+    assert engines.vllm_kv_cache_dtype(qc) == ("auto" if _native(qc) else "fp8_e4m3")
     assert engines.sglang_kv_cache_algo(qc) == "FP8"  # so RadixAttention has k_scale / v_scale to load into
 
 
@@ -114,7 +155,7 @@ def test_the_engines_quantize_exactly_the_layers_stored_quantized(exports, arch,
     config, hf_quant, tensors = exports[arch, fmt]
     qc = config["quantization_config"]
     linears = _linears(config)
-    quantized = {m for m in linears if f"{m}.weight_scale" in tensors}
+    quantized = _quantized(tensors, linears)
     assert quantized and quantized != linears  # some layers of each kind
     if fmt.startswith("mixed"):  # vLLM and SGLang take the layers from quantized_layers, by name
         layers = qc["quantized_layers"]
@@ -126,6 +167,11 @@ def test_the_engines_quantize_exactly_the_layers_stored_quantized(exports, arch,
         stored = {m in quantized for m in members}
         assert len(stored) == 1, f"{layer}: some members quantized, some not: an engine fuses them"
         expected_excluded = not stored.pop()
+        if _native(qc):
+            assert engines.vllm_fp8_skipped(layer, qc["modules_to_not_convert"]) == expected_excluded, layer
+            if layer.rpartition(".")[2] != "fused_qkv_a_proj":  # SGLang's is one replicated linear of its own name
+                assert engines.sglang_fp8_skipped(layer, qc["modules_to_not_convert"]) == expected_excluded, layer
+            continue
         assert engines.vllm_excluded(layer, qc["ignore"]) == expected_excluded, layer
         if layer.rpartition(".")[2] not in engines.PACKED:  # SGLang matches fused layers by their own name
             assert engines.sglang_excluded(layer, qc["ignore"]) == expected_excluded, layer
@@ -133,10 +179,16 @@ def test_the_engines_quantize_exactly_the_layers_stored_quantized(exports, arch,
 
 def _stored_algo(tensors: dict, module: str) -> str:
     """The algo a quantized module was calibrated in, from its tensors alone: packed NVFP4 or FP8 weights, and
-    whether its input was quantized (an input_scale); FP8 weights with E8M0 (uint8) block scales are MXFP8."""
+    whether its input was quantized (an input_scale); FP8 weights with E8M0 (uint8) block scales are MXFP8, with
+    float32 128x128 block scales (weight_scale_inv) FP8 blocks."""
     if tensors[f"{module}.weight"].dtype == torch.uint8:
         return "NVFP4" if f"{module}.input_scale" in tensors else "W4A16_NVFP4"
+    if f"{module}.weight_scale_inv" in tensors:
+        return "FP8_PB_WO"
     return "MXFP8" if tensors[f"{module}.weight_scale"].dtype == torch.uint8 else "FP8"
+
+
+PARAMETERS = ("weight", "weight_scale", "weight_scale_inv", "weight_scale_2", "input_scale")
 
 
 @pytest.mark.parametrize("arch, fmt", CASES)
@@ -146,12 +198,13 @@ def test_each_engine_runs_every_layer_in_its_algo_with_every_parameter_loaded(ex
     checkpoint: one left at its initial value is silently wrong at serve time."""
     config, _, tensors = exports[arch, fmt]
     qc = config["quantization_config"]
-    quantized = {m for m in _linears(config) if f"{m}.weight_scale" in tensors}
-    for module in quantized:
+    architecture = config["architectures"][0]
+    for module in _quantized(tensors, _linears(config)):
         algo = _stored_algo(tensors, module)
-        stored = {p for p in ("weight", "weight_scale", "weight_scale_2", "input_scale") if f"{module}.{p}" in tensors}
+        stored = {p for p in PARAMETERS if f"{module}.{p}" in tensors}
         assert engines.vllm_layer_algo(qc, module) == algo == engines.sglang_layer_algo(qc, module), module
         assert stored == engines.VLLM_LAYER_PARAMS[algo] == engines.SGLANG_LAYER_PARAMS[algo], module
+        assert {engines.sglang_weight_name(architecture, f"{module}.{p}") for p in stored} == {f"{module}.{p}" for p in stored}
 
 
 @pytest.mark.parametrize("arch, fmt", CASES)
@@ -175,8 +228,7 @@ def test_fused_layers_and_experts_hold_the_scales_the_engines_keep(exports, arch
     """vLLM keeps one weight_scale_2 / input_scale per fused layer (the max, or the gate's for MoE) without
     rescaling block scales: they must agree. Every expert needs every scale, dead experts too."""
     config, _, tensors = exports[arch, fmt]
-    linears = _linears(config)
-    quantized = {m for m in linears if f"{m}.weight_scale" in tensors}
+    quantized = _quantized(tensors, _linears(config))
     for layer in {_engine_layer(m) for m in quantized}:
         members = sorted(m for m in quantized if _engine_layer(m) == layer)
         if ".experts" in layer:
@@ -195,14 +247,32 @@ def test_fused_layers_and_experts_hold_the_scales_the_engines_keep(exports, arch
                 assert all(torch.equal(values[0], v) for v in values), (fused, scale)
 
 
-@pytest.mark.parametrize("fmt", RECIPES)
-@pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if a.endswith("-tied")])
+@pytest.mark.parametrize("arch, fmt", [(a, f) for a, f in CASES if a.endswith("-tied")])
 def test_a_tied_head_is_excluded_in_both_engines(exports, arch, fmt):
     config, hf_quant, tensors = exports[arch, fmt]
+    qc = config["quantization_config"]
     assert "lm_head.weight" not in tensors
     if fmt.startswith("mixed"):
-        assert "lm_head" not in config["quantization_config"]["quantized_layers"]
+        assert "lm_head" not in qc["quantized_layers"]
+        return
+    if _native(qc):  # vLLM's head is no LinearBase its Fp8Config quantizes; listed all the same, as ModelOpt does
+        assert "lm_head" in qc["modules_to_not_convert"] and engines.sglang_fp8_skipped("lm_head", qc["modules_to_not_convert"])
         return
     assert "lm_head" in hf_quant["quantization"]["exclude_modules"]
     ignore = config["quantization_config"]["ignore"]
     assert engines.vllm_excluded("lm_head", ignore) and engines.sglang_excluded("lm_head", ignore)
+
+
+@pytest.mark.parametrize("arch, architecture", [("llama", "LlamaForCausalLM"), ("mistral", "MistralForCausalLM")])
+def test_fp8_blocks_are_refused_where_sglang_drops_their_scales(arch, architecture):
+    """SGLang 0.5.23's Llama loader looks every weight_scale_inv up as weight_scale, which block-FP8 layers do not
+    have: the export is refused at startup, in one line."""
+    from dist_quant.bridge import ModelBridge
+    from dist_quant.export import ExportError, check_exportable
+    from dist_quant.recipe import load_recipe
+
+    assert engines.sglang_weight_name(architecture, "m.weight_scale_inv") == "m.weight_scale"
+    cls, keys = ARCHITECTURES[arch]
+    config = {**getattr(transformers, cls)(**{**TINY, **keys, **BLOCK_WIDTHS}).to_dict(), "architectures": [architecture]}
+    with pytest.raises(ExportError, match=f"SGLang 0.5.23's {architecture} loader renames FP8 block scales"):
+        check_exportable(load_recipe(RECIPES["fp8-blocks"]), ModelBridge.from_hf(config, seq_len=16))

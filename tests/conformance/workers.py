@@ -22,6 +22,22 @@ MIXED_W4A16_RECIPE = {"quantize": {"algorithm": "max", "quant_cfg": [
 ]}}
 
 
+# NVFP4 attention and dense MLPs, FP8 128x128 block routed experts (FP8_PB_WO, the one form of FP8 blocks a
+# MIXED_PRECISION checkpoint holds for both engines), calibrated FP8 K/V
+FP8_BLOCKS = {"num_bits": "e4m3", "block_sizes": {-1: 128, -2: 128}}
+FP8_GROUPS = {"num_bits": "e4m3", "block_sizes": {-1: 128, "type": "dynamic"}}
+MIXED_BLOCK_EXPERTS_RECIPE = {"quantize": {"algorithm": "max", "quant_cfg": [
+    {"quantizer_name": "*", "enable": False},
+    {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": "e2m1", "block_sizes": {-1: 16}}},
+    {"quantizer_name": "*input_quantizer", "cfg": {"num_bits": "e2m1", "block_sizes": {-1: 16}}},
+    {"quantizer_name": "*experts.local_experts.*.weight_quantizer", "cfg": FP8_BLOCKS},
+    {"quantizer_name": "*experts.local_experts.*.input_quantizer", "cfg": FP8_GROUPS},
+    {"quantizer_name": "*[kv]_bmm_quantizer", "cfg": {"num_bits": "e4m3"}},
+    {"quantizer_name": "*router*", "enable": False},
+    {"quantizer_name": "*output_layer*", "enable": False},
+]}}
+
+
 def cast_kv(recipe):
     """The recipe (a built-in name or a dict) with its K/V cache entries cast (constant amax 448, a scale of 1.0)."""
     from dist_quant.recipe import load_recipe

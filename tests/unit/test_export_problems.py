@@ -171,6 +171,15 @@ def test_multi_latent_attention_exports_only_a_cast_fp8_cache(kv, expected):
     check_exportable(load_recipe(recipe(*W4A4)), mla)  # no KV cache quantization at all
 
 
+def test_the_linears_vllm_fuses_share_one_algo():
+    """DeepSeek's q and kv down-projections are two Megatron linears and one vLLM layer (fused_qkv_a_proj)."""
+    mla = ModelBridge.from_hf(TINY_MLA)
+    assert refusal(mla, recipe(*W4A4, off("*linear_kv_down_proj.input_quantizer"))).startswith(
+        "decoder.layers.0.self_attention.linear_q_down_proj NVFP4, decoder.layers.0.self_attention.linear_kv_down_proj "
+        "W4A16_NVFP4: vLLM 0.33 runs them as one fused layer of one format"
+    )
+
+
 MXFP4 = {"num_bits": "e2m1", "block_sizes": {-1: 32, "type": "dynamic", "scale_bits": "e8m0"}}
 FP8_BLOCKS, FP8_GROUPS = {"num_bits": "e4m3", "block_sizes": {-1: 128, -2: 128}}, {"num_bits": "e4m3", "block_sizes": {-1: 128, "type": "dynamic"}}
 MXFP8 = {"num_bits": "e4m3", "block_sizes": {-1: 32, "type": "dynamic", "scale_bits": "e8m0"}}
