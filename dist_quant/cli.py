@@ -63,7 +63,8 @@ def _inspect(args: argparse.Namespace) -> None:
     say(f"verifying {args.directory}: {len(files)} safetensors files, {sum(f.stat().st_size for f in files) / 1e9:.2f} GB")
     with Progress("checking values", "MB") as progress:
         summary = verify(args.directory, on_progress=lambda done, total: progress.at(*_megabytes(done, total)))
-    print(f"{args.directory}: {summary['quant_algo']} weights, KV cache {summary['kv_cache_quant_algo'] or 'not quantized'}")
+    form = " (the engines' native fp8 form)" if summary["quant_method"] == "fp8" else ""
+    print(f"{args.directory}: {summary['quant_algo']} weights{form}, KV cache {summary['kv_cache_quant_algo'] or 'not quantized'}")
     print(f"  {summary['quantized_modules']} quantized modules, {summary['tensors']} tensors")
     print(f"  not quantized: {', '.join(summary['excluded']) or 'none'}")
     print(

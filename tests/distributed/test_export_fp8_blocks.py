@@ -302,3 +302,32 @@ def test_a_scale_larger_than_its_blocks_amax_is_a_warning(runs, tmp_path):
         "FP8 blocks take"
     ]
 
+
+
+E = "model.layers.1.mlp.experts.2.up_proj"
+
+
+def test_mxfp8_values_are_checked_by_their_format(runs, tmp_path):
+    """MXFP8's own checks (NumberFormat.check_values): a NaN scale byte is a problem; a scale one power of two
+    above the block's (its values halved, so that it dequantizes alike) is a warning, since 2^ceil(log2(amax / 448))
+    puts every block's largest value above 224."""
+    nan, larger = tmp_path / "nan", tmp_path / "larger"
+    for directory in (nan, larger):
+        shutil.copytree(runs["moe-mxfp8"][1], directory)
+    assert verify(larger)["warnings"] == []
+    _tensor(f"{E}.weight_scale", lambda t: t.clone().fill_(0xFF))(nan)
+    with pytest.raises(VerificationError, match=f"{E}.weight_scale holds NaN scales \\(0xFF\\)"):
+        verify(nan)
+    _tensor(f"{E}.weight", lambda t: (t.float() / 2).to(torch.float8_e4m3fn))(larger)
+    _tensor(f"{E}.weight_scale", lambda t: t + 1)(larger)
+    [warning] = verify(larger)["warnings"]
+    assert warning.startswith(f"{E}: a block's largest value is ") and "below 224: its E8M0 scale is not the smallest power of two" in warning
+
+
+def test_inspect_describes_the_native_form(runs):
+    from tests.e2e.jobs import run_python
+
+    result = run_python("-m", "dist_quant.cli", "inspect", str(runs["moe-tp1"][1]))
+    assert result.returncode == 0, result.stderr
+    assert f"{runs['moe-tp1'][1]}: FP8_PB_WO weights (the engines' native fp8 form), KV cache FP8" in result.stdout
+    assert "not quantized: lm_head, model.layers.1.mlp.gate" in result.stdout
