@@ -1,12 +1,14 @@
-"""Recipes through the whole job: weight-only NVFP4 exports as the engines load it, and a recipe the checkpoint
-cannot hold is refused at startup, in one line, before any rank starts."""
+"""Recipes through the whole job: weight-only NVFP4 and FP8 128x128 blocks export as the engines load them, and a
+recipe the checkpoint cannot hold is refused at startup, in one line, before any rank starts."""
 
 import json
 
 import pytest
 
+import torch
+
 from dist_quant.export import load_tensors, verify
-from tests.e2e.jobs import calibrate_on_ranks, run_cli
+from tests.e2e.jobs import calibrate_on_ranks, run_cli, tiny_qwen3_moe
 
 NVFP4 = "{num_bits: e2m1, block_sizes: {-1: 16, type: dynamic, scale_bits: e4m3}}"
 
@@ -33,6 +35,25 @@ def test_weight_only_nvfp4_with_its_head_exports_as_w4a16_and_verifies(tmp_path)
     assert not any(name.endswith(".input_scale") for name in tensors)
 
 
+def test_the_builtin_fp8_block_recipe_exports_the_native_fp8_form(tmp_path):
+    """A Qwen3-MoE with heads of 128 channels and experts of 128 rows, at EP2: config.json's quantization_config is
+    the engines' native fp8 one, with no hf_quant_config.json, and every quantized linear holds its weight and its
+    float32 weight_scale_inv."""
+    source = tiny_qwen3_moe(tmp_path / "source", torch.bfloat16, hidden_size=128, num_attention_heads=2,
+                            num_key_value_heads=1, head_dim=128, moe_intermediate_size=128)
+    out = tmp_path / "out"
+    result = calibrate_on_ranks(2, "--hf-model", str(source), "--recipe", "fp8_block_default-fp8_cast_kv", "--ep", "2",
+                                "--seq-len", "16", "--calib-samples", "2", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (verify(out)["quant_method"], verify(out)["warnings"]) == ("fp8", [])
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (qc["quant_method"], qc["weight_block_size"], qc["kv_cache_quant_algo"]) == ("fp8", [128, 128], "FP8")
+    assert not (out / "hf_quant_config.json").exists()
+    tensors = load_tensors(out)
+    assert tensors["model.layers.1.mlp.experts.3.down_proj.weight_scale_inv"].dtype == torch.float32
+    assert not any(name.endswith((".input_scale", ".weight_scale", ".weight_scale_2")) for name in tensors)
+
+
 REFUSED = {
     "fp8-weight-only": (
         ("{quantizer_name: '*weight_quantizer', cfg: {num_bits: e4m3}}",), "tiny-qwen3-moe",
@@ -48,6 +69,11 @@ REFUSED = {
         (f"{{quantizer_name: '*weight_quantizer', cfg: {NVFP4}}}",
          "{quantizer_name: '*linear_fc2.output_quantizer', cfg: {num_bits: e4m3}}"), "tiny-qwen3",
         ": decoder.layers.0.mlp.linear_fc2.output_quantizer: the checkpoint format has no output scales",
+    ),
+    "fp8-blocks-narrow-heads": (
+        ("{quantizer_name: '*weight_quantizer', cfg: {num_bits: e4m3, block_sizes: {-1: 128, -2: 128}}}",), "tiny-qwen3",
+        ": decoder.layers.0.self_attention.linear_qkv: heads of 32 channels: Megatron's fused q/k/v weight holds each "
+        "query group's q, k and v rows in turn",
     ),
     "kv-only": (
         ("{quantizer_name: '*[kv]_bmm_quantizer', cfg: {num_bits: e4m3}}",), "tiny-qwen3-moe",
