@@ -97,13 +97,15 @@ class NVFP4Format(NumberFormat):
         blocks, scale_2 = tensors.get(f"{module}.weight_scale"), tensors.get(f"{module}.weight_scale_2")
         if blocks is None or not blocks.numel():
             return [], None
-        # codes below 0x80 are the non-negative ones, growing with their values; 0x00 is zero, 0x7F NaN
+        # codes below 0x80 are the non-negative ones, growing with their values; 0x00 is zero, 0x7F NaN: scales
+        # whose extremes are in 0x01..0x7E are sound, the others are looked at closely
         codes = blocks.view(torch.uint8)
-        if ((codes & 0x7F) == 0x7F).any():
-            return [f"{module}.weight_scale holds NaN bytes"], None
-        if (codes == 0).any() or (codes >= 0x80).any():
+        largest, smallest = codes.max(), codes.min()
+        if largest >= 0x7F or smallest == 0:
+            if ((codes & 0x7F) == 0x7F).any():
+                return [f"{module}.weight_scale holds NaN bytes"], None
             return [f"{module}.weight_scale holds zero or negative scales"], None
-        largest = codes.max().view(torch.float8_e4m3fn).float()
+        largest = largest.view(torch.float8_e4m3fn).float()
         # E2M1 values are at most 6 in size: the largest block scale decides finiteness without the weight
         if scale_2 is not None and not torch.isfinite(E2M1_MAX * largest * scale_2):
             return [f"{module} dequantizes to non-finite values"], largest.item()
