@@ -291,3 +291,11 @@ def sglang_weight_name(architecture: str, name: str) -> str:
     if architecture in _SGLANG_SCALE_INV_RENAMED and name.endswith(".weight_scale_inv"):
         return name.removesuffix("_inv")
     return name
+
+
+def mixed_fp8_block_sizes(qc: dict) -> set[int]:
+    """MIXED_PRECISION's block size for FP8_PB_WO / FP8_BLOCK_SCALES layers: vLLM 0.33 modelopt.py and SGLang
+    0.5.23 modelopt_quant.py ModelOptMixedPrecisionConfig alike take `int(group_size)` (default 128) and refuse
+    layers that disagree; the result is their Fp8Config's weight_block_size."""
+    return {int(e.get("group_size", 128)) for e in qc["quantized_layers"].values()
+            if str(e.get("quant_algo", "")).upper() in ("FP8_PB_WO", "FP8_BLOCK_SCALES")}

@@ -138,6 +138,10 @@ def test_both_engines_detect_the_method_and_its_group_size(exports, arch, fmt):
     assert (engines.vllm_quant_method(qc), engines.sglang_quant_method(qc)) == METHODS[fmt]
     if fmt in ("nvfp4", "w4a16"):
         assert engines.vllm_nvfp4_required(hf_quant) == [] and engines.sglang_fp4_group_size(qc) == 16
+    if fmt == "mixed-block-experts":  # the experts' Fp8MoEMethod runs 128x128 blocks
+        assert engines.mixed_fp8_block_sizes(qc) == {128}
+    if fmt == "fp8-blocks":
+        assert engines.fp8_block_config_problem(qc) is None and qc["weight_block_size"] == [128, 128]
 
 
 @pytest.mark.parametrize("arch, fmt", CASES)
