@@ -200,6 +200,7 @@ ROW_BLOCK_MODULES = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "w1",
 # _llama_remap), which its block-FP8 layers do not have (they register weight_scale_inv): the scales are dropped
 # with a warning and the layers run with float32's lowest value as every scale (sglang PR #30234)
 SGLANG_DROPS_SCALE_INV = ("LlamaForCausalLM", "MistralForCausalLM")
+_OUTPUT_LAYER = "output_layer"  # Megatron's head (lm_head)
 
 
 def block_layout_problem(bridge: ModelBridge, modules: Iterable[str]) -> str | None:
@@ -215,6 +216,13 @@ def block_layout_problem(bridge: ModelBridge, modules: Iterable[str]) -> str | N
             f"{modules[0]} is {FP8_PB}: SGLang 0.5.23's {bridge.architecture} loader renames FP8 block scales "
             "(weight_scale_inv) to weight_scale and drops them, so its layers would run unscaled; export this "
             "architecture in FP8, MXFP8 or NVFP4"
+        )
+    head = next((m for m in modules if m.startswith(_OUTPUT_LAYER)), None)
+    if head is not None:
+        return (
+            f"{head} is {FP8_PB}: the engines' fp8 method quantizes no output head (ParallelLMHead is no LinearBase its "
+            "Fp8Config takes, in vLLM 0.33 and SGLang 0.5.23), so they would load its FP8 values unscaled; disable "
+            "its quantizers (*output_layer*)"
         )
     rows = FORMATS[FP8_BLOCK].weight_block[0]
     shapes = bridge.hf_tensor_shapes()

@@ -209,7 +209,7 @@ BLOCKS_MOE = {
     "intermediate_size": 256, "moe_intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
     "num_key_value_heads": 1, "head_dim": 128, "num_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 64,
 }
-FP8_BLOCK_RECIPE = recipe(on("*weight_quantizer", FP8_BLOCKS), on("*input_quantizer", FP8_GROUPS), on("*[kv]_bmm_quantizer", FP8), off("*router*"))
+FP8_BLOCK_RECIPE = recipe(on("*weight_quantizer", FP8_BLOCKS), on("*input_quantizer", FP8_GROUPS), on("*[kv]_bmm_quantizer", FP8), off("*output_layer*"))
 
 
 def blocks_model(**changes):
@@ -218,7 +218,7 @@ def blocks_model(**changes):
 
 @pytest.mark.parametrize("raw", [
     FP8_BLOCK_RECIPE,
-    recipe(on("*weight_quantizer", FP8_BLOCKS)),  # weight-only: the same checkpoint (the engines quantize the inputs)
+    recipe(on("*weight_quantizer", FP8_BLOCKS), off("*output_layer*")),  # weight-only: the engines quantize the inputs
     recipe(on("*experts*weight_quantizer", FP8_BLOCKS), on("*experts*input_quantizer", FP8_GROUPS)),  # experts alone
     # FP8-block experts beside NVFP4 attention: a MIXED_PRECISION checkpoint both engines load
     recipe(on("*experts*weight_quantizer", FP8_BLOCKS), on("*self_attention*weight_quantizer", NVFP4), on("*self_attention*input_quantizer", NVFP4)),
@@ -242,7 +242,7 @@ BLOCK_REFUSED = {
         "MIXED_PRECISION checkpoint without an NVFP4 or W4A16_NVFP4 layer as its w4afp8 method",
     ),
     "nvfp4-kv": (
-        {}, recipe(on("*weight_quantizer", FP8_BLOCKS), on("*[kv]_bmm_quantizer", NVFP4)),
+        {}, recipe(on("*weight_quantizer", FP8_BLOCKS), on("*[kv]_bmm_quantizer", NVFP4), off("*output_layer*")),
         "decoder.layers.0.self_attention.core_attention: K nvfp4, V nvfp4: the native fp8 form of FP8 128x128 blocks "
         "holds an FP8 KV cache or none",
     ),
@@ -259,6 +259,10 @@ BLOCK_REFUSED = {
     "expert-rows": (
         {"moe_intermediate_size": 64}, FP8_BLOCK_RECIPE,
         f"{EXPERT}.0.linear_fc1: model.layers.0.mlp.experts.0.gate_proj has 64 rows, no whole number of 128-row FP8 blocks",
+    ),
+    "head": (
+        {}, recipe(on("*weight_quantizer", FP8_BLOCKS)),
+        "output_layer is FP8_PB_WO: the engines' fp8 method quantizes no output head",
     ),
     "llama": (
         {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **dict.fromkeys(("moe_intermediate_size", "num_experts", "num_experts_per_tok"), DROP)},
