@@ -315,20 +315,45 @@ def _quantize_role(role: _ExpertRole | None, x: torch.Tensor, counts: list[int],
 
 def _stacked_weights(linears: list[nn.Module], role: _ExpertRole | None) -> torch.Tensor:
     """The experts' weights [experts, out, in], through their weight quantizers (one launch where they can).
-    Stacking megatron's per-expert parameters costs a copy of the layer's expert weights per forward (the
-    fake-quantized ones come stacked from their one launch, for nothing more): reading and writing them once
-    more at memory speed, against a grouped GEMM that reads them once and does 2 x tokens per expert flops per
-    weight. Keeping the parameters as views of one stacked tensor would spare it, but megatron's and torch's
-    own code (`module.to`, distributed optimizers' buffers) re-point parameters, and an extra stacked copy of
-    every expert weight would not fit the memory target; bench_forward measures the stacking's share."""
+    `group_experts` lays each role's parameters out one after another in one tensor, so that outside autograd
+    they are that tensor, read in place (`_stacked_in_memory`). Under autograd, or once something re-pointed a
+    parameter (`module.to`, an optimizer's buffers), they are stacked: a copy of the layer's expert weights per
+    forward, read and written once more at memory speed (bench_forward measures it), whose gradient reaches each
+    expert's own parameter."""
     weights = [linear._parameters["weight"] for linear in linears]
-    if role is None or all(q._mode is _DISABLED for q in role.quantizers):
-        return torch.stack(weights)
-    if role.together and segments_quantize_together(role.quantizers):
+    grad = torch.is_grad_enabled() and weights[0].requires_grad
+    stacked = None if grad else _stacked_in_memory(linears[0], weights)
+    if stacked is None:
         stacked = torch.stack(weights)
+    if role is None or all(q._mode is _DISABLED for q in role.quantizers):
+        return stacked
+    if role.together and segments_quantize_together(role.quantizers):
         rows = [stacked.shape[1]] * len(weights)
         return fake_quant_segments(role.quantizers, stacked.flatten(0, 1), rows).view_as(stacked)
-    return torch.stack([q(w) for q, w in zip(role.quantizers, weights)])
+    return torch.stack([q(w) for q, w in zip(role.quantizers, stacked.unbind(0))])
+
+
+def _stacked_in_memory(first: nn.Module, weights: list[torch.Tensor]) -> torch.Tensor | None:
+    """The weights as one [experts, out, in] tensor without a copy, where they are still the consecutive slices
+    of the tensor `_stack_in_place` made and left with the first expert's linear (their data pointers say so;
+    that tensor, held, keeps its memory from reuse); else None."""
+    made = first.__dict__.get("_stacked_expert_weights")
+    if made is None or [w.data_ptr() for w in weights] != made[1]:
+        return None
+    return made[0]
+
+
+def _stack_in_place(linears: list[nn.Module]) -> None:
+    """Each linear's weight data made a slice of one new [experts, out, in] tensor, in order (the same parameter
+    objects and values; their old memory is freed): what `_stacked_in_memory` reads. Weights of differing
+    shape, dtype or device are left as they are."""
+    weights = [linear._parameters["weight"] for linear in linears]
+    if _stacked_in_memory(linears[0], weights) is not None or len({(w.shape, w.dtype, w.device) for w in weights}) > 1:
+        return
+    stacked = torch.stack([w.detach() for w in weights])
+    for weight, part in zip(weights, stacked.unbind(0)):
+        weight.data = part
+    linears[0].__dict__["_stacked_expert_weights"] = (stacked, [w.data_ptr() for w in weights])  # a plain attribute: no state
 
 
 def _grouped_linear(x: torch.Tensor, weights: torch.Tensor, counts: list[int], offsets: torch.Tensor) -> torch.Tensor:
@@ -349,8 +374,9 @@ _GROUPED_MM = getattr(torch.nn.functional, "grouped_mm", None)  # torch >= 2.10
 
 def group_experts(model: nn.Module) -> int:
     """Make every megatron SequentialMLP of `model` a `GroupedExperts`, in place (parameters, names, state and
-    quantizers unchanged): the models dist_quant builds are grouped already; a model of one's own opts in with
-    this. Idempotent. -> number of MoE layers."""
+    quantizers unchanged; each role's expert weights moved into one stacked tensor they are slices of, see
+    `_stacked_weights`): the models dist_quant builds are grouped already; a model of one's own opts in with
+    this, after moving it to its device. Idempotent. -> number of MoE layers."""
     from megatron.core.transformer.moe.experts import SequentialMLP
 
     count = 0
@@ -358,6 +384,8 @@ def group_experts(model: nn.Module) -> int:
         if isinstance(module, SequentialMLP):
             if not isinstance(module, GroupedExperts):
                 module.__class__ = quantized_class(type(module), GroupedExperts, "Grouped")
+            for which in ("linear_fc1", "linear_fc2"):
+                _stack_in_place([getattr(expert, which) for expert in module.local_experts])
             count += 1
     return count
 

@@ -9,7 +9,7 @@ import torch
 
 from dist_quant.calibrate import attach_quantizers, calibrate
 from dist_quant.calibrate.pipeline import CalibrationError
-from dist_quant.modules.megatron import GroupedExperts, group_experts
+from dist_quant.modules.megatron import GroupedExperts, _stacked_in_memory, group_experts
 from dist_quant.parallel import megatron_compat
 from dist_quant.parallel.groups import ParallelGroups
 from dist_quant.quantizer import SegmentAmax
@@ -75,6 +75,15 @@ def calibration_case(tp: int, ep: int) -> dict:
             entry["logits"] = workers.logits(model, workers.batches(seed=7, count=1)[0], groups)
             entry["quantizing_calls"], entry["one_launch"] = calls[0], one_launch[0]
         report[way] = entry
+    # the experts' weights are read where they lie, one stacked tensor per role; once a parameter is moved
+    # elsewhere they are stacked per forward, to the same logits
+    roles = [[getattr(e, which) for e in layer.local_experts] for layer in experts for which in ("linear_fc1", "linear_fc2")]
+    report["in_memory"] = [_stacked_in_memory(linears[0], [lin.weight for lin in linears]) is not None for linears in roles]
+    moved = roles[0][-1].weight
+    moved.data = moved.data.clone()
+    report["in_memory_after_a_move"] = _stacked_in_memory(roles[0][0], [lin.weight for lin in roles[0]]) is not None
+    _set_grouped(model, True)
+    report["logits_after_a_move"] = workers.logits(model, workers.batches(seed=7, count=1)[0], groups)
     return report
 
 

@@ -42,6 +42,9 @@ def test_grouped_experts_calibrate_and_quantize_as_sequential_mlp(layout):
         for key, value in sequential["state"].items():
             assert torch.equal(value, grouped["state"][key]), key
         assert torch.equal(sequential["logits"], grouped["logits"])
+        assert report["in_memory"] == [True] * 2 * report["layers"]
+        assert not report["in_memory_after_a_move"]
+        assert torch.equal(report["logits_after_a_move"], grouped["logits"])
 
 
 def test_nan_in_one_expert_input_is_reported_both_ways():
