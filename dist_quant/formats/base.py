@@ -166,27 +166,29 @@ class NumberFormat:
         raise NotImplementedError
 
 
-def e4m3_weight(module: str, tensors: Mapping[str, torch.Tensor]) -> tuple[list[str], torch.Tensor | None]:
-    """A stored float8_e4m3fn weight's NaN check: (problems, the weight, or None where absent, empty or NaN). E4M3's
-    only NaN codes are 0x7F and 0xFF."""
+def e4m3_block_largest(module: str, tensors: Mapping[str, torch.Tensor], block: tuple[int, int] | None) -> tuple[list[str], torch.Tensor | None]:
+    """A stored float8_e4m3fn weight [out, in] `module.weight` -> (problems: NaN bytes; the largest magnitude in
+    each [rows, columns] `block` as float32 [ceil(out / rows), ceil(in / columns)], tail blocks partial, or in the
+    whole weight (`block` None); None where the weight is absent, empty or holds NaN). From the codes in one pass:
+    without the sign bit they grow with the magnitude, and the largest, 0x7F, is E4M3's NaN."""
     weight = tensors.get(f"{module}.weight")
     if weight is None or not weight.numel():
         return [], None
-    if ((weight.view(torch.uint8) & 0x7F) == 0x7F).any():
-        return [f"{module}.weight holds NaN bytes"], None
-    return [], weight
-
-
-def e4m3_block_largest(weight: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """The largest magnitude in each [rows, columns] block of a NaN-free float8_e4m3fn weight [out, in], as float32
-    [ceil(out / rows), ceil(in / columns)] (tail blocks partial), from the codes: without the sign bit they grow
-    with the magnitude."""
     codes = weight.view(torch.uint8) & 0x7F
-    (out, features), (rows, columns) = codes.shape, block
-    padded = torch.zeros(-(-out // rows) * rows, -(-features // columns) * columns, dtype=torch.uint8)
-    padded[:out, :features] = codes
-    largest = padded.view(padded.shape[0] // rows, rows, padded.shape[1] // columns, columns).amax((1, 3))
-    return largest.view(torch.float8_e4m3fn).float()
+    if block is None:
+        largest = codes.max().reshape(1, 1)
+    else:
+        (out, features), (rows, columns) = codes.shape, block
+        if out % rows or features % columns:
+            padded = torch.zeros(-(-out // rows) * rows, -(-features // columns) * columns, dtype=torch.uint8)
+            padded[:out, :features] = codes
+            codes = padded
+        grid = codes.view(codes.shape[0] // rows, rows, codes.shape[1] // columns, columns)
+        largest = grid.amax(3) if rows == 1 else grid.amax(3).amax(1)  # the last dims first: the faster order
+        largest = largest.reshape(grid.shape[0], grid.shape[2])
+    if (largest == 0x7F).any():
+        return [f"{module}.weight holds NaN bytes"], None
+    return [], largest.view(torch.float8_e4m3fn).float()
 
 
 def calibrated_top_warning(where: str, largest: float, what: str, scale: str, calibrated: str) -> str | None:

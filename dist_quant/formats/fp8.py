@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from dist_quant.formats.base import SCALAR, NumberFormat, QuantFormat, Spec, calibrated_top_warning, e4m3_weight
+from dist_quant.formats.base import SCALAR, NumberFormat, QuantFormat, Spec, calibrated_top_warning, e4m3_block_largest
 from dist_quant.numerics.fp8 import E4M3_MAX, cast_e4m3, fp8_fake_quant, fp8_scale, nonzero_amax
 
 
@@ -59,8 +59,8 @@ class FP8Format(NumberFormat):
         return [(f"{module}.weight", values), (f"{module}.weight_scale", scale)]
 
     def check_values(self, module, tensors):
-        problems, weight = e4m3_weight(module, tensors)
-        return problems, None if weight is None else (weight.view(torch.uint8) & 0x7F).max().view(self.weight_dtype).item()
+        problems, largest = e4m3_block_largest(module, tensors, None)  # one scale for the whole weight
+        return problems, None if largest is None else largest.item()
 
     def top_warning(self, where, tops):
         return calibrated_top_warning(where, max(tops), "weight value", "weight_scale", "amax / 448")

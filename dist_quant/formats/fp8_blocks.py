@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from dist_quant.formats.base import DYNAMIC, NumberFormat, QuantFormat, Spec, e4m3_block_largest, e4m3_weight
+from dist_quant.formats.base import DYNAMIC, NumberFormat, QuantFormat, Spec, e4m3_block_largest
 from dist_quant.kernels import block_formats as kernels
 from dist_quant.numerics import fp8_blocks
 from dist_quant.numerics.fp8 import E4M3_MAX
@@ -112,13 +112,12 @@ class FP8BlockFormat(NumberFormat):
         return [(f"{module}.weight", values), (f"{module}.{self.scale_name}", blocks)]
 
     def check_values(self, module, tensors):
-        problems, weight = e4m3_weight(module, tensors)
+        problems, largest = e4m3_block_largest(module, tensors, WEIGHT_BLOCK)
         scales = tensors.get(f"{module}.{self.scale_name}")
         if scales is not None and not (torch.isfinite(scales) & (scales > 0)).all():
             problems.append(f"{module}.{self.scale_name} holds zero, negative or non-finite scales")
-        if problems or weight is None or scales is None:
+        if problems or largest is None or scales is None:
             return problems, None
-        largest = e4m3_block_largest(weight, WEIGHT_BLOCK)
         if not torch.isfinite(largest * scales).all():  # as the engines dequantize: in float32
             return [f"{module} dequantizes to non-finite values"], None
         nonzero = largest[largest > 0]

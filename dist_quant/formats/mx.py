@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from dist_quant.formats.base import DYNAMIC, NumberFormat, QuantFormat, Spec, e4m3_block_largest, e4m3_weight
+from dist_quant.formats.base import DYNAMIC, NumberFormat, QuantFormat, Spec, e4m3_block_largest
 from dist_quant.kernels import block_formats as kernels
 from dist_quant.numerics import mx
 from dist_quant.numerics.fp8 import E4M3_MAX
@@ -72,12 +72,11 @@ class MXFormat(NumberFormat):
 
     def check_values(self, module, tensors):
         scales = tensors.get(f"{module}.weight_scale")
-        problems, weight = ([], None) if self.packed else e4m3_weight(module, tensors)
+        problems, largest = ([], None) if self.packed else e4m3_block_largest(module, tensors, (1, self.block))
         if scales is not None and (scales == mx.E8M0_NAN).any():
             problems.append(f"{module}.weight_scale holds NaN scales (0x{mx.E8M0_NAN:X})")
-        if problems or weight is None or scales is None:
+        if problems or largest is None or scales is None:
             return problems, None
-        largest = e4m3_block_largest(weight, (1, self.block))
         if not torch.isfinite(largest * mx.decode_e8m0(scales)).all():  # as the engines dequantize: in float32
             return [f"{module} dequantizes to non-finite values"], None
         nonzero = largest[largest > 0]
