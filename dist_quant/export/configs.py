@@ -144,8 +144,6 @@ def _group(algo: str, targets: list[str]) -> dict:
     if not number.config_group:
         return {"quant_algo": algo, "targets": targets}
     tensors = {"dynamic": False, "num_bits": number.config_bits, "type": "float", **number.config_entries}
-    if not number.static_inputs:  # ModelOpt's MXFP8 group: no dynamic key
-        del tensors["dynamic"]
     inputs = {"input_activations": dict(tensors)} if _input_format(algo) is not None else {}
     return {**inputs, "weights": dict(tensors), "targets": targets}
 
