@@ -63,9 +63,18 @@ def _global_amax(global_amax_ptr, rows, segment_starts_ptr, n_segments, SEGMENTE
     holds blocks [starts[s], starts[s + 1]) and has global_amax[s]."""
     # one return: the compiler wants one return type per function even where the branch is constexpr
     if SEGMENTED:
+        # the last segment starting at or before each block (empty segments share their start with the next):
+        # a binary search, log2(segments) loads, where a scan over 128 experts' starts was the kernel's cost
+        step = 1
+        while step < n_segments:
+            step *= 2
         segment = tl.zeros_like(rows)
-        for s in range(1, n_segments):
-            segment += (rows >= tl.load(segment_starts_ptr + s)).to(segment.dtype)
+        while step > 0:
+            probe = segment + step
+            inside = probe < n_segments
+            start = tl.load(segment_starts_ptr + probe, mask=inside, other=0)
+            segment = tl.where(inside & (rows >= start), probe, segment)
+            step //= 2
         global_amax = tl.load(global_amax_ptr + segment)
     else:
         global_amax = tl.load(global_amax_ptr)
