@@ -73,6 +73,13 @@ def nvfp4_fake_quant_segments(
 
 def _segment_starts(blocks_per_row: int, rows: Sequence[int], device: torch.device) -> torch.Tensor:
     """The first block of each segment of rows, on the device."""
+    return _starts(blocks_per_row, tuple(rows), device)
+
+
+@functools.lru_cache(maxsize=64)
+def _starts(blocks_per_row: int, rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    # Kept: a role of expert weights has the same segments in every layer and forward, and each host-to-device
+    # copy costs tens of microseconds of host time. Never written to by its users.
     starts = [0, *itertools.accumulate(n * blocks_per_row for n in rows[:-1])]
     # Pageable memory copied without waiting for the GPU: the host buffer is staged at once.
     return torch.tensor(starts, dtype=torch.int64).to(device, non_blocking=True)

@@ -85,6 +85,20 @@ def test_segments_fake_quantize_with_each_quantizers_straight_through_gradient(b
     assert (together.grad == 0).any() and (together.grad != 0).any()  # clipped values get no gradient
 
 
+def test_segments_follow_an_amax_changed_in_place_or_replaced():
+    """The one launch keeps the role's amax stacked between forwards; a calibration that writes an amax in place,
+    or gives a quantizer a new one, is seen at once."""
+    counts = [3, 4, 2]
+    x = torch.randn(sum(counts), 32, generator=torch.Generator().manual_seed(3))
+    quantizers = _nvfp4_quantizers(x, counts, "dynamic")
+    first = fake_quant_segments(quantizers, x, counts)
+    quantizers[1]._amax.mul_(0.25)
+    quantizers[2].calibrate_from(x.split(counts)[2] * 0.125)
+    changed = fake_quant_segments(quantizers, x, counts)
+    assert not torch.equal(first, changed)
+    assert torch.equal(changed, torch.cat([q(segment) for q, segment in zip(quantizers, x.split(counts))]))
+
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
 
