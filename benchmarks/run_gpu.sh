@@ -15,6 +15,7 @@
 #            and ModelOpt; MSE sweep vs reference, floor, ModelOpt
 #   mx       the MXFP8 / MXFP4 / FP8-group kernels against the reference (test_mx_kernels_cuda.py), their speed
 #            against a copy and ModelOpt's quantizers (bench_mx.py), and the MXFP8 main job on the 30B shape
+#   fp8blocks the main job on the 30B shape in FP8 128x128 blocks (the engines' native fp8 checkpoint), verified
 #   refit    real-quantized refits, buckets, recalibration and export of moe-1b and the 30B shape against their
 #            ceilings in the same call (bench_refit.py, one GPU)
 #   main1    the 30B-shaped main job on one GPU, 64 x 2048 tokens, batch 8 (calibrate + export + verify)
@@ -31,7 +32,7 @@ cd "$(dirname "$0")/.."
 RESULTS=${RESULTS:-benchmarks/RESULTS.md}
 LOGS=${LOGS:-/tmp/dist_quant_gpu}
 WORK=${WORK:-/tmp/dist_quant_work}
-PARTS=${*:-layout fidelity forward main hf faults export sync kernels mx refit main1 dsv3 big}
+PARTS=${*:-layout fidelity forward main hf faults export sync kernels mx fp8blocks refit main1 dsv3 big}
 mkdir -p "$LOGS" "$WORK"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 GPUS=$(nvidia-smi -L | wc -l)
@@ -113,6 +114,11 @@ if want mx; then
   step qwen3_30b_a3b_shape_mxfp8_1gpu timeout 540 python3 -m dist_quant.cli calibrate --model qwen3-30b-a3b-shape \
     --random-weights --recipe mxfp8_default-fp8_cast_kv --calib-samples 64 --seq-len 2048 --batch-size 8 \
     --out "$WORK/qwen3-30b-a3b-shape-mxfp8" --overwrite
+fi
+if want fp8blocks; then
+  step qwen3_30b_a3b_shape_fp8_blocks_1gpu timeout 540 python3 -m dist_quant.cli calibrate --model qwen3-30b-a3b-shape \
+    --random-weights --recipe fp8_block_default-fp8_cast_kv --calib-samples 64 --seq-len 2048 --batch-size 8 \
+    --out "$WORK/qwen3-30b-a3b-shape-fp8-blocks" --overwrite
 fi
 want refit && step bench_refit python3 benchmarks/bench_refit.py --out-dir "$WORK/bench_refit" --results "$RESULTS"
 if want main1; then
