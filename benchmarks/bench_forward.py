@@ -9,7 +9,7 @@ forward with every MoE layer's experts computed by SequentialMLP, expert by expe
 with the fake-quantized weight cache (`cache_fake_quant_weights`, where the memory holds it), and both modes with
 SequentialMLP. Also: the MoE layers alone (their inputs captured from one forward), in TFLOP/s of their expert
 GEMMs, against a large matmul in the model's dtype measured in the same call (the ceiling); and what stacking the
-experts' weights costs per forward (the grouped GEMM's operand, see `_stacked_weights`). On GPU, the host time of
+experts' weights costs per forward where they are stacked (under autograd; see `_stacked_weights`). On GPU, the host time of
 one fake-quant call against Triton's own launcher and a torch op.
 Median of --reps forwards after warm-up (CUDA events on GPU). Targets (issue 29): grouped plain >= 3x faster than
 SequentialMLP; calibrating <= 1.2x, quantizing <= 1.3x the grouped plain forward. Appends to
@@ -186,13 +186,13 @@ def measure(
     experts = [layer for layer, _ in captured]
     del captured
 
-    def stack_weights():  # the grouped GEMMs' operands, stacked anew each forward (one layer's at a time)
+    def stack_weights():  # the grouped GEMMs' operands as autograd stacks them each forward (one layer's at a time)
         for layer in experts:
             for linear in ("linear_fc1", "linear_fc2"):
                 torch.stack([getattr(expert, linear).weight for expert in layer.local_experts])
 
     with torch.no_grad():
-        times["stacking the expert weights"] = _median_ms(stack_weights, reps, device)
+        times["stacking the expert weights (under autograd)"] = _median_ms(stack_weights, reps, device)
 
     recipe = load_recipe(recipe)
     attach_quantizers(model, recipe)
