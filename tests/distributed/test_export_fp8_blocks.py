@@ -17,6 +17,7 @@ from dist_quant.parallel.spawn import run_ranks
 from tests.distributed import fp8_block_workers as workers
 from tests.e2e.jobs import tiny_checkpoint
 from tests.reference.formats import assert_same_bits
+from tests.reference.fp8_blocks import transformers_dequantized
 from tests.reference.modelopt import modelopt_module
 
 pytestmark = pytest.mark.xdist_group("fp8-block-export")  # one worker computes the module's fixtures
@@ -150,27 +151,14 @@ def _without_kv(out, directory):
 def test_transformers_dequantizes_the_checkpoint_to_the_fake_quantized_weights(runs):
     """The outside oracle: transformers 5's FineGrainedFP8 (dequantize=True) loads the export (its experts fused
     per layer) with every weight bit for bit the calibrated model's fake-quantized one."""
-    import transformers
-
     pytest.importorskip("accelerate")  # transformers' FP8 loading needs it
     _, out, result = runs["moe-no-kv"]
     fake = result["fake"]
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        out, quantization_config=transformers.FineGrainedFP8Config(dequantize=True), dtype=torch.bfloat16
-    )
     compared = 0
-    for name, tensor in model.state_dict().items():
-        if name.endswith("mlp.experts.gate_up_proj"):  # [experts, gate rows + up rows, hidden]
-            layer = name.removesuffix(".gate_up_proj")
-            expected = torch.stack([torch.cat([fake[f"{layer}.{e}.{p}_proj.weight"] for p in ("gate", "up")]) for e in range(tensor.shape[0])])
-        elif name.endswith("mlp.experts.down_proj"):
-            expected = torch.stack([fake[f"{name.removesuffix('.down_proj')}.{e}.down_proj.weight"] for e in range(tensor.shape[0])])
-        elif name in fake:
-            expected = fake[name]
-        else:
-            continue  # norms
-        assert_same_bits(tensor, expected)
-        compared += 1
+    for name, tensor in transformers_dequantized(out).items():
+        if name in fake:  # norms aside
+            assert_same_bits(tensor, fake[name])
+            compared += 1
     assert compared > 10
 
 

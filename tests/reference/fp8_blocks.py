@@ -75,3 +75,27 @@ def fp8_checkpoints(source: Path, root: Path, block: tuple[int, int] = (128, 128
     (fp8 / "config.json").write_text(json.dumps({**config, "quantization_config": quantization_config}, indent=2))
     save_file(plain, reference / "model.safetensors", metadata={"format": "pt"})
     return fp8, reference
+
+
+def transformers_dequantized(directory: Path) -> dict[str, torch.Tensor]:
+    """The outside oracle for an FP8 block-scaled checkpoint: transformers 5 loads it with FineGrainedFP8
+    (dequantize=True); -> its weights by checkpoint name, the experts it fuses per layer ([experts, gate rows + up
+    rows, hidden] and [experts, hidden, width]) split back into each expert's gate_proj, up_proj and down_proj."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        directory, quantization_config=transformers.FineGrainedFP8Config(dequantize=True), dtype=torch.bfloat16
+    )
+    weights = {}
+    for name, tensor in model.state_dict().items():
+        if name.endswith("mlp.experts.gate_up_proj"):
+            layer = name.removesuffix(".gate_up_proj")
+            for e, expert in enumerate(tensor):
+                gate, up = expert.chunk(2)
+                weights[f"{layer}.{e}.gate_proj.weight"], weights[f"{layer}.{e}.up_proj.weight"] = gate, up
+        elif name.endswith("mlp.experts.down_proj"):
+            layer = name.removesuffix(".down_proj")
+            weights.update({f"{layer}.{e}.down_proj.weight": expert for e, expert in enumerate(tensor)})
+        else:
+            weights[name] = tensor
+    return weights

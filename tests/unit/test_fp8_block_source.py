@@ -16,7 +16,7 @@ from dist_quant.bridge import BridgeError, ModelBridge
 from dist_quant.bridge.io import SafetensorsReader, check_checkpoint, source_reader
 from dist_quant.bridge.mappings import ShardInfo
 from tests.reference.configs import DROP, changed
-from tests.reference.fp8_blocks import DEEPSEEK_V3, SCALES_FILE, fp8_checkpoints
+from tests.reference.fp8_blocks import DEEPSEEK_V3, SCALES_FILE, fp8_checkpoints, transformers_dequantized
 
 # Widths that are no multiples of 128, so that tail blocks are partial, and TP2 slices (96 of 192 query rows,
 # 160 of 320 MLP rows) start inside a block
@@ -131,22 +131,10 @@ def test_transformers_dequantizes_the_same_where_blocks_are_whole(tmp_path):
     source = bf16_checkpoint(tmp_path / "bf16", "Qwen3MoeConfig", aligned, **MOE, num_experts=4, mlp_only_layers=[0])
     fp8, _ = fp8_checkpoints(source, tmp_path)
     reader = source_reader(fp8, ModelBridge.from_hf(fp8))
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        fp8, quantization_config=transformers.FineGrainedFP8Config(dequantize=True), dtype=torch.bfloat16
-    )
-    compared = 0
-    for name, tensor in model.state_dict().items():
-        if name.endswith("mlp.experts.gate_up_proj"):  # [experts, gate rows + up rows, hidden]
-            layer = name.removesuffix(".gate_up_proj")
-            expected = torch.stack([torch.cat([reader.read(f"{layer}.{e}.{p}_proj.weight") for p in ("gate", "up")])
-                                    for e in range(tensor.shape[0])])
-        elif name.endswith("mlp.experts.down_proj"):
-            expected = torch.stack([reader.read(f"{name.removesuffix('.down_proj')}.{e}.down_proj.weight") for e in range(tensor.shape[0])])
-        else:
-            expected = reader.read(name)
-        assert_same_bits(tensor, expected, name)
-        compared += 1
-    assert compared == len(model.state_dict()) and compared > 20
+    dequantized = transformers_dequantized(fp8)
+    for name, tensor in dequantized.items():
+        assert_same_bits(tensor, reader.read(name), name)
+    assert len(dequantized) > 20
 
 
 # -- quantization_config ------------------------------------------------------------------------------------
