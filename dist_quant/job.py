@@ -500,7 +500,7 @@ def _calibrate_and_export(args: argparse.Namespace, device: torch.device, timeou
                 say(f"built in {duration(time.perf_counter() - building)}", lead)
                 left_out, read_note = [], None
                 if not args.random_weights:
-                    read_note = source_note(bridge.config.fp8_block, bridge.dtype)
+                    read_note = source_note(bridge.config.fp8_block, bridge.dtype, bridge.config.fp8_kv_cache)
                     if read_note:
                         say(read_note, lead)
                     with Progress("reading weights", "tensors", enabled=lead) as progress:

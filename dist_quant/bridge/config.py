@@ -178,6 +178,8 @@ FP8_SOURCE_KEYS: dict[str, Callable[[object], str | None]] = {
     "modules_to_not_convert": _module_names,  # the modules stored unquantized: each tensor's dtype says so too
     "ignored_layers": _module_names,  # vLLM's and MiniMax's name for modules_to_not_convert
     "dequantize": lambda value: None if isinstance(value, bool) else "expected true or false",  # transformers' load flag
+    # an FP8 KV cache, as SGLang reads it (and dist_quant exports it): its K/V scales are not read (`kv_cache`)
+    "kv_cache_quant_algo": _one_of(("FP8",), "the cache's scales are calibrated anew; only an FP8 cache's are known"),
 }
 
 
@@ -286,6 +288,11 @@ class HFConfig:
         validated); None for an unquantized one."""
         quantization = self.raw.get("quantization_config")
         return tuple(quantization["weight_block_size"]) if quantization else None
+
+    @property
+    def fp8_kv_cache(self) -> bool:
+        """Whether an FP8 block-scaled checkpoint also holds FP8 KV cache scales (kv_cache_quant_algo)."""
+        return bool((self.raw.get("quantization_config") or {}).get("kv_cache_quant_algo"))
 
     def validate(self, seq_len: int | None = None) -> None:
         """Raise BridgeError, one line, at the first key that is unknown or whose value cannot be honoured.

@@ -27,12 +27,13 @@ class FP8BlockReader:
     """A SafetensorsReader of an FP8 block-scaled checkpoint as the unquantized checkpoint it stands for: the block
     scales' names are hidden, an FP8 weight reports `dtype` (the dtype it is dequantized to), and reading it, or a
     slice of it along either dimension (any bounds: slices need not follow the blocks), dequantizes exactly what
-    was asked for, reading only the scales of the blocks it touches. Every other tensor is read as stored.
+    was asked for, reading only the scales of the blocks it touches. `kv_scales`: the K/V cache scales of a
+    checkpoint that declares an FP8 KV cache, hidden as well. Every other tensor is read as stored.
     BridgeError, one line naming the tensor and its file, for a scale without its weight, an FP8 weight without
     its scale, a scale of a tensor that is not FP8, a scale not float32 or of another shape than the weight's
     blocks, an FP8 tensor that is not 2-D, and (as they are read) scales that are NaN or infinite."""
 
-    def __init__(self, reader, block: tuple[int, int], dtype: torch.dtype):
+    def __init__(self, reader, block: tuple[int, int], dtype: torch.dtype, kv_scales: set[str] = frozenset()):
         self.reader = reader
         self.block = block
         self.dequantized_dtype = dtype
@@ -45,7 +46,8 @@ class FP8BlockReader:
                 if weight not in present:
                     raise BridgeError(f"{reader.where(name)}: a block scale without its weight {weight}")
                 self.scales[weight] = name
-        self._names = [name for name in stored if not name.endswith(SCALE_SUFFIX)]
+        # an FP8 KV cache's scales (kv_cache_quant_algo) are hidden too: calibration computes the cache's own
+        self._names = [name for name in stored if not name.endswith(SCALE_SUFFIX) and name not in kv_scales]
         self._checked: set[str] = set()
 
     def names(self) -> list[str]:
@@ -105,11 +107,13 @@ class FP8BlockReader:
         return (values.to(torch.float32) * scales[rows][:, columns]).to(self.dequantized_dtype)
 
 
-def source_note(block: tuple[int, int] | None, dtype: torch.dtype) -> str | None:
-    """What reading a source checkpoint does to its weights, in one line for a person; None: nothing."""
+def source_note(block: tuple[int, int] | None, dtype: torch.dtype, kv_cache: bool = False) -> str | None:
+    """What reading a source checkpoint does to its weights, in one line for a person; None: nothing.
+    `kv_cache`: it declares FP8 KV cache scales, which are not read."""
     if block is None:
         return None
     return (
         f"the source is FP8 block-scaled ({block[0]}x{block[1]} blocks, float32 scales): its FP8 weights are "
         f"dequantized to {str(dtype).removeprefix('torch.')} on load"
+        + ("; its KV cache scales are not read (calibration computes the cache's own)" if kv_cache else "")
     )

@@ -164,7 +164,9 @@ def source_reader(directory: str | Path, bridge: ModelBridge) -> SafetensorsRead
     (bridge/fp8_source.py); any other as stored."""
     reader = SafetensorsReader(directory)
     block = bridge.config.fp8_block
-    return reader if block is None else FP8BlockReader(reader, block, bridge.dtype)
+    if block is None:
+        return reader
+    return FP8BlockReader(reader, block, bridge.dtype, bridge.kv_scale_names() if bridge.config.fp8_kv_cache else set())
 
 
 class StateDictReader:

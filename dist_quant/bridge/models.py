@@ -17,7 +17,7 @@ import re
 
 from dist_quant.bridge.architectures import ARCHITECTURES, Architecture, Forward, megatron_shapes, model_mappings
 from dist_quant.bridge.config import HFConfig
-from dist_quant.bridge.mappings import BridgeError, Mapping
+from dist_quant.bridge.mappings import BridgeError, Mapping, kv_bmm_mappings
 from dist_quant.bridge.registry import MappingRegistry
 from dist_quant.modules.megatron import group_experts
 from dist_quant.quantizer import TensorQuantizer
@@ -156,6 +156,19 @@ class ModelBridge:
         """The checkpoint name of the K ("k") or V ("v") cache scale of an HF attention module
         (`model.layers.N.self_attn`): see `Architecture.kv_scales`."""
         return f"{attention}.{kind}_proj.{kind}_scale" if self.spec.kv_scales == "proj" else f"{attention}.attn.{kind}_scale"
+
+    def kv_scale_names(self) -> set[str]:
+        """Every K/V cache scale name a checkpoint of this config can hold (one per attention, K and V): those of
+        the attention modules the K/V BMM mappings name (`kv_bmm_mappings`)."""
+        layers = range(self.config.require("num_hidden_layers"))
+        names = set()
+        for mapping in self.mappings():
+            for kv in kv_bmm_mappings(mapping):
+                for layer in (layers if mapping.layers is None else mapping.layers) if "*" in kv.megatron else [None]:
+                    (hf,) = kv.hf_names([] if layer is None else [str(layer)])
+                    attention, role = hf.rsplit(".", 2)[0], hf.rsplit(".", 2)[1]
+                    names.add(self.kv_scale_name(attention, role[0]))
+        return names
 
     @property
     def tied(self) -> bool:

@@ -115,37 +115,23 @@ def test_the_same_bytes_at_every_layout(runs, single, sharded):
 def test_the_checkpoint_dequantizes_through_the_fp8_source_reader_to_the_fake_quantized_weights(runs, run):
     """dist_quant reads an FP8 block-scaled checkpoint as the bf16 one it stands for (bridge/fp8_source.py, value x
     scale in float32 as DeepSeek's weight_dequant): the export, so read, holds bit for bit the weights the
-    calibrated model computes with, at every layout (each rank fake-quantizes its own shard). The source reader
-    takes no K/V scales, so it reads the export without them, whose weights are the same bytes."""
+    calibrated model computes with, at every layout (each rank fake-quantizes its own shard). The K/V cache scales
+    an FP8 cache adds (kv_cache_quant_algo) are left unread, as a source's."""
     from dist_quant.bridge import ModelBridge
     from dist_quant.bridge.io import check_checkpoint, source_reader
 
-    exported = runs["moe-no-kv"][1] if run.startswith("moe") else runs["dense-tp1"][1]
-    if not run.startswith("moe"):  # a dense export without K/V scales
-        exported = _without_kv(runs["dense-tp1"][1], runs["dense-tp1"][1].parent / "dense-no-kv")
-    reader = source_reader(exported, ModelBridge.from_hf(exported))
-    check_checkpoint(ModelBridge.from_hf(exported), reader)
+    exported = runs[run][1]
+    bridge = ModelBridge.from_hf(exported)
+    reader = source_reader(exported, bridge)
+    check_checkpoint(bridge, reader)
     fake, source = runs[run][2]["fake"], load_file(runs[run][0] / "model.safetensors")
     assert sorted(reader.names()) == sorted(fake)
+    stored = load_tensors(exported)
+    assert bridge.config.fp8_kv_cache == (run != "moe-no-kv") == bool(bridge.kv_scale_names() & stored.keys())
     for name in reader.names():
         assert_same_bits(reader.read(name), fake[name])
     changed = [n for n in reader.names() if not torch.equal(fake[n], source[n])]  # the quantized weights, and only those
-    assert sorted(changed) == sorted(n.removesuffix("_scale_inv") for n in load_tensors(exported) if n.endswith("_scale_inv"))
-
-
-def _without_kv(out, directory):
-    if not directory.exists():
-        shutil.copytree(out, directory)
-        config = json.loads((directory / "config.json").read_text())
-        del config["quantization_config"]["kv_cache_quant_algo"]
-        (directory / "config.json").write_text(json.dumps(config))
-        for shard in directory.glob("*.safetensors"):
-            tensors = load_file(shard)
-            save_file({n: t for n, t in tensors.items() if not n.endswith(("k_scale", "v_scale"))}, shard, metadata={"format": "pt"})
-        index = json.loads((directory / "model.safetensors.index.json").read_text())
-        index["weight_map"] = {n: f for n, f in index["weight_map"].items() if not n.endswith(("k_scale", "v_scale"))}
-        (directory / "model.safetensors.index.json").write_text(json.dumps(index))
-    return directory
+    assert sorted(changed) == sorted(n.removesuffix("_scale_inv") for n in stored if n.endswith("_scale_inv"))
 
 
 def test_transformers_dequantizes_the_checkpoint_to_the_fake_quantized_weights(runs):

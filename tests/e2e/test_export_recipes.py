@@ -52,6 +52,20 @@ def test_the_builtin_fp8_block_recipe_exports_the_native_fp8_form(tmp_path):
     tensors = load_tensors(out)
     assert tensors["model.layers.1.mlp.experts.3.down_proj.weight_scale_inv"].dtype == torch.float32
     assert not any(name.endswith((".input_scale", ".weight_scale", ".weight_scale_2")) for name in tensors)
+    # the export is a source in turn (an FP8 block-scaled checkpoint with an FP8 KV cache): a second job reads it,
+    # its K/V cache scales left unread, and writes the same FP8 weights and block scales again: each block's amax
+    # came from bf16 weights, so 448 x its scale rounds back to it in bf16, and every value to its own E4M3 code
+    again = tmp_path / "again"
+    result = calibrate_on_ranks(2, "--hf-model", str(out), "--recipe", "fp8_block_default-fp8_cast_kv", "--ep", "2",
+                                "--seq-len", "16", "--calib-samples", "2", "--out", str(again))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "KV cache scales are not read" in result.stdout
+    requantized = load_tensors(again)
+    assert requantized.keys() == tensors.keys()
+    for name in (n for n in tensors if n.endswith(("_scale_inv", "proj.weight")) and tensors[n].dtype.itemsize == 1):
+        assert torch.equal(requantized[name].view(torch.uint8), tensors[name].view(torch.uint8)), name
+        assert torch.equal(requantized[name + "_scale_inv"] if name.endswith("weight") else requantized[name],
+                           tensors[name + "_scale_inv"] if name.endswith("weight") else tensors[name]), name
 
 
 REFUSED = {
