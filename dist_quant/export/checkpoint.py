@@ -28,7 +28,9 @@ from dist_quant.export.shards import ShardWriter
 from dist_quant.export.side_files import copy_side_files
 from dist_quant.export.output import OutputError, OutputTarget
 from dist_quant.export.configs import LAYER_ALGOS, MIXED, checkpoint_configs
-from dist_quant.export.problems import NO_WEIGHTS, ExportError, block_layout_problem, blocks, quantizer_problem
+from dist_quant.export.problems import (
+    NO_WEIGHTS, ExportError, block_layout_problem, blocks, quantizer_problem, scale_inv_problem,
+)
 from dist_quant.export.verify import VerificationError, verify
 from dist_quant.modules import QuantModule
 from dist_quant.modules.base import model_device
@@ -401,7 +403,8 @@ def export_hf(
             except OutputError as error:
                 problem = str(error)
     modules = _quantizers(model)
-    problem = problem or quantizer_problem(modules, bridge.forward.latent is not None) or block_layout_problem(bridge, blocks(modules))
+    problem = (problem or quantizer_problem(modules, bridge.forward.latent is not None)
+               or scale_inv_problem(bridge, modules) or block_layout_problem(bridge, blocks(modules)))
     formats = _formats(modules)
     try:
         _agree(problem or _check_activations(model))

@@ -197,9 +197,28 @@ def _forms_problem(algos: dict[str, str], block_linear: str | None, kv) -> str |
 ROW_BLOCK_MODULES = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "w1", "w3", "q_a_proj")
 # SGLang 0.5.23's llama.py loader (LlamaForCausalLM, and MistralForCausalLM, which extends it) renames every
 # weight_scale_inv to weight_scale (models/llama.py _legacy_load_weights, model_loader/auto_loader.py
-# _llama_remap), which its block-FP8 layers do not have (they register weight_scale_inv): the scales are dropped
-# with a warning and the layers run with float32's lowest value as every scale (sglang PR #30234)
+# _llama_remap), which its block-FP8 and MXFP8 layers do not have (they register weight_scale_inv; for MXFP8 its
+# model_loader/loader.py first renames ModelOpt's weight_scale to weight_scale_inv): the scales are dropped with a
+# warning and the layers run with float32's lowest value as every scale (sglang PR #30234)
 SGLANG_DROPS_SCALE_INV = ("LlamaForCausalLM", "MistralForCausalLM")
+SCALE_INV_ALGOS = (FP8_PB, "MXFP8")  # the quant_algos whose layers SGLang loads scales into as weight_scale_inv
+
+
+def scale_inv_problem(bridge: ModelBridge, modules: Mapping[str, Mapping[str, QuantFormat | None]]) -> str | None:
+    """Why SGLang would load the model's block-FP8 or MXFP8 layers unscaled (its Llama loader), naming the first
+    such module; None."""
+    if bridge.architecture not in SGLANG_DROPS_SCALE_INV:
+        return None
+    for module in sorted(modules):
+        formats = modules[module]
+        algo = None if layer_problem(formats) else layer_algo(formats)
+        if algo in SCALE_INV_ALGOS:
+            return (
+                f"{module} is {algo}: SGLang 0.5.23's {bridge.architecture} loader renames weight_scale_inv, the name "
+                f"its {algo} layers load their scales by, to weight_scale and drops them, so they would run unscaled; "
+                "export this architecture in FP8 or NVFP4"
+            )
+    return None
 _OUTPUT_LAYER = "output_layer"  # Megatron's head (lm_head)
 
 
@@ -211,12 +230,6 @@ def block_layout_problem(bridge: ModelBridge, modules: Iterable[str]) -> str | N
     modules = sorted(modules)
     if not modules:
         return None
-    if bridge.architecture in SGLANG_DROPS_SCALE_INV:
-        return (
-            f"{modules[0]} is {FP8_PB}: SGLang 0.5.23's {bridge.architecture} loader renames FP8 block scales "
-            "(weight_scale_inv) to weight_scale and drops them, so its layers would run unscaled; export this "
-            "architecture in FP8, MXFP8 or NVFP4"
-        )
     head = next((m for m in modules if m.startswith(_OUTPUT_LAYER)), None)
     if head is not None:
         return (
@@ -294,6 +307,7 @@ def check_exportable(recipe: Recipe, bridge: ModelBridge) -> None:
         return resolved[key]
 
     modules = {name: {q: format_for(f"{name}.{q}") for q in quantizers} for name, quantizers in _modules(bridge).items()}
-    problem = quantizer_problem(modules, bridge.forward.latent is not None) or block_layout_problem(bridge, blocks(modules))
+    problem = (quantizer_problem(modules, bridge.forward.latent is not None) or scale_inv_problem(bridge, modules)
+               or block_layout_problem(bridge, blocks(modules)))
     if problem:
         raise ExportError(f"recipe {recipe.source}: {problem}")

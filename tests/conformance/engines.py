@@ -223,7 +223,9 @@ def sglang_layer_algo(qc: dict, module: str) -> str:
 # ModelOptFp4LinearMethod (input_scale starts at 1.0: an NVFP4 layer without one quantizes its input as if its
 # amax were 2688), ModelOptNvFp4A16LinearMethod (an input_scale placeholder only to consume older exports' and
 # delete it); ModelOptNvFp4FusedMoEMethod fills missing expert input scales with 1.0 and uses ones for W4A16.
-SGLANG_LAYER_PARAMS = VLLM_LAYER_PARAMS
+# Its native mxfp8 method (fp8.py Fp8LinearMethod with use_mxfp8) registers the uint8 E8M0 scales as
+# weight_scale_inv, which model_loader/loader.py fills from ModelOpt's weight_scale (`sglang_weight_name`).
+SGLANG_LAYER_PARAMS = {**VLLM_LAYER_PARAMS, "MXFP8": {"weight", "weight_scale_inv"}}
 
 
 def sglang_fp4_group_size(qc: dict) -> int | None:
@@ -286,8 +288,12 @@ def sglang_kv_scale_loaded(architecture: str, name: str) -> bool:
 _SGLANG_SCALE_INV_RENAMED = {"LlamaForCausalLM", "MistralForCausalLM"}
 
 
-def sglang_weight_name(architecture: str, name: str) -> str:
-    """The name SGLang's loader of the architecture looks a checkpoint weight tensor up by."""
+def sglang_weight_name(architecture: str, name: str, method: str | None = None) -> str:
+    """The name SGLang's loader of the architecture looks a checkpoint weight tensor up by, under the quantization
+    method `method` (sglang_quant_method): for mxfp8, model_loader/loader.py first renames ".weight_scale" to
+    ".weight_scale_inv" (`is_mxfp8`); then the architecture's own renames."""
+    if method == "mxfp8" and name.endswith(".weight_scale"):
+        name += "_inv"
     if architecture in _SGLANG_SCALE_INV_RENAMED and name.endswith(".weight_scale_inv"):
         return name.removesuffix("_inv")
     return name

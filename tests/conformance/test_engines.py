@@ -55,11 +55,12 @@ BLOCK_WIDTHS = dict(hidden_size=256, num_attention_heads=2, num_key_value_heads=
 BLOCK_KEYS = {  # per architecture, beyond BLOCK_WIDTHS
     "deepseek-v3": dict(num_key_value_heads=2, q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=128, qk_rope_head_dim=128, v_head_dim=128),
 }
-SGLANG_DROPS_BLOCK_SCALES = {"llama", "mistral", "llama-tied"}  # LlamaForCausalLM's loader (engines.sglang_weight_name)
+SGLANG_DROPS_SCALE_INV = {"llama", "mistral", "llama-tied"}  # LlamaForCausalLM's loader (engines.sglang_weight_name)
+SCALE_INV_FORMATS = (*BLOCK_FORMATS, "mxfp8")  # whose scales SGLang loads as weight_scale_inv: refused there
 MOE_ARCHS = {"qwen3-moe", "mixtral", "glm4-moe", "deepseek-v3", "qwen3-moe-tied"}
 CASES = [
     (arch, fmt) for arch in ARCHITECTURES for fmt in RECIPES
-    if not (fmt in BLOCK_FORMATS and arch in SGLANG_DROPS_BLOCK_SCALES) and (fmt != "mixed-block-experts" or arch in MOE_ARCHS)
+    if not (fmt in SCALE_INV_FORMATS and arch in SGLANG_DROPS_SCALE_INV) and (fmt != "mixed-block-experts" or arch in MOE_ARCHS)
 ]
 # multi-latent attention: only a cast FP8 cache is exported (export/problems.py LATENT_KV)
 LATENT = {"deepseek-v3"}
@@ -82,7 +83,7 @@ def exports(tmp_path_factory):
         (arch, blocks): str(tiny_checkpoint(root / f"{arch}{'-blocks' * blocks}", cls, torch.float32,
                                             **({"tie_word_embeddings": False} | (_block_keys(arch) if blocks else keys))))
         for arch, (cls, keys) in ARCHITECTURES.items() for blocks in (False, True)
-        if not blocks or arch not in SGLANG_DROPS_BLOCK_SCALES
+        if not blocks or arch not in SGLANG_DROPS_SCALE_INV
     }
     cases = {
         f"{arch}-{fmt}": (sources[arch, fmt in BLOCK_FORMATS], _recipe(arch, fmt), str(root / f"{arch}-{fmt}"))
@@ -207,8 +208,9 @@ def test_each_engine_runs_every_layer_in_its_algo_with_every_parameter_loaded(ex
         algo = _stored_algo(tensors, module)
         stored = {p for p in PARAMETERS if f"{module}.{p}" in tensors}
         assert engines.vllm_layer_algo(qc, module) == algo == engines.sglang_layer_algo(qc, module), module
-        assert stored == engines.VLLM_LAYER_PARAMS[algo] == engines.SGLANG_LAYER_PARAMS[algo], module
-        assert {engines.sglang_weight_name(architecture, f"{module}.{p}") for p in stored} == {f"{module}.{p}" for p in stored}
+        assert stored == engines.VLLM_LAYER_PARAMS[algo], module
+        loaded = {engines.sglang_weight_name(architecture, f"{module}.{p}", engines.sglang_quant_method(qc)) for p in stored}
+        assert loaded == {f"{module}.{p}" for p in engines.SGLANG_LAYER_PARAMS[algo]}, module
 
 
 @pytest.mark.parametrize("arch, fmt", CASES)
@@ -267,16 +269,21 @@ def test_a_tied_head_is_excluded_in_both_engines(exports, arch, fmt):
     assert engines.vllm_excluded("lm_head", ignore) and engines.sglang_excluded("lm_head", ignore)
 
 
+@pytest.mark.parametrize("fmt, algo", [("fp8-blocks", "FP8_PB_WO"), ("mxfp8", "MXFP8")])
 @pytest.mark.parametrize("arch, architecture", [("llama", "LlamaForCausalLM"), ("mistral", "MistralForCausalLM")])
-def test_fp8_blocks_are_refused_where_sglang_drops_their_scales(arch, architecture):
-    """SGLang 0.5.23's Llama loader looks every weight_scale_inv up as weight_scale, which block-FP8 layers do not
-    have: the export is refused at startup, in one line."""
+def test_scale_inv_formats_are_refused_where_sglang_drops_their_scales(arch, architecture, fmt, algo):
+    """SGLang 0.5.23's Llama loader looks every weight_scale_inv up as weight_scale, which its block-FP8 and MXFP8
+    layers do not have (MXFP8's weight_scale is renamed weight_scale_inv first): the export is refused at
+    startup, in one line."""
     from dist_quant.bridge import ModelBridge
     from dist_quant.export import ExportError, check_exportable
     from dist_quant.recipe import load_recipe
 
-    assert engines.sglang_weight_name(architecture, "m.weight_scale_inv") == "m.weight_scale"
+    method = "mxfp8" if fmt == "mxfp8" else "fp8"
+    name = "m.weight_scale" if fmt == "mxfp8" else "m.weight_scale_inv"
+    assert engines.sglang_weight_name(architecture, name, method) == "m.weight_scale"
+    assert engines.sglang_weight_name("Qwen3ForCausalLM", name, method) == "m.weight_scale_inv"
     cls, keys = ARCHITECTURES[arch]
     config = {**getattr(transformers, cls)(**{**TINY, **keys, **BLOCK_WIDTHS}).to_dict(), "architectures": [architecture]}
-    with pytest.raises(ExportError, match=f"SGLang 0.5.23's {architecture} loader renames FP8 block scales"):
-        check_exportable(load_recipe(RECIPES["fp8-blocks"]), ModelBridge.from_hf(config, seq_len=16))
+    with pytest.raises(ExportError, match=f"is {algo}: SGLang 0.5.23's {architecture} loader renames weight_scale_inv"):
+        check_exportable(load_recipe(RECIPES[fmt]), ModelBridge.from_hf(config, seq_len=16))

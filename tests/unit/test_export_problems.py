@@ -267,8 +267,8 @@ BLOCK_REFUSED = {
     "llama": (
         {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **dict.fromkeys(("moe_intermediate_size", "num_experts", "num_experts_per_tok"), DROP)},
         FP8_BLOCK_RECIPE,
-        "decoder.layers.0.mlp.linear_fc1 is FP8_PB_WO: SGLang 0.5.23's LlamaForCausalLM loader renames FP8 block "
-        "scales (weight_scale_inv) to weight_scale and drops them",
+        "decoder.layers.0.mlp.linear_fc1 is FP8_PB_WO: SGLang 0.5.23's LlamaForCausalLM loader renames "
+        "weight_scale_inv, the name its FP8_PB_WO layers load their scales by, to weight_scale and drops them",
     ),
 }
 
