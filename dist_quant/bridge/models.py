@@ -157,17 +157,22 @@ class ModelBridge:
         (`model.layers.N.self_attn`): see `Architecture.kv_scales`."""
         return f"{attention}.{kind}_proj.{kind}_scale" if self.spec.kv_scales == "proj" else f"{attention}.attn.{kind}_scale"
 
+    def kv_scale_of(self, amax: str) -> str:
+        """The checkpoint name of the cache scale a K/V BMM amax stands for: `<attention>.k_bmm_quantizer._amax`
+        (the HF side of `kv_bmm_mappings`) -> `kv_scale_name(<attention>, "k")`."""
+        attention, quantizer, _ = amax.rsplit(".", 2)
+        return self.kv_scale_name(attention, quantizer.removesuffix("_bmm_quantizer"))
+
     def kv_scale_names(self) -> set[str]:
         """Every K/V cache scale name a checkpoint of this config can hold (one per attention, K and V): those of
-        the attention modules the K/V BMM mappings name (`kv_bmm_mappings`)."""
+        the K/V BMM amax the mappings give (`kv_bmm_mappings`)."""
         layers = range(self.config.require("num_hidden_layers"))
         names = set()
         for mapping in self.mappings():
             for kv in kv_bmm_mappings(mapping):
                 for layer in (layers if mapping.layers is None else mapping.layers) if "*" in kv.megatron else [None]:
-                    (hf,) = kv.hf_names([] if layer is None else [str(layer)])
-                    attention, role = hf.rsplit(".", 2)[0], hf.rsplit(".", 2)[1]
-                    names.add(self.kv_scale_name(attention, role[0]))
+                    (amax,) = kv.hf_names([] if layer is None else [str(layer)])
+                    names.add(self.kv_scale_of(amax))
         return names
 
     @property

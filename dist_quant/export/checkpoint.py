@@ -137,7 +137,7 @@ class _LayerQuantizer:
     one host sync per layer."""
 
     def __init__(self, bridge: ModelBridge, formats: dict[str, QuantFormat], dtype_for: Callable[[str], torch.dtype]):
-        self.kv_scale_name = bridge.kv_scale_name
+        self.kv_scale_of = bridge.kv_scale_of
         self.formats = formats
         self.dtype_for = dtype_for  # HF name -> the dtype an unquantized tensor is written in
         # HF module -> its quant_algo (configs.LAYER_ALGOS; None for the pairs without a checkpoint form, which a
@@ -194,10 +194,9 @@ class _LayerQuantizer:
         for i, (planned, tensor, _) in enumerate(layer):
             module, role, buffer, key = _parse(planned.name)
             if role in ("k_bmm", "v_bmm") and buffer == "_amax" and f"{key}.{role}_quantizer" in self.formats:
-                kind, fmt = role[0], self.formats[f"{key}.{role}_quantizer"]
+                fmt = self.formats[f"{key}.{role}_quantizer"]
                 self.kv_algos.add(fmt.number.algo)
-                attention = planned.hf_names[0][: -len(f".{role}_quantizer._amax")]
-                out.append((self.kv_scale_name(attention, kind), fp8_scale(tensor).reshape(())))
+                out.append((self.kv_scale_of(planned.hf_names[0]), fp8_scale(tensor).reshape(())))
             elif i in placed:
                 out += self._emit(planned, results[placed[i][0]], placed[i], input_scales.get(i), checks)
             elif planned.name in unquantized:

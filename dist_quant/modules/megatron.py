@@ -336,9 +336,13 @@ def _stacked_weights(linears: list[nn.Module], role: _ExpertRole | None) -> torc
 def _stacked_in_memory(first: nn.Module, weights: list[torch.Tensor]) -> torch.Tensor | None:
     """The weights as one [experts, out, in] tensor without a copy, where they are still the consecutive slices
     of the tensor `_stack_in_place` made and left with the first expert's linear (their data pointers say so;
-    that tensor, held, keeps its memory from reuse); else None."""
+    that tensor, held, keeps its memory from reuse); else None, and a tensor they left is let go (it would
+    hold a stale copy of the layer's weights)."""
     made = first.__dict__.get("_stacked_expert_weights")
-    if made is None or [w.data_ptr() for w in weights] != made[1]:
+    if made is None:
+        return None
+    if [w.data_ptr() for w in weights] != made[1]:
+        del first.__dict__["_stacked_expert_weights"]
         return None
     return made[0]
 

@@ -82,6 +82,7 @@ def calibration_case(tp: int, ep: int) -> dict:
     moved = roles[0][-1].weight
     moved.data = moved.data.clone()
     report["in_memory_after_a_move"] = _stacked_in_memory(roles[0][0], [lin.weight for lin in roles[0]]) is not None
+    report["stale_stack_kept"] = "_stacked_expert_weights" in roles[0][0].__dict__  # its memory let go
     _set_grouped(model, True)
     report["logits_after_a_move"] = workers.logits(model, workers.batches(seed=7, count=1)[0], groups)
     return report
