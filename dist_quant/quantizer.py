@@ -31,6 +31,21 @@ class QuantizerMode(enum.Enum):
     QUANTIZING = "quantizing"  # fake quantization, straight-through gradient
 
 
+_settings_generation = 0
+
+
+def settings_generation() -> int:
+    """How many times, in this process, a quantizer's mode or output caching changed or a calibrator was reset:
+    what keeps work decided per group of quantizers (an MoE layer's experts, `SegmentAmax`) valid between
+    changes, instead of asking every quantizer in every forward."""
+    return _settings_generation
+
+
+def _settings_changed() -> None:
+    global _settings_generation
+    _settings_generation += 1
+
+
 def _running_max(current: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
     return new if current is None else torch.maximum(current, new, out=current)
 
@@ -45,6 +60,7 @@ class MaxCalibrator:
     def reset(self) -> None:
         self.amax: torch.Tensor | None = None
         self.block_amax: torch.Tensor | None = None
+        _settings_changed()
 
     def collect(self, x: torch.Tensor) -> None:
         if x.numel() == 0:  # e.g. an expert that received no tokens: no data, not a zero amax
@@ -97,7 +113,7 @@ class TensorQuantizer(nn.Module):
         self.fmt = fmt
         self._mode = QuantizerMode.DISABLED
         self.__dict__["shared_state"] = None  # the SharedQuantState of its siblings, if any; not a submodule
-        self.cache_output = False  # see `cache_fake_quant_weights`
+        self._cache_output = False
         self.saw_data = False  # whether the last calibration got any element (an amax of 0 may mean all zeros)
         self._cache: tuple | None = None
         for name in AMAX_BUFFERS:
@@ -127,6 +143,18 @@ class TensorQuantizer(nn.Module):
         if mode is QuantizerMode.CALIBRATING and self.calibrator is not None:
             self.calibrator.reset()
         self._mode = mode
+        _settings_changed()
+
+    @property
+    def cache_output(self) -> bool:
+        """Whether the fake-quant output is kept while its input and amax stay the same (see
+        `cache_fake_quant_weights`)."""
+        return self._cache_output
+
+    @cache_output.setter
+    def cache_output(self, enabled: bool) -> None:
+        self._cache_output = enabled
+        _settings_changed()
 
     @property
     def global_amax(self) -> torch.Tensor | None:
@@ -187,7 +215,7 @@ class TensorQuantizer(nn.Module):
             self.to(x.device)  # buffers restored from a checkpoint before the model moved
         if x.requires_grad and torch.is_grad_enabled():
             return _StraightThrough.apply(x, self.clamp_bound(), self.fake_quant)
-        if self.cache_output:
+        if self._cache_output:
             # Same tensor, unchanged (version counters), same amax: the fake-quant result is the same.
             key = (x.data_ptr(), x._version, *(b._version for b in (self._amax, self._global_amax, self._block_amax) if b is not None))
             if self._cache is None or self._cache[0] != key:
@@ -234,15 +262,18 @@ def segments_quantize_together(quantizers: Sequence[TensorQuantizer]) -> bool:
     """Whether these quantizers (all of one format), fed consecutive row segments of one tensor, can
     fake-quantize them in one launch (`fake_quant_segments`): all quantizing, in a format that does (NVFP4), no
     cached output."""
-    if any(q._mode is not QuantizerMode.QUANTIZING or q.cache_output for q in quantizers):
+    if any(q._mode is not QuantizerMode.QUANTIZING or q._cache_output for q in quantizers):
         return False
     return quantizers[0].fmt.number.segmented
 
 
-def fake_quant_segments(quantizers: Sequence[TensorQuantizer], x: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+def fake_quant_segments(
+    quantizers: Sequence[TensorQuantizer], x: torch.Tensor, rows: Sequence[int], row_ends: torch.Tensor | None = None
+) -> torch.Tensor:
     """x [sum(rows), n] with each segment of rows fake-quantized by its quantizer (see
     `segments_quantize_together`): the same values as one call per quantizer, in one kernel launch, and under
-    autograd the same straight-through gradient (each row bounded by its quantizer's clamp bound)."""
+    autograd the same straight-through gradient (each row bounded by its quantizer's clamp bound). `row_ends`:
+    `rows` as cumulative counts on x's device (int32), where the caller has them (an MoE layer's token offsets)."""
     number = quantizers[0].fmt.number
     # the buffers read from each quantizer's dict: nn.Module's attribute lookup costs ten times more, per expert
     buffers = [q._buffers for q in quantizers]
@@ -253,7 +284,7 @@ def fake_quant_segments(quantizers: Sequence[TensorQuantizer], x: torch.Tensor, 
         block_amax = torch.cat([b["_block_amax"].reshape(n, blocks) for b, n in zip(buffers, rows)]).to(x.device)
 
     def fake_quant(x):
-        return number.fake_quant_segments(x, global_amax, rows, block_amax)
+        return number.fake_quant_segments(x, global_amax, rows, block_amax, row_ends)
 
     if not (x.requires_grad and torch.is_grad_enabled()):
         return fake_quant(x)
@@ -267,13 +298,13 @@ def _stacked_amax(first: TensorQuantizer, amax: list[torch.Tensor]) -> torch.Ten
     """The per-tensor amax of a role's quantizers as one [quantizers] tensor, kept with the first quantizer while
     every one of them is the same tensor at the same version (stacking 128 scalars costs 300 us of host time, in
     every layer's every forward)."""
-    key = [(id(t), t._version) for t in amax]
+    ids, versions = list(map(id, amax)), [t._version for t in amax]
     kept = first.__dict__.get("_stacked_segment_amax")
-    if kept is None or kept[0] != key:
+    if kept is None or kept[0] != ids or kept[1] != versions:
         # the tensors held too, so that no other tensor can take one's id while it is kept
-        kept = (key, torch.stack(amax).reshape(len(amax)), amax)
+        kept = (ids, versions, torch.stack(amax).reshape(len(amax)), amax)
         first.__dict__["_stacked_segment_amax"] = kept  # a plain attribute: no state
-    return kept[1]
+    return kept[2]
 
 
 class SegmentAmax:
@@ -286,17 +317,26 @@ class SegmentAmax:
         self.calibrators = [q.calibrator for q in quantizers]
         self.running: torch.Tensor | None = None
         self.views: list[torch.Tensor | None] = [None] * len(quantizers)  # the running max's elements handed out
+        # the settings generation at which every calibrator held its view: until a calibrator is reset, a
+        # forward has nothing to hand out and asks none of them
+        self.all_joined = -1
 
     def collect(self, x: torch.Tensor, counts: list[int], lengths: torch.Tensor) -> None:
         """x's rows, `counts[e]` (and `lengths`, the same as a tensor) for segment e, one after another."""
-        live = [e for e, n in enumerate(counts) if n]  # a segment without rows is no data, not an amax of 0
-        if not live:
+        if not len(x):
             return
         rows = torch.linalg.vector_norm(x.detach(), float("inf"), dim=-1, dtype=torch.float32)
         # NaN propagates, as in the per-tensor max; a segment without rows gives 0, below any amax
         new = torch.segment_reduce(rows, "max", lengths=lengths.to(rows.device), unsafe=True, initial=0.0)
+        if self.all_joined != settings_generation():
+            self._join(new, counts)
+        torch.maximum(self.running, new, out=self.running)
+
+    def _join(self, new: torch.Tensor, counts: list[int]) -> None:
+        """Hand each calibrator whose segment has rows, and that does not hold it yet, its element of the
+        running max (a segment without rows is no data, not an amax of 0)."""
         calibrators, views = self.calibrators, self.views
-        joining = [e for e in live if calibrators[e].amax is None or calibrators[e].amax is not views[e]]
+        joining = [e for e, n in enumerate(counts) if n and (calibrators[e].amax is None or calibrators[e].amax is not views[e])]
         if joining:
             if self.running is None or not any(c.amax is not None and c.amax is v for c, v in zip(calibrators, views)):
                 self.running = torch.zeros_like(new)  # a new calibration: what calibrators kept is their own
@@ -305,6 +345,7 @@ class SegmentAmax:
             for e in joining:
                 if calibrators[e].amax is not None:  # collected on its own before (MaxCalibrator): kept
                     self.running[e] = calibrators[e].amax
-        torch.maximum(self.running, new, out=self.running)
-        for e in joining:
-            calibrators[e].amax = views[e] = self.running[e]
+            for e in joining:
+                calibrators[e].amax = views[e] = self.running[e]
+        if all(v is not None and c.amax is v for c, v in zip(calibrators, views)):
+            self.all_joined = settings_generation()

@@ -116,8 +116,9 @@ class NumberFormat:
         raise NotImplementedError
 
     def fake_quant_segments(self, x: torch.Tensor, global_amax: torch.Tensor, rows: Sequence[int],
-                            block_amax: torch.Tensor | None) -> torch.Tensor:
-        """x's row segments, each with its own per-tensor amax, in one launch (only where `segmented`)."""
+                            block_amax: torch.Tensor | None, row_ends: torch.Tensor | None = None) -> torch.Tensor:
+        """x's row segments, each with its own per-tensor amax, in one launch (only where `segmented`);
+        `row_ends`: `rows` as cumulative counts on x's device (int32), where the caller has them."""
         raise NotImplementedError
 
     def clamp_bound(self, amax: torch.Tensor, global_amax: torch.Tensor | None) -> torch.Tensor:

@@ -66,8 +66,8 @@ class NVFP4Format(NumberFormat):
     def fake_quant(self, fmt, x, amax, global_amax, block_amax):
         return kernels.nvfp4_fake_quant(x, amax if global_amax is None else global_amax, block_amax)
 
-    def fake_quant_segments(self, x, global_amax, rows: Sequence[int], block_amax):
-        return kernels.nvfp4_fake_quant_segments(x, global_amax, rows, block_amax)
+    def fake_quant_segments(self, x, global_amax, rows: Sequence[int], block_amax, row_ends=None):
+        return kernels.nvfp4_fake_quant_segments(x, global_amax, rows, block_amax, row_ends)
 
     def clamp_bound(self, amax, global_amax):
         return nonzero_amax(amax if global_amax is None else global_amax)

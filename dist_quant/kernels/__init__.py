@@ -58,8 +58,14 @@ def nvfp4_fake_quant(
 
 
 def nvfp4_fake_quant_segments(
-    x: torch.Tensor, global_amax: torch.Tensor, rows: Sequence[int], block_amax: torch.Tensor | None = None
+    x: torch.Tensor,
+    global_amax: torch.Tensor,
+    rows: Sequence[int],
+    block_amax: torch.Tensor | None = None,
+    row_ends: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """`row_ends`: the segments' cumulative row counts as an int32 tensor on x's device, where the caller has them
+    (the experts' token offsets of an MoE layer): spares the kernel's copy of them to the device."""
     if not use_triton(x):
         return reference.nvfp4_fake_quant_segments(x, global_amax, rows, block_amax)
     reference.check_segment_args(x, global_amax, rows)
@@ -67,22 +73,18 @@ def nvfp4_fake_quant_segments(
         return x.clone()
     global_amax = global_amax.to(x.device, torch.float32)
     reference.check_nvfp4_args(x, global_amax[:1], block_amax)
-    starts = _segment_starts(x.shape[1] // reference.BLOCK_SIZE, rows, x.device)
-    return _kernels().triton_nvfp4_fake_quant(x, global_amax, block_amax, starts)
-
-
-def _segment_starts(blocks_per_row: int, rows: Sequence[int], device: torch.device) -> torch.Tensor:
-    """The first block of each segment of rows, on the device."""
-    return _starts(blocks_per_row, tuple(rows), device)
+    if row_ends is None:
+        row_ends = _row_ends(tuple(rows), x.device)
+    return _kernels().triton_nvfp4_fake_quant(x, global_amax, block_amax, row_ends)
 
 
 @functools.lru_cache(maxsize=64)
-def _starts(blocks_per_row: int, rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    # Kept: a role of expert weights has the same segments in every layer and forward, and each host-to-device
-    # copy costs tens of microseconds of host time. Never written to by its users.
-    starts = [0, *itertools.accumulate(n * blocks_per_row for n in rows[:-1])]
+def _row_ends(rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Where each segment of rows ends, on the device (int32). Kept: a role of expert weights has the same
+    segments in every layer and forward, and each host-to-device copy costs tens of microseconds of host time.
+    Never written to by its users."""
     # Pageable memory copied without waiting for the GPU: the host buffer is staged at once.
-    return torch.tensor(starts, dtype=torch.int64).to(device, non_blocking=True)
+    return torch.tensor(list(itertools.accumulate(rows)), dtype=torch.int32).to(device, non_blocking=True)
 
 
 def nvfp4_quantize(
@@ -107,8 +109,7 @@ def nvfp4_quantize_segments(
     reference.check_nvfp4_args(x, global_amax[:1], block_amax)
     if x.numel() == 0:
         return reference.nvfp4_quantize_segments(x, global_amax, rows, block_amax)
-    starts = _segment_starts(x.shape[1] // reference.BLOCK_SIZE, rows, x.device)
-    return _kernels().triton_nvfp4_quantize(x, global_amax, block_amax, starts)
+    return _kernels().triton_nvfp4_quantize(x, global_amax, block_amax, _row_ends(tuple(rows), x.device))
 
 
 def nvfp4_dequantize(
@@ -129,8 +130,8 @@ def nvfp4_dequantize(
     if rows is not None:
         reference.check_segment_args(packed, scale_2, rows)
     scale_2 = scale_2.to(packed.device, torch.float32).contiguous()
-    starts = None if rows is None else _segment_starts(block_scale.shape[1], rows, packed.device)
-    return _kernels().triton_nvfp4_dequantize(packed.contiguous(), block_scale.contiguous(), scale_2, dtype, starts)
+    ends = None if rows is None else _row_ends(tuple(rows), packed.device)
+    return _kernels().triton_nvfp4_dequantize(packed.contiguous(), block_scale.contiguous(), scale_2, dtype, ends)
 
 
 def nvfp4_mse_block_amax(w: torch.Tensor, global_amax: torch.Tensor | float) -> torch.Tensor:

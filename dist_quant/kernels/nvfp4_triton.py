@@ -58,27 +58,33 @@ def _scale_2(global_amax):
 
 
 @triton.jit
-def _global_amax(global_amax_ptr, rows, segment_starts_ptr, n_segments, SEGMENTED: tl.constexpr):
-    """The tensor's global amax (a scalar), or with SEGMENTED that of each block's segment ([B]): segment s
-    holds blocks [starts[s], starts[s + 1]) and has global_amax[s]."""
-    # one return: the compiler wants one return type per function even where the branch is constexpr
-    if SEGMENTED:
-        # the last segment starting at or before each block (empty segments share their start with the next):
-        # a binary search, log2(segments) loads, where a scan over 128 experts' starts was the kernel's cost
-        step = 1
-        while step < n_segments:
-            step *= 2
-        segment = tl.zeros_like(rows)
-        while step > 0:
-            probe = segment + step
-            inside = probe < n_segments
-            start = tl.load(segment_starts_ptr + probe, mask=inside, other=0)
-            segment = tl.where(inside & (rows >= start), probe, segment)
-            step //= 2
-        global_amax = tl.load(global_amax_ptr + segment)
-    else:
-        global_amax = tl.load(global_amax_ptr)
-    return global_amax.to(tl.float32)
+def _segments_ending_by(rows, row_ends_ptr, n_segments):
+    """How many segments end at or before each row: the segment of each row (segment s holds rows
+    [row_ends[s - 1], row_ends[s]); empty segments are passed over). A binary search, log2(segments) loads."""
+    step = 1
+    while step < n_segments:
+        step *= 2
+    count = rows * 0
+    while step > 0:
+        probe = count + step
+        inside = probe <= n_segments
+        end = tl.load(row_ends_ptr + probe - 1, mask=inside, other=0)
+        count = tl.where(inside & (end <= rows), probe, count)
+        step //= 2
+    return count
+
+
+@triton.jit
+def _program_segment(first, n_blocks, blocks_per_row, row_ends_ptr, n_segments, BLOCKS: tl.constexpr,
+                     SEGMENTS: tl.constexpr):
+    """The segment of a program's blocks [first, first + BLOCKS) where they all lie in one (the rule for
+    segments of whole weights or of a hundred tokens: -1 only where a segment ends inside the program), from one
+    load of all segment ends."""
+    ends = tl.load(row_ends_ptr + tl.arange(0, SEGMENTS), mask=tl.arange(0, SEGMENTS) < n_segments, other=2**31 - 1)
+    last = tl.minimum(first + BLOCKS, n_blocks) - 1
+    segment = tl.sum((ends <= first // blocks_per_row).to(tl.int32), axis=0)
+    same = segment == tl.sum((ends <= last // blocks_per_row).to(tl.int32), axis=0)
+    return tl.where(same, segment, -1)
 
 
 @triton.jit
@@ -145,11 +151,9 @@ def _block_scales(amax, global_amax, SEGMENTED: tl.constexpr):
 
 
 @triton.jit
-def _nvfp4_fake_quant_kernel(
-    x_ptr, y_ptr, global_amax_ptr, block_amax_ptr, segment_starts_ptr, n_blocks, n_segments,
-    STATIC: tl.constexpr, SEGMENTED: tl.constexpr, BLOCKS: tl.constexpr, INTERPRETED: tl.constexpr,
-):
-    rows = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
+def _fake_quant_blocks(x_ptr, y_ptr, global_amax, block_amax_ptr, rows, n_blocks, STATIC: tl.constexpr,
+                       SEGMENTED: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Blocks `rows` of x fake-quantized into y; `global_amax` a scalar, or with SEGMENTED one per block."""
     row_ok = rows < n_blocks
     offs = rows[:, None] * 16 + tl.arange(0, 16)[None, :]
     x = _load_f32(x_ptr, offs, row_ok[:, None], INTERPRETED)
@@ -157,12 +161,33 @@ def _nvfp4_fake_quant_kernel(
         amax = tl.load(block_amax_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     else:
         amax = _block_amax(x, INTERPRETED)
-    global_amax = _global_amax(global_amax_ptr, rows, segment_starts_ptr, n_segments, SEGMENTED)
     e4m3_scale, scale_2, scale, inverse, smallest_scale_2 = _block_scales(amax, global_amax, SEGMENTED)
     magnitude, negative = _e2m1_round(x, scale, inverse, smallest_scale_2)
     # value x e4m3 scale is exact; the single rounding happens at scale_2, as in the reference.
     y = (magnitude * tl.where(negative, -e4m3_scale[:, None], e4m3_scale[:, None])) * scale_2
     _store_from_f32(y_ptr, offs, y, row_ok[:, None], INTERPRETED)
+
+
+@triton.jit
+def _nvfp4_fake_quant_kernel(
+    x_ptr, y_ptr, global_amax_ptr, block_amax_ptr, row_ends_ptr, n_blocks, blocks_per_row, n_segments,
+    STATIC: tl.constexpr, SEGMENTED: tl.constexpr, SEGMENTS: tl.constexpr, BLOCKS: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):
+    first = tl.program_id(0).to(tl.int64) * BLOCKS
+    rows = first + tl.arange(0, BLOCKS)
+    if SEGMENTED:
+        segment = _program_segment(first, n_blocks, blocks_per_row, row_ends_ptr, n_segments, BLOCKS, SEGMENTS)
+        if segment >= 0:  # one segment: its global amax a scalar, as without segments
+            global_amax = tl.load(global_amax_ptr + segment).to(tl.float32)
+            _fake_quant_blocks(x_ptr, y_ptr, global_amax, block_amax_ptr, rows, n_blocks, STATIC, False, INTERPRETED)
+        else:
+            segments = _segments_ending_by(rows // blocks_per_row, row_ends_ptr, n_segments)
+            global_amax = tl.load(global_amax_ptr + segments).to(tl.float32)
+            _fake_quant_blocks(x_ptr, y_ptr, global_amax, block_amax_ptr, rows, n_blocks, STATIC, True, INTERPRETED)
+    else:
+        global_amax = tl.load(global_amax_ptr).to(tl.float32)
+        _fake_quant_blocks(x_ptr, y_ptr, global_amax, block_amax_ptr, rows, n_blocks, STATIC, False, INTERPRETED)
 
 
 @triton.jit
@@ -173,11 +198,9 @@ def _e2m1_code(x, scale, inverse, smallest_scale_2):
 
 
 @triton.jit
-def _nvfp4_quantize_kernel(
-    x_ptr, packed_ptr, scale_ptr, global_amax_ptr, block_amax_ptr, segment_starts_ptr, n_blocks, n_segments,
-    STATIC: tl.constexpr, SEGMENTED: tl.constexpr, BLOCKS: tl.constexpr, INTERPRETED: tl.constexpr,
-):
-    rows = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
+def _quantize_blocks(x_ptr, packed_ptr, scale_ptr, global_amax, block_amax_ptr, rows, n_blocks,
+                     STATIC: tl.constexpr, SEGMENTED: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Blocks `rows` of x encoded into packed codes and E4M3 scale bytes; `global_amax` as in fake quant."""
     row_ok = rows < n_blocks
     pairs = tl.arange(0, 8)[None, :]
     even_offs = rows[:, None] * 16 + 2 * pairs
@@ -187,7 +210,6 @@ def _nvfp4_quantize_kernel(
         amax = tl.load(block_amax_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     else:
         amax = tl.maximum(_block_amax(even, INTERPRETED), _block_amax(odd, INTERPRETED))
-    global_amax = _global_amax(global_amax_ptr, rows, segment_starts_ptr, n_segments, SEGMENTED)
     e4m3_scale, _, scale, inverse, smallest_scale_2 = _block_scales(amax, global_amax, SEGMENTED)
     packed = _e2m1_code(even, scale, inverse, smallest_scale_2) | (_e2m1_code(odd, scale, inverse, smallest_scale_2) << 4)
     tl.store(packed_ptr + rows[:, None] * 8 + pairs, packed.to(tl.uint8), mask=row_ok[:, None])
@@ -200,8 +222,32 @@ def _nvfp4_quantize_kernel(
 
 
 @triton.jit
+def _nvfp4_quantize_kernel(
+    x_ptr, packed_ptr, scale_ptr, global_amax_ptr, block_amax_ptr, row_ends_ptr, n_blocks, blocks_per_row,
+    n_segments, STATIC: tl.constexpr, SEGMENTED: tl.constexpr, SEGMENTS: tl.constexpr, BLOCKS: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):
+    first = tl.program_id(0).to(tl.int64) * BLOCKS
+    rows = first + tl.arange(0, BLOCKS)
+    if SEGMENTED:
+        segment = _program_segment(first, n_blocks, blocks_per_row, row_ends_ptr, n_segments, BLOCKS, SEGMENTS)
+        if segment >= 0:
+            global_amax = tl.load(global_amax_ptr + segment).to(tl.float32)
+            _quantize_blocks(x_ptr, packed_ptr, scale_ptr, global_amax, block_amax_ptr, rows, n_blocks, STATIC, False,
+                             INTERPRETED)
+        else:
+            global_amax = tl.load(global_amax_ptr + _segments_ending_by(rows // blocks_per_row, row_ends_ptr, n_segments))
+            _quantize_blocks(x_ptr, packed_ptr, scale_ptr, global_amax.to(tl.float32), block_amax_ptr, rows, n_blocks,
+                             STATIC, True, INTERPRETED)
+    else:
+        global_amax = tl.load(global_amax_ptr).to(tl.float32)
+        _quantize_blocks(x_ptr, packed_ptr, scale_ptr, global_amax, block_amax_ptr, rows, n_blocks, STATIC, False,
+                         INTERPRETED)
+
+
+@triton.jit
 def _nvfp4_dequantize_kernel(
-    packed_ptr, scale_ptr, scale_2_ptr, y_ptr, segment_starts_ptr, n_blocks, n_segments,
+    packed_ptr, scale_ptr, scale_2_ptr, y_ptr, row_ends_ptr, n_blocks, blocks_per_row, n_segments,
     SEGMENTED: tl.constexpr, BLOCKS: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """Codes times the E4M3 block scale (exact in float32), then times scale_2: the one rounding, as in the
@@ -214,9 +260,10 @@ def _nvfp4_dequantize_kernel(
     exponent, mantissa = (bits >> 3) & 15, bits & 7
     normal = (((exponent + 120) << 23) | (mantissa << 20)).to(tl.float32, bitcast=True)
     block_scale = tl.where(exponent == 0, mantissa.to(tl.float32) * 0.001953125, normal)[:, None]
-    scale_2 = _global_amax(scale_2_ptr, rows, segment_starts_ptr, n_segments, SEGMENTED)  # looked up alike
-    if SEGMENTED:
-        scale_2 = scale_2[:, None]
+    if SEGMENTED:  # looked up as the global amax is
+        scale_2 = tl.load(scale_2_ptr + _segments_ending_by(rows // blocks_per_row, row_ends_ptr, n_segments))[:, None]
+    else:
+        scale_2 = tl.load(scale_2_ptr)
     offs = rows[:, None] * 16 + 2 * pairs
     for nibble in tl.static_range(2):
         code = (packed >> (4 * nibble)) & 15
@@ -243,17 +290,26 @@ def _launch_args(x: torch.Tensor, global_amax: torch.Tensor, block_amax: torch.T
     return x, n_blocks, block_amax is not None, block_amax_arg
 
 
+def _segments_arg(row_ends: torch.Tensor | None, fallback: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """-> (the row ends or a placeholder, number of segments, its next power of two: SEGMENTS)."""
+    if row_ends is None:
+        return fallback, 1, 1
+    return row_ends, row_ends.numel(), triton.next_power_of_2(row_ends.numel())
+
+
 # Launchers by constexprs, looked up per call, so that the launch sweeps of the benchmarks, which set the module
 # constants, take effect.
 @functools.cache
-def _fake_quant(static: bool, segmented: bool, blocks: int, warps: int) -> Launcher:
-    constexprs = {"STATIC": static, "SEGMENTED": segmented, "BLOCKS": blocks, "INTERPRETED": INTERPRETED}
+def _fake_quant(static: bool, segmented: bool, segments: int, blocks: int, warps: int) -> Launcher:
+    constexprs = {"STATIC": static, "SEGMENTED": segmented, "SEGMENTS": segments, "BLOCKS": blocks,
+                  "INTERPRETED": INTERPRETED}
     return Launcher(_nvfp4_fake_quant_kernel, constexprs, num_warps=warps)
 
 
 @functools.cache
-def _quantize(static: bool, segmented: bool, blocks: int) -> Launcher:
-    constexprs = {"STATIC": static, "SEGMENTED": segmented, "BLOCKS": blocks, "INTERPRETED": INTERPRETED}
+def _quantize(static: bool, segmented: bool, segments: int, blocks: int) -> Launcher:
+    constexprs = {"STATIC": static, "SEGMENTED": segmented, "SEGMENTS": segments, "BLOCKS": blocks,
+                  "INTERPRETED": INTERPRETED}
     return Launcher(_nvfp4_quantize_kernel, constexprs)
 
 
@@ -266,16 +322,17 @@ def triton_nvfp4_fake_quant(
     x: torch.Tensor,
     global_amax: torch.Tensor,
     block_amax: torch.Tensor | None = None,
-    segment_starts: torch.Tensor | None = None,
+    row_ends: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`segment_starts` (int64, on x's device): the first block of each segment, whose global amax is the
-    matching element of `global_amax`; None: one segment, a scalar global amax."""
+    """`row_ends` (int32, on x's device; x 2-D): where each segment of rows ends (cumulative row counts); segment
+    s has global amax `global_amax[s]`. None: one segment, a scalar global amax."""
     x, n_blocks, static, block_amax_arg = _launch_args(x, global_amax, block_amax)
     y = torch.empty_like(x)
-    segmented = segment_starts is not None
-    starts_arg, n_segments = (segment_starts, segment_starts.numel()) if segmented else (global_amax, 1)
-    _fake_quant(static, segmented, FAKE_QUANT_BLOCKS, FAKE_QUANT_WARPS)(
-        triton.cdiv(n_blocks, FAKE_QUANT_BLOCKS), x, y, global_amax, block_amax_arg, starts_arg, n_blocks, n_segments
+    ends_arg, n_segments, segments = _segments_arg(row_ends, global_amax)
+    blocks_per_row = x.shape[-1] // BLOCK_SIZE
+    _fake_quant(static, row_ends is not None, segments, FAKE_QUANT_BLOCKS, FAKE_QUANT_WARPS)(
+        triton.cdiv(n_blocks, FAKE_QUANT_BLOCKS), x, y, global_amax, block_amax_arg, ends_arg, n_blocks,
+        blocks_per_row, n_segments,
     )
     return y
 
@@ -284,18 +341,18 @@ def triton_nvfp4_quantize(
     x: torch.Tensor,
     global_amax: torch.Tensor,
     block_amax: torch.Tensor | None = None,
-    segment_starts: torch.Tensor | None = None,
+    row_ends: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (packed, block scales, scale_2: a scalar, or one per segment); `segment_starts` as for fake quant."""
+    """-> (packed, block scales, scale_2: a scalar, or one per segment); `row_ends` as for fake quant."""
     x, n_blocks, static, block_amax_arg = _launch_args(x, global_amax, block_amax)
     packed = torch.empty((*x.shape[:-1], x.shape[-1] // 2), dtype=torch.uint8, device=x.device)
     scale = torch.empty((*x.shape[:-1], x.shape[-1] // BLOCK_SIZE), dtype=torch.uint8, device=x.device)
-    segmented = segment_starts is not None
-    starts_arg, n_segments = (segment_starts, segment_starts.numel()) if segmented else (global_amax, 1)
-    _quantize(static, segmented, QUANTIZE_BLOCKS)(
-        triton.cdiv(n_blocks, QUANTIZE_BLOCKS), x, packed, scale, global_amax, block_amax_arg, starts_arg, n_blocks,
-        n_segments,
+    ends_arg, n_segments, segments = _segments_arg(row_ends, global_amax)
+    _quantize(static, row_ends is not None, segments, QUANTIZE_BLOCKS)(
+        triton.cdiv(n_blocks, QUANTIZE_BLOCKS), x, packed, scale, global_amax, block_amax_arg, ends_arg, n_blocks,
+        x.shape[-1] // BLOCK_SIZE, n_segments,
     )
+    segmented = row_ends is not None
     scale_2 = nvfp4_scales_2(global_amax) if segmented else nvfp4_scale_2(global_amax)
     return packed, scale.view(torch.float8_e4m3fn), scale_2
 
@@ -305,15 +362,14 @@ def triton_nvfp4_dequantize(
     block_scale: torch.Tensor,
     scale_2: torch.Tensor,
     dtype: torch.dtype,
-    segment_starts: torch.Tensor | None = None,
+    row_ends: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Checked arguments (the dispatcher's), contiguous, on one device. `scale_2` one per segment if segmented."""
     y = torch.empty((*packed.shape[:-1], packed.shape[-1] * 2), dtype=dtype, device=packed.device)
     n_blocks = block_scale.numel()
-    segmented = segment_starts is not None
-    starts_arg, n_segments = (segment_starts, segment_starts.numel()) if segmented else (scale_2, 1)
-    _dequantize(segmented, QUANTIZE_BLOCKS)(
-        triton.cdiv(n_blocks, QUANTIZE_BLOCKS), packed, block_scale.view(torch.uint8), scale_2, y, starts_arg,
-        n_blocks, n_segments,
+    ends_arg, n_segments, _ = _segments_arg(row_ends, scale_2)
+    _dequantize(row_ends is not None, QUANTIZE_BLOCKS)(
+        triton.cdiv(n_blocks, QUANTIZE_BLOCKS), packed, block_scale.view(torch.uint8), scale_2, y, ends_arg,
+        n_blocks, block_scale.shape[-1], n_segments,
     )
     return y

@@ -22,6 +22,7 @@ from dist_quant.quantizer import (
     fake_quant_segments,
     segments_calibrate_together,
     segments_quantize_together,
+    settings_generation,
 )
 
 _DISABLED = QuantizerMode.DISABLED
@@ -206,18 +207,20 @@ class GroupedExperts:
         if not (self.grouped and self._groups(hidden)):
             return super().forward(hidden, tokens_per_expert, permuted_probs)
         roles = self._roles()
-        counts = tokens_per_expert.tolist()
-        offsets = torch.cumsum(tokens_per_expert.to(hidden.device), 0, dtype=torch.int32)
+        counts = tokens_per_expert.tolist()  # megatron's dispatchers hand the counts over on the host
+        # on the device once per layer, without waiting for it (a blocking copy would drain the GPU's queue)
+        lengths = tokens_per_expert.to(hidden.device, non_blocking=True)
+        offsets = torch.cumsum(lengths, 0, dtype=torch.int32)
         after_fc2 = isinstance(self.local_experts[0], RoutedExpertMLP)
-        x = _quantize_role(roles.get("fc1.input_quantizer"), hidden, counts, tokens_per_expert)
+        x = _quantize_role(roles.get("fc1.input_quantizer"), hidden, counts, lengths, offsets)
         x = _grouped_linear(x, _stacked_weights(roles["fc1"], roles.get("fc1.weight_quantizer")), counts, offsets)
-        x = _quantize_role(roles.get("fc1.output_quantizer"), x, counts, tokens_per_expert)
+        x = _quantize_role(roles.get("fc1.output_quantizer"), x, counts, lengths, offsets)
         x = self._activation(x, counts)
         if not after_fc2:
             x = routing_weighted(x, permuted_probs)
-        x = _quantize_role(roles.get("fc2.input_quantizer"), x, counts, tokens_per_expert)
+        x = _quantize_role(roles.get("fc2.input_quantizer"), x, counts, lengths, offsets)
         x = _grouped_linear(x, _stacked_weights(roles["fc2"], roles.get("fc2.weight_quantizer")), counts, offsets)
-        x = _quantize_role(roles.get("fc2.output_quantizer"), x, counts, tokens_per_expert)
+        x = _quantize_role(roles.get("fc2.output_quantizer"), x, counts, lengths, offsets)
         return (routing_weighted(x, permuted_probs) if after_fc2 else x), None
 
     def _groups(self, hidden: torch.Tensor) -> bool:
@@ -282,32 +285,51 @@ class GroupedExperts:
 
 
 class _ExpertRole:
-    """One role's quantizers, one per expert (every expert's fc1 input quantizer, ...). `together`: all of one
-    format, so that their per-expert work can be done in one pass over the layer's rows."""
+    """One role's quantizers, one per expert (every expert's fc1 input quantizer, ...), and what a forward does
+    with them (`plan`)."""
 
     def __init__(self, quantizers: list[TensorQuantizer]):
         self.quantizers = quantizers
-        self.together = all(q.fmt == quantizers[0].fmt for q in quantizers)
+        self.together = all(q.fmt == quantizers[0].fmt for q in quantizers)  # their work can be one pass
         self.amax = SegmentAmax(quantizers)
+        self._plan: tuple[int, str] | None = None
+
+    def plan(self) -> str:
+        """"skip" (all disabled), "collect" (all calibrating together: `SegmentAmax`), "segments" (all
+        fake-quantizing in one launch: `fake_quant_segments`) or "each" (quantizer by quantizer), decided again
+        only after a quantizer's settings changed (asking 128 quantizers costs ~100 us per role and forward)."""
+        generation = settings_generation()
+        if self._plan is None or self._plan[0] != generation:
+            quantizers = self.quantizers
+            if all(q._mode is _DISABLED for q in quantizers):
+                plan = "skip"
+            elif self.together and segments_calibrate_together(quantizers):
+                plan = "collect"
+            elif self.together and segments_quantize_together(quantizers):
+                plan = "segments"
+            else:
+                plan = "each"
+            self._plan = (generation, plan)
+        return self._plan[1]
 
 
-def _quantize_role(role: _ExpertRole | None, x: torch.Tensor, counts: list[int], lengths: torch.Tensor) -> torch.Tensor:
-    """x [rows, n], each expert's rows (`counts`, in expert order; `lengths` the same as megatron's tensor)
-    through that expert's quantizer of this role:
-    calibrating, their amax collected in one pass (`SegmentAmax`); fake-quantizing (NVFP4), in one launch
-    (`fake_quant_segments`), the straight-through gradient included; otherwise expert by expert."""
-    if role is None:
+def _quantize_role(
+    role: _ExpertRole | None, x: torch.Tensor, counts: list[int], lengths: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    """x [rows, n], each expert's rows (`counts`, in expert order; `lengths` the same on x's device, `offsets`
+    their cumulative sums, int32) through that expert's quantizer of this role: calibrating, their amax
+    collected in one pass (`SegmentAmax`); fake-quantizing (NVFP4), in one launch (`fake_quant_segments`), the
+    straight-through gradient included; otherwise expert by expert."""
+    plan = "skip" if role is None else role.plan()
+    if plan == "skip":
         return x
-    quantizers = role.quantizers
-    if all(q._mode is _DISABLED for q in quantizers):
-        return x
-    if role.together and segments_calibrate_together(quantizers):
+    if plan == "collect":
         role.amax.collect(x, counts, lengths)
         return x
-    if role.together and segments_quantize_together(quantizers):
-        return fake_quant_segments(quantizers, x, counts)
+    if plan == "segments":
+        return fake_quant_segments(role.quantizers, x, counts, offsets)
     segments = x.split(counts)
-    outputs = [q(segment) for q, segment in zip(quantizers, segments)]
+    outputs = [q(segment) for q, segment in zip(role.quantizers, segments)]
     if all(output is segment for output, segment in zip(outputs, segments)):  # calibrating: x as it came
         return x
     return torch.cat(outputs)
@@ -325,9 +347,10 @@ def _stacked_weights(linears: list[nn.Module], role: _ExpertRole | None) -> torc
     stacked = None if grad else _stacked_in_memory(linears[0], weights)
     if stacked is None:
         stacked = torch.stack(weights)
-    if role is None or all(q._mode is _DISABLED for q in role.quantizers):
+    plan = "skip" if role is None else role.plan()
+    if plan == "skip":
         return stacked
-    if role.together and segments_quantize_together(role.quantizers):
+    if plan == "segments":
         rows = [stacked.shape[1]] * len(weights)
         return fake_quant_segments(role.quantizers, stacked.flatten(0, 1), rows).view_as(stacked)
     return torch.stack([q(w) for q, w in zip(role.quantizers, stacked.unbind(0))])

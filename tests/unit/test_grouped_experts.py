@@ -141,6 +141,31 @@ def test_segment_amax_is_each_quantizers_max_over_its_segments(device):
     assert all(torch.equal(q._amax, amax) for q, amax in zip(together[2:3], first[2:3]))  # not reached: as it was
 
 
+def test_segment_amax_after_every_segment_joined_follows_resets():
+    """Once every segment had rows, a batch asks no calibrator (`SegmentAmax.all_joined`): later batches still
+    raise each quantizer's amax, and a calibrator reset in between (finish_calibration, a new calibration)
+    starts it afresh instead of writing into a view it no longer holds."""
+    together, alone = _calibrating(3, "cpu"), _calibrating(3, "cpu")
+    one_pass = SegmentAmax(together)
+    gen = torch.Generator().manual_seed(1)
+
+    def batch(counts, scale):
+        x = torch.randn(sum(counts), 16, generator=gen) * scale
+        one_pass.collect(x, counts, torch.tensor(counts))
+        for q, segment in zip(alone, x.split(counts)):
+            q(segment)
+
+    batch([2, 1, 3], 1.0)
+    batch([1, 2, 2], 4.0)  # every segment joined before: the running max alone
+    assert [torch.equal(a.calibrator.amax, b.calibrator.amax) for a, b in zip(together, alone)] == [True] * 3
+    for q in together + alone:
+        q.finish_calibration()
+    batch([3, 0, 1], 0.25)  # still calibrating, calibrators reset: what they see now is all they hold
+    assert together[1].calibrator.amax is None
+    for a, b in zip(together, alone):
+        assert a.finish_calibration() is b.finish_calibration() and (a._amax == b._amax).all()
+
+
 def _builtin_expert_shapes() -> dict[str, tuple[int, int, int, int]]:
     """name -> (experts, top-k, hidden, expert width) of every built-in MoE."""
     shapes = {}

@@ -232,6 +232,17 @@ def test_segments_match_one_fake_quant_per_segment(backend, gen, dtype, blocks, 
     ref.assert_same_bits(nvfp4_fake_quant_segments(x, global_amax, rows, block_amax), torch.cat(expected))
 
 
+@pytest.mark.parametrize("rows", [[128, 0, 256, 128], [1, 300, 2]])
+def test_segments_given_as_row_ends_on_the_device(backend, gen, rows):
+    """The row ends an MoE layer already holds (its experts' token offsets, int32) in place of the host's
+    rows: the same values, whether each kernel program lies in one segment ([128, 0, 256, 128] x 3 blocks per
+    row: programs of 128 blocks never straddle) or not."""
+    x, global_amax = _segments(gen, rows, 48, torch.bfloat16, [1.0, 5.0, 0.01, 2.0][: len(rows)])
+    ends = torch.tensor(rows).cumsum(0).to(torch.int32)
+    expected = torch.cat([ref.nvfp4(p, g)["fake_quant"] for p, g in zip(x.split(rows), global_amax)])
+    ref.assert_same_bits(nvfp4_fake_quant_segments(x, global_amax, rows, None, ends), expected)
+
+
 def test_segments_bad_arguments_raise_clear_errors(backend):
     with pytest.raises(ValueError, match="one global amax per segment"):
         nvfp4_fake_quant_segments(torch.ones(4, 32), torch.ones(3), [2, 2])
