@@ -65,6 +65,32 @@ def _host_profile(fn, top: int) -> str:
     return out.getvalue()
 
 
+SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
+
+
+def device_profile(fn) -> dict[str, float]:
+    """One call of fn under torch.profiler: the GPU's summed kernel time, the host's time, kernel launches and
+    host waits for the GPU (each drains the launch queue: the host then issues work while the GPU idles)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        fn()
+        host = time.perf_counter() - start
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    return {
+        "kernels (ms)": sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1e3,
+        "host (ms)": host * 1e3,
+        "launches": sum(e.count for e in events if e.key in LAUNCHES),
+        "syncs": sum(e.count for e in events if e.key in SYNCS),
+    }
+
+
 def launch_costs(device: torch.device, calls: int = 2000) -> dict[str, float]:
     """Host microseconds per call, small bf16 tensor (an expert's input): a quantizer's NVFP4 fake quant
     (dist_quant's direct launch of the compiled kernel), the same kernel through Triton's launcher, and one
@@ -84,8 +110,8 @@ def launch_costs(device: torch.device, calls: int = 2000) -> dict[str, float]:
 
     def triton_launcher():
         nvfp4_triton._nvfp4_fake_quant_kernel[(triton.cdiv(n_blocks, nvfp4_triton.FAKE_QUANT_BLOCKS),)](
-            x, y, quantizer._amax, quantizer._amax, quantizer._amax, n_blocks, 1, STATIC=False, SEGMENTED=False,
-            BLOCKS=nvfp4_triton.FAKE_QUANT_BLOCKS, INTERPRETED=False, num_warps=nvfp4_triton.FAKE_QUANT_WARPS,
+            x, y, quantizer._amax, quantizer._amax, quantizer._amax, n_blocks, x.shape[1] // 16, 1, STATIC=False,
+            SEGMENTED=False, SEGMENTS=1, BLOCKS=nvfp4_triton.FAKE_QUANT_BLOCKS, INTERPRETED=False, num_warps=nvfp4_triton.FAKE_QUANT_WARPS,
         )
 
     costs = {}
@@ -168,13 +194,16 @@ def measure(
             model(tokens, positions, mask)
 
     def both_ways(label: str) -> None:
-        """times[label] grouped, times[label + ", SequentialMLP"] expert by expert."""
+        """times[label] grouped, times[label + ", SequentialMLP"] expert by expert; with `profile` on CUDA, the
+        grouped forward's `device_profile` too."""
         _set_grouped(model, False)
         times[f"{label}, SequentialMLP"] = _median_ms(forward, reps, device)
         _set_grouped(model, True)
         times[label] = _median_ms(forward, reps, device)
+        if profile and device.type == "cuda":
+            profiles[label] = device_profile(forward)
 
-    times, moe = {}, {}
+    times, moe, profiles = {}, {}, {}
     both_ways("plain")
     captured = _experts_inputs(model, forward)
     flops = _expert_flops(captured)
@@ -213,7 +242,7 @@ def measure(
         cache_fake_quant_weights(model, enabled=False)
     if profile:
         print(f"host time of one quantizing forward, {name}:\n{_host_profile(forward, profile)}", flush=True)
-    return {"params": params, "times": times, "moe_tflops": moe}
+    return {"params": params, "times": times, "moe_tflops": moe, "profiles": profiles}
 
 
 def main() -> int:
@@ -223,7 +252,7 @@ def main() -> int:
     parser.add_argument("--tokens", default=None, help="BATCHxSEQ (default 4x512 on GPU, 2x64 on CPU)")
     parser.add_argument("--dtype", default=None, choices=("bfloat16", "float32"))
     parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--profile", type=int, default=0, metavar="N", help="also print the N Python functions of a quantizing forward with the most host time")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="also print the N Python functions of a quantizing forward with the most host time and, on CUDA, each mode's kernel time, host time, launches and host syncs (torch.profiler)")
     parser.add_argument("--results", default=str(DEFAULT_RESULTS))
     args = parser.parse_args()
     warnings.filterwarnings("ignore", module=r"megatron(\.|$)")
@@ -237,7 +266,7 @@ def main() -> int:
     batch, seq = map(int, (args.tokens or ("4x512" if gpu else "2x64")).split("x"))
     dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
     size, ceiling = matmul_tflops(dtype, device, args.reps)
-    rows, verdicts = [], [f"- ceiling: a {size}x{size} {dtype} matmul, {ceiling:.3g} TFLOP/s"]
+    rows, verdicts, profile_rows = [], [f"- ceiling: a {size}x{size} {dtype} matmul, {ceiling:.3g} TFLOP/s"], []
     for name in models:
         result = measure(name, args.recipe, batch, seq, dtype, device, args.reps, args.profile)
         times = result["times"]
@@ -246,6 +275,8 @@ def main() -> int:
             target = (f">= {SPEEDUP_TARGET}x" if mode == "plain, SequentialMLP"
                       else f"<= {TARGETS[mode]}x" if mode in TARGETS else "")
             rows.append([name, f"{result['params'] / 1e9:.3f}B", mode, f"{ms:.2f}", f"{ms / plain:.2f}x", target])
+        for mode, measured in result["profiles"].items():
+            profile_rows.append([name, mode, *(f"{value:.1f}" if isinstance(value, float) else str(value) for value in measured.values())])
         speedup = times["plain, SequentialMLP"] / plain
         verdicts.append(f"- {name} plain: grouped {speedup:.2f}x faster than SequentialMLP (target >= {SPEEDUP_TARGET}x): "
                         f"{'PASS' if speedup >= SPEEDUP_TARGET else 'MISS'}")
@@ -265,6 +296,9 @@ def main() -> int:
         "",
         md_table(["model", "params", "mode", "ms (median)", "vs grouped plain", "target"], rows),
     ])
+    if profile_rows:
+        section += "\n\nOne grouped forward under torch.profiler:\n\n" + md_table(
+            ["model", "mode", "kernels (ms)", "host (ms)", "launches", "host syncs"], profile_rows)
     if gpu:
         costs = launch_costs(device)
         section += "\n\n" + md_table(["host time per call, 256x1024 bf16", "us"], [[k, f"{v:.1f}"] for k, v in costs.items()])

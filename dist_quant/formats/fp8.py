@@ -7,7 +7,8 @@ from typing import Sequence
 import torch
 
 from dist_quant.formats.base import SCALAR, NumberFormat, QuantFormat, Spec, calibrated_top_warning, e4m3_block_largest
-from dist_quant.numerics.fp8 import E4M3_MAX, cast_e4m3, fp8_fake_quant, fp8_scale, nonzero_amax
+from dist_quant.kernels.block_formats import fp8_fake_quant
+from dist_quant.numerics.fp8 import E4M3_MAX, cast_e4m3, fp8_scale, nonzero_amax
 
 
 class FP8Format(NumberFormat):

@@ -1,6 +1,6 @@
-"""Dispatch MXFP8, MXFP4 and FP8 per-token-group numerics to the Triton kernels of `mx_triton.py` on CUDA tensors
-and to the torch reference (`numerics.mx`, `numerics.fp8_blocks`) elsewhere, under the same `DIST_QUANT_BACKEND`
-choice as NVFP4 (`dist_quant.kernels.use_triton`). Both give the same bits. Dequantization and FP8 weight blocks
+"""Dispatch MXFP8, MXFP4, FP8 per-token-group and per-tensor FP8 numerics to the Triton kernels of `mx_triton.py`
+on CUDA tensors and to the torch reference (`numerics.mx`, `numerics.fp8_blocks`, `numerics.fp8`) elsewhere, under
+the same `DIST_QUANT_BACKEND` choice as NVFP4 (`dist_quant.kernels.use_triton`). Both give the same bits. Dequantization and FP8 weight blocks
 (quantized once, at export) have only the reference."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import functools
 import torch
 
 from dist_quant.kernels import use_triton
-from dist_quant.numerics import fp8_blocks, mx
+from dist_quant.numerics import fp8, fp8_blocks, mx
 
 
 @functools.cache  # an import statement per call costs more than the lookup
@@ -18,6 +18,14 @@ def _kernels():
     from dist_quant.kernels import mx_triton
 
     return mx_triton
+
+
+def fp8_fake_quant(x: torch.Tensor, amax: torch.Tensor | float) -> torch.Tensor:
+    """`numerics.fp8_fake_quant`; one launch where amax is one value (per-channel amax: the reference)."""
+    if not use_triton(x) or (isinstance(amax, torch.Tensor) and amax.numel() != 1):
+        return fp8.fp8_fake_quant(x, amax)
+    fp8.check_float_input(x)
+    return _kernels().triton_fp8_fake_quant(x, fp8.as_amax(amax, x).reshape(()))
 
 
 def mxfp8_fake_quant(x: torch.Tensor) -> torch.Tensor:
@@ -73,6 +81,6 @@ def fp8_group_quantize(
 
 
 __all__ = [
-    "fp8_group_fake_quant", "fp8_group_quantize", "mxfp4_fake_quant", "mxfp4_quantize", "mxfp8_fake_quant",
+    "fp8_fake_quant", "fp8_group_fake_quant", "fp8_group_quantize", "mxfp4_fake_quant", "mxfp4_quantize", "mxfp8_fake_quant",
     "mxfp8_quantize",
 ]

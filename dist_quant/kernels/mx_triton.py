@@ -1,5 +1,7 @@
 """Triton kernels for the block formats with power-of-two or float32 block scales, bit-identical to
-`dist_quant.numerics.mx` (MXFP8, MXFP4) and `dist_quant.numerics.fp8_blocks` (FP8 per-token groups).
+`dist_quant.numerics.mx` (MXFP8, MXFP4) and `dist_quant.numerics.fp8_blocks` (FP8 per-token groups), and for FP8
+with one per-tensor scale (`dist_quant.numerics.fp8`: K/V caches and FP8 recipes, where torch's ops took a dozen
+launches per call).
 
 One program handles `BLOCKS` blocks (of 32 elements for MX, of the group size for FP8 groups). Every rounding is
 float32 arithmetic that is exact by construction or correctly rounded, without the backend's FP8 conversion:
@@ -10,7 +12,7 @@ float32 arithmetic that is exact by construction or correctly rounded, without t
 - E4M3: |v| clamped to 448, then 3 mantissa bits rounded from the float32 bits (ties to even) in the normal range
   and `(a + 2^14) - 2^14` below 2^-6 (the float32 ulp of 2^14 is the E4M3 subnormal step 2^-9).
 - E2M1 (MXFP4, ModelOpt's rounding): the magnitude code counts the midpoints |v| strictly exceeds.
-- FP8 group quotients x / scale: RN(1/scale) and one FMA residual step (Markstein), the correctly rounded
+- FP8 quotients x / scale (groups and per tensor): RN(1/scale) and one FMA residual step (Markstein), the correctly rounded
   quotient; an infinite scale gives x x 0 (+-0, or NaN for +-Inf), as the division does.
 - Signs multiply (Triton's unary minus is `0 - v`, which would turn -0.0 into +0.0).
 Loads, stores and the NaN-free block max under TRITON_INTERPRET=1 are nvfp4_triton's.
@@ -31,6 +33,7 @@ from dist_quant.numerics.mx import MX_BLOCK_SIZE
 
 MX_BLOCKS = 64  # 32-element blocks per program
 GROUP_BLOCKS = 16  # token groups per program
+FP8_TENSOR_BLOCK = 2048  # elements per program
 
 
 @triton.jit
@@ -183,6 +186,20 @@ def _fp8_group_kernel(
         tl.store(scale_ptr + groups, scale, mask=group_ok)
 
 
+@triton.jit
+def _fp8_tensor_kernel(x_ptr, y_ptr, amax_ptr, n, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
+    """FP8 fake quant with one scale, RN(amax / 448) (an amax of 0 counts as 1), in y's dtype."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = _load_f32(x_ptr, offs, mask, INTERPRETED)
+    amax = tl.load(amax_ptr).to(tl.float32)
+    scale = tl.div_rn(tl.where(amax == 0.0, 1.0, amax), 448.0)
+    zeros = tl.zeros_like(x)  # scale and its inverse as vectors, as _divide takes them
+    magnitude, _ = _e4m3_round(_divide(x, scale + zeros, tl.div_rn(1.0, scale) + zeros))
+    negative = (x.to(tl.int32, bitcast=True) >> 31) != 0  # x's sign: the divide's residual step turns -0 into +0
+    _store_from_f32(y_ptr, offs, _signed(magnitude * scale, negative), mask, INTERPRETED)
+
+
 @functools.cache
 def _mxfp8(fake: bool) -> Launcher:
     return Launcher(_mxfp8_kernel, {"FAKE": fake, "BLOCKS": MX_BLOCKS, "INTERPRETED": INTERPRETED})
@@ -197,6 +214,11 @@ def _mxfp4(fake: bool) -> Launcher:
 def _fp8_groups(group: int, ue8m0: bool, fake: bool) -> Launcher:
     constexprs = {"GROUP": group, "UE8M0": ue8m0, "FAKE": fake, "BLOCKS": GROUP_BLOCKS, "INTERPRETED": INTERPRETED}
     return Launcher(_fp8_group_kernel, constexprs)
+
+
+@functools.cache
+def _fp8_tensor() -> Launcher:
+    return Launcher(_fp8_tensor_kernel, {"BLOCK": FP8_TENSOR_BLOCK, "INTERPRETED": INTERPRETED})
 
 
 def _mxfp8_launch(x: torch.Tensor, out: torch.Tensor, scales: torch.Tensor, fake: bool) -> None:
@@ -265,3 +287,12 @@ def triton_fp8_group_quantize(x: torch.Tensor, group_size: int, scale_format: st
     scales = torch.empty((*x.shape[:-1], x.shape[-1] // group_size), dtype=torch.float32, device=x.device)
     _fp8_group_launch(x, values, scales, group_size, scale_format, fake=False)
     return values.view(torch.float8_e4m3fn), scales
+
+
+def triton_fp8_fake_quant(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """Checked input (the dispatcher's): a float tensor, a one-element float32 amax on its device."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    if x.numel():
+        _fp8_tensor()(triton.cdiv(x.numel(), FP8_TENSOR_BLOCK), x, y, amax, x.numel())
+    return y

@@ -1,4 +1,4 @@
-"""The MXFP8, MXFP4 and FP8 token-group Triton kernels compiled for a real GPU (run on the device machine; skipped
+"""The MXFP8, MXFP4, FP8 token-group and per-tensor FP8 Triton kernels compiled for a real GPU (run on the device machine; skipped
 without CUDA), bit for bit against the independent reference and the torch reference on the GPU. The interpreter
 covers the same kernels on CPU in test_mx.py and test_fp8_block_numerics.py."""
 
@@ -7,6 +7,7 @@ import torch
 
 from dist_quant.kernels import use_triton
 from dist_quant.kernels.block_formats import (
+    fp8_fake_quant,
     fp8_group_fake_quant,
     fp8_group_quantize,
     mxfp4_fake_quant,
@@ -14,7 +15,8 @@ from dist_quant.kernels.block_formats import (
     mxfp8_fake_quant,
     mxfp8_quantize,
 )
-from dist_quant.numerics import fp8_blocks, mx
+from dist_quant.numerics import fp8, fp8_blocks, mx
+from tests.reference import formats
 from tests.reference import mx as ref
 from tests.reference.data import DTYPES
 from tests.reference.formats import assert_same_bits, pack_codes
@@ -72,3 +74,14 @@ def test_large_tensors_on_cuda_match_the_torch_reference(gen, dtype):
     for scale_format in ("float32", "ue8m0"):
         assert_same_bits(fp8_group_fake_quant(x, scale_format=scale_format),
                          fp8_blocks.fp8_group_fake_quant(x, scale_format=scale_format))
+    amax = x.float().abs().max()
+    for scaled in (amax, amax * 0.3, torch.zeros_like(amax)):
+        assert_same_bits(fp8_fake_quant(x, scaled), fp8.fp8_fake_quant(x, scaled))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_per_tensor_fp8_kernel_on_cuda_matches_reference(gen, dtype):
+    x = mx_data(gen, (9, 4100), dtype, "mxfp8", nonfinite=True)  # a partial last program, NaN and Inf
+    x[0, :3] = torch.tensor([-0.0, -1e-30, 1e-30])
+    for amax in (torch.tensor(448.0), x[1:].float().abs().nan_to_num(posinf=0).max() * 0.5, torch.tensor(0.0)):
+        assert_same_bits(fp8_fake_quant(x.cuda(), amax.cuda()).cpu(), formats.fp8_fake_quant(x, amax))
