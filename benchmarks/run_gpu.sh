@@ -74,7 +74,7 @@ nccl_tests() {  # nccl_tests FILE: a distributed test file on NCCL, one GPU per 
 want layout && step nccl_layout_invariance nccl_tests tests/distributed/test_layout_invariance.py
 want fidelity && step nccl_fidelity nccl_tests tests/fidelity/test_fidelity.py
 want forward && step bench_forward python3 benchmarks/bench_forward.py --profile 30 --results "$RESULTS"
-want forward && step bench_forward_30b python3 benchmarks/bench_forward.py --model qwen3-30b-a3b-shape --tokens 2x2048 \
+want forward && step bench_forward_30b python3 benchmarks/bench_forward.py --model qwen3-30b-a3b-shape --tokens 2x2048 --profile 20 \
   --reps 5 --results "$RESULTS"
 if want main; then
   LAYOUTS=("tp2:--tp 2" "ep2:--ep 2")
