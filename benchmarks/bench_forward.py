@@ -110,7 +110,7 @@ def launch_costs(device: torch.device, calls: int = 2000) -> dict[str, float]:
 
     def triton_launcher():
         nvfp4_triton._nvfp4_fake_quant_kernel[(triton.cdiv(n_blocks, nvfp4_triton.FAKE_QUANT_BLOCKS),)](
-            x, y, quantizer._amax, quantizer._amax, quantizer._amax, n_blocks, x.shape[1] // 16, 1, STATIC=False,
+            x, y, quantizer._amax, quantizer._amax, quantizer._amax, n_blocks, 1, 1, STATIC=False,
             SEGMENTED=False, SEGMENTS=1, BLOCKS=nvfp4_triton.FAKE_QUANT_BLOCKS, INTERPRETED=False, num_warps=nvfp4_triton.FAKE_QUANT_WARPS,
         )
 

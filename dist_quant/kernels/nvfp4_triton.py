@@ -178,13 +178,14 @@ def _nvfp4_fake_quant_kernel(
     rows = first + tl.arange(0, BLOCKS)
     if SEGMENTED:
         segment = _program_segment(first, n_blocks, blocks_per_row, row_ends_ptr, n_segments, BLOCKS, SEGMENTS)
+        # (each branch names its own values: the compiler wants a name to have one type in both)
         if segment >= 0:  # one segment: its global amax a scalar, as without segments
-            global_amax = tl.load(global_amax_ptr + segment).to(tl.float32)
-            _fake_quant_blocks(x_ptr, y_ptr, global_amax, block_amax_ptr, rows, n_blocks, STATIC, False, INTERPRETED)
+            scalar_amax = tl.load(global_amax_ptr + segment).to(tl.float32)
+            _fake_quant_blocks(x_ptr, y_ptr, scalar_amax, block_amax_ptr, rows, n_blocks, STATIC, False, INTERPRETED)
         else:
             segments = _segments_ending_by(rows // blocks_per_row, row_ends_ptr, n_segments)
-            global_amax = tl.load(global_amax_ptr + segments).to(tl.float32)
-            _fake_quant_blocks(x_ptr, y_ptr, global_amax, block_amax_ptr, rows, n_blocks, STATIC, True, INTERPRETED)
+            block_amaxes = tl.load(global_amax_ptr + segments).to(tl.float32)
+            _fake_quant_blocks(x_ptr, y_ptr, block_amaxes, block_amax_ptr, rows, n_blocks, STATIC, True, INTERPRETED)
     else:
         global_amax = tl.load(global_amax_ptr).to(tl.float32)
         _fake_quant_blocks(x_ptr, y_ptr, global_amax, block_amax_ptr, rows, n_blocks, STATIC, False, INTERPRETED)
@@ -231,14 +232,15 @@ def _nvfp4_quantize_kernel(
     rows = first + tl.arange(0, BLOCKS)
     if SEGMENTED:
         segment = _program_segment(first, n_blocks, blocks_per_row, row_ends_ptr, n_segments, BLOCKS, SEGMENTS)
-        if segment >= 0:
-            global_amax = tl.load(global_amax_ptr + segment).to(tl.float32)
-            _quantize_blocks(x_ptr, packed_ptr, scale_ptr, global_amax, block_amax_ptr, rows, n_blocks, STATIC, False,
+        if segment >= 0:  # as in fake quant
+            scalar_amax = tl.load(global_amax_ptr + segment).to(tl.float32)
+            _quantize_blocks(x_ptr, packed_ptr, scale_ptr, scalar_amax, block_amax_ptr, rows, n_blocks, STATIC, False,
                              INTERPRETED)
         else:
-            global_amax = tl.load(global_amax_ptr + _segments_ending_by(rows // blocks_per_row, row_ends_ptr, n_segments))
-            _quantize_blocks(x_ptr, packed_ptr, scale_ptr, global_amax.to(tl.float32), block_amax_ptr, rows, n_blocks,
-                             STATIC, True, INTERPRETED)
+            segments = _segments_ending_by(rows // blocks_per_row, row_ends_ptr, n_segments)
+            block_amaxes = tl.load(global_amax_ptr + segments).to(tl.float32)
+            _quantize_blocks(x_ptr, packed_ptr, scale_ptr, block_amaxes, block_amax_ptr, rows, n_blocks, STATIC, True,
+                             INTERPRETED)
     else:
         global_amax = tl.load(global_amax_ptr).to(tl.float32)
         _quantize_blocks(x_ptr, packed_ptr, scale_ptr, global_amax, block_amax_ptr, rows, n_blocks, STATIC, False,
@@ -290,11 +292,13 @@ def _launch_args(x: torch.Tensor, global_amax: torch.Tensor, block_amax: torch.T
     return x, n_blocks, block_amax is not None, block_amax_arg
 
 
-def _segments_arg(row_ends: torch.Tensor | None, fallback: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """-> (the row ends or a placeholder, number of segments, its next power of two: SEGMENTS)."""
+def _segments_arg(row_ends: torch.Tensor | None, fallback: torch.Tensor, blocks_per_row: int) -> tuple:
+    """-> (the row ends or a placeholder, number of segments, its next power of two: SEGMENTS, blocks per row).
+    Without segments every integer is 1: Triton compiles a kernel per class of integer arguments (1, multiples of
+    16, others), and these would make classes of values the kernel never reads."""
     if row_ends is None:
-        return fallback, 1, 1
-    return row_ends, row_ends.numel(), triton.next_power_of_2(row_ends.numel())
+        return fallback, 1, 1, 1
+    return row_ends, row_ends.numel(), triton.next_power_of_2(row_ends.numel()), blocks_per_row
 
 
 # Launchers by constexprs, looked up per call, so that the launch sweeps of the benchmarks, which set the module
@@ -328,8 +332,7 @@ def triton_nvfp4_fake_quant(
     s has global amax `global_amax[s]`. None: one segment, a scalar global amax."""
     x, n_blocks, static, block_amax_arg = _launch_args(x, global_amax, block_amax)
     y = torch.empty_like(x)
-    ends_arg, n_segments, segments = _segments_arg(row_ends, global_amax)
-    blocks_per_row = x.shape[-1] // BLOCK_SIZE
+    ends_arg, n_segments, segments, blocks_per_row = _segments_arg(row_ends, global_amax, x.shape[-1] // BLOCK_SIZE)
     _fake_quant(static, row_ends is not None, segments, FAKE_QUANT_BLOCKS, FAKE_QUANT_WARPS)(
         triton.cdiv(n_blocks, FAKE_QUANT_BLOCKS), x, y, global_amax, block_amax_arg, ends_arg, n_blocks,
         blocks_per_row, n_segments,
@@ -347,10 +350,10 @@ def triton_nvfp4_quantize(
     x, n_blocks, static, block_amax_arg = _launch_args(x, global_amax, block_amax)
     packed = torch.empty((*x.shape[:-1], x.shape[-1] // 2), dtype=torch.uint8, device=x.device)
     scale = torch.empty((*x.shape[:-1], x.shape[-1] // BLOCK_SIZE), dtype=torch.uint8, device=x.device)
-    ends_arg, n_segments, segments = _segments_arg(row_ends, global_amax)
+    ends_arg, n_segments, segments, blocks_per_row = _segments_arg(row_ends, global_amax, x.shape[-1] // BLOCK_SIZE)
     _quantize(static, row_ends is not None, segments, QUANTIZE_BLOCKS)(
         triton.cdiv(n_blocks, QUANTIZE_BLOCKS), x, packed, scale, global_amax, block_amax_arg, ends_arg, n_blocks,
-        x.shape[-1] // BLOCK_SIZE, n_segments,
+        blocks_per_row, n_segments,
     )
     segmented = row_ends is not None
     scale_2 = nvfp4_scales_2(global_amax) if segmented else nvfp4_scale_2(global_amax)
@@ -367,9 +370,9 @@ def triton_nvfp4_dequantize(
     """Checked arguments (the dispatcher's), contiguous, on one device. `scale_2` one per segment if segmented."""
     y = torch.empty((*packed.shape[:-1], packed.shape[-1] * 2), dtype=dtype, device=packed.device)
     n_blocks = block_scale.numel()
-    ends_arg, n_segments, _ = _segments_arg(row_ends, scale_2)
+    ends_arg, n_segments, _, blocks_per_row = _segments_arg(row_ends, scale_2, block_scale.shape[-1])
     _dequantize(row_ends is not None, QUANTIZE_BLOCKS)(
         triton.cdiv(n_blocks, QUANTIZE_BLOCKS), packed, block_scale.view(torch.uint8), scale_2, y, ends_arg,
-        n_blocks, block_scale.shape[-1], n_segments,
+        n_blocks, blocks_per_row, n_segments,
     )
     return y
