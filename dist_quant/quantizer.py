@@ -105,6 +105,10 @@ def _summarize(t: torch.Tensor | None) -> str:
     return f"[{_short(t.min().item())}, {_short(t.max().item())}]"
 
 
+_PROPERTIES = frozenset({"mode", "cache_output"})
+_PLAIN_ATTRIBUTES = frozenset({"_mode", "_cache_output", "_cache", "saw_data"})
+
+
 class TensorQuantizer(nn.Module):
     """Fake-quantizes one tensor (a weight, an input, K or V). `fmt` None = disabled by the recipe."""
 
@@ -121,6 +125,16 @@ class TensorQuantizer(nn.Module):
         self.calibrator = MaxCalibrator(fmt) if fmt is not None and not fmt.use_constant_amax else None
         if fmt is not None and fmt.use_constant_amax:
             self._set_amax(torch.tensor(fmt.number.largest))
+
+    def __setattr__(self, name: str, value) -> None:
+        # Plain attributes and the setters of `mode` and `cache_output` bypass nn.Module's setattr, whose checks
+        # (parameter? buffer? module?) cost more than the rest when a calibration sets 25,000 quantizers' modes.
+        if name in _PROPERTIES:
+            object.__setattr__(self, name, value)
+        elif name in _PLAIN_ATTRIBUTES:
+            self.__dict__[name] = value
+        else:
+            super().__setattr__(name, value)
 
     @property
     def enabled(self) -> bool:
@@ -163,9 +177,10 @@ class TensorQuantizer(nn.Module):
 
     def bind_amax(self, view: torch.Tensor) -> None:
         """Make `_amax` a view into a shared flat buffer (keeping its value), so a sync needs no copies."""
-        if self._amax is not None:
-            view.copy_(self._amax.reshape(view.shape))
-        self._amax = view
+        amax = self._buffers["_amax"]
+        if amax is not None:
+            view.copy_(amax.reshape(view.shape))
+        self._buffers["_amax"] = view  # nn.Module's setattr, per quantizer of a 30B MoE, costs more than the rest
 
     def _set_amax(self, amax: torch.Tensor, block_amax: torch.Tensor | None = None) -> None:
         if self._amax is not None and self._amax.shape == amax.shape:
@@ -247,6 +262,24 @@ class TensorQuantizer(nn.Module):
         if self._mode is not QuantizerMode.QUANTIZING:
             text += f" {self._mode.value}"
         return text
+
+
+def finish_calibrations(quantizers: Sequence[TensorQuantizer]) -> None:
+    """`finish_calibration` of each quantizer, the amax of those with a buffer of the right shape already (bound
+    to a flat buffer: every calibration's case) copied in one multi-tensor launch rather than one copy each."""
+    targets, sources = [], []
+    for q in quantizers:
+        calibrator, amax = q.calibrator, q._buffers["_amax"]
+        collected = None if calibrator is None else calibrator.amax
+        if collected is None or calibrator.block_amax is not None or amax is None or amax.shape != collected.shape:
+            q.finish_calibration()
+            continue
+        calibrator.reset()
+        q.saw_data = True
+        targets.append(amax)
+        sources.append(collected)
+    if targets:
+        torch._foreach_copy_(targets, sources)
 
 
 def segments_calibrate_together(quantizers: Sequence[TensorQuantizer]) -> bool:

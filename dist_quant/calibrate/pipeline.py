@@ -23,13 +23,13 @@ from torch import nn
 from dist_quant.calibrate.shared import form_shared_states
 from dist_quant.kernels import nvfp4_mse_block_amax
 from dist_quant.modules import QuantModule, convert_linear
-from dist_quant.modules.base import model_device, structure_changed, structure_version
+from dist_quant.modules.base import model_device, quant_modules, quantizers, structure_changed
 from dist_quant.modules.fused_experts import QuantFusedExperts, checkpoint_names, convert_fused_experts, is_fused_experts
 from dist_quant.modules.linear import LINEAR_QUANTIZERS
 from dist_quant.parallel.groups import ParallelGroups, default_groups, megatron_loaded
 from dist_quant.parallel.reduce import AmaxReducer, NonFiniteAmaxError
 from dist_quant.formats import STATIC, QuantFormat
-from dist_quant.quantizer import QuantizerMode, TensorQuantizer
+from dist_quant.quantizer import QuantizerMode, TensorQuantizer, finish_calibrations
 from dist_quant.recipe import Recipe, RecipeError
 
 ForwardLoop = Callable[[nn.Module], None]
@@ -45,18 +45,6 @@ class CalibrationError(RuntimeError):
 def _name_list(names: list[str], limit: int = 5) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def quantizers(model: nn.Module) -> Iterator[tuple[str, TensorQuantizer]]:
-    for name, module in model.named_modules():
-        if isinstance(module, TensorQuantizer):
-            yield name, module
-
-
-def quant_modules(model: nn.Module) -> Iterator[tuple[str, QuantModule]]:
-    for name, module in model.named_modules():
-        if isinstance(module, QuantModule):
-            yield name, module
 
 
 def _megatron_kinds() -> dict:
@@ -224,21 +212,16 @@ def collect_statistics(model: nn.Module, forward_loop: ForwardLoop | None) -> No
         q.mode = QuantizerMode.CALIBRATING
     with torch.no_grad():
         forward_loop(model)
+    finish_calibrations([q for _, q in to_calibrate])
     for _, q in to_calibrate:
-        q.finish_calibration()
         q.mode = QuantizerMode.DISABLED
 
 
 def _weight_quantizers(model: nn.Module) -> list[tuple[TensorQuantizer, torch.Tensor]]:
-    """Every (weight quantizer, its weight) of the model. The quantized modules are listed once per change of its
-    quantizers (a 30B MoE has ~55,000 modules: walking them costs more than calibrating every weight); the pairs
-    are made anew, since a weight may be a view (an expert's rows of transformers' fused parameter) that moving
-    the model leaves behind on the old storage."""
-    cached = model.__dict__.get("_dist_quant_quant_modules")
-    if cached is None or cached[0] != structure_version(model):
-        modules = [module for _, module in quant_modules(model)]
-        cached = model.__dict__["_dist_quant_quant_modules"] = (structure_version(model), modules)
-    return [pair for module in cached[1] for pair in module.weight_quantizers()]
+    """Every (weight quantizer, its weight) of the model. The pairs are made anew (the modules are listed once per
+    change of quantizers, `quant_modules`), since a weight may be a view (an expert's rows of transformers' fused
+    parameter) that moving the model leaves behind on the old storage."""
+    return [pair for _, module in quant_modules(model) for pair in module.weight_quantizers()]
 
 
 def weights_by_quantizer(model: nn.Module) -> dict[int, torch.Tensor]:

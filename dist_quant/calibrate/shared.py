@@ -12,8 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dist_quant.modules import QuantModule
-from dist_quant.modules.base import structure_version
+from dist_quant.modules.base import quant_modules, structure_version
 from dist_quant.modules.shared import SharedQuantState
 from dist_quant.parallel.groups import ParallelGroups, group_ranks
 from dist_quant.parallel.reduce import AmaxReducer
@@ -39,9 +38,7 @@ def group_key(name: str, patterns: tuple[str, ...]) -> str | None:
 
 
 def _nvfp4_members(model: nn.Module, algorithm: Algorithm) -> Iterator[tuple[tuple[str, str], str, TensorQuantizer]]:
-    for name, module in model.named_modules():
-        if not isinstance(module, QuantModule):
-            continue
+    for name, module in quant_modules(model):
         for role in ROLES:
             q = getattr(module, f"{role}_quantizer", None)
             if isinstance(q, TensorQuantizer) and q.enabled and q.fmt.number.global_scale:
@@ -52,12 +49,11 @@ def _nvfp4_members(model: nn.Module, algorithm: Algorithm) -> Iterator[tuple[tup
 
 def _drop_earlier_states(model: nn.Module) -> None:
     """States from an earlier calibration or another model are not trusted: members recompute from scratch."""
-    for module in list(model.modules()):
-        for attr, child in list(module.named_children()):
-            if isinstance(child, SharedQuantState):
-                delattr(module, attr)
-        if isinstance(module, TensorQuantizer):
-            module._global_amax = None
+    for module in list(model.modules()):  # states hang off any parent: every module is looked at
+        for attr in [attr for attr, child in module._modules.items() if isinstance(child, SharedQuantState)]:
+            delattr(module, attr)
+        if isinstance(module, TensorQuantizer):  # dicts written directly: nn.Module's setattr costs more, per quantizer
+            module._buffers["_global_amax"] = None
             module.__dict__["shared_state"] = None
 
 
