@@ -83,8 +83,11 @@ def device_profile(fn) -> dict[str, float]:
         host = time.perf_counter() - start
         torch.cuda.synchronize()
     events = prof.key_averages()
+    kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA), key=lambda e: -e.self_device_time_total)
+    print("  largest kernels: " + "; ".join(f"{e.key[:60]} {e.self_device_time_total / 1e3:.1f} ms x{e.count}"
+                                            for e in kernels[:6]), flush=True)
     return {
-        "kernels (ms)": sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1e3,
+        "kernels (ms)": sum(e.self_device_time_total for e in kernels) / 1e3,
         "host (ms)": host * 1e3,
         "launches": sum(e.count for e in events if e.key in LAUNCHES),
         "syncs": sum(e.count for e in events if e.key in SYNCS),
@@ -201,10 +204,13 @@ def measure(
         _set_grouped(model, True)
         times[label] = _median_ms(forward, reps, device)
         if profile and device.type == "cuda":
+            print(f"{name}, {label}, one grouped forward under torch.profiler:", flush=True)
             profiles[label] = device_profile(forward)
 
     times, moe, profiles = {}, {}, {}
     both_ways("plain")
+    if profile:
+        print(f"host time of one plain forward, {name}:\n{_host_profile(forward, profile)}", flush=True)
     captured = _experts_inputs(model, forward)
     flops = _expert_flops(captured)
     for grouped, way in ((False, "SequentialMLP"), (True, "grouped")):

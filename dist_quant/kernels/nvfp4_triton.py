@@ -151,21 +151,14 @@ def _block_scales(amax, global_amax, SEGMENTED: tl.constexpr):
 
 
 @triton.jit
-def _fake_quant_blocks(x_ptr, y_ptr, global_amax, block_amax_ptr, rows, n_blocks, STATIC: tl.constexpr,
-                       SEGMENTED: tl.constexpr, INTERPRETED: tl.constexpr):
-    """Blocks `rows` of x fake-quantized into y; `global_amax` a scalar, or with SEGMENTED one per block."""
-    row_ok = rows < n_blocks
-    offs = rows[:, None] * 16 + tl.arange(0, 16)[None, :]
-    x = _load_f32(x_ptr, offs, row_ok[:, None], INTERPRETED)
-    if STATIC:
-        amax = tl.load(block_amax_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    else:
-        amax = _block_amax(x, INTERPRETED)
+def _fake_quant_blocks(x, amax, y_ptr, offs, mask, global_amax, SEGMENTED: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Loaded blocks x [B, 16] with their block amax fake-quantized into y; `global_amax` a scalar, or with
+    SEGMENTED one per block."""
     e4m3_scale, scale_2, scale, inverse, smallest_scale_2 = _block_scales(amax, global_amax, SEGMENTED)
     magnitude, negative = _e2m1_round(x, scale, inverse, smallest_scale_2)
     # value x e4m3 scale is exact; the single rounding happens at scale_2, as in the reference.
     y = (magnitude * tl.where(negative, -e4m3_scale[:, None], e4m3_scale[:, None])) * scale_2
-    _store_from_f32(y_ptr, offs, y, row_ok[:, None], INTERPRETED)
+    _store_from_f32(y_ptr, offs, y, mask, INTERPRETED)
 
 
 @triton.jit
@@ -176,19 +169,27 @@ def _nvfp4_fake_quant_kernel(
 ):
     first = tl.program_id(0).to(tl.int64) * BLOCKS
     rows = first + tl.arange(0, BLOCKS)
+    row_ok = rows < n_blocks
+    offs = rows[:, None] * 16 + tl.arange(0, 16)[None, :]
+    # the data first: its load is in flight while the segment is looked up
+    x = _load_f32(x_ptr, offs, row_ok[:, None], INTERPRETED)
+    if STATIC:
+        amax = tl.load(block_amax_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    else:
+        amax = _block_amax(x, INTERPRETED)
     if SEGMENTED:
         segment = _program_segment(first, n_blocks, blocks_per_row, row_ends_ptr, n_segments, BLOCKS, SEGMENTS)
         # (each branch names its own values: the compiler wants a name to have one type in both)
         if segment >= 0:  # one segment: its global amax a scalar, as without segments
             scalar_amax = tl.load(global_amax_ptr + segment).to(tl.float32)
-            _fake_quant_blocks(x_ptr, y_ptr, scalar_amax, block_amax_ptr, rows, n_blocks, STATIC, False, INTERPRETED)
+            _fake_quant_blocks(x, amax, y_ptr, offs, row_ok[:, None], scalar_amax, False, INTERPRETED)
         else:
             segments = _segments_ending_by(rows // blocks_per_row, row_ends_ptr, n_segments)
             block_amaxes = tl.load(global_amax_ptr + segments).to(tl.float32)
-            _fake_quant_blocks(x_ptr, y_ptr, block_amaxes, block_amax_ptr, rows, n_blocks, STATIC, True, INTERPRETED)
+            _fake_quant_blocks(x, amax, y_ptr, offs, row_ok[:, None], block_amaxes, True, INTERPRETED)
     else:
         global_amax = tl.load(global_amax_ptr).to(tl.float32)
-        _fake_quant_blocks(x_ptr, y_ptr, global_amax, block_amax_ptr, rows, n_blocks, STATIC, False, INTERPRETED)
+        _fake_quant_blocks(x, amax, y_ptr, offs, row_ok[:, None], global_amax, False, INTERPRETED)
 
 
 @triton.jit
@@ -199,18 +200,10 @@ def _e2m1_code(x, scale, inverse, smallest_scale_2):
 
 
 @triton.jit
-def _quantize_blocks(x_ptr, packed_ptr, scale_ptr, global_amax, block_amax_ptr, rows, n_blocks,
-                     STATIC: tl.constexpr, SEGMENTED: tl.constexpr, INTERPRETED: tl.constexpr):
-    """Blocks `rows` of x encoded into packed codes and E4M3 scale bytes; `global_amax` as in fake quant."""
-    row_ok = rows < n_blocks
+def _quantize_blocks(even, odd, amax, packed_ptr, scale_ptr, rows, row_ok, global_amax, SEGMENTED: tl.constexpr):
+    """Loaded blocks (their even and odd elements, [B, 8] each) with their block amax encoded into packed codes
+    and E4M3 scale bytes; `global_amax` as in fake quant."""
     pairs = tl.arange(0, 8)[None, :]
-    even_offs = rows[:, None] * 16 + 2 * pairs
-    even = _load_f32(x_ptr, even_offs, row_ok[:, None], INTERPRETED)
-    odd = _load_f32(x_ptr, even_offs + 1, row_ok[:, None], INTERPRETED)
-    if STATIC:
-        amax = tl.load(block_amax_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    else:
-        amax = tl.maximum(_block_amax(even, INTERPRETED), _block_amax(odd, INTERPRETED))
     e4m3_scale, _, scale, inverse, smallest_scale_2 = _block_scales(amax, global_amax, SEGMENTED)
     packed = _e2m1_code(even, scale, inverse, smallest_scale_2) | (_e2m1_code(odd, scale, inverse, smallest_scale_2) << 4)
     tl.store(packed_ptr + rows[:, None] * 8 + pairs, packed.to(tl.uint8), mask=row_ok[:, None])
@@ -230,21 +223,26 @@ def _nvfp4_quantize_kernel(
 ):
     first = tl.program_id(0).to(tl.int64) * BLOCKS
     rows = first + tl.arange(0, BLOCKS)
+    row_ok = rows < n_blocks
+    even_offs = rows[:, None] * 16 + 2 * tl.arange(0, 8)[None, :]
+    even = _load_f32(x_ptr, even_offs, row_ok[:, None], INTERPRETED)  # the data first, as in fake quant
+    odd = _load_f32(x_ptr, even_offs + 1, row_ok[:, None], INTERPRETED)
+    if STATIC:
+        amax = tl.load(block_amax_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    else:
+        amax = tl.maximum(_block_amax(even, INTERPRETED), _block_amax(odd, INTERPRETED))
     if SEGMENTED:
         segment = _program_segment(first, n_blocks, blocks_per_row, row_ends_ptr, n_segments, BLOCKS, SEGMENTS)
         if segment >= 0:  # as in fake quant
             scalar_amax = tl.load(global_amax_ptr + segment).to(tl.float32)
-            _quantize_blocks(x_ptr, packed_ptr, scale_ptr, scalar_amax, block_amax_ptr, rows, n_blocks, STATIC, False,
-                             INTERPRETED)
+            _quantize_blocks(even, odd, amax, packed_ptr, scale_ptr, rows, row_ok, scalar_amax, False)
         else:
             segments = _segments_ending_by(rows // blocks_per_row, row_ends_ptr, n_segments)
             block_amaxes = tl.load(global_amax_ptr + segments).to(tl.float32)
-            _quantize_blocks(x_ptr, packed_ptr, scale_ptr, block_amaxes, block_amax_ptr, rows, n_blocks, STATIC, True,
-                             INTERPRETED)
+            _quantize_blocks(even, odd, amax, packed_ptr, scale_ptr, rows, row_ok, block_amaxes, True)
     else:
         global_amax = tl.load(global_amax_ptr).to(tl.float32)
-        _quantize_blocks(x_ptr, packed_ptr, scale_ptr, global_amax, block_amax_ptr, rows, n_blocks, STATIC, False,
-                         INTERPRETED)
+        _quantize_blocks(even, odd, amax, packed_ptr, scale_ptr, rows, row_ok, global_amax, False)
 
 
 @triton.jit
