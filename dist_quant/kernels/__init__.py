@@ -73,10 +73,9 @@ def nvfp4_fake_quant_segments(
         return x.clone()
     global_amax = global_amax.to(x.device, torch.float32)
     reference.check_nvfp4_args(x, global_amax[:1], block_amax)
-    uniform = row_ends is None and rows.count(rows[0]) == len(rows)
     if row_ends is None:
         row_ends = _row_ends(tuple(rows), x.device)
-    return _kernels().triton_nvfp4_fake_quant(x, global_amax, block_amax, row_ends, uniform)
+    return _kernels().triton_nvfp4_fake_quant(x, global_amax, block_amax, row_ends)
 
 
 @functools.lru_cache(maxsize=64)
@@ -110,8 +109,7 @@ def nvfp4_quantize_segments(
     reference.check_nvfp4_args(x, global_amax[:1], block_amax)
     if x.numel() == 0:
         return reference.nvfp4_quantize_segments(x, global_amax, rows, block_amax)
-    uniform = rows.count(rows[0]) == len(rows)
-    return _kernels().triton_nvfp4_quantize(x, global_amax, block_amax, _row_ends(tuple(rows), x.device), uniform)
+    return _kernels().triton_nvfp4_quantize(x, global_amax, block_amax, _row_ends(tuple(rows), x.device))
 
 
 def nvfp4_dequantize(
@@ -136,19 +134,6 @@ def nvfp4_dequantize(
     return _kernels().triton_nvfp4_dequantize(packed.contiguous(), block_scale.contiguous(), scale_2, dtype, ends)
 
 
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def scale_rows(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [rows, n] times each row's scale [rows], in x's dtype: `(x * scale[:, None]).to(x.dtype)` bit for bit,
-    in one Triton launch on CUDA (`kernels/rows_triton.py`)."""
-    if not (use_triton(x) and x.dim() == 2 and scale.shape == x.shape[:1] and x.dtype in _FLOATS and scale.dtype in _FLOATS):
-        return (x * scale.unsqueeze(-1)).to(x.dtype)
-    from dist_quant.kernels.rows_triton import triton_scale_rows
-
-    return triton_scale_rows(x.contiguous(), scale.to(x.device).contiguous())
-
-
 def nvfp4_mse_block_amax(w: torch.Tensor, global_amax: torch.Tensor | float) -> torch.Tensor:
     if not use_triton(w):
         return mse.nvfp4_mse_block_amax(w, global_amax)
@@ -161,5 +146,5 @@ def nvfp4_mse_block_amax(w: torch.Tensor, global_amax: torch.Tensor | float) -> 
 
 __all__ = [
     "BACKEND_ENV", "nvfp4_dequantize", "nvfp4_fake_quant", "nvfp4_fake_quant_segments", "nvfp4_mse_block_amax",
-    "nvfp4_quantize", "nvfp4_quantize_segments", "scale_rows", "use_triton",
+    "nvfp4_quantize", "nvfp4_quantize_segments", "use_triton",
 ]

@@ -76,20 +76,14 @@ def _segments_ending_by(rows, row_ends_ptr, n_segments):
 
 @triton.jit
 def _program_segment(first, n_blocks, blocks_per_row, row_ends_ptr, n_segments, BLOCKS: tl.constexpr,
-                     SEGMENTS: tl.constexpr, UNIFORM: tl.constexpr):
+                     SEGMENTS: tl.constexpr):
     """The segment of a program's blocks [first, first + BLOCKS) where they all lie in one (the rule for
-    segments of whole weights or of a hundred tokens: -1 only where a segment ends inside the program). UNIFORM
-    (segments of equal rows, a role's expert weights): by division, the rows of the first segment's end; else
-    from one load of all segment ends."""
+    segments of whole weights or of a hundred tokens: -1 only where a segment ends inside the program), from one
+    load of all segment ends."""
+    ends = tl.load(row_ends_ptr + tl.arange(0, SEGMENTS), mask=tl.arange(0, SEGMENTS) < n_segments, other=2**31 - 1)
     last = tl.minimum(first + BLOCKS, n_blocks) - 1
-    if UNIFORM:
-        rows = tl.load(row_ends_ptr).to(tl.int64)
-        segment = first // blocks_per_row // rows
-        same = segment == last // blocks_per_row // rows
-    else:
-        ends = tl.load(row_ends_ptr + tl.arange(0, SEGMENTS), mask=tl.arange(0, SEGMENTS) < n_segments, other=2**31 - 1)
-        segment = tl.sum((ends <= first // blocks_per_row).to(tl.int64), axis=0)
-        same = segment == tl.sum((ends <= last // blocks_per_row).to(tl.int64), axis=0)
+    segment = tl.sum((ends <= first // blocks_per_row).to(tl.int32), axis=0)
+    same = segment == tl.sum((ends <= last // blocks_per_row).to(tl.int32), axis=0)
     return tl.where(same, segment, -1)
 
 
@@ -170,8 +164,8 @@ def _fake_quant_blocks(x, amax, y_ptr, offs, mask, global_amax, SEGMENTED: tl.co
 @triton.jit
 def _nvfp4_fake_quant_kernel(
     x_ptr, y_ptr, global_amax_ptr, block_amax_ptr, row_ends_ptr, n_blocks, blocks_per_row, n_segments,
-    STATIC: tl.constexpr, SEGMENTED: tl.constexpr, SEGMENTS: tl.constexpr, UNIFORM: tl.constexpr,
-    BLOCKS: tl.constexpr, INTERPRETED: tl.constexpr,
+    STATIC: tl.constexpr, SEGMENTED: tl.constexpr, SEGMENTS: tl.constexpr, BLOCKS: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
     first = tl.program_id(0).to(tl.int64) * BLOCKS
     rows = first + tl.arange(0, BLOCKS)
@@ -184,7 +178,7 @@ def _nvfp4_fake_quant_kernel(
     else:
         amax = _block_amax(x, INTERPRETED)
     if SEGMENTED:
-        segment = _program_segment(first, n_blocks, blocks_per_row, row_ends_ptr, n_segments, BLOCKS, SEGMENTS, UNIFORM)
+        segment = _program_segment(first, n_blocks, blocks_per_row, row_ends_ptr, n_segments, BLOCKS, SEGMENTS)
         # (each branch names its own values: the compiler wants a name to have one type in both)
         if segment >= 0:  # one segment: its global amax a scalar, as without segments
             scalar_amax = tl.load(global_amax_ptr + segment).to(tl.float32)
@@ -224,8 +218,8 @@ def _quantize_blocks(even, odd, amax, packed_ptr, scale_ptr, rows, row_ok, globa
 @triton.jit
 def _nvfp4_quantize_kernel(
     x_ptr, packed_ptr, scale_ptr, global_amax_ptr, block_amax_ptr, row_ends_ptr, n_blocks, blocks_per_row,
-    n_segments, STATIC: tl.constexpr, SEGMENTED: tl.constexpr, SEGMENTS: tl.constexpr, UNIFORM: tl.constexpr,
-    BLOCKS: tl.constexpr, INTERPRETED: tl.constexpr,
+    n_segments, STATIC: tl.constexpr, SEGMENTED: tl.constexpr, SEGMENTS: tl.constexpr, BLOCKS: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
     first = tl.program_id(0).to(tl.int64) * BLOCKS
     rows = first + tl.arange(0, BLOCKS)
@@ -238,7 +232,7 @@ def _nvfp4_quantize_kernel(
     else:
         amax = tl.maximum(_block_amax(even, INTERPRETED), _block_amax(odd, INTERPRETED))
     if SEGMENTED:
-        segment = _program_segment(first, n_blocks, blocks_per_row, row_ends_ptr, n_segments, BLOCKS, SEGMENTS, UNIFORM)
+        segment = _program_segment(first, n_blocks, blocks_per_row, row_ends_ptr, n_segments, BLOCKS, SEGMENTS)
         if segment >= 0:  # as in fake quant
             scalar_amax = tl.load(global_amax_ptr + segment).to(tl.float32)
             _quantize_blocks(even, odd, amax, packed_ptr, scale_ptr, rows, row_ok, scalar_amax, False)
@@ -308,15 +302,15 @@ def _segments_arg(row_ends: torch.Tensor | None, fallback: torch.Tensor, blocks_
 # Launchers by constexprs, looked up per call, so that the launch sweeps of the benchmarks, which set the module
 # constants, take effect.
 @functools.cache
-def _fake_quant(static: bool, segmented: bool, segments: int, uniform: bool, blocks: int, warps: int) -> Launcher:
-    constexprs = {"STATIC": static, "SEGMENTED": segmented, "SEGMENTS": segments, "UNIFORM": uniform, "BLOCKS": blocks,
+def _fake_quant(static: bool, segmented: bool, segments: int, blocks: int, warps: int) -> Launcher:
+    constexprs = {"STATIC": static, "SEGMENTED": segmented, "SEGMENTS": segments, "BLOCKS": blocks,
                   "INTERPRETED": INTERPRETED}
     return Launcher(_nvfp4_fake_quant_kernel, constexprs, num_warps=warps)
 
 
 @functools.cache
-def _quantize(static: bool, segmented: bool, segments: int, uniform: bool, blocks: int) -> Launcher:
-    constexprs = {"STATIC": static, "SEGMENTED": segmented, "SEGMENTS": segments, "UNIFORM": uniform, "BLOCKS": blocks,
+def _quantize(static: bool, segmented: bool, segments: int, blocks: int) -> Launcher:
+    constexprs = {"STATIC": static, "SEGMENTED": segmented, "SEGMENTS": segments, "BLOCKS": blocks,
                   "INTERPRETED": INTERPRETED}
     return Launcher(_nvfp4_quantize_kernel, constexprs)
 
@@ -331,15 +325,13 @@ def triton_nvfp4_fake_quant(
     global_amax: torch.Tensor,
     block_amax: torch.Tensor | None = None,
     row_ends: torch.Tensor | None = None,
-    uniform: bool = False,
 ) -> torch.Tensor:
     """`row_ends` (int32, on x's device; x 2-D): where each segment of rows ends (cumulative row counts); segment
-    s has global amax `global_amax[s]`. None: one segment, a scalar global amax. `uniform`: every segment has the
-    rows of the first (a role's expert weights): each program finds its segment by division."""
+    s has global amax `global_amax[s]`. None: one segment, a scalar global amax."""
     x, n_blocks, static, block_amax_arg = _launch_args(x, global_amax, block_amax)
     y = torch.empty_like(x)
     ends_arg, n_segments, segments, blocks_per_row = _segments_arg(row_ends, global_amax, x.shape[-1] // BLOCK_SIZE)
-    _fake_quant(static, row_ends is not None, segments, uniform, FAKE_QUANT_BLOCKS, FAKE_QUANT_WARPS)(
+    _fake_quant(static, row_ends is not None, segments, FAKE_QUANT_BLOCKS, FAKE_QUANT_WARPS)(
         triton.cdiv(n_blocks, FAKE_QUANT_BLOCKS), x, y, global_amax, block_amax_arg, ends_arg, n_blocks,
         blocks_per_row, n_segments,
     )
@@ -351,14 +343,13 @@ def triton_nvfp4_quantize(
     global_amax: torch.Tensor,
     block_amax: torch.Tensor | None = None,
     row_ends: torch.Tensor | None = None,
-    uniform: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (packed, block scales, scale_2: a scalar, or one per segment); `row_ends`, `uniform` as for fake quant."""
+    """-> (packed, block scales, scale_2: a scalar, or one per segment); `row_ends` as for fake quant."""
     x, n_blocks, static, block_amax_arg = _launch_args(x, global_amax, block_amax)
     packed = torch.empty((*x.shape[:-1], x.shape[-1] // 2), dtype=torch.uint8, device=x.device)
     scale = torch.empty((*x.shape[:-1], x.shape[-1] // BLOCK_SIZE), dtype=torch.uint8, device=x.device)
     ends_arg, n_segments, segments, blocks_per_row = _segments_arg(row_ends, global_amax, x.shape[-1] // BLOCK_SIZE)
-    _quantize(static, row_ends is not None, segments, uniform, QUANTIZE_BLOCKS)(
+    _quantize(static, row_ends is not None, segments, QUANTIZE_BLOCKS)(
         triton.cdiv(n_blocks, QUANTIZE_BLOCKS), x, packed, scale, global_amax, block_amax_arg, ends_arg, n_blocks,
         blocks_per_row, n_segments,
     )

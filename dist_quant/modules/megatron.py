@@ -12,7 +12,6 @@ from typing import Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from dist_quant.kernels import scale_rows
 from dist_quant.modules.base import Layout, QuantModule, quantized_class, structure_generation
 from dist_quant.modules.linear import LINEAR_QUANTIZERS
 from dist_quant.quantizer import (
@@ -172,9 +171,8 @@ class RoutedExpertMLP:
 
 
 def routing_weighted(x: torch.Tensor, per_token_scale: torch.Tensor) -> torch.Tensor:
-    """x [tokens, n] times each token's routing weight, in x's dtype (megatron's rule wherever it applies it:
-    `(x * per_token_scale.unsqueeze(-1)).to(x.dtype)`, computed in one pass on CUDA, `kernels.scale_rows`)."""
-    return scale_rows(x, per_token_scale)
+    """x [tokens, n] times each token's routing weight, in x's dtype (megatron's rule wherever it applies it)."""
+    return (x * per_token_scale.unsqueeze(-1)).to(x.dtype)
 
 
 def route_after_fc2(model: nn.Module) -> int:

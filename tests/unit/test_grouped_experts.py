@@ -51,23 +51,6 @@ def test_grouped_gemm_on_cpu_is_the_per_expert_matmul_bit_for_bit(dtype):
         assert torch.equal(grouped, per_expert)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
-def test_routing_weight_in_one_pass_rounds_as_megatron(backend, dtype, scale_dtype):
-    """`routing_weighted` (the Triton kernel under the triton backend): megatron's
-    `(x * probs.unsqueeze(-1)).to(x.dtype)` bit for bit, whether torch promotes the product to float32 first
-    (double rounding) or keeps 16 bits, with NaN, Inf, signed zeros and products that underflow."""
-    from dist_quant.modules.megatron import routing_weighted
-
-    gen = torch.Generator().manual_seed(3)
-    x = (torch.randn(37, 300, generator=gen) * torch.logspace(-6, 6, 300)).to(dtype)
-    x[0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0])
-    probs = torch.rand(37, generator=gen).to(scale_dtype)
-    probs[1], probs[2] = 0.0, 1e-30
-    assert torch.equal(routing_weighted(x, probs).view(torch.int8 if dtype != torch.float32 else torch.int32),
-                       (x * probs.unsqueeze(-1)).to(dtype).view(torch.int8 if dtype != torch.float32 else torch.int32))
-
-
 def test_operands_the_grouped_gemm_cannot_take_run_expert_by_expert():
     x, weights, offsets = _operands(COUNTS, 12, 96, torch.bfloat16)  # rows of 24 bytes: not 16-byte multiples
     assert torch.equal(_grouped_linear(x, weights, COUNTS, offsets), _per_expert(x, weights, COUNTS))
