@@ -193,15 +193,8 @@ class TensorQuantizer(nn.Module):
     def finish_calibration(self) -> bool:
         """Turn collected statistics into amax buffers. -> False when this quantizer saw no data. NaN or Inf in
         the data lands in the amax; the driver checks (collectively, so no rank waits on one that raised)."""
-        if self.calibrator is None:
-            return True
-        amax, block_amax = self.calibrator.amax, self.calibrator.block_amax
-        self.calibrator.reset()
-        self.saw_data = amax is not None
-        if amax is None:
-            return False
-        self._set_amax(amax, block_amax)
-        return True
+        finish_calibrations([self])
+        return self.calibrator is None or self.saw_data
 
     def calibrate_from(self, tensor: torch.Tensor) -> None:
         """Calibrate from one tensor, e.g. a weight: no forward pass needed."""
@@ -265,19 +258,25 @@ class TensorQuantizer(nn.Module):
 
 
 def finish_calibrations(quantizers: Sequence[TensorQuantizer]) -> None:
-    """`finish_calibration` of each quantizer, the amax of those with a buffer of the right shape already (bound
-    to a flat buffer: every calibration's case) copied in one multi-tensor launch rather than one copy each."""
+    """`finish_calibration` of each quantizer (`saw_data` says which saw none), the amax of those whose buffer
+    has the right shape already (bound to a flat buffer: every calibration's case) copied in one multi-tensor
+    launch rather than one copy each."""
     targets, sources = [], []
     for q in quantizers:
-        calibrator, amax = q.calibrator, q._buffers["_amax"]
-        collected = None if calibrator is None else calibrator.amax
-        if collected is None or calibrator.block_amax is not None or amax is None or amax.shape != collected.shape:
-            q.finish_calibration()
+        calibrator = q.calibrator
+        if calibrator is None:
             continue
+        collected, block_amax = calibrator.amax, calibrator.block_amax
         calibrator.reset()
-        q.saw_data = True
-        targets.append(amax)
-        sources.append(collected)
+        q.saw_data = collected is not None
+        if collected is None:
+            continue
+        amax = q._buffers["_amax"]
+        if block_amax is None and amax is not None and amax.shape == collected.shape:
+            targets.append(amax)
+            sources.append(collected)
+        else:
+            q._set_amax(collected, block_amax)
     if targets:
         torch._foreach_copy_(targets, sources)
 
