@@ -73,9 +73,18 @@ def nvfp4_fake_quant_segments(
         return x.clone()
     global_amax = global_amax.to(x.device, torch.float32)
     reference.check_nvfp4_args(x, global_amax[:1], block_amax)
+    if parts := _equal_parts(rows):
+        return _kernels().triton_nvfp4_fake_quant(x, global_amax, block_amax, parts=parts)
     if row_ends is None:
         row_ends = _row_ends(tuple(rows), x.device)
     return _kernels().triton_nvfp4_fake_quant(x, global_amax, block_amax, row_ends)
+
+
+def _equal_parts(rows: Sequence[int]) -> int:
+    """The number of segments where all have the same rows (a role's expert weights), else 0: equal segments are
+    launched as parts, whose programs know their segment from the grid, with no lookup of segment ends (see
+    `nvfp4_triton._program_blocks`)."""
+    return len(rows) if len(rows) <= _kernels().MAX_PARTS and len(set(rows)) == 1 else 0
 
 
 @functools.lru_cache(maxsize=64)
@@ -109,6 +118,9 @@ def nvfp4_quantize_segments(
     reference.check_nvfp4_args(x, global_amax[:1], block_amax)
     if x.numel() == 0:
         return reference.nvfp4_quantize_segments(x, global_amax, rows, block_amax)
+    if parts := _equal_parts(rows):
+        packed, block_scale, scale_2 = _kernels().triton_nvfp4_quantize(x, global_amax, block_amax, parts=parts)
+        return packed, block_scale, scale_2.reshape(parts)  # one part: the kernel's scalar
     return _kernels().triton_nvfp4_quantize(x, global_amax, block_amax, _row_ends(tuple(rows), x.device))
 
 
@@ -130,8 +142,12 @@ def nvfp4_dequantize(
     if rows is not None:
         reference.check_segment_args(packed, scale_2, rows)
     scale_2 = scale_2.to(packed.device, torch.float32).contiguous()
-    ends = None if rows is None else _row_ends(tuple(rows), packed.device)
-    return _kernels().triton_nvfp4_dequantize(packed.contiguous(), block_scale.contiguous(), scale_2, dtype, ends)
+    packed, block_scale = packed.contiguous(), block_scale.contiguous()
+    if rows is None:
+        return _kernels().triton_nvfp4_dequantize(packed, block_scale, scale_2, dtype)
+    if parts := _equal_parts(rows):
+        return _kernels().triton_nvfp4_dequantize(packed, block_scale, scale_2, dtype, parts=parts)
+    return _kernels().triton_nvfp4_dequantize(packed, block_scale, scale_2, dtype, _row_ends(tuple(rows), packed.device))
 
 
 def nvfp4_mse_block_amax(w: torch.Tensor, global_amax: torch.Tensor | float) -> torch.Tensor:

@@ -23,8 +23,9 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 class Launcher:
-    """`Launcher(kernel, constexprs, **options)(blocks, *args)` = `kernel[(blocks,)](*args, **constexprs, **options)`,
-    `args` being the kernel's leading non-constexpr parameters in order and `constexprs` the rest, in order."""
+    """`Launcher(kernel, constexprs, **options)(grid, *args)` = `kernel[grid](*args, **constexprs, **options)`, `grid`
+    a program count or a (programs, rows of programs) pair, `args` being the kernel's leading non-constexpr
+    parameters in order and `constexprs` the rest, in order."""
 
     def __init__(self, kernel, constexprs: dict, **options):
         self.kernel, self.constexprs, self.options = kernel, constexprs, options
@@ -32,9 +33,10 @@ class Launcher:
         self.compiled: dict[tuple, object] = {}
         self.current_device = self.current_stream = None  # the GPU driver's, looked up at the first launch
 
-    def __call__(self, blocks: int, *args) -> None:
+    def __call__(self, grid: int | tuple[int, int], *args) -> None:
+        grid = (grid, 1) if isinstance(grid, int) else grid
         if INTERPRETED:
-            self.kernel[(blocks,)](*args, **self.constexprs, **self.options)
+            self.kernel[grid](*args, **self.constexprs, **self.options)
             return
         if self.current_device is None:
             active = driver.active
@@ -51,13 +53,13 @@ class Launcher:
                 values.append(arg)
         compiled = self.compiled.get(key := tuple(key))
         if compiled is None:
-            self.compiled[key] = self.kernel[(blocks,)](*args, **self.constexprs, **self.options)
+            self.compiled[key] = self.kernel[grid](*args, **self.constexprs, **self.options)
             return
         stream = self.current_stream(device)
         values += self.constexpr_values
         hook = knobs.runtime.launch_enter_hook
-        metadata = None if hook is None else compiled.launch_metadata((blocks,), stream, *values)
+        metadata = None if hook is None else compiled.launch_metadata(grid, stream, *values)
         compiled.run(
-            blocks, 1, 1, stream, compiled.function, compiled.packed_metadata, metadata,
+            *grid, 1, stream, compiled.function, compiled.packed_metadata, metadata,
             hook, knobs.runtime.launch_exit_hook, *values,
         )

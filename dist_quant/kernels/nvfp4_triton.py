@@ -58,6 +58,18 @@ def _scale_2(global_amax):
 
 
 @triton.jit
+def _program_blocks(n_blocks, BLOCKS: tl.constexpr):
+    """-> (first block of the program in its part, its blocks, which of them exist, its part). The grid's second
+    axis counts parts: equal segments of n_blocks blocks each (an MoE role's expert weights), each with its own
+    global amax at [part], laid out one after the other and launched as if each were a tensor of its own. One
+    part (everything else) is the whole tensor, part 0."""
+    part = tl.program_id(1)
+    first = tl.program_id(0).to(tl.int64) * BLOCKS
+    local = first + tl.arange(0, BLOCKS)
+    return first, part.to(tl.int64) * n_blocks + local, local < n_blocks, part
+
+
+@triton.jit
 def _segments_ending_by(rows, row_ends_ptr, n_segments):
     """How many segments end at or before each row: the segment of each row (segment s holds rows
     [row_ends[s - 1], row_ends[s]); empty segments are passed over). A binary search, log2(segments) loads."""
@@ -167,9 +179,7 @@ def _nvfp4_fake_quant_kernel(
     STATIC: tl.constexpr, SEGMENTED: tl.constexpr, SEGMENTS: tl.constexpr, BLOCKS: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
-    first = tl.program_id(0).to(tl.int64) * BLOCKS
-    rows = first + tl.arange(0, BLOCKS)
-    row_ok = rows < n_blocks
+    first, rows, row_ok, part = _program_blocks(n_blocks, BLOCKS)
     offs = rows[:, None] * 16 + tl.arange(0, 16)[None, :]
     # the data first: its load is in flight while the segment is looked up
     x = _load_f32(x_ptr, offs, row_ok[:, None], INTERPRETED)
@@ -188,7 +198,7 @@ def _nvfp4_fake_quant_kernel(
             block_amaxes = tl.load(global_amax_ptr + segments).to(tl.float32)
             _fake_quant_blocks(x, amax, y_ptr, offs, row_ok[:, None], block_amaxes, True, INTERPRETED)
     else:
-        global_amax = tl.load(global_amax_ptr).to(tl.float32)
+        global_amax = tl.load(global_amax_ptr + part).to(tl.float32)
         _fake_quant_blocks(x, amax, y_ptr, offs, row_ok[:, None], global_amax, False, INTERPRETED)
 
 
@@ -221,9 +231,7 @@ def _nvfp4_quantize_kernel(
     n_segments, STATIC: tl.constexpr, SEGMENTED: tl.constexpr, SEGMENTS: tl.constexpr, BLOCKS: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
-    first = tl.program_id(0).to(tl.int64) * BLOCKS
-    rows = first + tl.arange(0, BLOCKS)
-    row_ok = rows < n_blocks
+    first, rows, row_ok, part = _program_blocks(n_blocks, BLOCKS)
     even_offs = rows[:, None] * 16 + 2 * tl.arange(0, 8)[None, :]
     even = _load_f32(x_ptr, even_offs, row_ok[:, None], INTERPRETED)  # the data first, as in fake quant
     odd = _load_f32(x_ptr, even_offs + 1, row_ok[:, None], INTERPRETED)
@@ -241,7 +249,7 @@ def _nvfp4_quantize_kernel(
             block_amaxes = tl.load(global_amax_ptr + segments).to(tl.float32)
             _quantize_blocks(even, odd, amax, packed_ptr, scale_ptr, rows, row_ok, block_amaxes, True)
     else:
-        global_amax = tl.load(global_amax_ptr).to(tl.float32)
+        global_amax = tl.load(global_amax_ptr + part).to(tl.float32)
         _quantize_blocks(even, odd, amax, packed_ptr, scale_ptr, rows, row_ok, global_amax, False)
 
 
@@ -252,8 +260,7 @@ def _nvfp4_dequantize_kernel(
 ):
     """Codes times the E4M3 block scale (exact in float32), then times scale_2: the one rounding, as in the
     reference. Decoded from the bits, without the backend's FP8 conversion."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
-    row_ok = rows < n_blocks
+    _, rows, row_ok, part = _program_blocks(n_blocks, BLOCKS)
     pairs = tl.arange(0, 8)[None, :]
     packed = tl.load(packed_ptr + rows[:, None] * 8 + pairs, mask=row_ok[:, None], other=0).to(tl.int32)
     bits = tl.load(scale_ptr + rows, mask=row_ok, other=0).to(tl.int32)
@@ -263,7 +270,7 @@ def _nvfp4_dequantize_kernel(
     if SEGMENTED:  # looked up as the global amax is
         scale_2 = tl.load(scale_2_ptr + _segments_ending_by(rows // blocks_per_row, row_ends_ptr, n_segments))[:, None]
     else:
-        scale_2 = tl.load(scale_2_ptr)
+        scale_2 = tl.load(scale_2_ptr + part)
     offs = rows[:, None] * 16 + 2 * pairs
     for nibble in tl.static_range(2):
         code = (packed >> (4 * nibble)) & 15
@@ -320,19 +327,30 @@ def _dequantize(segmented: bool, blocks: int) -> Launcher:
     return Launcher(_nvfp4_dequantize_kernel, {"SEGMENTED": segmented, "BLOCKS": blocks, "INTERPRETED": INTERPRETED})
 
 
+# The most parts one launch takes: the CUDA limit on the grid's second axis.
+MAX_PARTS = 65535
+
+
+def _grid(n_blocks: int, parts: int, blocks: int) -> tuple[int, int]:
+    """The launch grid of `_program_blocks` for n_blocks blocks in `parts` equal parts."""
+    return triton.cdiv(n_blocks // parts, blocks), parts
+
+
 def triton_nvfp4_fake_quant(
     x: torch.Tensor,
     global_amax: torch.Tensor,
     block_amax: torch.Tensor | None = None,
     row_ends: torch.Tensor | None = None,
+    parts: int = 1,
 ) -> torch.Tensor:
     """`row_ends` (int32, on x's device; x 2-D): where each segment of rows ends (cumulative row counts); segment
-    s has global amax `global_amax[s]`. None: one segment, a scalar global amax."""
+    s has global amax `global_amax[s]`. `parts` (<= MAX_PARTS; without row_ends): x is that many equal segments,
+    part p with global amax `global_amax[p]`. Neither: one segment, a scalar global amax."""
     x, n_blocks, static, block_amax_arg = _launch_args(x, global_amax, block_amax)
     y = torch.empty_like(x)
     ends_arg, n_segments, segments, blocks_per_row = _segments_arg(row_ends, global_amax, x.shape[-1] // BLOCK_SIZE)
     _fake_quant(static, row_ends is not None, segments, FAKE_QUANT_BLOCKS, FAKE_QUANT_WARPS)(
-        triton.cdiv(n_blocks, FAKE_QUANT_BLOCKS), x, y, global_amax, block_amax_arg, ends_arg, n_blocks,
+        _grid(n_blocks, parts, FAKE_QUANT_BLOCKS), x, y, global_amax, block_amax_arg, ends_arg, n_blocks // parts,
         blocks_per_row, n_segments,
     )
     return y
@@ -343,17 +361,19 @@ def triton_nvfp4_quantize(
     global_amax: torch.Tensor,
     block_amax: torch.Tensor | None = None,
     row_ends: torch.Tensor | None = None,
+    parts: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (packed, block scales, scale_2: a scalar, or one per segment); `row_ends` as for fake quant."""
+    """-> (packed, block scales, scale_2: a scalar, or one per segment); `row_ends` and `parts` as for fake
+    quant."""
     x, n_blocks, static, block_amax_arg = _launch_args(x, global_amax, block_amax)
     packed = torch.empty((*x.shape[:-1], x.shape[-1] // 2), dtype=torch.uint8, device=x.device)
     scale = torch.empty((*x.shape[:-1], x.shape[-1] // BLOCK_SIZE), dtype=torch.uint8, device=x.device)
     ends_arg, n_segments, segments, blocks_per_row = _segments_arg(row_ends, global_amax, x.shape[-1] // BLOCK_SIZE)
     _quantize(static, row_ends is not None, segments, QUANTIZE_BLOCKS)(
-        triton.cdiv(n_blocks, QUANTIZE_BLOCKS), x, packed, scale, global_amax, block_amax_arg, ends_arg, n_blocks,
-        blocks_per_row, n_segments,
+        _grid(n_blocks, parts, QUANTIZE_BLOCKS), x, packed, scale, global_amax, block_amax_arg, ends_arg,
+        n_blocks // parts, blocks_per_row, n_segments,
     )
-    segmented = row_ends is not None
+    segmented = row_ends is not None or parts > 1
     scale_2 = nvfp4_scales_2(global_amax) if segmented else nvfp4_scale_2(global_amax)
     return packed, scale.view(torch.float8_e4m3fn), scale_2
 
@@ -364,13 +384,15 @@ def triton_nvfp4_dequantize(
     scale_2: torch.Tensor,
     dtype: torch.dtype,
     row_ends: torch.Tensor | None = None,
+    parts: int = 1,
 ) -> torch.Tensor:
-    """Checked arguments (the dispatcher's), contiguous, on one device. `scale_2` one per segment if segmented."""
+    """Checked arguments (the dispatcher's), contiguous, on one device. `scale_2` one per segment if segmented
+    (`row_ends` or `parts`, as for fake quant)."""
     y = torch.empty((*packed.shape[:-1], packed.shape[-1] * 2), dtype=dtype, device=packed.device)
     n_blocks = block_scale.numel()
     ends_arg, n_segments, _, blocks_per_row = _segments_arg(row_ends, scale_2, block_scale.shape[-1])
     _dequantize(row_ends is not None, QUANTIZE_BLOCKS)(
-        triton.cdiv(n_blocks, QUANTIZE_BLOCKS), packed, block_scale.view(torch.uint8), scale_2, y, ends_arg,
-        n_blocks, blocks_per_row, n_segments,
+        _grid(n_blocks, parts, QUANTIZE_BLOCKS), packed, block_scale.view(torch.uint8), scale_2, y, ends_arg,
+        n_blocks // parts, blocks_per_row, n_segments,
     )
     return y

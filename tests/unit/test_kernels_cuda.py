@@ -111,15 +111,24 @@ def test_direct_launches_match_reference_in_every_argument_class(gen, monkeypatc
     assert len(triton_runs) == 12
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("blocks", ["dynamic", "static"])
-def test_segments_on_cuda_match_one_fake_quant_per_segment(gen, dtype, blocks):
-    """128 segments (an MoE layer's experts), some empty, one with a global amax small enough that its programs
-    divide, against the reference per segment."""
-    from dist_quant.kernels import nvfp4_fake_quant_segments
-
+def _expert_rows(gen, equal: bool) -> list[int]:
+    """An MoE layer's 128 segments: its experts' weights (equal: the kernels' parts) or tokens (some have none)."""
+    if equal:
+        return [48] * 128
     rows = torch.randint(0, 40, (128,), generator=gen).tolist()
     rows[3] = rows[100] = 0
+    return rows
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("blocks", ["dynamic", "static"])
+@pytest.mark.parametrize("equal", [False, True], ids=["tokens", "weights"])
+def test_segments_on_cuda_match_one_fake_quant_per_segment(gen, dtype, blocks, equal):
+    """128 segments (an MoE layer's experts: its tokens, some empty, or its equal weights), one with a global amax
+    small enough that its programs divide, against the reference per segment."""
+    from dist_quant.kernels import nvfp4_fake_quant_segments
+
+    rows = _expert_rows(gen, equal)
     x = spread(gen, (sum(rows), 64), dtype)
     global_amax = torch.stack([p.float().abs().amax() if p.numel() else torch.tensor(1.0) for p in x.split(rows)])
     global_amax *= torch.rand(128, generator=gen) + 0.5
@@ -133,13 +142,13 @@ def test_segments_on_cuda_match_one_fake_quant_per_segment(gen, dtype, blocks):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("blocks", ["dynamic", "static"])
-def test_segment_quantize_and_dequantize_on_cuda_match_the_reference(gen, dtype, blocks):
+@pytest.mark.parametrize("equal", [False, True], ids=["tokens", "weights"])
+def test_segment_quantize_and_dequantize_on_cuda_match_the_reference(gen, dtype, blocks, equal):
     """An MoE layer's experts quantized in one launch for export: every byte as the reference gives it per
     segment, and the dequantize kernel returns the reference's values (and the fake quant's)."""
     from dist_quant.kernels import nvfp4_dequantize, nvfp4_fake_quant_segments, nvfp4_quantize_segments
 
-    rows = torch.randint(0, 40, (128,), generator=gen).tolist()
-    rows[3] = rows[100] = 0
+    rows = _expert_rows(gen, equal)
     x = spread(gen, (sum(rows), 64), dtype)
     global_amax = torch.stack([p.float().abs().amax() if p.numel() else torch.tensor(1.0) for p in x.split(rows)])
     global_amax *= torch.rand(128, generator=gen) + 0.5

@@ -218,9 +218,10 @@ def _segments(gen, rows, cols, dtype, scales):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("blocks", ["dynamic", "static"])
-@pytest.mark.parametrize("rows", [[5, 0, 130, 1, 17], [64], [0, 3]])
+@pytest.mark.parametrize("rows", [[5, 0, 130, 1, 17], [64], [0, 3], [7, 7, 7], [130, 130]])
 def test_segments_match_one_fake_quant_per_segment(backend, gen, dtype, blocks, rows):
-    # one segment with a global amax so small that its programs divide (scale_2 < 2^-90), mixed with normal ones
+    # one segment with a global amax so small that its programs divide (scale_2 < 2^-90), mixed with normal ones;
+    # equal segments ([7, 7, 7], [130, 130]: the kernel's parts, one program or several, the last one part-full)
     scales = [1.0, 1.0, 3e-30, 1e4, 0.01][: len(rows)]
     x, global_amax = _segments(gen, rows, 48, dtype, scales)
     # static block amax are calibrated, hence finite (the driver refuses NaN)
@@ -254,7 +255,7 @@ def test_segments_bad_arguments_raise_clear_errors(backend):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("blocks", ["dynamic", "static"])
-@pytest.mark.parametrize("rows", [[5, 0, 130, 1, 17], [64], [0, 3]])
+@pytest.mark.parametrize("rows", [[5, 0, 130, 1, 17], [64], [0, 3], [7, 7, 7], [130, 130]])
 def test_segments_quantize_like_one_quantize_per_segment(backend, gen, dtype, blocks, rows):
     """The export's batched quantize of an MoE layer's experts: every byte as the reference gives it per segment
     (Inf saturates; NaN is the caller's to refuse), and it dequantizes to the segmented fake quant."""
