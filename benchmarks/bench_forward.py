@@ -11,8 +11,9 @@ SequentialMLP. Also: the MoE layers alone (their inputs captured from one forwar
 GEMMs, against a large matmul in the model's dtype measured in the same call (the ceiling); and what stacking the
 experts' weights costs per forward where they are stacked (under autograd; see `_stacked_weights`). On GPU, the host time of
 one fake-quant call against Triton's own launcher and a torch op.
-Median of --reps forwards after warm-up (CUDA events on GPU). Targets (issue 29): grouped plain >= 3x faster than
-SequentialMLP; calibrating <= 1.2x, quantizing <= 1.3x the grouped plain forward. Appends to
+Median of --reps forwards after warm-up (CUDA events on GPU). Targets: grouped plain >= 3x faster than SequentialMLP
+(issue 29); calibrating <= 1.3x, quantizing <= 1.5x the grouped plain forward (../shared/BENCHMARKS.md, which
+supersedes the issue's 1.2x and 1.3x). Appends to
 benchmarks/RESULTS.md. On CPU it is a smoke check (tiny config): the times mean nothing there.
 """
 
@@ -31,7 +32,7 @@ from _common import DEFAULT_RESULTS, append_results, command_line, md_table, utc
 
 import torch  # noqa: E402
 
-TARGETS = {"calibrating": 1.2, "quantizing": 1.3}  # at most, times the grouped plain forward
+TARGETS = {"calibrating": 1.3, "quantizing": 1.5}  # at most, times the grouped plain forward
 SPEEDUP_TARGET = 3.0  # at least: SequentialMLP's plain forward over the grouped one
 
 

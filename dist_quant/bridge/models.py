@@ -19,7 +19,7 @@ from dist_quant.bridge.architectures import ARCHITECTURES, Architecture, Forward
 from dist_quant.bridge.config import HFConfig
 from dist_quant.bridge.mappings import BridgeError, Mapping, kv_bmm_mappings
 from dist_quant.bridge.registry import MappingRegistry
-from dist_quant.modules.megatron import group_experts
+from dist_quant.modules.megatron import group_experts, sdpa_attention
 from dist_quant.quantizer import TensorQuantizer
 
 
@@ -307,8 +307,8 @@ class ModelBridge:
         self, tp: int = 1, ep: int = 1, etp: int | None = None, dtype: torch.dtype | None = None,
         pipeline: PipelineSplit = PipelineSplit(), device: torch.device | None = None,
     ):
-        """A megatron-core GPTModel (local layer spec, its MoE layers' experts grouped: `GroupedExperts`) for this
-        rank: with pipeline stages, this rank's stage (its layers under their global numbers). megatron's parallel
+        """A megatron-core GPTModel (local layer spec; its core attention `SdpaDotProductAttention` but for MLA, its
+        MoE layers' experts grouped: `GroupedExperts`) for this rank: with pipeline stages, this rank's stage (its layers under their global numbers). megatron's parallel
         state must be set. `device` CUDA: the
         parameters are allocated and drawn on the current GPU by megatron's GPU initialization (a 30B model
         never passes through host memory); otherwise on the CPU."""
@@ -323,6 +323,7 @@ class ModelBridge:
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
         latent = self.forward.latent
         for layer in spec.layer_specs:  # dense and MoE layers have their own specs
+            layer.submodules.self_attention.submodules.core_attention = sdpa_attention()
             if self.forward.o_bias:  # o_proj has a bias, the MLP none
                 layer.submodules.self_attention.submodules.linear_proj = _biased_row_parallel_linear()
             if latent is not None:

@@ -6,7 +6,9 @@ megatron-core is imported lazily, so the rest of dist_quant works without it.
 
 from __future__ import annotations
 
+import functools
 import re
+import weakref
 from typing import Callable, Iterator, Mapping
 
 import torch
@@ -80,14 +82,17 @@ class QuantDotProductAttention(QuantMegatronModule):
     holds the scores of the whole batch, [batch x heads, s, s], several times over (in its dtype, in float32 for
     the softmax, the probabilities): 13 GB for 8 sequences of 2048 tokens and 32 heads. Batches whose float32
     scores exceed SCORES_BUDGET are computed a few sequences at a time (each sequence's attention is its own;
-    dropout in training keeps megatron's single call, whose random stream it follows)."""
+    dropout in training keeps megatron's single call, whose random stream it follows); attention that holds no
+    scores (`SdpaDotProductAttention`'s fused path) takes the batch at once."""
 
     def forward(self, query, key, value, attention_mask, *args, **kwargs):
         key, value = self.quantize_kv(key, value)
         batch = query.shape[1]  # megatron's layout: [s, b, heads, head dim]
         per_sequence = query.shape[2] * query.shape[0] * key.shape[0] * 4
         chunk = max(1, SCORES_BUDGET // per_sequence)
-        if chunk >= batch or (self.training and self.attention_dropout.p > 0):
+        mask_type = kwargs.get("attn_mask_type", args[0] if args else None)
+        if (chunk >= batch or (self.training and self.attention_dropout.p > 0)
+                or (isinstance(self, sdpa_attention()) and self.fused(query, key, attention_mask, mask_type))):
             return super().forward(query, key, value, attention_mask, *args, **kwargs)
         outputs = []
         for start in range(0, batch, chunk):
@@ -102,6 +107,72 @@ class QuantDotProductAttention(QuantMegatronModule):
 
     def weight_quantizers(self):
         return iter(())
+
+
+# Causal masks made by `causal_attention_mask`, by id: (a weak reference, its version when made). A mask is
+# recognized while it is that object, unwritten since.
+_CAUSAL_MASKS: dict[int, tuple[weakref.ref, int]] = {}
+
+
+def causal_attention_mask(seq_len: int, device: torch.device | str) -> torch.Tensor:
+    """megatron's boolean causal mask (True = masked), [1, 1, s, s], marked as causal: `SdpaDotProductAttention`
+    computes attention under it without reading it. (megatron would build one on "cuda" for a mask of None.)"""
+    mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu(1)[None, None]
+    key = id(mask)
+    _CAUSAL_MASKS[key] = (weakref.ref(mask, lambda _: _CAUSAL_MASKS.pop(key, None)), mask._version)
+    return mask
+
+
+def is_marked_causal(mask: torch.Tensor) -> bool:
+    """Whether `mask` is one `causal_attention_mask` made, never written since (a mask of one's own, however
+    causal, is not: telling would take reading it on the device)."""
+    entry = _CAUSAL_MASKS.get(id(mask))
+    return entry is not None and entry[0]() is mask and entry[1] == mask._version
+
+
+@functools.cache
+def sdpa_attention() -> type:
+    """`SdpaDotProductAttention` (megatron imported lazily)."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    class SdpaDotProductAttention(DotProductAttention):
+        """megatron's local core attention, computed by torch's `scaled_dot_product_attention` (flash attention on
+        the GPU) where it is the same function: causal self-attention under no mask or a mask `causal_attention_mask`
+        made, plain softmax (no learnable offset, no sliding window, no query-key layer scaling), no dropout
+        active, no attention bias or packed sequences. Otherwise megatron's own forward. megatron's local attention
+        computes and stores the scores of the whole batch, softmax and probabilities in separate kernels: a third
+        of a 30B-shape forward's GPU time, and memory that grows with the square of the sequence
+        (docs/mappings.md, "Core attention")."""
+
+        def fused(self, query, key, attention_mask, attn_mask_type=None) -> bool:
+            """Whether this forward takes the fused path."""
+            config = self.config
+            return (
+                (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
+                and (attention_mask is None or is_marked_causal(attention_mask))
+                and query.shape[0] == key.shape[0]
+                and self.softmax_offset is None
+                and self.scale_mask_softmax.window_size is None
+                and not config.apply_query_key_layer_scaling
+                and not (self.training and self.attention_dropout.p > 0)
+            )
+
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                    packed_seq_params=None):
+            if attention_bias is not None or packed_seq_params is not None or not self.fused(query, key, attention_mask, attn_mask_type):
+                return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
+            groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+            if groups > 1:  # query head h attends with key/value group h // groups, as megatron expands them
+                key, value = key.repeat_interleave(groups, dim=2), value.repeat_interleave(groups, dim=2)
+            # megatron's [s, b, heads, head dim] -> [b, heads, s, head dim] and back, as views
+            query, key, value = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+            context = torch.nn.functional.scaled_dot_product_attention(
+                query, key, value, is_causal=True, scale=self.softmax_scale)
+            batch, _, sequence, _ = context.shape
+            return context.permute(2, 0, 1, 3).reshape(sequence, batch, self.hidden_size_per_partition)
+
+    return SdpaDotProductAttention
 
 
 class LatentCacheAttention:

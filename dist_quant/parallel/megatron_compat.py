@@ -56,8 +56,12 @@ def seed(value: int) -> None:
 
 
 def causal_attention_mask(seq_len: int, device: torch.device | str) -> torch.Tensor:
-    """Megatron's boolean mask (True = masked), [1, 1, s, s]; with None it would build one on "cuda"."""
-    return torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu(1)[None, None]
+    """Megatron's boolean mask (True = masked), [1, 1, s, s], which the core attention of the models dist_quant
+    builds recognizes as causal (`modules.megatron.causal_attention_mask`); with None megatron would build one on
+    "cuda"."""
+    from dist_quant.modules.megatron import causal_attention_mask as marked_causal_mask
+
+    return marked_causal_mask(seq_len, device)
 
 
 def layout_problem(world: int, tp: int = 1, ep: int = 1, etp: int | None = None, pp: int = 1) -> str | None:
