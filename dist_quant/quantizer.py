@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import math
+import operator
 from typing import Sequence
 
 import torch
@@ -329,14 +330,23 @@ def fake_quant_segments(
 def _stacked_amax(first: TensorQuantizer, amax: list[torch.Tensor]) -> torch.Tensor:
     """The per-tensor amax of a role's quantizers as one [quantizers] tensor, kept with the first quantizer while
     every one of them is the same tensor at the same version (stacking 128 scalars costs 300 us of host time, in
-    every layer's every forward)."""
-    ids, versions = list(map(id, amax)), [t._version for t in amax]
+    every layer's every forward). Calibrated amax are views of one flat buffer (`bind_amax`), which share its
+    version counter: then one version tells whether any of them was written since."""
     kept = first.__dict__.get("_stacked_segment_amax")
-    if kept is None or kept[0] != ids or kept[1] != versions:
-        # the tensors held too, so that no other tensor can take one's id while it is kept
-        kept = (ids, versions, torch.stack(amax).reshape(len(amax)), amax)
-        first.__dict__["_stacked_segment_amax"] = kept  # a plain attribute: no state
-    return kept[2]
+    if kept is not None:
+        tensors, versions, stacked, shared = kept
+        if (len(tensors) == len(amax) and all(map(operator.is_, amax, tensors))
+                and versions == (amax[0]._version if shared else list(map(_VERSION, amax)))):
+            return stacked
+    base = amax[0]._base
+    shared = base is not None and all(t._base is base for t in amax)
+    versions = amax[0]._version if shared else list(map(_VERSION, amax))
+    # the tensors held too, so that no other tensor can take one's place while it is kept
+    first.__dict__["_stacked_segment_amax"] = (amax, versions, torch.stack(amax).reshape(len(amax)), shared)  # a plain attribute: no state
+    return first.__dict__["_stacked_segment_amax"][2]
+
+
+_VERSION = operator.attrgetter("_version")
 
 
 class SegmentAmax:

@@ -57,9 +57,24 @@ class Launcher:
             return
         stream = self.current_stream(device)
         values += self.constexpr_values
-        hook = knobs.runtime.launch_enter_hook
-        metadata = None if hook is None else compiled.launch_metadata(grid, stream, *values)
-        compiled.run(
-            *grid, 1, stream, compiled.function, compiled.packed_metadata, metadata,
-            hook, knobs.runtime.launch_exit_hook, *values,
-        )
+        enter, leave = _hook(knobs.runtime.launch_enter_hook), _hook(knobs.runtime.launch_exit_hook)
+        metadata = None if enter is None else compiled.launch_metadata(grid, stream, *values)
+        compiled.run(*grid, 1, stream, compiled.function, compiled.packed_metadata, metadata, enter, leave, *values)
+
+
+def _hook(hook):
+    """A launch hook, None where it would call nothing: Triton >= 3.5 keeps its hooks as chains, empty unless a
+    profiler added one, and calling an empty chain (with the launch metadata it is handed) costs microseconds
+    per launch."""
+    return hook if getattr(hook, "calls", hook) else None
+
+
+def cdiv(n: int, d: int) -> int:
+    """n / d rounded up (`triton.cdiv`, which Triton >= 3.5 makes a constexpr function, a few Python calls deep,
+    on the host path of every launch)."""
+    return -(-n // d)
+
+
+def next_power_of_2(n: int) -> int:
+    """The least power of two >= n >= 1 (`triton.next_power_of_2`, as for `cdiv`)."""
+    return 1 << (n - 1).bit_length()

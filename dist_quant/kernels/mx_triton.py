@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dist_quant.kernels.launch import INTERPRETED, Launcher
+from dist_quant.kernels.launch import INTERPRETED, Launcher, cdiv
 from dist_quant.kernels.nvfp4_triton import _block_amax, _e2m1_magnitude, _load_f32, _store_from_f32
 from dist_quant.numerics.fp8_blocks import GROUP_AMAX_FLOOR
 from dist_quant.numerics.mx import MX_BLOCK_SIZE
@@ -223,10 +223,10 @@ def _fp8_tensor() -> Launcher:
 
 def _mxfp8_launch(x: torch.Tensor, out: torch.Tensor, scales: torch.Tensor, fake: bool) -> None:
     n = x.shape[-1]
-    blocks_per_row = triton.cdiv(n, MX_BLOCK_SIZE)
+    blocks_per_row = cdiv(n, MX_BLOCK_SIZE)
     n_blocks = x.numel() // n * blocks_per_row if n else 0
     if n_blocks:
-        _mxfp8(fake)(triton.cdiv(n_blocks, MX_BLOCKS), x, out, scales, n_blocks, n, blocks_per_row)
+        _mxfp8(fake)(cdiv(n_blocks, MX_BLOCKS), x, out, scales, n_blocks, n, blocks_per_row)
 
 
 def triton_mxfp8_fake_quant(x: torch.Tensor) -> torch.Tensor:
@@ -240,7 +240,7 @@ def triton_mxfp8_fake_quant(x: torch.Tensor) -> torch.Tensor:
 def triton_mxfp8_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.contiguous()
     values = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
-    scales = torch.empty((*x.shape[:-1], triton.cdiv(x.shape[-1], MX_BLOCK_SIZE)), dtype=torch.uint8, device=x.device)
+    scales = torch.empty((*x.shape[:-1], cdiv(x.shape[-1], MX_BLOCK_SIZE)), dtype=torch.uint8, device=x.device)
     _mxfp8_launch(x, values, scales, fake=False)
     return values.view(torch.float8_e4m3fn), scales
 
@@ -251,7 +251,7 @@ def triton_mxfp4_fake_quant(x: torch.Tensor) -> torch.Tensor:
     y = torch.empty_like(x)
     n_blocks = x.numel() // MX_BLOCK_SIZE
     if n_blocks:
-        _mxfp4(True)(triton.cdiv(n_blocks, MX_BLOCKS), x, y, y, n_blocks)
+        _mxfp4(True)(cdiv(n_blocks, MX_BLOCKS), x, y, y, n_blocks)
     return y
 
 
@@ -262,7 +262,7 @@ def triton_mxfp4_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scales = torch.empty((*x.shape[:-1], x.shape[-1] // MX_BLOCK_SIZE), dtype=torch.uint8, device=x.device)
     n_blocks = x.numel() // MX_BLOCK_SIZE
     if n_blocks:
-        _mxfp4(False)(triton.cdiv(n_blocks, MX_BLOCKS), x, packed, scales, n_blocks)
+        _mxfp4(False)(cdiv(n_blocks, MX_BLOCKS), x, packed, scales, n_blocks)
     return packed, scales
 
 
@@ -270,7 +270,7 @@ def _fp8_group_launch(x, out, scales, group_size: int, scale_format: str, fake: 
     n_groups = x.numel() // group_size
     if n_groups:
         launcher = _fp8_groups(group_size, scale_format == "ue8m0", fake)
-        launcher(triton.cdiv(n_groups, GROUP_BLOCKS), x, out, scales, n_groups, GROUP_AMAX_FLOOR)
+        launcher(cdiv(n_groups, GROUP_BLOCKS), x, out, scales, n_groups, GROUP_AMAX_FLOOR)
 
 
 def triton_fp8_group_fake_quant(x: torch.Tensor, group_size: int, scale_format: str) -> torch.Tensor:
@@ -294,5 +294,5 @@ def triton_fp8_fake_quant(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     y = torch.empty_like(x)
     if x.numel():
-        _fp8_tensor()(triton.cdiv(x.numel(), FP8_TENSOR_BLOCK), x, y, amax, x.numel())
+        _fp8_tensor()(cdiv(x.numel(), FP8_TENSOR_BLOCK), x, y, amax, x.numel())
     return y

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dist_quant.kernels.launch import INTERPRETED, Launcher
+from dist_quant.kernels.launch import INTERPRETED, Launcher, cdiv
 from dist_quant.kernels.nvfp4_triton import _e2m1_round, _load_f32, _scale_2
 from dist_quant.numerics.nvfp4 import BLOCK_SIZE
 
@@ -102,5 +102,5 @@ def triton_nvfp4_mse_block_amax(w: torch.Tensor, global_amax: torch.Tensor) -> t
     w = w.contiguous()
     n_blocks = w.numel() // BLOCK_SIZE
     out = torch.empty((*w.shape[:-1], w.shape[-1] // BLOCK_SIZE), dtype=torch.float32, device=w.device)
-    _mse(MSE_BLOCKS, MSE_WARPS)(triton.cdiv(n_blocks, MSE_BLOCKS), w, out, global_amax, n_blocks)
+    _mse(MSE_BLOCKS, MSE_WARPS)(cdiv(n_blocks, MSE_BLOCKS), w, out, global_amax, n_blocks)
     return out

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dist_quant.kernels.launch import INTERPRETED, Launcher
+from dist_quant.kernels.launch import INTERPRETED, Launcher, cdiv, next_power_of_2
 from dist_quant.numerics.nvfp4 import BLOCK_SIZE, nvfp4_scale_2, nvfp4_scales_2
 
 # Blocks per program and warps, from the launch sweep of benchmarks/bench_numerics.py on an H200.
@@ -303,7 +303,7 @@ def _segments_arg(row_ends: torch.Tensor | None, fallback: torch.Tensor, blocks_
     16, others), and these would make classes of values the kernel never reads."""
     if row_ends is None:
         return fallback, 1, 1, 1
-    return row_ends, row_ends.numel(), triton.next_power_of_2(row_ends.numel()), blocks_per_row
+    return row_ends, row_ends.numel(), next_power_of_2(row_ends.numel()), blocks_per_row
 
 
 # Launchers by constexprs, looked up per call, so that the launch sweeps of the benchmarks, which set the module
@@ -333,7 +333,7 @@ MAX_PARTS = 65535
 
 def _grid(n_blocks: int, parts: int, blocks: int) -> tuple[int, int]:
     """The launch grid of `_program_blocks` for n_blocks blocks in `parts` equal parts."""
-    return triton.cdiv(n_blocks // parts, blocks), parts
+    return cdiv(n_blocks // parts, blocks), parts
 
 
 def triton_nvfp4_fake_quant(

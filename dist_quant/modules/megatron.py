@@ -436,10 +436,13 @@ def _stacked_in_memory(first: nn.Module, weights: list[torch.Tensor]) -> torch.T
     made = first.__dict__.get("_stacked_expert_weights")
     if made is None:
         return None
-    if [w.data_ptr() for w in weights] != made[1]:
+    if list(map(_DATA_PTR, weights)) != made[1]:
         del first.__dict__["_stacked_expert_weights"]
         return None
     return made[0]
+
+
+_DATA_PTR = torch.Tensor.data_ptr
 
 
 def _stack_in_place(linears: list[nn.Module]) -> None:
@@ -452,7 +455,7 @@ def _stack_in_place(linears: list[nn.Module]) -> None:
     stacked = torch.stack([w.detach() for w in weights])
     for weight, part in zip(weights, stacked.unbind(0)):
         weight.data = part
-    linears[0].__dict__["_stacked_expert_weights"] = (stacked, [w.data_ptr() for w in weights])  # a plain attribute: no state
+    linears[0].__dict__["_stacked_expert_weights"] = (stacked, list(map(_DATA_PTR, weights)))  # a plain attribute: no state
 
 
 def _grouped_linear(x: torch.Tensor, weights: torch.Tensor, counts: list[int], offsets: torch.Tensor) -> torch.Tensor:

@@ -87,7 +87,8 @@ def test_segments_fake_quantize_with_each_quantizers_straight_through_gradient(b
 
 def test_segments_follow_an_amax_changed_in_place_or_replaced():
     """The one launch keeps the role's amax stacked between forwards; a calibration that writes an amax in place,
-    or gives a quantizer a new one, is seen at once."""
+    or gives a quantizer a new one, is seen at once, also where the amax are views of one buffer (whose shared
+    version counter is all that is read)."""
     counts = [3, 4, 2]
     x = torch.randn(sum(counts), 32, generator=torch.Generator().manual_seed(3))
     quantizers = _nvfp4_quantizers(x, counts, "dynamic")
@@ -97,6 +98,18 @@ def test_segments_follow_an_amax_changed_in_place_or_replaced():
     changed = fake_quant_segments(quantizers, x, counts)
     assert not torch.equal(first, changed)
     assert torch.equal(changed, torch.cat([q(segment) for q, segment in zip(quantizers, x.split(counts))]))
+    # bound as views of one flat buffer (a calibration's sync): a write to any of them, or to the buffer, is seen
+    flat = torch.empty(len(quantizers))
+    for q, view in zip(quantizers, flat.unbind(0)):
+        q.bind_amax(view)
+    bound = fake_quant_segments(quantizers, x, counts)
+    assert torch.equal(bound, changed)
+    for write in (lambda: quantizers[2]._amax.mul_(4.0), lambda: flat[0].fill_(flat[0].item() * 0.5)):
+        write()
+        written = fake_quant_segments(quantizers, x, counts)
+        assert torch.equal(written, torch.cat([q(segment) for q, segment in zip(quantizers, x.split(counts))]))
+        assert not torch.equal(written, bound)
+        bound = written
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
