@@ -8,14 +8,15 @@ import torch
 
 from dist_quant.parallel.spawn import run_ranks
 from tests.distributed import attention_workers, workers
+from tests.distributed.workers import fitting
 
-LAYOUTS = {"tp1": 1, "tp2": 2}
+LAYOUTS = fitting({"tp1": (1,), "tp2": (2,)})  # world = TP
 
 
 @pytest.mark.parametrize("model", ["tiny-qwen3", "tiny-qwen3-moe"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_fused_attention_computes_megatrons_local_attention(model, layout):
-    tp = LAYOUTS[layout]
+    (tp,) = LAYOUTS[layout]
     for report in run_ranks(tp, attention_workers.fused_and_local_case, model, tp, backend=workers.BACKEND):
         assert report["classes"] == ["SdpaDotProductAttention"]
         layers = 2
