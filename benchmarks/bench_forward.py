@@ -14,7 +14,7 @@ one fake-quant call against Triton's own launcher and a torch op.
 Median of --reps forwards after warm-up (CUDA events on GPU), the configurations compared measured round by round
 (`_interleaved_medians`): plain grouped against plain SequentialMLP; after calibration, calibrating and quantizing
 (grouped and SequentialMLP) against the plain forward of the same model with every quantizer disabled. Targets:
-grouped plain >= 3x faster than SequentialMLP (issue 29); calibrating <= 1.3x, quantizing <= 1.5x the grouped
+grouped plain >= 3x faster than SequentialMLP on the 30B shape and moe-1b (issue 29); calibrating <= 1.3x, quantizing <= 1.5x the grouped
 plain forward measured alongside (../shared/BENCHMARKS.md, which supersedes the issue's 1.2x and 1.3x); the
 ratios to the plain forward measured before the quantizers were attached are printed too. Appends to
 benchmarks/RESULTS.md. On CPU it is a smoke check (tiny config): the times mean nothing there.
@@ -39,7 +39,8 @@ TARGETS = {"calibrating": 1.3, "quantizing": 1.5}  # at most, times the grouped 
 # The plain forward measured in the same rounds as calibrating and quantizing: the model as calibration leaves it,
 # every quantizer disabled (the same products; the wrappers' own checks included)
 ATTACHED_PLAIN = "plain, quantizers attached and disabled"
-SPEEDUP_TARGET = 3.0  # at least: SequentialMLP's plain forward over the grouped one
+SPEEDUP_TARGET = 3.0  # at least: SequentialMLP's plain forward over the grouped one, for these models (issue 29)
+SPEEDUP_MODELS = ("qwen3-30b-a3b-shape", "moe-1b")
 
 
 def _time_ms(fn, device: torch.device) -> float:
@@ -323,14 +324,15 @@ def main() -> int:
         times = result["times"]
         plain = times["plain"]
         for mode, ms in times.items():
-            target = (f">= {SPEEDUP_TARGET}x" if mode == "plain, SequentialMLP"
+            target = (f">= {SPEEDUP_TARGET}x" if mode == "plain, SequentialMLP" and name in SPEEDUP_MODELS
                       else f"<= {TARGETS[mode]}x of {ATTACHED_PLAIN}" if mode in TARGETS else "")
             rows.append([name, f"{result['params'] / 1e9:.3f}B", mode, f"{ms:.2f}", f"{ms / plain:.2f}x", target])
         for mode, measured in result["profiles"].items():
             profile_rows.append([name, mode, *(f"{value:.1f}" if isinstance(value, float) else str(value) for value in measured.values())])
         speedup = times["plain, SequentialMLP"] / plain
-        verdicts.append(f"- {name} plain: grouped {speedup:.2f}x faster than SequentialMLP (target >= {SPEEDUP_TARGET}x): "
-                        f"{'PASS' if speedup >= SPEEDUP_TARGET else 'MISS'}")
+        verdict = (f"(target >= {SPEEDUP_TARGET}x): {'PASS' if speedup >= SPEEDUP_TARGET else 'MISS'}"
+                   if name in SPEEDUP_MODELS else "(no target: a few experts of a few rows, bound by host time)")
+        verdicts.append(f"- {name} plain: grouped {speedup:.2f}x faster than SequentialMLP {verdict}")
         alongside = times[ATTACHED_PLAIN]
         for mode, target in TARGETS.items():
             ratio = times[mode] / alongside
