@@ -335,15 +335,19 @@ def _stacked_amax(first: TensorQuantizer, amax: list[torch.Tensor]) -> torch.Ten
     kept = first.__dict__.get("_stacked_segment_amax")
     if kept is not None:
         tensors, versions, stacked, shared = kept
-        if (len(tensors) == len(amax) and all(map(operator.is_, amax, tensors))
-                and versions == (amax[0]._version if shared else list(map(_VERSION, amax)))):
+        if len(tensors) == len(amax) and all(map(operator.is_, amax, tensors)) and versions == _versions(amax, shared):
             return stacked
     base = amax[0]._base
     shared = base is not None and all(t._base is base for t in amax)
-    versions = amax[0]._version if shared else list(map(_VERSION, amax))
+    versions = _versions(amax, shared)
     # the tensors held too, so that no other tensor can take one's place while it is kept
     first.__dict__["_stacked_segment_amax"] = (amax, versions, torch.stack(amax).reshape(len(amax)), shared)  # a plain attribute: no state
     return first.__dict__["_stacked_segment_amax"][2]
+
+
+def _versions(amax: list[torch.Tensor], shared: bool) -> int | list[int]:
+    """What `_stacked_amax` compares: the one version counter views of one buffer share, or each tensor's."""
+    return amax[0]._version if shared else list(map(_VERSION, amax))
 
 
 _VERSION = operator.attrgetter("_version")

@@ -308,10 +308,10 @@ class ModelBridge:
         pipeline: PipelineSplit = PipelineSplit(), device: torch.device | None = None,
     ):
         """A megatron-core GPTModel (local layer spec; its core attention `SdpaDotProductAttention` but for MLA, its
-        MoE layers' experts grouped: `GroupedExperts`) for this rank: with pipeline stages, this rank's stage (its layers under their global numbers). megatron's parallel
-        state must be set. `device` CUDA: the
-        parameters are allocated and drawn on the current GPU by megatron's GPU initialization (a 30B model
-        never passes through host memory); otherwise on the CPU."""
+        MoE layers' experts grouped: `GroupedExperts`) for this rank: with pipeline stages, this rank's stage (its
+        layers under their global numbers). megatron's parallel state must be set. `device` CUDA: the parameters
+        are allocated and drawn on the current GPU by megatron's GPU initialization (a 30B model never passes
+        through host memory); otherwise on the CPU."""
         from megatron.core import parallel_state
         from megatron.core.models.gpt import GPTModel
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec

@@ -18,6 +18,10 @@ import types
 
 import torch
 
+# Megatron's boolean causal mask, marked so that the core attention of the models dist_quant builds runs fused
+# under it: its one home is with that attention.
+from dist_quant.modules.megatron import causal_attention_mask  # noqa: F401  (re-exported)
+
 
 class _TorchOnCpu(types.ModuleType):
     """torch, as seen from megatron's schedules on a machine without CUDA: "cuda" allocations land on the CPU."""
@@ -53,15 +57,6 @@ def seed(value: int) -> None:
 
     torch.manual_seed(value)
     model_parallel_cuda_manual_seed(value, inference_rng_tracker=not torch.cuda.is_available())
-
-
-def causal_attention_mask(seq_len: int, device: torch.device | str) -> torch.Tensor:
-    """Megatron's boolean mask (True = masked), [1, 1, s, s], which the core attention of the models dist_quant
-    builds recognizes as causal (`modules.megatron.causal_attention_mask`); with None megatron would build one on
-    "cuda"."""
-    from dist_quant.modules.megatron import causal_attention_mask as marked_causal_mask
-
-    return marked_causal_mask(seq_len, device)
 
 
 def layout_problem(world: int, tp: int = 1, ep: int = 1, etp: int | None = None, pp: int = 1) -> str | None:
