@@ -16,7 +16,8 @@ Median of --reps forwards after warm-up (CUDA events on GPU), the configurations
 (grouped and SequentialMLP) against the plain forward of the same model with every quantizer disabled. Targets:
 grouped plain >= 3x faster than SequentialMLP on the 30B shape and moe-1b (issue 29); calibrating <= 1.3x,
 quantizing <= 1.5x the grouped plain forward measured alongside (../shared/BENCHMARKS.md, which supersedes the issue's 1.2x and 1.3x); the
-ratios to the plain forward measured before the quantizers were attached are printed too. Appends to
+ratios to the plain forward measured before the quantizers were attached are printed too, for reference only:
+measured a minute earlier, they carry the host's drift (RESULTS.md, "Issue 29, session 2026-12-02 b"). Appends to
 benchmarks/RESULTS.md. On CPU it is a smoke check (tiny config): the times mean nothing there.
 """
 
