@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from dist_quant.formats import STATIC, QuantFormat
+from dist_quant.kernels import update_amax_, update_segment_amax_
+from dist_quant.numerics.amax import tensor_amax
 
 AMAX_BUFFERS = ("_amax", "_global_amax", "_block_amax")
 
@@ -68,11 +70,14 @@ class MaxCalibrator:
             return
         x = x.detach()
         if self.fmt.axis is None:
-            amax = torch.linalg.vector_norm(x, float("inf"), dtype=torch.float32)  # max |x| in one kernel
+            if self.amax is None:
+                self.amax = tensor_amax(x)
+            else:  # in place, one launch on CUDA (the amax may be a view of an `SegmentAmax`'s running max)
+                update_amax_(self.amax, x)
         else:
             axis = self.fmt.axis % x.dim()
             amax = x.abs().amax(dim=[d for d in range(x.dim()) if d != axis], keepdim=True).float()
-        self.amax = _running_max(self.amax, amax)
+            self.amax = _running_max(self.amax, amax)
         if self.fmt.block_type == STATIC:
             self.block_amax = _running_max(self.block_amax, self.fmt.number.block_amax(x))
 
@@ -355,9 +360,9 @@ _VERSION = operator.attrgetter("_version")
 
 class SegmentAmax:
     """Max calibration of quantizers that see consecutive row segments of one tensor (the experts of an MoE
-    layer) in a few launches per forward, however many segments: each row's max, each segment's max, and one
+    layer) in one launch per forward on CUDA, however many segments (`kernels.update_segment_amax_`): one
     running max of all segments, whose element e is calibrator e's amax (a view) once segment e had rows. No
-    host-device transfer where the segment lengths come as a tensor on x's device too."""
+    host-device transfer: the segment lengths and their sums come as tensors on x's device too."""
 
     def __init__(self, quantizers: Sequence[TensorQuantizer]):
         self.calibrators = [q.calibrator for q in quantizers]
@@ -367,27 +372,27 @@ class SegmentAmax:
         # forward has nothing to hand out and asks none of them
         self.all_joined = -1
 
-    def collect(self, x: torch.Tensor, counts: list[int], lengths: torch.Tensor) -> None:
-        """x's rows, `counts[e]` (and `lengths`, the same as a tensor) for segment e, one after another."""
+    def collect(self, x: torch.Tensor, counts: list[int], lengths: torch.Tensor, row_ends: torch.Tensor) -> None:
+        """x's rows, `counts[e]` for segment e, one after another; `lengths` the same on x's device, `row_ends`
+        their cumulative sums (int32)."""
         if not len(x):
             return
-        rows = torch.linalg.vector_norm(x.detach(), float("inf"), dim=-1, dtype=torch.float32)
-        # NaN propagates, as in the per-tensor max; a segment without rows gives 0, below any amax
-        new = torch.segment_reduce(rows, "max", lengths=lengths.to(rows.device), unsafe=True, initial=0.0)
         if self.all_joined != settings_generation():
-            self._join(new, counts)
-        torch.maximum(self.running, new, out=self.running)
+            self._join(counts, x.device)
+        # NaN propagates, as in the per-tensor max; a segment without rows gives 0, below any amax
+        update_segment_amax_(self.running, x.detach(), lengths, row_ends)
 
-    def _join(self, new: torch.Tensor, counts: list[int]) -> None:
+    def _join(self, counts: list[int], device: torch.device) -> None:
         """Hand each calibrator whose segment has rows, and that does not hold it yet, its element of the
         running max (a segment without rows is no data, not an amax of 0)."""
         calibrators, views = self.calibrators, self.views
         joining = [e for e, n in enumerate(counts) if n and (calibrators[e].amax is None or calibrators[e].amax is not views[e])]
         if joining:
             if self.running is None or not any(c.amax is not None and c.amax is v for c, v in zip(calibrators, views)):
-                self.running = torch.zeros_like(new)  # a new calibration: what calibrators kept is their own
+                # a new calibration: what calibrators kept is their own
+                self.running = torch.zeros(len(counts), dtype=torch.float32, device=device)
             else:
-                self.running[torch.tensor(joining, device=new.device)] = 0.0
+                self.running[torch.tensor(joining, device=device)] = 0.0
             for e in joining:
                 if calibrators[e].amax is not None:  # collected on its own before (MaxCalibrator): kept
                     self.running[e] = calibrators[e].amax

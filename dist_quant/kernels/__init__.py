@@ -14,6 +14,7 @@ from typing import Sequence
 
 import torch
 
+from dist_quant.numerics import amax as amax_reference
 from dist_quant.numerics import mse
 from dist_quant.numerics import nvfp4 as reference
 from dist_quant.numerics.fp8 import as_amax
@@ -150,6 +151,41 @@ def nvfp4_dequantize(
     return _kernels().triton_nvfp4_dequantize(packed, block_scale, scale_2, dtype, _row_ends(tuple(rows), packed.device))
 
 
+def update_amax_(running: torch.Tensor, x: torch.Tensor) -> None:
+    """running (a float32 scalar on x's device, holding an amax) = max(running, `numerics.amax.tensor_amax(x)`),
+    in place: one launch on CUDA."""
+    _check_running(running, x, 1)
+    if not use_triton(x):
+        torch.maximum(running, amax_reference.tensor_amax(x), out=running)
+        return
+    from dist_quant.kernels.amax_triton import triton_update_amax_
+
+    triton_update_amax_(running, x)
+
+
+def update_segment_amax_(running: torch.Tensor, x: torch.Tensor, lengths: torch.Tensor, row_ends: torch.Tensor) -> None:
+    """running [segments] (float32 on x's device, amaxes) = max(running, `numerics.amax.segment_amax(x,
+    lengths)`), in place; `row_ends` (int32, on x's device) the cumulative sums of `lengths`: one launch on CUDA."""
+    _check_running(running, x, len(row_ends))
+    if row_ends.dtype != torch.int32 or row_ends.device != x.device:
+        raise ValueError(f"row_ends must be int32 on {x.device}, got {row_ends.dtype} on {row_ends.device}")
+    if not use_triton(x):
+        torch.maximum(running, amax_reference.segment_amax(x, lengths), out=running)
+        return
+    from dist_quant.kernels.amax_triton import triton_update_amax_
+
+    triton_update_amax_(running, x, row_ends)
+
+
+def _check_running(running: torch.Tensor, x: torch.Tensor, values: int) -> None:
+    if (running.dtype != torch.float32 or running.device != x.device or running.numel() != values
+            or not running.is_contiguous()):
+        raise ValueError(
+            f"a running amax must be {values} contiguous float32 values on {x.device}, got {tuple(running.shape)} "
+            f"{running.dtype} on {running.device}"
+        )
+
+
 def nvfp4_mse_block_amax(w: torch.Tensor, global_amax: torch.Tensor | float) -> torch.Tensor:
     if not use_triton(w):
         return mse.nvfp4_mse_block_amax(w, global_amax)
@@ -162,5 +198,5 @@ def nvfp4_mse_block_amax(w: torch.Tensor, global_amax: torch.Tensor | float) -> 
 
 __all__ = [
     "BACKEND_ENV", "nvfp4_dequantize", "nvfp4_fake_quant", "nvfp4_fake_quant_segments", "nvfp4_mse_block_amax",
-    "nvfp4_quantize", "nvfp4_quantize_segments", "use_triton",
+    "nvfp4_quantize", "nvfp4_quantize_segments", "update_amax_", "update_segment_amax_", "use_triton",
 ]

@@ -396,7 +396,7 @@ def _quantize_role(
     if plan == "skip":
         return x
     if plan == "collect":
-        role.amax.collect(x, counts, lengths)
+        role.amax.collect(x, counts, lengths, offsets)
         return x
     if plan == "segments":
         return fake_quant_segments(role.quantizers, x, counts, offsets)

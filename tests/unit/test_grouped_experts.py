@@ -122,6 +122,11 @@ def _calibrating(count: int, device: str) -> list[TensorQuantizer]:
     return quantizers
 
 
+def _collect(one_pass: SegmentAmax, x: torch.Tensor, counts: list[int]) -> None:
+    lengths = torch.tensor(counts, device=x.device)
+    one_pass.collect(x, counts, lengths, torch.cumsum(lengths, 0, dtype=torch.int32))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_segment_amax_is_each_quantizers_max_over_its_segments(device):
     """Over batches whose segments come and go (an expert first reached in the second batch, one never): the
@@ -135,7 +140,7 @@ def test_segment_amax_is_each_quantizers_max_over_its_segments(device):
     for number, counts in enumerate(batches):
         x = (torch.randn(sum(counts), 32, generator=gen) * (number + 1)).to(device, torch.bfloat16)
         assert segments_calibrate_together(together)
-        one_pass.collect(x, counts, torch.tensor(counts, device=device))
+        _collect(one_pass, x, counts)
         for q, segment in zip(alone, x.split(counts)):
             q(segment)
     for a, b in zip(together, alone):
@@ -148,23 +153,24 @@ def test_segment_amax_is_each_quantizers_max_over_its_segments(device):
         q.mode = QuantizerMode.CALIBRATING
     x = torch.ones(3, 32, device=device)
     x[1, 5] = float("nan")
-    one_pass.collect(x, [1, 2, 0, 0], torch.tensor([1, 2, 0, 0], device=device))
+    _collect(one_pass, x, [1, 2, 0, 0])
     assert [q.finish_calibration() for q in together] == [True, True, False, False]
     assert together[0]._amax.item() == 1.0 and together[1]._amax.isnan()
     assert all(torch.equal(q._amax, amax) for q, amax in zip(together[2:3], first[2:3]))  # not reached: as it was
 
 
-def test_segment_amax_after_every_segment_joined_follows_resets():
+def test_segment_amax_after_every_segment_joined_follows_resets(backend):
     """Once every segment had rows, a batch asks no calibrator (`SegmentAmax.all_joined`): later batches still
     raise each quantizer's amax, and a calibrator reset in between (finish_calibration, a new calibration)
-    starts it afresh instead of writing into a view it no longer holds."""
+    starts it afresh instead of writing into a view it no longer holds. With the torch reference and with the
+    kernel (interpreted; on CUDA the test above runs it compiled)."""
     together, alone = _calibrating(3, "cpu"), _calibrating(3, "cpu")
     one_pass = SegmentAmax(together)
     gen = torch.Generator().manual_seed(1)
 
     def batch(counts, scale):
         x = torch.randn(sum(counts), 16, generator=gen) * scale
-        one_pass.collect(x, counts, torch.tensor(counts))
+        _collect(one_pass, x, counts)
         for q, segment in zip(alone, x.split(counts)):
             q(segment)
 

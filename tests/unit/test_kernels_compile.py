@@ -14,12 +14,13 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 HOPPER = GPUTarget("cuda", 90, 32)
-SIZES = {"n_blocks": "i64", "blocks_per_row": "i32", "n_segments": "i32", "n": "i32", "n_groups": "i64"}
+SIZES = {"n_blocks": "i64", "blocks_per_row": "i32", "n_segments": "i32", "n": "i32", "n_groups": "i64", "rows": "i32",
+         "columns": "i32", "row_stride": "i64"}
 
 
 def _variants():
     """(kernel, pointer argument types in order, constexprs) as the launchers of dist_quant.kernels use them."""
-    from dist_quant.kernels import mx_triton, nvfp4_mse_triton, nvfp4_triton
+    from dist_quant.kernels import amax_triton, mx_triton, nvfp4_mse_triton, nvfp4_triton
 
     nv = nvfp4_triton
     for static in (False, True):
@@ -42,6 +43,9 @@ def _variants():
             yield (mx._fp8_group_kernel, ["*bf16", out, "*fp32"],
                    {"GROUP": 128, "UE8M0": ue8m0, "FAKE": fake, "BLOCKS": mx.GROUP_BLOCKS})
     yield mx._fp8_tensor_kernel, ["*bf16", "*bf16", "*fp32"], {"BLOCK": mx.FP8_TENSOR_BLOCK}
+    for segmented in (False, True):
+        yield (amax_triton._amax_kernel, ["*bf16", "*i32", "*i32"],
+               {"ROWS": amax_triton.ROWS, "COLUMNS": amax_triton.COLUMNS, "SEGMENTED": segmented})
 
 
 def compile_all() -> int:
@@ -72,7 +76,7 @@ def test_every_kernel_compiles_for_hopper():
                          env=env, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     lines = run.stdout.splitlines()
     assert run.returncode == 0 and not any(line.startswith("FAILED") for line in lines), run.stdout + run.stderr[-3000:]
-    assert sum(line.startswith("compiled") for line in lines) == 20, run.stdout
+    assert sum(line.startswith("compiled") for line in lines) == 22, run.stdout
 
 
 if __name__ == "__main__":

@@ -165,3 +165,32 @@ def test_segment_quantize_and_dequantize_on_cuda_match_the_reference(gen, dtype,
     ref.assert_same_bits(dequantized, torch.cat([ref.dequantize(*p) for p in parts]).to(dtype))
     fake = nvfp4_fake_quant_segments(x.cuda(), global_amax.cuda(), rows, cuda(block_amax)).cpu()
     ref.assert_same_bits(dequantized, fake)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, columns, segments", [(32768, 2048, 128), (32768, 768, 128), (4096, 1024, 256), (300, 48, 7)])
+def test_running_amax_on_cuda_matches_the_reference(gen, dtype, rows, columns, segments):
+    """The calibrating forward's amax launches on an MoE layer's expert inputs (the 30B shape's fc1 and fc2
+    widths, a DeepSeek-V3 layer's 256 experts) and on one tensor, against per-segment maxima on the CPU."""
+    from dist_quant.kernels import update_amax_, update_segment_amax_
+    from tests.unit.test_amax import random_lengths, with_specials
+
+    x = with_specials(gen, spread(gen, (rows, columns), dtype))
+    x[rows // 3, 5] = float("nan")
+    lengths = random_lengths(gen, rows, segments)
+    start = torch.rand(segments, generator=gen) * float(x.float().nan_to_num(0.0).abs().max()) * 1.5
+    expected, first = [], 0
+    for value, n in zip(start.tolist(), lengths):
+        part = x[first:first + n].float().abs()
+        first += n
+        expected.append(float("nan") if part.isnan().any() else max([value, *part.max().reshape(-1).tolist()]))
+    running, counts = start.cuda(), torch.tensor(lengths)
+    update_segment_amax_(running, x.cuda(), counts.cuda(), torch.cumsum(counts, 0, dtype=torch.int32).cuda())
+    expected = torch.tensor(expected)
+    assert torch.equal(running.cpu().isnan(), expected.isnan())
+    assert torch.equal(running.cpu().nan_to_num(0.0), expected.nan_to_num(0.0))
+    with_nan, without = torch.tensor(0.5, device="cuda"), torch.tensor(0.5, device="cuda")
+    update_amax_(with_nan, x[:, 1:].cuda())  # rows with a stride
+    update_amax_(without, x.nan_to_num(0.0).cuda())
+    assert with_nan.isnan().item()
+    assert without.item() == max(0.5, x.nan_to_num(0.0).float().abs().max().item())
