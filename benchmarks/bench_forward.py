@@ -123,18 +123,24 @@ def device_profile(fn) -> dict[str, float]:
 
 def launch_costs(device: torch.device, calls: int = 2000) -> dict[str, float]:
     """Host microseconds per call, small bf16 tensor (an expert's input): a quantizer's NVFP4 fake quant
-    (dist_quant's direct launch of the compiled kernel), the same kernel through Triton's launcher, and one
-    torch op for scale. The GPU work is a few microseconds, so the loop is bound by host time."""
+    (dist_quant's direct launch of the compiled kernel), the same kernel through Triton's launcher, a calibrating
+    quantizer's amax collection against the same in torch, and one torch op for scale. The GPU work is a few
+    microseconds, so the loop is bound by host time."""
     import triton
 
-    from dist_quant.kernels import nvfp4_triton
     from dist_quant.formats import QuantFormat
+    from dist_quant.kernels import nvfp4_triton
+    from dist_quant.numerics.amax import tensor_amax
     from dist_quant.quantizer import QuantizerMode, TensorQuantizer
 
     x = torch.randn(256, 1024, device=device, dtype=torch.bfloat16)
     quantizer = TensorQuantizer(QuantFormat("nvfp4", block_type="dynamic")).to(device)
     quantizer.calibrate_from(x)
     quantizer.mode = QuantizerMode.QUANTIZING
+    calibrating = TensorQuantizer(QuantFormat("nvfp4", block_type="dynamic")).to(device)
+    calibrating.mode = QuantizerMode.CALIBRATING
+    calibrating(x)  # the first batch makes the running amax; later ones raise it in place
+    running = torch.zeros((), device=device)
     n_blocks = x.numel() // 16
     y = torch.empty_like(x)
 
@@ -148,6 +154,8 @@ def launch_costs(device: torch.device, calls: int = 2000) -> dict[str, float]:
     for label, fn in [
         ("TensorQuantizer NVFP4 fake quant", lambda: quantizer(x)),
         ("the kernel through Triton's launcher", triton_launcher),
+        ("TensorQuantizer max calibration, a later batch (one launch)", lambda: calibrating(x)),
+        ("the same in torch (amax, then maximum)", lambda: torch.maximum(running, tensor_amax(x), out=running)),
         ("one torch op (x * 2)", lambda: x * 2),
     ]:
         for _ in range(20):
