@@ -13,13 +13,12 @@ from tests.reference.data import DTYPES, spread
 
 
 def expected_amax(running: list[float], x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-    """Independent: each segment's magnitudes in float64 Python, NaN if any is NaN, with the running value."""
-    result, start = [], 0
-    for value, n in zip(running, lengths):
-        magnitudes = [abs(v) for v in x[start:start + n].double().flatten().tolist()]
-        start += n
-        values = [value, *magnitudes]
-        result.append(math.nan if any(math.isnan(v) for v in values) else max(values))
+    """Independent (no amax function of dist_quant's, no vector norm, no segmented reduction): each segment's
+    magnitudes in float64 with its running value, NaN if any is NaN, else their plain max."""
+    result = []
+    for value, part in zip(running, x.double().abs().split(lengths)):
+        values = torch.cat([torch.tensor([value], dtype=torch.float64), part.flatten()])
+        result.append(math.nan if values.isnan().any() else values.max().item())
     return torch.tensor(result, dtype=torch.float32)
 
 

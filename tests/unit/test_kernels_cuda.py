@@ -173,24 +173,16 @@ def test_running_amax_on_cuda_matches_the_reference(gen, dtype, rows, columns, s
     """The calibrating forward's amax launches on an MoE layer's expert inputs (the 30B shape's fc1 and fc2
     widths, a DeepSeek-V3 layer's 256 experts) and on one tensor, against per-segment maxima on the CPU."""
     from dist_quant.kernels import update_amax_, update_segment_amax_
-    from tests.unit.test_amax import random_lengths, running_around, with_specials
+    from tests.unit.test_amax import assert_same_amax, expected_amax, random_lengths, running_around, with_specials
 
     data = spread(gen, (rows, columns), dtype)
     lengths = random_lengths(gen, rows, segments)
-    start = torch.tensor(running_around(gen, data, lengths))
+    start = running_around(gen, data, lengths)
     x = with_specials(gen, data)
     x[rows // 3, 5] = float("nan")
-    expected, first = [], 0
-    for value, n in zip(start.tolist(), lengths):
-        part = x[first:first + n].float().abs()
-        first += n
-        largest = part.max().item() if part.numel() else 0.0  # a segment without rows: the running value stays
-        expected.append(float("nan") if part.isnan().any() else max(value, largest))
-    running, counts = start.cuda(), torch.tensor(lengths)
+    running, counts = torch.tensor(start).cuda(), torch.tensor(lengths)
     update_segment_amax_(running, x.cuda(), counts.cuda(), torch.cumsum(counts, 0, dtype=torch.int32).cuda())
-    expected = torch.tensor(expected)
-    assert torch.equal(running.cpu().isnan(), expected.isnan())
-    assert torch.equal(running.cpu().nan_to_num(0.0), expected.nan_to_num(0.0))
+    assert_same_amax(running.cpu(), expected_amax(start, x, lengths))
     with_nan, without = torch.tensor(0.5, device="cuda"), torch.tensor(0.5, device="cuda")
     update_amax_(with_nan, x[:, 1:].cuda())  # rows with a stride
     update_amax_(without, x.nan_to_num(0.0).cuda())
